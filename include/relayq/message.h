@@ -1,0 +1,57 @@
+#ifndef RELAYQ_MESSAGE_H
+#define RELAYQ_MESSAGE_H
+
+/*
+ * Message helpers: envelope address validation and the DATA writer
+ * (CRLF normalisation, dot-stuffing, final CRLF.CRLF).
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+
+struct evbuffer;
+
+#define RQ_ADDR_LOCAL_MAX 64    /* RFC 5321 4.5.3.1.1 */
+#define RQ_ADDR_DOMAIN_MAX 255  /* RFC 5321 4.5.3.1.2 */
+#define RQ_ADDR_PATH_MAX 256    /* RFC 5321 4.5.3.1.3, with the brackets */
+#define RQ_LINE_MAX 998         /* RFC 5321 4.5.3.1.6, without CRLF */
+
+/*
+ * Checks an envelope address as it will be put between < and >.
+ * allow_null: "" (the null sender) is accepted. Rejects CR, LF, NUL and
+ * other control bytes, spaces outside a quoted local part, a missing "@",
+ * an empty local part or domain, over-long local part / domain / path.
+ * Returns true, or false with a one-line reason in err.
+ */
+bool rq_addr_valid(const char *addr, size_t len, bool allow_null,
+		   char *err, size_t errlen);
+
+/* True when the address needs SMTPUTF8 (any byte >= 0x80). */
+bool rq_addr_needs_utf8(const char *addr, size_t len);
+
+/* The domain part of an address (after the last '@'), or NULL. */
+const char *rq_addr_domain(const char *addr);
+
+/* True when the body has any byte >= 0x80 (needs BODY=8BITMIME). */
+bool rq_body_is_8bit(const char *body, size_t len);
+
+/*
+ * Appends the body as DATA content to out: every line ending (CRLF, bare LF,
+ * bare CR) becomes CRLF; a line starting with "." gets another "."; a line
+ * longer than RQ_LINE_MAX octets is broken with CRLF after every 998 octets,
+ * as Postfix's smtp client does (smtp_line_length_limit = 998); the content
+ * ends with CRLF (added when the body does not end with a line ending) and
+ * ".\r\n". Unchanged runs of the body are added to out by reference
+ * (evbuffer_add_reference), not copied: body must stay alive and unchanged
+ * until out has been drained. Returns 0, or -1 on allocation failure.
+ */
+int rq_data_append(struct evbuffer *out, const char *body, size_t len);
+
+/*
+ * The same transformation into a plain buffer (for tests and for sizes):
+ * returns the number of bytes the DATA content takes, and writes at most
+ * cap bytes to dst when dst is not NULL.
+ */
+size_t rq_data_encode(const char *body, size_t len, char *dst, size_t cap);
+
+#endif
