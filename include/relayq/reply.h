@@ -88,7 +88,10 @@ struct rq_reply_parser {
 	char enhanced[16];            /* from the first line that carries one */
 	char text[RQ_REPLY_TEXT_MAX];
 	size_t text_len;
-	char err[128];
+	char err[128];                /* "" unless the reply was a protocol error */
+	bool done;                    /* DONE was returned: feeding more is an error */
+	bool text_cut;                /* text was truncated at RQ_REPLY_TEXT_MAX - 1
+					 bytes (never inside a UTF-8 sequence) */
 };
 
 void rq_reply_parser_init(struct rq_reply_parser *p);
@@ -123,5 +126,12 @@ struct rq_hint {
  * then the class (4xx / 5xx). Never NULL for 200..599; static storage.
  */
 const struct rq_hint *rq_reply_hint(int code, const char *enhanced);
+
+/*
+ * The hint for a whole outcome: rq_reply_hint for replies (fail NONE or a
+ * synthetic code), else the hint for the transport event (timeout, refused,
+ * lost, tls, dns, protocol). Never NULL; static storage.
+ */
+const struct rq_hint *rq_outcome_hint(const struct rq_outcome *o);
 
 #endif
