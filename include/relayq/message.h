@@ -15,6 +15,9 @@ struct evbuffer;
 #define RQ_ADDR_DOMAIN_MAX 255  /* RFC 5321 4.5.3.1.2 */
 #define RQ_ADDR_PATH_MAX 256    /* RFC 5321 4.5.3.1.3, with the brackets */
 #define RQ_LINE_MAX 998         /* RFC 5321 4.5.3.1.6, without CRLF */
+#define RQ_DATA_REF_MIN 2048    /* rq_data_append: unchanged runs at least this
+				   long go in by reference, shorter ones are
+				   copied (a reference chain costs ~1 KB) */
 
 /*
  * Checks an envelope address as it will be put between < and >.
@@ -43,7 +46,12 @@ bool rq_body_is_8bit(const char *body, size_t len);
  * ends with CRLF (added when the body does not end with a line ending) and
  * ".\r\n". Unchanged runs of the body are added to out by reference
  * (evbuffer_add_reference), not copied: body must stay alive and unchanged
- * until out has been drained. Returns 0, or -1 on allocation failure.
+ * until out has been drained. Runs shorter than RQ_DATA_REF_MIN are
+ * copied together with the inserted bytes, so a body with bare-LF line
+ * endings is mostly copied; a CRLF body is added by reference except for its
+ * dot-stuffed lines and the final ".\r\n". An empty body gives ".\r\n".
+ * Returns 0, or -1 on allocation failure (out may then hold part of the
+ * content: the session has to be dropped).
  */
 int rq_data_append(struct evbuffer *out, const char *body, size_t len);
 
