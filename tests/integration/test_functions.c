@@ -1,0 +1,751 @@
+/*
+ * The Redis Functions library (lua/redis/relayq.lua) against a real
+ * redis-server: every function of the contract in lua/redis/README.md, its
+ * error texts, and that a refused call writes nothing.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "harness.h"
+#include "relayq/fnlib.h"
+
+#define BODY "Subject: t\r\n\r\nhello\r\n"
+
+static struct th_redis srv;
+
+struct q {
+	redisContext *c;
+	char name[96];
+	char key[128];
+};
+
+/* ---- plumbing ---- */
+
+static redisReply *fcall_argv(struct q *q, const char *fn, int argc, const char **argv,
+			      const size_t *lens)
+{
+	const char *a[64];
+	size_t l[64];
+	assert_true(argc + 4 <= 64);
+	a[0] = "FCALL";
+	a[1] = fn;
+	a[2] = "1";
+	a[3] = q->key;
+	for (int i = 0; i < 4; i++)
+		l[i] = strlen(a[i]);
+	for (int i = 0; i < argc; i++) {
+		a[4 + i] = argv[i];
+		l[4 + i] = lens ? lens[i] : strlen(argv[i]);
+	}
+	redisReply *r = redisCommandArgv(q->c, argc + 4, a, l);
+	if (!r)
+		fail_msg("FCALL %s: %s", fn, q->c->errstr);
+	return r;
+}
+
+static redisReply *fc(struct q *q, const char *fn, const char **args)
+{
+	int n = 0;
+	while (args[n])
+		n++;
+	return fcall_argv(q, fn, n, args, NULL);
+}
+
+/* FC(q, "relayq_x", "a", "b") ; FC(q, "relayq_x", NULL) for no argument. */
+#define FC(q, fn, ...) fc((q), (fn), (const char *[]){__VA_ARGS__, NULL})
+
+static redisReply *cmd(struct q *q, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	redisReply *r = redisvCommand(q->c, fmt, ap);
+	va_end(ap);
+	if (!r)
+		fail_msg("redis: %s", q->c->errstr);
+	return r;
+}
+
+static void expect_error(redisReply *r, const char *text)
+{
+	char want[600];
+	snprintf(want, sizeof(want), "ERR relayq: %s", text);
+	if (r->type != REDIS_REPLY_ERROR)
+		fail_msg("expected error \"%s\", got reply type %d", want, r->type);
+	assert_string_equal(r->str, want);
+}
+
+static void expect_int(redisReply *r, long long v)
+{
+	if (r->type != REDIS_REPLY_INTEGER)
+		fail_msg("expected integer %lld, got type %d (%s)", v, r->type,
+			 r->type == REDIS_REPLY_ERROR ? r->str : "");
+	assert_int_equal(r->integer, v);
+}
+
+static redisReply *enqueue_raw(struct q *q, const char *env, const char *body, size_t len)
+{
+	const char *a[2] = {env, body};
+	size_t l[2] = {strlen(env), len};
+	return fcall_argv(q, "relayq_enqueue", 2, a, l);
+}
+
+/* Enqueues and copies the id into id (40 bytes). */
+static void enq(struct q *q, const char *env, const char *body, char *id)
+{
+	redisReply *r = enqueue_raw(q, env, body, strlen(body));
+	if (r->type != REDIS_REPLY_STRING)
+		fail_msg("enqueue %s: %s", env, r->type == REDIS_REPLY_ERROR ? r->str : "not a string");
+	assert_true(r->len > 0 && r->len <= 32);
+	for (size_t i = 0; i < r->len; i++)
+		assert_true((r->str[i] >= '0' && r->str[i] <= '9') || (r->str[i] >= 'a' && r->str[i] <= 'z'));
+	snprintf(id, 40, "%s", r->str);
+	freeReplyObject(r);
+}
+
+static void enq1(struct q *q, const char *rcpt, char *id)
+{
+	char env[300];
+	snprintf(env, sizeof(env), "{\"from\":\"s@example.org\",\"to\":[\"%s\"]}", rcpt);
+	enq(q, env, BODY, id);
+}
+
+static long long stat_of(struct q *q, const char *name)
+{
+	redisReply *r = FC(q, "relayq_stats", NULL);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	long long v = -1;
+	for (size_t i = 0; i + 1 < r->elements; i += 2) {
+		assert_int_equal(r->element[i + 1]->type, REDIS_REPLY_INTEGER);
+		if (strcmp(r->element[i]->str, name) == 0)
+			v = r->element[i + 1]->integer;
+	}
+	freeReplyObject(r);
+	if (v < 0)
+		fail_msg("no stat %s", name);
+	return v;
+}
+
+/* claim reply accessors: [now, next_due, msgs]; msg = [id, from, rcpts,
+ * body, attempts, created, meta, lease] */
+#define CL_NOW(r) ((r)->element[0]->integer)
+#define CL_DUE(r) ((r)->element[1]->integer)
+#define CL_N(r) ((r)->element[2]->elements)
+#define CL_MSG(r, i) ((r)->element[2]->element[i])
+#define M_ID(m) ((m)->element[0]->str)
+#define M_FROM(m) ((m)->element[1]->str)
+#define M_RCPTS(m) ((m)->element[2])
+#define M_BODY(m) ((m)->element[3])
+#define M_ATT(m) ((m)->element[4]->integer)
+#define M_CREATED(m) ((m)->element[5]->integer)
+#define M_META(m) ((m)->element[6]->str)
+#define M_LEASE(m) ((m)->element[7]->integer)
+
+static redisReply *claim(struct q *q, int count, long long lease_ms)
+{
+	char c[16], l[24];
+	snprintf(c, sizeof(c), "%d", count);
+	snprintf(l, sizeof(l), "%lld", lease_ms);
+	redisReply *r = FC(q, "relayq_claim", c, l);
+	if (r->type != REDIS_REPLY_ARRAY)
+		fail_msg("claim: %s", r->type == REDIS_REPLY_ERROR ? r->str : "not an array");
+	assert_int_equal(r->elements, 3);
+	assert_int_equal(r->element[0]->type, REDIS_REPLY_INTEGER);
+	assert_int_equal(r->element[1]->type, REDIS_REPLY_INTEGER);
+	assert_int_equal(r->element[2]->type, REDIS_REPLY_ARRAY);
+	for (size_t i = 0; i < CL_N(r); i++) {
+		redisReply *m = CL_MSG(r, i);
+		assert_int_equal(m->type, REDIS_REPLY_ARRAY);
+		assert_int_equal(m->elements, 8);
+		assert_int_equal(m->element[0]->type, REDIS_REPLY_STRING);
+		assert_int_equal(m->element[1]->type, REDIS_REPLY_STRING);
+		assert_int_equal(m->element[2]->type, REDIS_REPLY_ARRAY);
+		assert_int_equal(m->element[3]->type, REDIS_REPLY_STRING);
+		assert_int_equal(m->element[4]->type, REDIS_REPLY_INTEGER);
+		assert_int_equal(m->element[5]->type, REDIS_REPLY_INTEGER);
+		assert_int_equal(m->element[6]->type, REDIS_REPLY_STRING);
+		assert_int_equal(m->element[7]->type, REDIS_REPLY_INTEGER);
+	}
+	return r;
+}
+
+static redisReply *settle(struct q *q, const char *json)
+{
+	return FC(q, "relayq_settle", json);
+}
+
+/* Settles one message; returns its status string (static buffer). */
+static const char *settle1(struct q *q, const char *id, long long lease, const char *rest)
+{
+	static char status[32];
+	char json[4096];
+	snprintf(json, sizeof(json), "[{\"id\":\"%s\",\"lease\":%lld%s%s}]", id, lease,
+		 rest && *rest ? "," : "", rest ? rest : "");
+	redisReply *r = settle(q, json);
+	if (r->type != REDIS_REPLY_ARRAY)
+		fail_msg("settle %s: %s", json, r->type == REDIS_REPLY_ERROR ? r->str : "not an array");
+	assert_int_equal(r->elements, 1);
+	snprintf(status, sizeof(status), "%s", r->element[0]->str);
+	freeReplyObject(r);
+	return status;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Every key of the queue with its DUMP, sorted: equal snapshots = nothing
+ * written. Returns a malloc'd buffer. */
+static char *snapshot(struct q *q, size_t *len)
+{
+	char **keys = NULL;
+	size_t nkeys = 0;
+	char cursor[32] = "0";
+	char pattern[160];
+	snprintf(pattern, sizeof(pattern), "%s*", q->key);
+	do {
+		redisReply *r = cmd(q, "SCAN %s MATCH %s COUNT 1000", cursor, pattern);
+		assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+		redisReply *k = r->element[1];
+		for (size_t i = 0; i < k->elements; i++) {
+			keys = realloc(keys, (nkeys + 1) * sizeof(*keys));
+			keys[nkeys++] = strdup(k->element[i]->str);
+		}
+		freeReplyObject(r);
+	} while (strcmp(cursor, "0") != 0);
+	qsort(keys, nkeys, sizeof(*keys), cmp_str);
+	char *buf = NULL;
+	size_t n = 0;
+	FILE *f = open_memstream(&buf, &n);
+	for (size_t i = 0; i < nkeys; i++) {
+		redisReply *d = cmd(q, "DUMP %s", keys[i]);
+		fprintf(f, "%s\n%zu\n", keys[i], d->type == REDIS_REPLY_STRING ? d->len : 0);
+		if (d->type == REDIS_REPLY_STRING)
+			fwrite(d->str, 1, d->len, f);
+		freeReplyObject(d);
+		free(keys[i]);
+	}
+	fclose(f);
+	free(keys);
+	*len = n;
+	return buf;
+}
+
+static void same_snapshot(char *before, size_t blen, char *after, size_t alen, const char *what)
+{
+	if (blen != alen || memcmp(before, after, blen) != 0)
+		fail_msg("%s wrote to the queue", what);
+	free(before);
+	free(after);
+}
+
+/* Asserts reply r is error text and that it wrote nothing (snap taken before). */
+#define REFUSED(q, call, text)                                                \
+	do {                                                                  \
+		size_t bl_, al_;                                              \
+		char *b_ = snapshot((q), &bl_);                               \
+		redisReply *r_ = (call);                                      \
+		expect_error(r_, (text));                                     \
+		freeReplyObject(r_);                                          \
+		char *a_ = snapshot((q), &al_);                               \
+		same_snapshot(b_, bl_, a_, al_, text);                        \
+	} while (0)
+
+static redisReply *events(struct q *q)
+{
+	redisReply *r = cmd(q, "XRANGE %s:events - +", q->key);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	return r;
+}
+
+static const char *ev_field(redisReply *entry, const char *name)
+{
+	redisReply *kv = entry->element[1];
+	for (size_t i = 0; i + 1 < kv->elements; i += 2)
+		if (strcmp(kv->element[i]->str, name) == 0)
+			return kv->element[i + 1]->str;
+	fail_msg("event has no field %s", name);
+	return NULL;
+}
+
+static char *show(struct q *q, const char *id)
+{
+	redisReply *r = FC(q, "relayq_show", id);
+	if (r->type != REDIS_REPLY_STRING)
+		fail_msg("show %s: %s", id, r->type == REDIS_REPLY_ERROR ? r->str : "not a string");
+	char *s = strdup(r->str);
+	freeReplyObject(r);
+	return s;
+}
+
+static void has(const char *hay, const char *needle)
+{
+	if (!strstr(hay, needle))
+		fail_msg("\"%s\" not in %s", needle, hay);
+}
+
+static long long json_int(const char *s, const char *field)
+{
+	char pat[64];
+	snprintf(pat, sizeof(pat), "\"%s\":", field);
+	const char *p = strstr(s, pat);
+	if (!p)
+		fail_msg("no %s in %s", field, s);
+	return strtoll(p + strlen(pat), NULL, 10);
+}
+
+static bool key_exists(struct q *q, const char *suffix)
+{
+	redisReply *r = cmd(q, "EXISTS %s%s", q->key, suffix);
+	bool e = r->integer == 1;
+	freeReplyObject(r);
+	return e;
+}
+
+static long long now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+	nanosleep(&ts, NULL);
+}
+
+static void config_set(struct q *q, const char *field, const char *value)
+{
+	redisReply *r = FC(q, "relayq_config", field, value);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	freeReplyObject(r);
+}
+
+/* ---- fixtures ---- */
+
+static int group_setup(void **state)
+{
+	(void)state;
+	th_redis_shared(&srv);
+	return 0;
+}
+
+static int group_teardown(void **state)
+{
+	(void)state;
+	th_redis_stop(&srv);
+	return 0;
+}
+
+static int setup(void **state)
+{
+	struct q *q = calloc(1, sizeof(*q));
+	q->c = th_redis_connect(&srv);
+	snprintf(q->name, sizeof(q->name), "%s", th_unique_queue("fn"));
+	snprintf(q->key, sizeof(q->key), "relayq:{%s}", q->name);
+	*state = q;
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	struct q *q = *state;
+	char cursor[32] = "0";
+	do {
+		redisReply *r = redisCommand(q->c, "SCAN %s MATCH %s* COUNT 1000", cursor, q->key);
+		if (!r || r->type != REDIS_REPLY_ARRAY) {
+			freeReplyObject(r);
+			break;
+		}
+		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+		for (size_t i = 0; i < r->element[1]->elements; i++)
+			freeReplyObject(redisCommand(q->c, "DEL %s", r->element[1]->element[i]->str));
+		freeReplyObject(r);
+	} while (strcmp(cursor, "0") != 0);
+	redisFree(q->c);
+	free(q);
+	return 0;
+}
+
+/* ---- tests ---- */
+
+static void version_matches_embedded(void **state)
+{
+	struct q *q = *state;
+	redisReply *r = cmd(q, "FCALL relayq_version 0");
+	assert_true(rq_fnlib_version() >= 1);
+	expect_int(r, rq_fnlib_version());
+	freeReplyObject(r);
+}
+
+struct reject {
+	const char *env;
+	const char *err;
+};
+
+static void enqueue_rejections(void **state)
+{
+	struct q *q = *state;
+	char local65[200], dom256[400], total255[400], env[1200];
+	memset(local65, 'a', 65);
+	local65[65] = '\0';
+	memset(dom256, 'd', 256);
+	dom256[256] = '\0';
+	char l64[65], d190[191];
+	memset(l64, 'l', 64);
+	l64[64] = '\0';
+	memset(d190, 'e', 190);
+	d190[190] = '\0';
+	snprintf(total255, sizeof(total255), "%s@%s", l64, d190);
+
+	static const struct reject cases[] = {
+		{"{", "envelope is not valid JSON"},
+		{"", "envelope is not valid JSON"},
+		{"[\"a@b\"]", "envelope is not a JSON object"},
+		{"\"x\"", "envelope is not a JSON object"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c\"],\"bcc\":[]}", "unknown field in envelope: bcc"},
+		{"{\"to\":[\"a@b.c\"]}", "from is required"},
+		{"{\"from\":1,\"to\":[\"a@b.c\"]}", "from must be a string"},
+		{"{\"from\":null,\"to\":[\"a@b.c\"]}", "from must be a string"},
+		{"{\"from\":\"\"}", "to is required"},
+		{"{\"from\":\"\",\"to\":\"a@b.c\"}", "to must be an array of strings"},
+		{"{\"from\":\"\",\"to\":{\"x\":\"a@b.c\"}}", "to must be an array of strings"},
+		{"{\"from\":\"\",\"to\":[]}", "to is empty"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c\",7]}", "to[1] must be a string"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c\"],\"delay\":-1}", "delay must be a number of seconds from 0 to 315360000"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c\"],\"delay\":\"5\"}", "delay must be a number of seconds from 0 to 315360000"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c\"],\"key\":5}", "key must be a string of 1 to 256 octets"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c\"],\"key\":\"\"}", "key must be a string of 1 to 256 octets"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c\"],\"meta\":[1]}", "meta must be a JSON object"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c\"],\"meta\":\"x\"}", "meta must be a JSON object"},
+		{"{\"from\":\"\",\"to\":[\"a\\r@b.c\"]}", "invalid address in to[0]: contains CR"},
+		{"{\"from\":\"\",\"to\":[\"ok@b.c\",\"a@b.c\\n\"]}", "invalid address in to[1]: contains LF"},
+		{"{\"from\":\"\",\"to\":[\"a\\u0000x@b.c\"]}", "invalid address in to[0]: contains NUL"},
+		{"{\"from\":\"\",\"to\":[\"a\\u0007@b.c\"]}", "invalid address in to[0]: contains a control character"},
+		{"{\"from\":\"\",\"to\":[\"\\\"a\\r\\\"@b.c\"]}", "invalid address in to[0]: contains CR"},
+		{"{\"from\":\"\",\"to\":[\"a b@b.c\"]}", "invalid address in to[0]: space outside quotes"},
+		{"{\"from\":\"\",\"to\":[\"ab@b .c\"]}", "invalid address in to[0]: space outside quotes"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c> SIZE=1\"]}", "invalid address in to[0]: space outside quotes"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c>\"]}", "invalid address in to[0]: angle bracket outside quotes"},
+		{"{\"from\":\"\",\"to\":[\"ab.c\"]}", "invalid address in to[0]: missing @"},
+		{"{\"from\":\"\",\"to\":[\"\\\"ab\\\"\"]}", "invalid address in to[0]: missing @"},
+		{"{\"from\":\"\",\"to\":[\"\\\"ab@b.c\"]}", "invalid address in to[0]: unterminated quoted local part"},
+		{"{\"from\":\"\",\"to\":[\"@b.c\"]}", "invalid address in to[0]: empty local part"},
+		{"{\"from\":\"\",\"to\":[\"a@\"]}", "invalid address in to[0]: empty domain"},
+		{"{\"from\":\"\",\"to\":[\"a@b.c\",\"a@b.c\"]}", "duplicate recipient in to[1]"},
+		{"{\"from\":\"a b@c.d\",\"to\":[\"a@b.c\"]}", "invalid address in from: space outside quotes"},
+		{"{\"from\":\"x\",\"to\":[\"a@b.c\"]}", "invalid address in from: missing @"},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		REFUSED(q, enqueue_raw(q, cases[i].env, BODY, strlen(BODY)), cases[i].err);
+
+	snprintf(env, sizeof(env), "{\"from\":\"\",\"to\":[\"%s@b.c\"]}", local65);
+	REFUSED(q, enqueue_raw(q, env, BODY, strlen(BODY)), "invalid address in to[0]: local part over 64 octets");
+	snprintf(env, sizeof(env), "{\"from\":\"\",\"to\":[\"a@%s\"]}", dom256);
+	REFUSED(q, enqueue_raw(q, env, BODY, strlen(BODY)), "invalid address in to[0]: domain over 255 octets");
+	snprintf(env, sizeof(env), "{\"from\":\"\",\"to\":[\"%s\"]}", total255);
+	REFUSED(q, enqueue_raw(q, env, BODY, strlen(BODY)), "invalid address in to[0]: address over 254 octets");
+	/* 254 octets in all is fine */
+	total255[strlen(total255) - 1] = '\0';
+	snprintf(env, sizeof(env), "{\"from\":\"\",\"to\":[\"%s\"]}", total255);
+	char id[40];
+	enq(q, env, BODY, id);
+
+	REFUSED(q, enqueue_raw(q, "{\"from\":\"\",\"to\":[\"a@b.c\"]}", "", 0), "message is empty");
+
+	/* Lowered limits. */
+	config_set(q, "max_recipients", "2");
+	REFUSED(q, enqueue_raw(q, "{\"from\":\"\",\"to\":[\"a@b.c\",\"b@b.c\",\"c@b.c\"]}", BODY, strlen(BODY)),
+		"too many recipients: 3, max_recipients is 2");
+	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\",\"b@b.c\"]}", BODY, id);
+	config_set(q, "max_message_size", "100");
+	char big[101];
+	memset(big, 'x', sizeof(big));
+	REFUSED(q, enqueue_raw(q, "{\"from\":\"\",\"to\":[\"a@b.c\"]}", big, 101),
+		"message is 101 octets, over max_message_size 100");
+	redisReply *r = enqueue_raw(q, "{\"from\":\"\",\"to\":[\"a@b.c\"]}", big, 100);
+	assert_int_equal(r->type, REDIS_REPLY_STRING);
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "enqueued"), 3);
+	assert_int_equal(stat_of(q, "ready"), 3);
+}
+
+static void enqueue_accepts(void **state)
+{
+	struct q *q = *state;
+	char a[40], b[40], c[40];
+	/* null sender, quoted local part with a space and an @ */
+	enq(q, "{\"from\":\"\",\"to\":[\"\\\"john doe@x\\\"@example.com\"]}", BODY, a);
+	/* bare LF, bare CR and a NUL in the message */
+	static const char body[] = "Subject: x\n\nline\rmore\nnul:\0:end\n";
+	redisReply *r = enqueue_raw(q, "{\"from\":\"s@example.org\",\"to\":[\"r@example.net\"]}", body,
+				    sizeof(body) - 1);
+	assert_int_equal(r->type, REDIS_REPLY_STRING);
+	snprintf(b, sizeof(b), "%s", r->str);
+	freeReplyObject(r);
+	enq(q, "{\"from\":\"s@example.org\",\"to\":[\"r@example.net\"],\"delay\":0}", BODY, c);
+	assert_true(strcmp(a, b) < 0 && strcmp(b, c) < 0);
+
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 3);
+	assert_int_equal(CL_DUE(r), -1);
+	redisReply *m = CL_MSG(r, 0);
+	assert_string_equal(M_ID(m), a);
+	assert_string_equal(M_FROM(m), "");
+	assert_int_equal(M_RCPTS(m)->elements, 1);
+	assert_string_equal(M_RCPTS(m)->element[0]->str, "\"john doe@x\"@example.com");
+	assert_string_equal(M_META(m), "{}");
+	assert_int_equal(M_ATT(m), 0);
+	assert_true(M_LEASE(m) >= 1);
+	assert_true(M_CREATED(m) <= CL_NOW(r));
+	m = CL_MSG(r, 1);
+	assert_string_equal(M_ID(m), b);
+	assert_int_equal(M_BODY(m)->len, sizeof(body) - 1);
+	assert_memory_equal(M_BODY(m)->str, body, sizeof(body) - 1);
+	assert_string_equal(M_ID(CL_MSG(r, 2)), c);
+	freeReplyObject(r);
+}
+
+static void idempotency_key(void **state)
+{
+	struct q *q = *state;
+	char a[40], b[40], c[40];
+	const char *env = "{\"from\":\"\",\"to\":[\"a@b.c\"],\"key\":\"order-17\"}";
+	enq(q, env, BODY, a);
+	size_t bl, al;
+	char *before = snapshot(q, &bl);
+	enq(q, env, BODY, b);
+	char *after = snapshot(q, &al);
+	same_snapshot(before, bl, after, al, "a repeated idempotency key");
+	assert_string_equal(a, b);
+	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"key\":\"order-18\"}", BODY, c);
+	assert_string_not_equal(a, c);
+	assert_int_equal(stat_of(q, "ready"), 2);
+	assert_int_equal(stat_of(q, "enqueued"), 2);
+	redisReply *r = cmd(q, "TTL %s:idem:order-17", q->key);
+	assert_true(r->integer > 86000 && r->integer <= 86400);
+	freeReplyObject(r);
+}
+
+static void delay_schedules(void **state)
+{
+	struct q *q = *state;
+	char id[40];
+	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"delay\":1}", BODY, id);
+	assert_int_equal(stat_of(q, "scheduled"), 1);
+	assert_int_equal(stat_of(q, "ready"), 0);
+	char *s = show(q, id);
+	has(s, "\"state\":\"scheduled\"");
+	long long due = json_int(s, "next");
+	assert_int_equal(due, json_int(s, "created") + 1000);
+	free(s);
+
+	redisReply *r = claim(q, 10, 30000);
+	if (CL_N(r) == 0) {
+		assert_int_equal(CL_DUE(r), due);
+		assert_true(CL_NOW(r) < due);
+		freeReplyObject(r);
+		long long deadline = now_ms() + 5000;
+		for (;;) {
+			r = claim(q, 10, 30000);
+			if (CL_N(r) > 0 || now_ms() > deadline)
+				break;
+			freeReplyObject(r);
+			sleep_ms(20);
+		}
+	}
+	assert_int_equal(CL_N(r), 1);
+	assert_string_equal(M_ID(CL_MSG(r, 0)), id);
+	assert_true(CL_NOW(r) >= due);
+	assert_int_equal(CL_DUE(r), -1);
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "scheduled"), 0);
+	assert_int_equal(stat_of(q, "inflight"), 1);
+}
+
+static void meta_round_trip(void **state)
+{
+	struct q *q = *state;
+	char id[40];
+	enq(q, "{\"from\":\"s@x.y\",\"to\":[\"a@b.c\"],\"meta\":{\"tenant\":\"t1\"}}", BODY, id);
+	redisReply *r = claim(q, 1, 30000);
+	assert_int_equal(CL_N(r), 1);
+	assert_string_equal(M_META(CL_MSG(r, 0)), "{\"tenant\":\"t1\"}");
+	long long lease = M_LEASE(CL_MSG(r, 0));
+	freeReplyObject(r);
+	assert_string_equal(settle1(q, id, lease,
+		"\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\",\"code\":250,\"enh\":\"2.0.0\",\"text\":\"ok\",\"stage\":\"dot\"}]"),
+		"done");
+	r = events(q);
+	assert_int_equal(r->elements, 1);
+	assert_string_equal(ev_field(r->element[0], "type"), "delivered");
+	assert_string_equal(ev_field(r->element[0], "id"), id);
+	assert_string_equal(ev_field(r->element[0], "rcpt"), "a@b.c");
+	assert_string_equal(ev_field(r->element[0], "code"), "250");
+	assert_string_equal(ev_field(r->element[0], "enh"), "2.0.0");
+	assert_string_equal(ev_field(r->element[0], "text"), "ok");
+	assert_string_equal(ev_field(r->element[0], "stage"), "dot");
+	assert_string_equal(ev_field(r->element[0], "attempt"), "1");
+	assert_string_equal(ev_field(r->element[0], "meta"), "{\"tenant\":\"t1\"}");
+	freeReplyObject(r);
+}
+
+static void claim_settle_delivered(void **state)
+{
+	struct q *q = *state;
+	char ids[3][40];
+	for (int i = 0; i < 3; i++)
+		enq1(q, "r@example.net", ids[i]);
+	redisReply *r = claim(q, 2, 30000);
+	assert_int_equal(CL_N(r), 2);
+	assert_string_equal(M_ID(CL_MSG(r, 0)), ids[0]);
+	assert_string_equal(M_ID(CL_MSG(r, 1)), ids[1]);
+	assert_string_equal(M_FROM(CL_MSG(r, 0)), "s@example.org");
+	assert_int_equal(M_BODY(CL_MSG(r, 0))->len, strlen(BODY));
+	assert_int_equal(stat_of(q, "inflight"), 2);
+	assert_int_equal(stat_of(q, "ready"), 1);
+	char json[1024];
+	snprintf(json, sizeof(json),
+		 "[{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"r@example.net\",\"s\":\"delivered\",\"code\":250}]},"
+		 "{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"r@example.net\",\"s\":\"dropped\"}]}]",
+		 ids[0], M_LEASE(CL_MSG(r, 0)), ids[1], M_LEASE(CL_MSG(r, 1)));
+	freeReplyObject(r);
+	r = settle(q, json);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	assert_int_equal(r->elements, 2);
+	assert_string_equal(r->element[0]->str, "done");
+	assert_string_equal(r->element[1]->str, "done");
+	freeReplyObject(r);
+	char suffix[80];
+	snprintf(suffix, sizeof(suffix), ":msg:%s", ids[0]);
+	assert_false(key_exists(q, suffix));
+	snprintf(suffix, sizeof(suffix), ":rcpt:%s", ids[1]);
+	assert_false(key_exists(q, suffix));
+	assert_int_equal(stat_of(q, "inflight"), 0);
+	assert_int_equal(stat_of(q, "delivered"), 1);
+	assert_int_equal(stat_of(q, "dropped"), 1);
+	r = events(q);
+	assert_int_equal(r->elements, 2);
+	assert_string_equal(ev_field(r->element[1], "type"), "dropped");
+	freeReplyObject(r);
+	/* the third is still there */
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 1);
+	assert_string_equal(M_ID(CL_MSG(r, 0)), ids[2]);
+	freeReplyObject(r);
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 0);
+	freeReplyObject(r);
+}
+
+static void partial_delivery(void **state)
+{
+	struct q *q = *state;
+	char id[40];
+	enq(q, "{\"from\":\"s@x.y\",\"to\":[\"a@b.c\",\"b@b.c\",\"c@b.c\"]}", BODY, id);
+	redisReply *r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 1);
+	assert_int_equal(M_RCPTS(CL_MSG(r, 0))->elements, 3);
+	long long lease = M_LEASE(CL_MSG(r, 0));
+	freeReplyObject(r);
+	/* a delivered, b deferred, c not tried: next 0 = due at once */
+	assert_string_equal(settle1(q, id, lease,
+		"\"next\":0,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\",\"code\":250},"
+		"{\"to\":\"b@b.c\",\"s\":\"deferred\",\"code\":451,\"enh\":\"4.3.0\",\"text\":\"later\",\"stage\":\"rcpt\"}]"),
+		"scheduled");
+	assert_int_equal(stat_of(q, "scheduled"), 1);
+	char *s = show(q, id);
+	has(s, "\"state\":\"scheduled\"");
+	has(s, "\"pending\":[\"b@b.c\",\"c@b.c\"]");
+	has(s, "\"attempts\":1");
+	has(s, "\"last_code\":451");
+	has(s, "\"last_text\":\"later\"");
+	free(s);
+
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 1);
+	redisReply *m = CL_MSG(r, 0);
+	assert_string_equal(M_ID(m), id);
+	assert_int_equal(M_ATT(m), 1);
+	assert_int_equal(M_RCPTS(m)->elements, 2);
+	assert_string_equal(M_RCPTS(m)->element[0]->str, "b@b.c");
+	assert_string_equal(M_RCPTS(m)->element[1]->str, "c@b.c");
+	assert_true(M_LEASE(m) > lease);
+	lease = M_LEASE(m);
+	freeReplyObject(r);
+	/* a recipient already delivered is not pending any more */
+	char json[1024], err[200];
+	snprintf(json, sizeof(json),
+		 "[{\"id\":\"%s\",\"lease\":%lld,\"next\":0,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]}]",
+		 id, lease);
+	snprintf(err, sizeof(err), "outcomes[0].rcpts[0]: a@b.c is not a pending recipient of %s", id);
+	REFUSED(q, settle(q, json), err);
+
+	assert_string_equal(settle1(q, id, lease,
+		"\"rcpts\":[{\"to\":\"b@b.c\",\"s\":\"failed\",\"code\":550,\"enh\":\"5.1.1\",\"text\":\"no such user\",\"stage\":\"rcpt\",\"hint\":\"bad-mailbox\"},"
+		"{\"to\":\"c@b.c\",\"s\":\"delivered\",\"code\":250}]"),
+		"done");
+	/* one failed: the message is dead and keeps its replies */
+	assert_int_equal(stat_of(q, "dead"), 1);
+	assert_int_equal(stat_of(q, "scheduled"), 0);
+	assert_int_equal(stat_of(q, "inflight"), 0);
+	assert_int_equal(stat_of(q, "delivered"), 2);
+	assert_int_equal(stat_of(q, "deferred"), 1);
+	assert_int_equal(stat_of(q, "failed"), 1);
+	s = show(q, id);
+	has(s, "\"state\":\"dead\"");
+	has(s, "\"attempts\":2");
+	has(s, "\"pending\":[]");
+	has(s, "\"last_code\":550");
+	has(s, "\"last_enhanced\":\"5.1.1\"");
+	has(s, "\"last_text\":\"no such user\"");
+	has(s, "\"last_stage\":\"rcpt\"");
+	has(s, "\"size\":21");
+	has(s, "\"meta\":{}");
+	has(s, "\"hint\":\"bad-mailbox\"");
+	has(s, "\"to\":\"a@b.c\"");
+	const char *rc = strstr(s, "\"rcpts\":[");
+	assert_non_null(rc);
+	assert_int_equal(strstr(rc, "\"s\":\"delivered\"") != NULL, 1);
+	assert_int_equal(strstr(rc, "\"s\":\"failed\"") != NULL, 1);
+	assert_int_equal(strstr(rc, "\"code\":550") != NULL, 1);
+	free(s);
+	r = events(q);
+	assert_int_equal(r->elements, 4);
+	assert_string_equal(ev_field(r->element[1], "type"), "deferred");
+	assert_string_equal(ev_field(r->element[1], "next"), "0");
+	assert_string_equal(ev_field(r->element[1], "text"), "later");
+	assert_string_equal(ev_field(r->element[2], "type"), "failed");
+	assert_string_equal(ev_field(r->element[2], "attempt"), "2");
+	assert_string_equal(ev_field(r->element[2], "rcpt"), "b@b.c");
+	freeReplyObject(r);
+	/* dead is not claimable */
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 0);
+	freeReplyObject(r);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(version_matches_embedded, setup, teardown),
+		cmocka_unit_test_setup_teardown(enqueue_rejections, setup, teardown),
+		cmocka_unit_test_setup_teardown(enqueue_accepts, setup, teardown),
+		cmocka_unit_test_setup_teardown(idempotency_key, setup, teardown),
+		cmocka_unit_test_setup_teardown(delay_schedules, setup, teardown),
+		cmocka_unit_test_setup_teardown(meta_round_trip, setup, teardown),
+		cmocka_unit_test_setup_teardown(claim_settle_delivered, setup, teardown),
+		cmocka_unit_test_setup_teardown(partial_delivery, setup, teardown),
+	};
+	return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
