@@ -222,7 +222,8 @@ static char *snapshot(struct q *q, size_t *len)
 		}
 		freeReplyObject(r);
 	} while (strcmp(cursor, "0") != 0);
-	qsort(keys, nkeys, sizeof(*keys), cmp_str);
+	if (nkeys > 0)
+		qsort(keys, nkeys, sizeof(*keys), cmp_str);
 	char *buf = NULL;
 	size_t n = 0;
 	FILE *f = open_memstream(&buf, &n);
@@ -735,6 +736,487 @@ static void partial_delivery(void **state)
 	freeReplyObject(r);
 }
 
+/* Claims exactly one message; copies its id, returns its lease. */
+static long long claim_one(struct q *q, long long lease_ms, char *id)
+{
+	redisReply *r = claim(q, 1, lease_ms);
+	if (CL_N(r) != 1)
+		fail_msg("expected one message, claim gave %zu", CL_N(r));
+	if (id)
+		snprintf(id, 40, "%s", M_ID(CL_MSG(r, 0)));
+	long long lease = M_LEASE(CL_MSG(r, 0));
+	freeReplyObject(r);
+	return lease;
+}
+
+static bool recovered_one(void *arg)
+{
+	struct q *q = arg;
+	redisReply *r = FC(q, "relayq_recover", NULL);
+	bool ok = r->type == REDIS_REPLY_INTEGER && r->integer == 1;
+	freeReplyObject(r);
+	return ok;
+}
+
+static void settle_after_lost_lease(void **state)
+{
+	struct q *q = *state;
+	char id[40], got[40];
+	enq1(q, "a@b.c", id);
+	long long old = claim_one(q, 1, got);
+	assert_string_equal(got, id);
+	assert_true(th_wait_for(recovered_one, q, 5000));
+	assert_int_equal(stat_of(q, "recovered"), 1);
+	assert_int_equal(stat_of(q, "ready"), 1);
+	char *s = show(q, id);
+	has(s, "\"state\":\"ready\"");
+	free(s);
+	/* lost before anyone claimed it again: refused too */
+	size_t bl, al;
+	char *before = snapshot(q, &bl);
+	assert_string_equal(settle1(q, id, old, "\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]"), "lost");
+	char *after = snapshot(q, &al);
+	same_snapshot(before, bl, after, al, "settle with a lost lease");
+	/* another runner claims it */
+	long long now_lease = claim_one(q, 30000, got);
+	assert_string_equal(got, id);
+	assert_true(now_lease != old);
+	before = snapshot(q, &bl);
+	assert_string_equal(settle1(q, id, old, "\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"failed\",\"code\":550}]"), "lost");
+	after = snapshot(q, &al);
+	same_snapshot(before, bl, after, al, "settle with a lost lease");
+	assert_int_equal(stat_of(q, "failed"), 0);
+	assert_string_equal(settle1(q, id, now_lease, "\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]"), "done");
+	assert_int_equal(stat_of(q, "delivered"), 1);
+	assert_int_equal(stat_of(q, "inflight"), 0);
+}
+
+static void renew_extends_lease(void **state)
+{
+	struct q *q = *state;
+	char id[40], ls[24], bad[24];
+	enq1(q, "a@b.c", id);
+	long long lease = claim_one(q, 1, NULL);
+	snprintf(ls, sizeof(ls), "%lld", lease);
+	snprintf(bad, sizeof(bad), "%lld", lease + 5);
+	redisReply *r = FC(q, "relayq_renew", "60000", id, bad, "nope", "1");
+	expect_int(r, 0);
+	freeReplyObject(r);
+	r = FC(q, "relayq_renew", "60000", id, ls);
+	expect_int(r, 1);
+	freeReplyObject(r);
+	r = FC(q, "relayq_recover", NULL);
+	expect_int(r, 0);
+	freeReplyObject(r);
+	r = cmd(q, "ZSCORE %s:inflight %s", q->key, id);
+	assert_int_equal(r->type, REDIS_REPLY_STRING);
+	freeReplyObject(r);
+	REFUSED(q, FC(q, "relayq_renew", "60000", id), "relayq_renew takes lease-ms then pairs of id and lease");
+	REFUSED(q, FC(q, "relayq_renew", "0", id, ls), "lease-ms must be between 1 and 604800000");
+	REFUSED(q, FC(q, "relayq_renew", "60000", id, "x"), "lease must be an integer");
+	assert_string_equal(settle1(q, id, lease, "\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]"), "done");
+}
+
+static void hold_and_release(void **state)
+{
+	struct q *q = *state;
+	char a[40], b[40], c[40];
+	enq1(q, "a@b.c", a);
+	enq1(q, "b@b.c", b);
+	enq(q, "{\"from\":\"\",\"to\":[\"c@b.c\"],\"delay\":3600}", BODY, c);
+	REFUSED(q, FC(q, "relayq_hold", a, "nope", c), "unknown id: nope");
+	REFUSED(q, FC(q, "relayq_hold", NULL), "relayq_hold needs at least one id");
+	redisReply *r = FC(q, "relayq_hold", a, c);
+	expect_int(r, 2);
+	freeReplyObject(r);
+	/* only b is claimable */
+	char got[40];
+	long long lease = claim_one(q, 30000, got);
+	assert_string_equal(got, b);
+	r = FC(q, "relayq_hold", b, b);
+	expect_int(r, 1);
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "held"), 3);
+	assert_int_equal(stat_of(q, "holds"), 3);
+	assert_int_equal(stat_of(q, "inflight"), 0);
+	assert_int_equal(stat_of(q, "scheduled"), 0);
+	/* the runner's lease was cancelled by the hold */
+	assert_string_equal(settle1(q, b, lease, "\"rcpts\":[{\"to\":\"b@b.c\",\"s\":\"delivered\"}]"), "lost");
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 0);
+	freeReplyObject(r);
+	/* holding a held message again changes nothing */
+	r = FC(q, "relayq_hold", a);
+	expect_int(r, 0);
+	freeReplyObject(r);
+	r = events(q);
+	assert_int_equal(r->elements, 3);
+	assert_string_equal(ev_field(r->element[0], "type"), "held");
+	freeReplyObject(r);
+
+	r = FC(q, "relayq_release", a, b, "nope");
+	expect_int(r, 2);
+	freeReplyObject(r);
+	r = FC(q, "relayq_release", a);
+	expect_int(r, 0);
+	freeReplyObject(r);
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 2);
+	assert_string_equal(M_ID(CL_MSG(r, 0)), a);
+	assert_string_equal(M_ID(CL_MSG(r, 1)), b);
+	assert_true(M_LEASE(CL_MSG(r, 1)) > lease);
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "held"), 1);
+}
+
+static void settle_hold(void **state)
+{
+	struct q *q = *state;
+	char id[40];
+	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\",\"b@b.c\"],\"meta\":{\"m\":1}}", BODY, id);
+	long long lease = claim_one(q, 30000, NULL);
+	/* hold needs no next */
+	assert_string_equal(settle1(q, id, lease,
+		"\"hold\":true,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"},{\"to\":\"b@b.c\",\"s\":\"deferred\",\"code\":452}]"),
+		"held");
+	assert_int_equal(stat_of(q, "held"), 1);
+	assert_int_equal(stat_of(q, "holds"), 1);
+	redisReply *r = events(q);
+	assert_int_equal(r->elements, 3);
+	assert_string_equal(ev_field(r->element[2], "type"), "held");
+	assert_string_equal(ev_field(r->element[2], "id"), id);
+	assert_string_equal(ev_field(r->element[2], "meta"), "{\"m\":1}");
+	freeReplyObject(r);
+	r = FC(q, "relayq_release", id);
+	expect_int(r, 1);
+	freeReplyObject(r);
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 1);
+	assert_int_equal(M_RCPTS(CL_MSG(r, 0))->elements, 1);
+	assert_string_equal(M_RCPTS(CL_MSG(r, 0))->element[0]->str, "b@b.c");
+	freeReplyObject(r);
+}
+
+static void make_dead(struct q *q, const char *rcpts_json, const char *outcome_rcpts, char *id)
+{
+	char env[300];
+	snprintf(env, sizeof(env), "{\"from\":\"\",\"to\":%s}", rcpts_json);
+	enq(q, env, BODY, id);
+	long long lease = claim_one(q, 30000, NULL);
+	char rest[1000];
+	snprintf(rest, sizeof(rest), "\"rcpts\":%s", outcome_rcpts);
+	assert_string_equal(settle1(q, id, lease, rest), "done");
+}
+
+static void requeue_dead(void **state)
+{
+	struct q *q = *state;
+	char a[40], b[40];
+	make_dead(q, "[\"x@b.c\",\"y@b.c\"]",
+		  "[{\"to\":\"x@b.c\",\"s\":\"delivered\"},{\"to\":\"y@b.c\",\"s\":\"failed\",\"code\":550}]", a);
+	make_dead(q, "[\"z@b.c\"]", "[{\"to\":\"z@b.c\",\"s\":\"expired\",\"code\":451}]", b);
+	assert_int_equal(stat_of(q, "dead"), 2);
+	assert_int_equal(stat_of(q, "expired"), 1);
+	redisReply *r = FC(q, "relayq_requeue", a, "nope");
+	expect_int(r, 1);
+	freeReplyObject(r);
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 1);
+	redisReply *m = CL_MSG(r, 0);
+	assert_string_equal(M_ID(m), a);
+	assert_int_equal(M_ATT(m), 0);
+	assert_int_equal(M_RCPTS(m)->elements, 1);
+	assert_string_equal(M_RCPTS(m)->element[0]->str, "y@b.c");
+	freeReplyObject(r);
+	char *s = show(q, a);
+	has(s, "\"failed\":0");
+	has(s, "\"s\":\"pending\"");
+	has(s, "\"code\":550");  /* the last reply is kept */
+	free(s);
+	r = FC(q, "relayq_requeue", "--dead");
+	expect_int(r, 1);
+	freeReplyObject(r);
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 1);
+	assert_string_equal(M_ID(CL_MSG(r, 0)), b);
+	assert_string_equal(M_RCPTS(CL_MSG(r, 0))->element[0]->str, "z@b.c");
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "requeued"), 2);
+	assert_int_equal(stat_of(q, "dead"), 0);
+	REFUSED(q, FC(q, "relayq_requeue", "--dead", a), "relayq_requeue --dead takes no ids");
+}
+
+static void delete_any_state(void **state)
+{
+	struct q *q = *state;
+	char a[40], b[40], c[40], d[40], e[40];
+	make_dead(q, "[\"d@b.c\"]", "[{\"to\":\"d@b.c\",\"s\":\"failed\"}]", d); /* dead */
+	enq1(q, "e@b.c", e);
+	long long lease = claim_one(q, 30000, NULL);                           /* inflight */
+	enq1(q, "a@b.c", a);                                                   /* ready */
+	enq(q, "{\"from\":\"\",\"to\":[\"b@b.c\"],\"delay\":3600}", BODY, b);   /* scheduled */
+	enq1(q, "c@b.c", c);
+	redisReply *r = FC(q, "relayq_hold", c);                              /* held */
+	freeReplyObject(r);
+	r = FC(q, "relayq_delete", a, b, c, d, e, "nope", a);
+	expect_int(r, 5);
+	freeReplyObject(r);
+	static const char *const st[] = {"ready", "scheduled", "inflight", "held", "dead"};
+	for (size_t i = 0; i < 5; i++)
+		assert_int_equal(stat_of(q, st[i]), 0);
+	assert_int_equal(stat_of(q, "deleted"), 5);
+	const char *ids[] = {a, b, c, d, e};
+	for (int i = 0; i < 5; i++) {
+		char suffix[80];
+		snprintf(suffix, sizeof(suffix), ":msg:%s", ids[i]);
+		assert_false(key_exists(q, suffix));
+		snprintf(suffix, sizeof(suffix), ":rcpt:%s", ids[i]);
+		assert_false(key_exists(q, suffix));
+	}
+	assert_string_equal(settle1(q, e, lease, "\"rcpts\":[{\"to\":\"e@b.c\",\"s\":\"delivered\"}]"), "lost");
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 0);
+	freeReplyObject(r);
+}
+
+static void flush_scheduled(void **state)
+{
+	struct q *q = *state;
+	char a[40], b[40], got[40];
+	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"delay\":3600}", BODY, a);
+	enq(q, "{\"from\":\"\",\"to\":[\"b@b.c\"],\"delay\":3600}", BODY, b);
+	redisReply *r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 0);
+	assert_true(CL_DUE(r) > CL_NOW(r) + 3000000);
+	freeReplyObject(r);
+	r = FC(q, "relayq_flush", b, "nope");
+	expect_int(r, 1);
+	freeReplyObject(r);
+	claim_one(q, 30000, got);
+	assert_string_equal(got, b);
+	r = FC(q, "relayq_flush", NULL);
+	expect_int(r, 1);
+	freeReplyObject(r);
+	claim_one(q, 30000, got);
+	assert_string_equal(got, a);
+	assert_int_equal(stat_of(q, "scheduled"), 0);
+}
+
+static void settle_validation(void **state)
+{
+	struct q *q = *state;
+	char id[40], json[1024];
+	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\",\"b@b.c\"]}", BODY, id);
+	long long lease = claim_one(q, 30000, NULL);
+	REFUSED(q, settle(q, "[{"), "outcomes are not valid JSON");
+	REFUSED(q, settle(q, "{\"id\":\"x\"}"), "outcomes must be a JSON array");
+	REFUSED(q, FC(q, "relayq_settle", "[]", "[]"), "relayq_settle takes 1 argument: the outcomes JSON array");
+	REFUSED(q, settle(q, "[1]"), "outcomes[0] must be an object");
+	REFUSED(q, settle(q, "[{\"lease\":1}]"), "outcomes[0].id must be a non-empty string");
+	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":\"1\"}]"), "outcomes[0].lease must be an integer");
+	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"nxt\":5}]"), "outcomes[0] has an unknown field: nxt");
+	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"hold\":1}]"), "outcomes[0].hold must be true or false");
+	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"attempt\":\"yes\"}]"), "outcomes[0].attempt must be true or false");
+	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"rcpts\":{\"to\":1}}]"), "outcomes[0].rcpts must be an array");
+	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"sent\"}]}]"),
+		"outcomes[0].rcpts[0].s must be delivered, deferred, failed, dropped or expired");
+	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"failed\",\"code\":5500}]}]"),
+		"outcomes[0].rcpts[0].code must be an integer from 0 to 999");
+	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1},{\"id\":\"x\",\"lease\":1}]"), "outcomes[1]: id x appears twice");
+	/* errors that depend on the message: the valid first outcome is not applied either */
+	snprintf(json, sizeof(json),
+		 "[{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]}]", id, lease);
+	REFUSED(q, settle(q, json), "outcomes[0].next is required while recipients remain");
+	snprintf(json, sizeof(json),
+		 "[{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"},{\"to\":\"a@b.c\",\"s\":\"failed\"},"
+		 "{\"to\":\"b@b.c\",\"s\":\"delivered\"}]}]", id, lease);
+	REFUSED(q, settle(q, json), "outcomes[0].rcpts[1]: a@b.c is listed twice");
+	snprintf(json, sizeof(json),
+		 "[{\"id\":\"nope\",\"lease\":1,\"rcpts\":[]},"
+		 "{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"},{\"to\":\"b@b.c\",\"s\":\"failed\",\"code\":\"550\"}]}]",
+		 id, lease);
+	REFUSED(q, settle(q, json), "outcomes[1].rcpts[1].code must be an integer from 0 to 999");
+	/* attempt false does not burn an attempt; the unknown id is lost */
+	snprintf(json, sizeof(json),
+		 "[{\"id\":\"nope\",\"lease\":1},{\"id\":\"%s\",\"lease\":%lld,\"attempt\":false,\"next\":0}]", id, lease);
+	redisReply *r = settle(q, json);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	assert_string_equal(r->element[0]->str, "lost");
+	assert_string_equal(r->element[1]->str, "scheduled");
+	freeReplyObject(r);
+	r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 1);
+	assert_int_equal(M_ATT(CL_MSG(r, 0)), 0);
+	assert_int_equal(M_RCPTS(CL_MSG(r, 0))->elements, 2);
+	freeReplyObject(r);
+}
+
+static void config_validation(void **state)
+{
+	struct q *q = *state;
+	redisReply *r = FC(q, "relayq_config", NULL);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	assert_int_equal(r->elements, 8);
+	static const char *const names[] = {"max_recipients", "max_message_size", "idempotency_window", "events_cap"};
+	static const long long defaults[] = {1000, 26214400, 86400, 100000};
+	for (int i = 0; i < 4; i++) {
+		assert_string_equal(r->element[2 * i]->str, names[i]);
+		assert_int_equal(r->element[2 * i + 1]->type, REDIS_REPLY_INTEGER);
+		assert_int_equal(r->element[2 * i + 1]->integer, defaults[i]);
+	}
+	freeReplyObject(r);
+	assert_false(key_exists(q, ":config"));
+	REFUSED(q, FC(q, "relayq_config", "max_recipients", "0"), "max_recipients must be a positive integer");
+	REFUSED(q, FC(q, "relayq_config", "events_cap", "-5"), "events_cap must be a positive integer");
+	REFUSED(q, FC(q, "relayq_config", "max_message_size", "1e6"), "max_message_size must be a positive integer");
+	REFUSED(q, FC(q, "relayq_config", "max_recipients", "5", "colour", "red"), "unknown config field: colour");
+	REFUSED(q, FC(q, "relayq_config", "max_recipients"), "relayq_config takes pairs of field and value");
+	r = FC(q, "relayq_config", "idempotency_window", "60", "events_cap", "3");
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	assert_int_equal(r->element[5]->integer, 60);
+	assert_int_equal(r->element[7]->integer, 3);
+	assert_int_equal(r->element[1]->integer, 1000);
+	freeReplyObject(r);
+	/* the idempotency window applies to new keys */
+	char id[40];
+	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"key\":\"k\"}", BODY, id);
+	r = cmd(q, "TTL %s:idem:k", q->key);
+	assert_true(r->integer > 0 && r->integer <= 60);
+	freeReplyObject(r);
+	/* events_cap bounds the stream (MAXLEN ~: never far above the cap) */
+	char env[200];
+	for (int i = 0; i < 300; i++) {
+		snprintf(env, sizeof(env), "{\"from\":\"\",\"to\":[\"r%d@b.c\"]}", i);
+		enq(q, env, BODY, id);
+	}
+	r = claim(q, 1000, 30000);
+	assert_int_equal(CL_N(r), 301);
+	for (size_t i = 0; i < CL_N(r); i++) {
+		char rest[300];
+		snprintf(rest, sizeof(rest), "\"rcpts\":[{\"to\":\"%s\",\"s\":\"delivered\"}]",
+			 M_RCPTS(CL_MSG(r, i))->element[0]->str);
+		assert_string_equal(settle1(q, M_ID(CL_MSG(r, i)), M_LEASE(CL_MSG(r, i)), rest), "done");
+	}
+	freeReplyObject(r);
+	r = cmd(q, "XLEN %s:events", q->key);
+	assert_true(r->integer < 301);
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "delivered"), 301);
+}
+
+static void show_and_list(void **state)
+{
+	struct q *q = *state;
+	char a[40], b[40], c[40];
+	enq(q, "{\"from\":\"s@x.y\",\"to\":[\"a@b.c\",\"b@b.c\"],\"key\":\"k1\",\"meta\":{\"t\":\"x\"}}", BODY, a);
+	enq(q, "{\"from\":\"\",\"to\":[\"c@b.c\"],\"delay\":3600}", BODY, b);
+	enq1(q, "d@b.c", c);
+	char *s = show(q, a);
+	char want[200];
+	snprintf(want, sizeof(want), "{\"id\":\"%s\",\"from\":\"s@x.y\",\"to\":[\"a@b.c\",\"b@b.c\"],\"state\":\"ready\",", a);
+	assert_memory_equal(s, want, strlen(want));
+	has(s, "\"attempts\":0");
+	has(s, "\"lease\":0");
+	has(s, "\"key\":\"k1\"");
+	has(s, "\"size\":21");
+	has(s, "\"meta\":{\"t\":\"x\"}");
+	has(s, "\"rcpts\":[{");
+	assert_null(strstr(s, "hello"));  /* no body */
+	assert_null(strstr(s, "\"pending\":["));
+	const char *r1 = strstr(s, "\"rcpts\":");
+	has(r1, "\"to\":\"a@b.c\"");
+	has(r1, "\"s\":\"pending\"");
+	free(s);
+	REFUSED(q, FC(q, "relayq_show", "nope"), "unknown id: nope");
+
+	redisReply *r = FC(q, "relayq_list", "all", "0", "10");
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	assert_int_equal(r->elements, 3);
+	snprintf(want, sizeof(want), "{\"id\":\"%s\"", a);
+	assert_memory_equal(r->element[0]->str, want, strlen(want));
+	has(r->element[0]->str, "\"rcpt_count\":2");
+	has(r->element[0]->str, "\"pending_count\":2");
+	assert_null(strstr(r->element[0]->str, "\"rcpts\""));
+	snprintf(want, sizeof(want), "{\"id\":\"%s\"", c);
+	assert_memory_equal(r->element[1]->str, want, strlen(want));
+	snprintf(want, sizeof(want), "{\"id\":\"%s\"", b);
+	assert_memory_equal(r->element[2]->str, want, strlen(want));
+	has(r->element[2]->str, "\"state\":\"scheduled\"");
+	freeReplyObject(r);
+	r = FC(q, "relayq_list", "all", "1", "1");
+	assert_int_equal(r->elements, 1);
+	snprintf(want, sizeof(want), "{\"id\":\"%s\"", c);
+	assert_memory_equal(r->element[0]->str, want, strlen(want));
+	freeReplyObject(r);
+	r = FC(q, "relayq_list", "ready", "1", "5");
+	assert_int_equal(r->elements, 1);
+	freeReplyObject(r);
+	r = FC(q, "relayq_list", "scheduled", "0", "5");
+	assert_int_equal(r->elements, 1);
+	freeReplyObject(r);
+	r = FC(q, "relayq_list", "dead", "0", "5");
+	assert_int_equal(r->elements, 0);
+	freeReplyObject(r);
+	REFUSED(q, FC(q, "relayq_list", "sent", "0", "5"), "state must be ready, scheduled, inflight, held, dead or all");
+	REFUSED(q, FC(q, "relayq_list", "all", "-1", "5"), "offset must be between 0 and 1000000000000000");
+	REFUSED(q, FC(q, "relayq_list", "all", "0", "0"), "count must be between 1 and 1000");
+
+	/* partial progress shows in list */
+	long long lease = claim_one(q, 30000, NULL);
+	assert_string_equal(settle1(q, a, lease, "\"next\":99999999999999,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]"),
+			    "scheduled");
+	r = FC(q, "relayq_list", "scheduled", "0", "5");
+	assert_int_equal(r->elements, 2);
+	snprintf(want, sizeof(want), "{\"id\":\"%s\"", b);
+	assert_memory_equal(r->element[0]->str, want, strlen(want));
+	has(r->element[1]->str, "\"pending_count\":1");
+	has(r->element[1]->str, "\"rcpt_count\":2");
+	freeReplyObject(r);
+}
+
+static void bad_keys_and_args(void **state)
+{
+	struct q *q = *state;
+	redisReply *r = cmd(q, "FCALL relayq_stats 1 myqueue");
+	expect_error(r, "invalid queue key myqueue: expected relayq:{<queue>}");
+	freeReplyObject(r);
+	r = cmd(q, "FCALL relayq_stats 2 %s %s:x", q->key, q->key);
+	expect_error(r, "expected exactly one key, the queue prefix relayq:{<queue>}");
+	freeReplyObject(r);
+	REFUSED(q, FC(q, "relayq_claim", "0", "1000"), "count must be between 1 and 10000");
+	REFUSED(q, FC(q, "relayq_claim", "10", "abc"), "lease-ms must be an integer");
+	REFUSED(q, FC(q, "relayq_claim", "10"), "relayq_claim takes 2 arguments: count and lease-ms");
+	REFUSED(q, FC(q, "relayq_enqueue", "{}"), "relayq_enqueue takes 2 arguments: the envelope JSON and the message");
+}
+
+static void wake_on_enqueue(void **state)
+{
+	struct q *q = *state;
+	redisContext *sub = th_redis_connect(&srv);
+	struct timeval tv = {5, 0};
+	redisSetTimeout(sub, tv);
+	redisReply *r = redisCommand(sub, "SUBSCRIBE %s:wake", q->key);
+	assert_non_null(r);
+	freeReplyObject(r);
+	char id[40];
+	enq1(q, "a@b.c", id);
+	void *v = NULL;
+	assert_int_equal(redisGetReply(sub, &v), REDIS_OK);
+	r = v;
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	assert_string_equal(r->element[0]->str, "message");
+	assert_string_equal(r->element[2]->str, "1");
+	freeReplyObject(r);
+	/* an earlier scheduled message wakes too */
+	claim_one(q, 30000, NULL);
+	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"delay\":3600}", BODY, id);
+	assert_int_equal(redisGetReply(sub, &v), REDIS_OK);
+	r = v;
+	assert_string_equal(r->element[0]->str, "message");
+	freeReplyObject(r);
+	redisFree(sub);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -746,6 +1228,18 @@ int main(void)
 		cmocka_unit_test_setup_teardown(meta_round_trip, setup, teardown),
 		cmocka_unit_test_setup_teardown(claim_settle_delivered, setup, teardown),
 		cmocka_unit_test_setup_teardown(partial_delivery, setup, teardown),
+		cmocka_unit_test_setup_teardown(settle_after_lost_lease, setup, teardown),
+		cmocka_unit_test_setup_teardown(renew_extends_lease, setup, teardown),
+		cmocka_unit_test_setup_teardown(hold_and_release, setup, teardown),
+		cmocka_unit_test_setup_teardown(settle_hold, setup, teardown),
+		cmocka_unit_test_setup_teardown(requeue_dead, setup, teardown),
+		cmocka_unit_test_setup_teardown(delete_any_state, setup, teardown),
+		cmocka_unit_test_setup_teardown(flush_scheduled, setup, teardown),
+		cmocka_unit_test_setup_teardown(settle_validation, setup, teardown),
+		cmocka_unit_test_setup_teardown(config_validation, setup, teardown),
+		cmocka_unit_test_setup_teardown(show_and_list, setup, teardown),
+		cmocka_unit_test_setup_teardown(bad_keys_and_args, setup, teardown),
+		cmocka_unit_test_setup_teardown(wake_on_enqueue, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
