@@ -1,0 +1,1743 @@
+#include "relayq/smtp.h"
+
+#include "relayq/log.h"
+#include "relayq/message.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <netinet/in.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* ------------------------------------------------------------------------
+ * Capabilities
+ */
+
+void rq_smtp_caps_reset(struct rq_smtp_caps *c)
+{
+	memset(c, 0, sizeof(*c));
+}
+
+static bool word_eq(const char *p, size_t n, const char *w)
+{
+	return strlen(w) == n && strncasecmp(p, w, n) == 0;
+}
+
+static uint64_t parse_size(const char *p, size_t n)
+{
+	uint64_t v = 0;
+	if (n == 0 || n > 19)
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		if (p[i] < '0' || p[i] > '9')
+			return 0;
+		v = v * 10 + (uint64_t)(p[i] - '0');
+	}
+	return v;
+}
+
+static unsigned auth_mech(const char *p, size_t n)
+{
+	if (word_eq(p, n, "PLAIN"))
+		return RQ_SMTP_AUTH_PLAIN;
+	if (word_eq(p, n, "LOGIN"))
+		return RQ_SMTP_AUTH_LOGIN;
+	if (word_eq(p, n, "CRAM-MD5"))
+		return RQ_SMTP_AUTH_CRAM_MD5;
+	if (word_eq(p, n, "XOAUTH2"))
+		return RQ_SMTP_AUTH_XOAUTH2;
+	return RQ_SMTP_AUTH_OTHER;
+}
+
+void rq_smtp_caps_line(struct rq_smtp_caps *c, const char *line, size_t len)
+{
+	const char *p = line, *end;
+	c->lines++;
+	if (len >= 3 && isdigit((unsigned char)p[0]) && isdigit((unsigned char)p[1]) &&
+	    isdigit((unsigned char)p[2]) && (len == 3 || p[3] == '-' || p[3] == ' ')) {
+		p += len == 3 ? 3 : 4;
+	}
+	end = line + len;
+	if (c->lines == 1)
+		return;
+	while (p < end && (*p == ' ' || *p == '\t'))
+		p++;
+	const char *kw = p;
+	while (p < end && *p != ' ' && *p != '\t' && *p != '=')
+		p++;
+	size_t kwn = (size_t)(p - kw);
+	if (kwn == 0)
+		return;
+	if (p < end)
+		p++; /* the separator */
+	/* params: from p to end, with trailing spaces trimmed */
+	while (end > p && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\r'))
+		end--;
+	if (word_eq(kw, kwn, "PIPELINING")) {
+		c->flags |= RQ_SMTP_CAP_PIPELINING;
+	} else if (word_eq(kw, kwn, "SIZE")) {
+		c->flags |= RQ_SMTP_CAP_SIZE;
+		while (p < end && *p == ' ')
+			p++;
+		c->size_max = parse_size(p, (size_t)(end - p));
+	} else if (word_eq(kw, kwn, "8BITMIME")) {
+		c->flags |= RQ_SMTP_CAP_8BITMIME;
+	} else if (word_eq(kw, kwn, "SMTPUTF8")) {
+		c->flags |= RQ_SMTP_CAP_SMTPUTF8;
+	} else if (word_eq(kw, kwn, "STARTTLS")) {
+		c->flags |= RQ_SMTP_CAP_STARTTLS;
+	} else if (word_eq(kw, kwn, "ENHANCEDSTATUSCODES")) {
+		c->flags |= RQ_SMTP_CAP_ENHANCEDSTATUSCODES;
+	} else if (word_eq(kw, kwn, "DSN")) {
+		c->flags |= RQ_SMTP_CAP_DSN;
+	} else if (word_eq(kw, kwn, "CHUNKING")) {
+		c->flags |= RQ_SMTP_CAP_CHUNKING;
+	} else if (word_eq(kw, kwn, "AUTH")) {
+		c->flags |= RQ_SMTP_CAP_AUTH;
+		while (p < end) {
+			while (p < end && (*p == ' ' || *p == '\t'))
+				p++;
+			const char *m = p;
+			while (p < end && *p != ' ' && *p != '\t')
+				p++;
+			if (p > m)
+				c->auth |= auth_mech(m, (size_t)(p - m));
+		}
+	}
+}
+
+void rq_smtp_caps_parse(struct rq_smtp_caps *c, const char *reply, size_t len)
+{
+	rq_smtp_caps_reset(c);
+	size_t i = 0;
+	while (i < len) {
+		size_t j = i;
+		while (j < len && reply[j] != '\n')
+			j++;
+		size_t n = j - i;
+		if (n && reply[i + n - 1] == '\r')
+			n--;
+		rq_smtp_caps_line(c, reply + i, n);
+		i = j + 1;
+	}
+}
+
+void rq_smtp_caps_describe(const struct rq_smtp_caps *c, char *buf, size_t len)
+{
+	static const struct {
+		unsigned flag;
+		const char *name;
+	} names[] = {
+		{RQ_SMTP_CAP_PIPELINING, "PIPELINING"},
+		{RQ_SMTP_CAP_8BITMIME, "8BITMIME"},
+		{RQ_SMTP_CAP_SMTPUTF8, "SMTPUTF8"},
+		{RQ_SMTP_CAP_STARTTLS, "STARTTLS"},
+		{RQ_SMTP_CAP_ENHANCEDSTATUSCODES, "ENHANCEDSTATUSCODES"},
+		{RQ_SMTP_CAP_DSN, "DSN"},
+		{RQ_SMTP_CAP_CHUNKING, "CHUNKING"},
+	};
+	size_t off = 0;
+	if (!len)
+		return;
+	buf[0] = '\0';
+#define PUT(...) do { \
+		int k_ = snprintf(buf + off, len - off, __VA_ARGS__); \
+		if (k_ > 0) off += (size_t)k_; \
+		if (off >= len) { off = len - 1; } \
+	} while (0)
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		if (c->flags & names[i].flag)
+			PUT("%s%s", off ? " " : "", names[i].name);
+	if (c->flags & RQ_SMTP_CAP_SIZE)
+		PUT("%sSIZE=%llu", off ? " " : "", (unsigned long long)c->size_max);
+	if (c->flags & RQ_SMTP_CAP_AUTH) {
+		PUT("%sAUTH=", off ? " " : "");
+		const char *sep = "";
+		if (c->auth & RQ_SMTP_AUTH_PLAIN) { PUT("%sPLAIN", sep); sep = ","; }
+		if (c->auth & RQ_SMTP_AUTH_LOGIN) { PUT("%sLOGIN", sep); sep = ","; }
+		if (c->auth & RQ_SMTP_AUTH_CRAM_MD5) { PUT("%sCRAM-MD5", sep); sep = ","; }
+		if (c->auth & RQ_SMTP_AUTH_XOAUTH2) { PUT("%sXOAUTH2", sep); sep = ","; }
+		if (c->auth & RQ_SMTP_AUTH_OTHER) { PUT("%sOTHER", sep); }
+	}
+#undef PUT
+}
+
+static bool text_has(const char *text, const char *needle)
+{
+	size_t n = strlen(needle);
+	for (const char *p = text; *p; p++)
+		if (strncasecmp(p, needle, n) == 0)
+			return true;
+	return false;
+}
+
+bool rq_smtp_is_too_many_rcpts(const struct rq_outcome *o)
+{
+	if (o->fail != RQ_FAIL_NONE || (o->code != 452 && o->code != 552))
+		return false;
+	if (o->enhanced[0]) {
+		const char *dot = strchr(o->enhanced, '.');
+		return dot && strcmp(dot, ".5.3") == 0;
+	}
+	return o->code == 452 || text_has(o->text, "too many");
+}
+
+/* ------------------------------------------------------------------------
+ * Options and hosts
+ */
+
+void rq_smtp_opts_init(struct rq_smtp_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->tls = RQ_TLS_NONE;
+	o->tls_verify = true;
+	o->auth_mechs = RQ_SMTP_AUTH_PLAIN | RQ_SMTP_AUTH_LOGIN;
+	o->timeout = (struct rq_smtp_timeouts){
+		.connect = 30000, .greeting = 300000, .ehlo = 300000,
+		.tls = 120000, .auth = 120000, .mail = 300000, .rcpt = 300000,
+		.data = 120000, .block = 180000, .dot = 600000, .rset = 120000,
+		.quit = 60000,
+	};
+	o->deadline = (struct rq_smtp_timeouts){
+		.connect = 30000, .greeting = 600000, .ehlo = 600000,
+		.tls = 240000, .auth = 240000, .mail = 600000, .rcpt = 600000,
+		.data = 240000, .block = 1800000, .dot = 1200000, .rset = 240000,
+		.quit = 120000,
+	};
+	o->max_txns = 100;
+	o->idle_ms = 5000;
+}
+
+int rq_smtp_host_set(struct rq_smtp_host *h, const char *ip, int port, const char *name)
+{
+	memset(h, 0, sizeof(*h));
+	struct sockaddr_in *in4 = (struct sockaddr_in *)&h->addr;
+	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&h->addr;
+	if (port < 0 || port > 65535)
+		return -1;
+	if (inet_pton(AF_INET, ip, &in4->sin_addr) == 1) {
+		in4->sin_family = AF_INET;
+		in4->sin_port = htons((uint16_t)port);
+		h->addrlen = sizeof(*in4);
+	} else if (inet_pton(AF_INET6, ip, &in6->sin6_addr) == 1) {
+		in6->sin6_family = AF_INET6;
+		in6->sin6_port = htons((uint16_t)port);
+		h->addrlen = sizeof(*in6);
+	} else {
+		return -1;
+	}
+	snprintf(h->name, sizeof(h->name), "%s", name ? name : "");
+	return 0;
+}
+
+static void host_numeric(const struct rq_smtp_host *h, char *buf, size_t len, bool with_port)
+{
+	char ip[INET6_ADDRSTRLEN] = "?";
+	int port = 0;
+	bool v6 = false;
+	if (h->addr.ss_family == AF_INET) {
+		const struct sockaddr_in *a = (const struct sockaddr_in *)&h->addr;
+		inet_ntop(AF_INET, &a->sin_addr, ip, sizeof(ip));
+		port = ntohs(a->sin_port);
+	} else if (h->addr.ss_family == AF_INET6) {
+		const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&h->addr;
+		inet_ntop(AF_INET6, &a->sin6_addr, ip, sizeof(ip));
+		port = ntohs(a->sin6_port);
+		v6 = true;
+	}
+	if (!with_port)
+		snprintf(buf, len, "%s", ip);
+	else if (v6)
+		snprintf(buf, len, "[%s]:%d", ip, port);
+	else
+		snprintf(buf, len, "%s:%d", ip, port);
+}
+
+/* ------------------------------------------------------------------------
+ * The session
+ */
+
+static const char *const state_names[RQ_SMTP_ST_COUNT_] = {
+	"init", "connecting", "tls-implicit", "greeting", "ehlo", "helo",
+	"starttls", "tls", "auth", "auth-user", "auth-pass", "ready", "rset",
+	"mail", "rcpt", "data", "body", "dot", "abort-dot", "quit", "closed",
+};
+
+const char *rq_smtp_state_name(enum rq_smtp_state st)
+{
+	if ((int)st < 0 || st >= RQ_SMTP_ST_COUNT_)
+		return "?";
+	return state_names[st];
+}
+
+/* Per-recipient progress inside a transaction. */
+enum rcpt_st {
+	R_SKIP = 0,   /* failed before sending (result already set) */
+	R_SEND,       /* to be sent */
+	R_WAIT,       /* sent, reply pending */
+	R_OK,         /* RCPT accepted */
+	R_BAD,        /* RCPT refused (result set) */
+	R_NOT,        /* not tried (too many recipients) */
+};
+
+struct rq_smtp {
+	struct event_base *base;
+	struct rq_smtp_opts o;
+	char *helo, *servername, *user, *pass, *log_id;
+	struct rq_smtp_callbacks cb;
+
+	struct rq_smtp_host *hosts;
+	size_t nhosts, hi;
+	bool connect_requested;
+	bool plain_retry;        /* this host again, without TLS (fallback) */
+	struct rq_outcome best;  /* most relevant failure over the hosts */
+	bool have_best;
+
+	enum rq_smtp_state st;
+	struct bufferevent *bev;
+	SSL *ssl;
+	bool tls_active, tls_verified, authed, ready_once;
+	char tls_info[96];
+	char peer_addr[64];
+	struct rq_smtp_caps caps;
+	struct rq_reply_parser rp;
+
+	struct event *timer;     /* inactivity / idle */
+	struct event *deadline;  /* whole stage */
+	struct event *kick;      /* deferred work from API calls */
+	int timer_ms;            /* inactivity timeout of the current stage */
+
+	int depth;               /* >0 while inside one of our event callbacks */
+	bool dead;               /* destroy requested */
+	bool closed_done;        /* closed callback was called */
+	bool quit_requested;
+	struct rq_outcome why;   /* reported by closed after a polite QUIT */
+	bool have_why;
+
+	/* transaction */
+	struct rq_smtp_txn *txn;
+	bool txn_running;
+	unsigned ntxn;           /* started on this connection */
+	bool need_rset;          /* RSET before the next transaction */
+	bool probe_rset;         /* the RSET in flight probes before a txn */
+	bool pipelined;
+	unsigned char *rst;      /* enum rcpt_st per recipient */
+	size_t *order;           /* indices of recipients sent, in order */
+	size_t nsend, si, ri;    /* sent count, next to send, next reply */
+	size_t accepted;
+	bool too_many;
+	bool mail_ok;
+	bool sent_any;           /* a command of this txn went out */
+	struct rq_outcome mail_out;
+	struct rq_outcome last_rcpt_fail;
+	uint64_t body_size;
+	bool body_8bit, need_utf8;
+};
+
+static void run_state(struct rq_smtp *s);
+static void out_drain_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg);
+static void conn_fail(struct rq_smtp *s, const struct rq_outcome *o);
+static void txn_finish(struct rq_smtp *s, const struct rq_outcome *o, bool aborted);
+static void go_ready(struct rq_smtp *s);
+static void host_start(struct rq_smtp *s);
+static void process_input(struct rq_smtp *s);
+
+static enum rq_stage stage_of(enum rq_smtp_state st)
+{
+	switch (st) {
+	case RQ_SMTP_ST_INIT:
+	case RQ_SMTP_ST_CONNECTING: return RQ_STAGE_CONNECT;
+	case RQ_SMTP_ST_TLS_IMPLICIT:
+	case RQ_SMTP_ST_TLS: return RQ_STAGE_TLS;
+	case RQ_SMTP_ST_GREETING: return RQ_STAGE_GREETING;
+	case RQ_SMTP_ST_EHLO: return RQ_STAGE_EHLO;
+	case RQ_SMTP_ST_HELO: return RQ_STAGE_HELO;
+	case RQ_SMTP_ST_STARTTLS: return RQ_STAGE_STARTTLS;
+	case RQ_SMTP_ST_AUTH:
+	case RQ_SMTP_ST_AUTH_USER:
+	case RQ_SMTP_ST_AUTH_PASS: return RQ_STAGE_AUTH;
+	case RQ_SMTP_ST_READY: return RQ_STAGE_NONE;
+	case RQ_SMTP_ST_RSET: return RQ_STAGE_RSET;
+	case RQ_SMTP_ST_MAIL: return RQ_STAGE_MAIL;
+	case RQ_SMTP_ST_RCPT: return RQ_STAGE_RCPT;
+	case RQ_SMTP_ST_DATA:
+	case RQ_SMTP_ST_BODY: return RQ_STAGE_DATA;
+	case RQ_SMTP_ST_DOT:
+	case RQ_SMTP_ST_ABORT_DOT: return RQ_STAGE_DOT;
+	case RQ_SMTP_ST_QUIT:
+	case RQ_SMTP_ST_CLOSED: return RQ_STAGE_QUIT;
+	default: return RQ_STAGE_NONE;
+	}
+}
+
+static bool before_ready(enum rq_smtp_state st)
+{
+	return st <= RQ_SMTP_ST_AUTH_PASS;
+}
+
+/* Inactivity timeout and deadline of a state (ms; 0 = none). */
+static void state_timeouts(const struct rq_smtp *s, enum rq_smtp_state st, int *t, int *d)
+{
+	const struct rq_smtp_timeouts *T = &s->o.timeout, *D = &s->o.deadline;
+	switch (st) {
+	case RQ_SMTP_ST_CONNECTING: *t = T->connect; *d = D->connect; break;
+	case RQ_SMTP_ST_TLS_IMPLICIT:
+	case RQ_SMTP_ST_TLS:
+	case RQ_SMTP_ST_STARTTLS: *t = T->tls; *d = D->tls; break;
+	case RQ_SMTP_ST_GREETING: *t = T->greeting; *d = D->greeting; break;
+	case RQ_SMTP_ST_EHLO:
+	case RQ_SMTP_ST_HELO: *t = T->ehlo; *d = D->ehlo; break;
+	case RQ_SMTP_ST_AUTH:
+	case RQ_SMTP_ST_AUTH_USER:
+	case RQ_SMTP_ST_AUTH_PASS: *t = T->auth; *d = D->auth; break;
+	case RQ_SMTP_ST_RSET: *t = T->rset; *d = D->rset; break;
+	case RQ_SMTP_ST_MAIL: *t = T->mail; *d = D->mail; break;
+	case RQ_SMTP_ST_RCPT: *t = T->rcpt; *d = D->rcpt; break;
+	case RQ_SMTP_ST_DATA: *t = T->data; *d = D->data; break;
+	case RQ_SMTP_ST_BODY: *t = T->block; *d = D->block; break;
+	case RQ_SMTP_ST_DOT:
+	case RQ_SMTP_ST_ABORT_DOT: *t = T->dot; *d = D->dot; break;
+	case RQ_SMTP_ST_QUIT: *t = T->quit; *d = D->quit; break;
+	case RQ_SMTP_ST_READY: *t = s->o.idle_ms; *d = 0; break;
+	default: *t = 0; *d = 0; break;
+	}
+}
+
+static void arm(struct event *ev, int ms)
+{
+	if (ms <= 0) {
+		event_del(ev);
+		return;
+	}
+	struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+	event_add(ev, &tv);
+}
+
+static void set_state(struct rq_smtp *s, enum rq_smtp_state st)
+{
+	int t, d;
+	if (rq_log_enabled(RQ_LOG_DEBUG) && st != s->st)
+		rq_log(RQ_LOG_DEBUG, "smtp_state", "id", s->log_id, "peer", s->peer_addr,
+		       "from", state_names[s->st], "to", state_names[st], NULL);
+	s->st = st;
+	state_timeouts(s, st, &t, &d);
+	s->timer_ms = t;
+	arm(s->timer, t);
+	arm(s->deadline, d);
+}
+
+/* Restarts the current stage's timeout and deadline (next reply of a run). */
+static void restart_stage(struct rq_smtp *s)
+{
+	int t, d;
+	state_timeouts(s, s->st, &t, &d);
+	arm(s->timer, t);
+	arm(s->deadline, d);
+}
+
+static void trace(struct rq_smtp *s, char dir, const char *line, size_t len)
+{
+	if (s->cb.trace && !s->dead)
+		s->cb.trace(s, dir, line, len, s->cb.arg);
+}
+
+/* Queues one command line. The formatted line must not contain CR, LF or
+ * NUL: every address was checked with rq_addr_valid; a violation is a bug. */
+static void send_cmd(struct rq_smtp *s, const char *secret_trace, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void send_cmd(struct rq_smtp *s, const char *secret_trace, const char *fmt, ...)
+{
+	char buf[RQ_ADDR_PATH_MAX + 1024];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	if (n < 0 || (size_t)n >= sizeof(buf) - 2 || memchr(buf, '\r', (size_t)n) ||
+	    memchr(buf, '\n', (size_t)n)) {
+		fprintf(stderr, "relayq smtp: refusing to send a malformed command\n");
+		abort();
+	}
+	if (secret_trace)
+		trace(s, '>', secret_trace, strlen(secret_trace));
+	else
+		trace(s, '>', buf, (size_t)n);
+	buf[n++] = '\r';
+	buf[n++] = '\n';
+	evbuffer_add(bufferevent_get_output(s->bev), buf, (size_t)n);
+	OPENSSL_cleanse(buf, sizeof(buf));
+}
+
+static void outcome_synth(struct rq_outcome *o, enum rq_stage stage, int code,
+			  const char *enh, const char *text)
+{
+	rq_outcome_set(o, stage, RQ_FAIL_NONE, code, enh, "%s", text);
+	o->synthetic = true;
+}
+
+/* Closes the connection (no QUIT); references into the body are dropped. */
+static void close_bev(struct rq_smtp *s)
+{
+	if (!s->bev)
+		return;
+	struct evbuffer *out = bufferevent_get_output(s->bev);
+	evbuffer_remove_cb(out, out_drain_cb, s);
+	evbuffer_drain(out, evbuffer_get_length(out));
+	bufferevent_disable(s->bev, EV_READ | EV_WRITE);
+	bufferevent_setcb(s->bev, NULL, NULL, NULL, NULL);
+	bufferevent_free(s->bev);
+	s->bev = NULL;
+	s->ssl = NULL;
+	event_del(s->timer);
+	event_del(s->deadline);
+}
+
+static void report_closed(struct rq_smtp *s, const struct rq_outcome *why)
+{
+	close_bev(s);
+	set_state(s, RQ_SMTP_ST_CLOSED);
+	if (s->closed_done)
+		return;
+	s->closed_done = true;
+	if (s->cb.closed && !s->dead)
+		s->cb.closed(s, why, s->cb.arg);
+}
+
+/* A session-level outcome for a transaction that never started. */
+static void txn_fail_all(struct rq_smtp *s, const struct rq_outcome *o)
+{
+	struct rq_smtp_txn *t = s->txn;
+	for (size_t i = 0; i < t->nrcpt; i++) {
+		t->rcpts[i].result = RQ_SMTP_RCPT_FAILED;
+		t->rcpts[i].outcome = *o;
+	}
+	txn_finish(s, o, false);
+}
+
+static bool is_reply(const struct rq_outcome *o)
+{
+	return o->fail == RQ_FAIL_NONE && o->code > 0;
+}
+
+/* Every host tried: report the most relevant failure. */
+static void all_hosts_failed(struct rq_smtp *s)
+{
+	struct rq_outcome o = s->best;
+	if (s->txn && !s->txn_running) {
+		txn_fail_all(s, &o);
+		if (s->dead)
+			return;
+	}
+	report_closed(s, &o);
+}
+
+/* The connection failed or broke: o says how. */
+static void conn_fail(struct rq_smtp *s, const struct rq_outcome *o)
+{
+	enum rq_smtp_state st = s->st;
+	if (rq_log_enabled(RQ_LOG_DEBUG))
+		rq_log(RQ_LOG_DEBUG, "smtp_fail", "id", s->log_id, "peer", s->peer_addr,
+		       "state", state_names[st], "fail", rq_fail_name(o->fail),
+		       "text", o->text, NULL);
+	close_bev(s);
+	if (st == RQ_SMTP_ST_QUIT) {
+		struct rq_outcome clean;
+		if (s->have_why)
+			clean = s->why;
+		else
+			rq_outcome_set(&clean, RQ_STAGE_QUIT, RQ_FAIL_NONE, 0, NULL,
+				       "connection closed after QUIT");
+		report_closed(s, &clean);
+		return;
+	}
+	if (before_ready(st) && !s->ready_once) {
+		if (!s->have_best || !is_reply(&s->best) || is_reply(o)) {
+			s->best = *o;
+			s->have_best = true;
+		}
+		if (stage_of(st) != RQ_STAGE_AUTH && s->hi + 1 < s->nhosts) {
+			s->hi++;
+			s->plain_retry = false;
+			set_state(s, RQ_SMTP_ST_INIT);
+			event_active(s->kick, EV_TIMEOUT, 1);
+			return;
+		}
+		all_hosts_failed(s);
+		return;
+	}
+	if (s->txn && s->txn_running) {
+		struct rq_smtp_txn *t = s->txn;
+		bool probe = st == RQ_SMTP_ST_RSET && s->probe_rset;
+		for (size_t i = 0; i < t->nrcpt; i++) {
+			switch (s->rst[i]) {
+			case R_SEND:
+			case R_WAIT:
+			case R_OK:
+				if (probe) {
+					s->rst[i] = R_NOT;
+					t->rcpts[i].result = RQ_SMTP_RCPT_NOT_TRIED;
+					memset(&t->rcpts[i].outcome, 0, sizeof(t->rcpts[i].outcome));
+				} else {
+					t->rcpts[i].result = RQ_SMTP_RCPT_FAILED;
+					t->rcpts[i].outcome = *o;
+				}
+				break;
+			default:
+				break;
+			}
+		}
+		txn_finish(s, o, false);
+		if (s->dead)
+			return;
+	} else if (s->txn && !s->txn_running) {
+		/* the connection died before the pending txn could start */
+		struct rq_smtp_txn *t = s->txn;
+		for (size_t i = 0; i < t->nrcpt; i++) {
+			t->rcpts[i].result = RQ_SMTP_RCPT_NOT_TRIED;
+			memset(&t->rcpts[i].outcome, 0, sizeof(t->rcpts[i].outcome));
+		}
+		txn_finish(s, o, false);
+		if (s->dead)
+			return;
+	}
+	report_closed(s, o);
+}
+
+static void fail_here(struct rq_smtp *s, enum rq_fail fail, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void fail_here(struct rq_smtp *s, enum rq_fail fail, const char *fmt, ...)
+{
+	struct rq_outcome o;
+	char text[RQ_REPLY_TEXT_MAX];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(text, sizeof(text), fmt, ap);
+	va_end(ap);
+	rq_outcome_set(&o, stage_of(s->st), fail, 0, NULL, "%s", text);
+	conn_fail(s, &o);
+}
+
+/* ------------------------------------------------------------------------
+ * Entering and leaving event callbacks (the deferred free)
+ */
+
+static void really_free(struct rq_smtp *s)
+{
+	close_bev(s);
+	if (s->timer)
+		event_free(s->timer);
+	if (s->deadline)
+		event_free(s->deadline);
+	if (s->kick)
+		event_free(s->kick);
+	if (s->pass) {
+		OPENSSL_cleanse(s->pass, strlen(s->pass));
+		free(s->pass);
+	}
+	free(s->user);
+	free(s->helo);
+	free(s->servername);
+	free(s->log_id);
+	free(s->hosts);
+	free(s->rst);
+	free(s->order);
+	free(s);
+}
+
+static void enter(struct rq_smtp *s)
+{
+	s->depth++;
+}
+
+static void leave(struct rq_smtp *s)
+{
+	if (--s->depth == 0 && s->dead)
+		really_free(s);
+}
+
+/* ------------------------------------------------------------------------
+ * TLS
+ */
+
+static const char *tls_name(struct rq_smtp *s)
+{
+	if (s->servername)
+		return s->servername;
+	return s->hosts[s->hi].name[0] ? s->hosts[s->hi].name : NULL;
+}
+
+static bool tls_enforced(const struct rq_smtp *s)
+{
+	return (s->o.tls == RQ_TLS_REQUIRED || s->o.tls == RQ_TLS_IMPLICIT) && s->o.tls_verify;
+}
+
+static void bev_read_cb(struct bufferevent *bev, void *arg);
+static void bev_write_cb(struct bufferevent *bev, void *arg);
+static void bev_event_cb(struct bufferevent *bev, short what, void *arg);
+
+static void out_drain_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+	struct rq_smtp *s = arg;
+	if (info->n_deleted > 0 && s->st == RQ_SMTP_ST_BODY)
+		arm(s->timer, s->timer_ms);
+}
+
+static void setup_bev(struct rq_smtp *s)
+{
+	bufferevent_setcb(s->bev, bev_read_cb, bev_write_cb, bev_event_cb, s);
+	bufferevent_setwatermark(s->bev, EV_READ, 0, 256 * 1024);
+	bufferevent_setwatermark(s->bev, EV_WRITE, 0, 0);
+	evbuffer_add_cb(bufferevent_get_output(s->bev), out_drain_cb, s);
+	bufferevent_enable(s->bev, EV_READ | EV_WRITE);
+}
+
+/* Wraps the connection in TLS; the handshake result comes as an event. */
+static void tls_start(struct rq_smtp *s, enum rq_smtp_state st)
+{
+	char err[256];
+	const char *name = tls_name(s);
+	SSL *ssl = rq_tls_ssl_new(s->o.tls_ctx, name, tls_enforced(s), err, sizeof(err));
+	if (!ssl) {
+		fail_here(s, RQ_FAIL_TLS, "%s", err);
+		return;
+	}
+	bufferevent_setcb(s->bev, NULL, NULL, NULL, NULL);
+	evbuffer_remove_cb(bufferevent_get_output(s->bev), out_drain_cb, s);
+	struct bufferevent *tb = bufferevent_openssl_filter_new(
+		s->base, s->bev, ssl, BUFFEREVENT_SSL_CONNECTING,
+		BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+	if (!tb) {
+		SSL_free(ssl);
+		fail_here(s, RQ_FAIL_TLS, "cannot start TLS");
+		return;
+	}
+	bufferevent_openssl_set_allow_dirty_shutdown(tb, 1);
+	s->bev = tb;
+	s->ssl = ssl;
+	setup_bev(s);
+	set_state(s, st);
+}
+
+static void tls_done(struct rq_smtp *s)
+{
+	s->tls_active = true;
+	s->tls_verified = rq_tls_verified(s->ssl);
+	rq_tls_describe(s->ssl, s->tls_info, sizeof(s->tls_info));
+	if (rq_log_enabled(RQ_LOG_DEBUG))
+		rq_log(RQ_LOG_DEBUG, "smtp_tls", "id", s->log_id, "peer", s->peer_addr,
+		       "tls", s->tls_info, "verified", s->tls_verified ? "yes" : "no", NULL);
+}
+
+static void tls_failed(struct rq_smtp *s, unsigned long ossl_err, const char *fallback)
+{
+	char text[RQ_REPLY_TEXT_MAX];
+	rq_tls_error_text(s->ssl, ossl_err, fallback, text, sizeof(text));
+	if (s->o.tls == RQ_TLS_OPPORTUNISTIC && s->o.tls_fallback_plain && !s->plain_retry) {
+		if (rq_log_enabled(RQ_LOG_DEBUG))
+			rq_log(RQ_LOG_DEBUG, "smtp_tls_fallback", "id", s->log_id,
+			       "peer", s->peer_addr, "error", text, NULL);
+		close_bev(s);
+		s->plain_retry = true;
+		set_state(s, RQ_SMTP_ST_INIT);
+		event_active(s->kick, EV_TIMEOUT, 1);
+		return;
+	}
+	struct rq_outcome o;
+	rq_outcome_set(&o, RQ_STAGE_TLS, RQ_FAIL_TLS, 0, NULL, "%s", text);
+	conn_fail(s, &o);
+}
+
+/* ------------------------------------------------------------------------
+ * Commands: one function sends the command of a state
+ */
+
+static void b64(const unsigned char *in, size_t n, char *out)
+{
+	EVP_EncodeBlock((unsigned char *)out, in, (int)n);
+}
+
+static void send_auth(struct rq_smtp *s)
+{
+	unsigned allowed = s->caps.auth & s->o.auth_mechs;
+	struct rq_outcome o;
+	if (!s->tls_active && !s->o.auth_plaintext_ok) {
+		outcome_synth(&o, RQ_STAGE_AUTH, 454, "4.7.0",
+			      "relayq: refusing to send credentials over an unencrypted connection");
+		conn_fail(s, &o);
+		return;
+	}
+	if (!(s->caps.flags & RQ_SMTP_CAP_AUTH) || !allowed) {
+		outcome_synth(&o, RQ_STAGE_AUTH, 454, "4.7.0",
+			      "relayq: the server offers no AUTH mechanism we may use");
+		conn_fail(s, &o);
+		return;
+	}
+	if (allowed & RQ_SMTP_AUTH_PLAIN) {
+		size_t ul = strlen(s->user), pl = strlen(s->pass);
+		size_t n = ul + pl + 2;
+		unsigned char *raw = malloc(n);
+		char *enc = malloc(4 * ((n + 2) / 3) + 1);
+		if (!raw || !enc) {
+			free(raw);
+			free(enc);
+			fail_here(s, RQ_FAIL_PROTOCOL, "out of memory");
+			return;
+		}
+		raw[0] = '\0';
+		memcpy(raw + 1, s->user, ul);
+		raw[1 + ul] = '\0';
+		memcpy(raw + 2 + ul, s->pass, pl);
+		b64(raw, n, enc);
+		set_state(s, RQ_SMTP_ST_AUTH);
+		send_cmd(s, "AUTH PLAIN <secret>", "AUTH PLAIN %s", enc);
+		OPENSSL_cleanse(raw, n);
+		OPENSSL_cleanse(enc, strlen(enc));
+		free(raw);
+		free(enc);
+		return;
+	}
+	set_state(s, RQ_SMTP_ST_AUTH);
+	send_cmd(s, NULL, "AUTH LOGIN");
+}
+
+static void send_login_step(struct rq_smtp *s, const char *secret, enum rq_smtp_state next)
+{
+	size_t n = strlen(secret);
+	char *enc = malloc(4 * ((n + 2) / 3) + 1);
+	if (!enc) {
+		fail_here(s, RQ_FAIL_PROTOCOL, "out of memory");
+		return;
+	}
+	b64((const unsigned char *)secret, n, enc);
+	set_state(s, next);
+	send_cmd(s, "<secret>", "%s", enc);
+	OPENSSL_cleanse(enc, strlen(enc));
+	free(enc);
+}
+
+/* After EHLO/HELO: STARTTLS, AUTH, or ready. */
+static void after_hello(struct rq_smtp *s)
+{
+	if (!s->tls_active && !s->plain_retry &&
+	    (s->o.tls == RQ_TLS_OPPORTUNISTIC || s->o.tls == RQ_TLS_REQUIRED)) {
+		if (s->caps.flags & RQ_SMTP_CAP_STARTTLS) {
+			set_state(s, RQ_SMTP_ST_STARTTLS);
+			send_cmd(s, NULL, "STARTTLS");
+			return;
+		}
+		if (s->o.tls == RQ_TLS_REQUIRED) {
+			struct rq_outcome o;
+			rq_outcome_set(&o, RQ_STAGE_STARTTLS, RQ_FAIL_TLS, 0, NULL,
+				       "TLS required but the server does not offer STARTTLS");
+			conn_fail(s, &o);
+			return;
+		}
+	}
+	if (s->user && !s->authed) {
+		send_auth(s);
+		return;
+	}
+	s->ready_once = true;
+	s->have_best = false;
+	set_state(s, RQ_SMTP_ST_READY);
+	if (s->cb.ready && !s->dead)
+		s->cb.ready(s, s->cb.arg);
+	if (s->dead || s->st != RQ_SMTP_ST_READY)
+		return;
+	go_ready(s);
+}
+
+static void send_ehlo(struct rq_smtp *s)
+{
+	rq_smtp_caps_reset(&s->caps);
+	set_state(s, RQ_SMTP_ST_EHLO);
+	send_cmd(s, NULL, "EHLO %s", s->helo);
+}
+
+/* MAIL FROM with its parameters. */
+static void send_mail(struct rq_smtp *s)
+{
+	struct rq_smtp_txn *t = s->txn;
+	char params[96] = "";
+	size_t off = 0;
+	if (s->caps.flags & RQ_SMTP_CAP_SIZE)
+		off += (size_t)snprintf(params + off, sizeof(params) - off, " SIZE=%llu",
+					(unsigned long long)s->body_size);
+	if (s->body_8bit && (s->caps.flags & RQ_SMTP_CAP_8BITMIME))
+		off += (size_t)snprintf(params + off, sizeof(params) - off, " BODY=8BITMIME");
+	if (s->need_utf8)
+		snprintf(params + off, sizeof(params) - off, " SMTPUTF8");
+	send_cmd(s, NULL, "MAIL FROM:<%.*s>%s", (int)t->from_len, t->from, params);
+}
+
+static void send_rcpt(struct rq_smtp *s, size_t idx)
+{
+	struct rq_smtp_rcpt *r = &s->txn->rcpts[idx];
+	s->rst[idx] = R_WAIT;
+	send_cmd(s, NULL, "RCPT TO:<%.*s>", (int)r->len, r->addr);
+}
+
+/* Prepares and sends a transaction (from READY). */
+static void txn_start(struct rq_smtp *s)
+{
+	struct rq_smtp_txn *t = s->txn;
+	struct rq_outcome o;
+	char err[128];
+
+	s->txn_running = true;
+	s->sent_any = false;
+	s->nsend = s->si = s->ri = s->accepted = 0;
+	s->too_many = false;
+	s->mail_ok = false;
+	memset(&s->mail_out, 0, sizeof(s->mail_out));
+	memset(&s->last_rcpt_fail, 0, sizeof(s->last_rcpt_fail));
+	free(s->rst);
+	free(s->order);
+	s->rst = calloc(t->nrcpt ? t->nrcpt : 1, 1);
+	s->order = calloc(t->nrcpt ? t->nrcpt : 1, sizeof(size_t));
+	if (!s->rst || !s->order) {
+		rq_outcome_set(&o, RQ_STAGE_MAIL, RQ_FAIL_PROTOCOL, 0, NULL, "out of memory");
+		txn_fail_all(s, &o);
+		return;
+	}
+	for (size_t i = 0; i < t->nrcpt; i++) {
+		t->rcpts[i].result = RQ_SMTP_RCPT_NOT_TRIED;
+		memset(&t->rcpts[i].outcome, 0, sizeof(t->rcpts[i].outcome));
+	}
+
+	/* Checks before anything goes on the wire. */
+	if (!rq_addr_valid(t->from, t->from_len, true, err, sizeof(err))) {
+		outcome_synth(&o, RQ_STAGE_MAIL, 553, "5.1.7", "");
+		snprintf(o.text, sizeof(o.text), "relayq: invalid sender address: %s", err);
+		txn_fail_all(s, &o);
+		return;
+	}
+	s->body_size = rq_data_encode(t->body, t->body_len, NULL, 0);
+	if (s->body_size >= 3)
+		s->body_size -= 3; /* the final ".\r\n" */
+	if (s->caps.size_max && s->body_size > s->caps.size_max) {
+		outcome_synth(&o, RQ_STAGE_MAIL, 552, "5.3.4", "");
+		snprintf(o.text, sizeof(o.text),
+			 "relayq: message size %llu exceeds the server's limit of %llu",
+			 (unsigned long long)s->body_size, (unsigned long long)s->caps.size_max);
+		txn_fail_all(s, &o);
+		return;
+	}
+	bool has_utf8 = s->caps.flags & RQ_SMTP_CAP_SMTPUTF8;
+	s->need_utf8 = rq_addr_needs_utf8(t->from, t->from_len);
+	if (s->need_utf8 && !has_utf8) {
+		outcome_synth(&o, RQ_STAGE_MAIL, 553, "5.6.7",
+			      "relayq: the sender address needs SMTPUTF8, which the server does not offer");
+		txn_fail_all(s, &o);
+		return;
+	}
+	for (size_t i = 0; i < t->nrcpt; i++) {
+		struct rq_smtp_rcpt *r = &t->rcpts[i];
+		if (!r->addr || !rq_addr_valid(r->addr, r->len, false, err, sizeof(err))) {
+			outcome_synth(&r->outcome, RQ_STAGE_RCPT, 553, "5.1.3", "");
+			snprintf(r->outcome.text, sizeof(r->outcome.text),
+				 "relayq: invalid recipient address: %s", r->addr ? err : "missing");
+			r->result = RQ_SMTP_RCPT_FAILED;
+			s->rst[i] = R_SKIP;
+			continue;
+		}
+		if (rq_addr_needs_utf8(r->addr, r->len)) {
+			if (!has_utf8) {
+				outcome_synth(&r->outcome, RQ_STAGE_RCPT, 553, "5.6.7",
+					      "relayq: the recipient address needs SMTPUTF8, which the server does not offer");
+				r->result = RQ_SMTP_RCPT_FAILED;
+				s->rst[i] = R_SKIP;
+				continue;
+			}
+			s->need_utf8 = true;
+		}
+		s->rst[i] = R_SEND;
+		s->order[s->nsend++] = i;
+	}
+	if (s->nsend == 0) {
+		o = t->nrcpt ? t->rcpts[t->nrcpt - 1].outcome : (struct rq_outcome){0};
+		if (!t->nrcpt)
+			outcome_synth(&o, RQ_STAGE_RCPT, 554, "5.5.1", "relayq: no recipients");
+		txn_finish(s, &o, false);
+		return;
+	}
+	s->body_8bit = rq_body_is_8bit(t->body, t->body_len);
+	s->pipelined = (s->caps.flags & RQ_SMTP_CAP_PIPELINING) != 0;
+	t->pipelined = s->pipelined;
+
+	s->ntxn++;
+	s->sent_any = true;
+	s->probe_rset = s->need_rset;
+	if (s->need_rset) {
+		s->need_rset = false;
+		set_state(s, RQ_SMTP_ST_RSET);
+		send_cmd(s, NULL, "RSET");
+		if (!s->pipelined)
+			return;
+	} else {
+		set_state(s, RQ_SMTP_ST_MAIL);
+	}
+	send_mail(s);
+	if (s->pipelined) {
+		for (size_t k = 0; k < s->nsend; k++)
+			send_rcpt(s, s->order[k]);
+		s->si = s->nsend;
+		send_cmd(s, NULL, "DATA");
+	}
+}
+
+/* READY: start a waiting transaction, quit, or idle. */
+static void go_ready(struct rq_smtp *s)
+{
+	if (s->st != RQ_SMTP_ST_READY)
+		set_state(s, RQ_SMTP_ST_READY);
+	if (s->txn && !s->txn_running) {
+		txn_start(s);
+		return;
+	}
+	if (s->quit_requested || (s->o.max_txns && s->ntxn >= s->o.max_txns)) {
+		set_state(s, RQ_SMTP_ST_QUIT);
+		send_cmd(s, NULL, "QUIT");
+	}
+	/* else idle: the READY timer is idle_ms */
+}
+
+/* The transaction ends: results complete, done called. */
+static void txn_finish(struct rq_smtp *s, const struct rq_outcome *o, bool aborted)
+{
+	struct rq_smtp_txn *t = s->txn;
+	t->outcome = *o;
+	t->delivered = t->failed = t->not_tried = 0;
+	for (size_t i = 0; i < t->nrcpt; i++) {
+		switch (t->rcpts[i].result) {
+		case RQ_SMTP_RCPT_DELIVERED: t->delivered++; break;
+		case RQ_SMTP_RCPT_FAILED: t->failed++; break;
+		default: t->not_tried++; break;
+		}
+	}
+	s->txn = NULL;
+	s->txn_running = false;
+	if (s->sent_any)
+		s->need_rset = true;
+	s->sent_any = false;
+	if (t->done && !s->dead)
+		t->done(t, t->arg);
+	if (s->dead || !s->bev)
+		return;
+	if (aborted) {
+		/* end the half-open transaction now */
+		s->need_rset = false;
+		s->probe_rset = false;
+		set_state(s, RQ_SMTP_ST_RSET);
+		send_cmd(s, NULL, "RSET");
+		return;
+	}
+	if (s->st != RQ_SMTP_ST_CLOSED && s->st != RQ_SMTP_ST_QUIT)
+		go_ready(s);
+}
+
+/* Ends a transaction in which MAIL or every recipient failed. */
+static void txn_no_delivery(struct rq_smtp *s, const struct rq_outcome *o)
+{
+	struct rq_smtp_txn *t = s->txn;
+	for (size_t i = 0; i < t->nrcpt; i++) {
+		if (s->rst[i] == R_SEND || s->rst[i] == R_WAIT || s->rst[i] == R_OK) {
+			t->rcpts[i].result = RQ_SMTP_RCPT_FAILED;
+			t->rcpts[i].outcome = *o;
+		}
+	}
+	txn_finish(s, o, true);
+}
+
+/* Marks recipients not sent (lock-step) or refused after "too many" as not tried. */
+static void mark_rest_not_tried(struct rq_smtp *s, size_t from_k)
+{
+	struct rq_smtp_txn *t = s->txn;
+	for (size_t k = from_k; k < s->nsend; k++) {
+		size_t i = s->order[k];
+		if (s->rst[i] == R_SEND || s->rst[i] == R_WAIT) {
+			s->rst[i] = R_NOT;
+			t->rcpts[i].result = RQ_SMTP_RCPT_NOT_TRIED;
+			memset(&t->rcpts[i].outcome, 0, sizeof(t->rcpts[i].outcome));
+		}
+	}
+}
+
+static void after_rcpts(struct rq_smtp *s)
+{
+	if (s->accepted == 0) {
+		txn_no_delivery(s, &s->last_rcpt_fail);
+		return;
+	}
+	set_state(s, RQ_SMTP_ST_DATA);
+	send_cmd(s, NULL, "DATA");
+}
+
+static void send_body(struct rq_smtp *s)
+{
+	struct rq_smtp_txn *t = s->txn;
+	set_state(s, RQ_SMTP_ST_BODY);
+	if (rq_data_append(bufferevent_get_output(s->bev), t->body, t->body_len) != 0) {
+		fail_here(s, RQ_FAIL_PROTOCOL, "out of memory while queueing the body");
+		return;
+	}
+}
+
+/* ------------------------------------------------------------------------
+ * Replies: one function switches on the state
+ */
+
+static bool r2(const struct rq_outcome *o) { return o->code >= 200 && o->code < 300; }
+
+static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
+{
+	struct rq_smtp_txn *t = s->txn;
+
+	switch (s->st) {
+	case RQ_SMTP_ST_GREETING:
+		if (o->code != 220) {
+			conn_fail(s, o);
+			return;
+		}
+		send_ehlo(s);
+		return;
+
+	case RQ_SMTP_ST_EHLO:
+		if (r2(o)) {
+			after_hello(s);
+			return;
+		}
+		rq_smtp_caps_reset(&s->caps);
+		if (o->code >= 500) {
+			set_state(s, RQ_SMTP_ST_HELO);
+			send_cmd(s, NULL, "HELO %s", s->helo);
+			return;
+		}
+		conn_fail(s, o);
+		return;
+
+	case RQ_SMTP_ST_HELO:
+		if (r2(o)) {
+			after_hello(s);
+			return;
+		}
+		conn_fail(s, o);
+		return;
+
+	case RQ_SMTP_ST_STARTTLS:
+		if (o->code == 220) {
+			size_t left = evbuffer_get_length(bufferevent_get_input(s->bev));
+			if (left) {
+				fail_here(s, RQ_FAIL_PROTOCOL,
+					  "%zu bytes after the 220 reply to STARTTLS (response injection): connection dropped",
+					  left);
+				return;
+			}
+			tls_start(s, RQ_SMTP_ST_TLS);
+			return;
+		}
+		if (s->o.tls == RQ_TLS_REQUIRED) {
+			o->fail = RQ_FAIL_TLS;
+			conn_fail(s, o);
+			return;
+		}
+		/* opportunistic: go on in plain text, no second STARTTLS */
+		s->plain_retry = true;
+		after_hello(s);
+		return;
+
+	case RQ_SMTP_ST_AUTH:
+		if (o->code == 235) {
+			s->authed = true;
+			after_hello(s);
+			return;
+		}
+		if (o->code == 334 && !(s->caps.auth & s->o.auth_mechs & RQ_SMTP_AUTH_PLAIN)) {
+			send_login_step(s, s->user, RQ_SMTP_ST_AUTH_USER);
+			return;
+		}
+		conn_fail(s, o);
+		return;
+
+	case RQ_SMTP_ST_AUTH_USER:
+		if (o->code == 334) {
+			send_login_step(s, s->pass, RQ_SMTP_ST_AUTH_PASS);
+			return;
+		}
+		conn_fail(s, o);
+		return;
+
+	case RQ_SMTP_ST_AUTH_PASS:
+		if (o->code == 235) {
+			s->authed = true;
+			after_hello(s);
+			return;
+		}
+		conn_fail(s, o);
+		return;
+
+	case RQ_SMTP_ST_RSET:
+		if (!r2(o)) {
+			/* a server that cannot RSET is not fit for reuse */
+			conn_fail(s, o);
+			return;
+		}
+		if (!t || !s->txn_running) {
+			go_ready(s);
+			return;
+		}
+		s->probe_rset = false;
+		set_state(s, RQ_SMTP_ST_MAIL);
+		if (!s->pipelined)
+			send_mail(s);
+		return;
+
+	case RQ_SMTP_ST_MAIL:
+		s->mail_ok = r2(o);
+		s->mail_out = *o;
+		if (!s->pipelined) {
+			if (!s->mail_ok) {
+				txn_no_delivery(s, o);
+				return;
+			}
+			set_state(s, RQ_SMTP_ST_RCPT);
+			send_rcpt(s, s->order[s->si++]);
+			return;
+		}
+		set_state(s, RQ_SMTP_ST_RCPT);
+		return;
+
+	case RQ_SMTP_ST_RCPT: {
+		size_t i = s->order[s->ri++];
+		if (s->mail_ok && r2(o)) {
+			s->rst[i] = R_OK;
+			s->accepted++;
+		} else if (!s->mail_ok) {
+			s->rst[i] = R_BAD; /* failed with MAIL's outcome below */
+			t->rcpts[i].result = RQ_SMTP_RCPT_FAILED;
+			t->rcpts[i].outcome = s->mail_out;
+		} else if (s->too_many || (s->accepted > 0 && rq_smtp_is_too_many_rcpts(o))) {
+			s->too_many = true;
+			s->rst[i] = R_NOT;
+			t->rcpts[i].result = RQ_SMTP_RCPT_NOT_TRIED;
+			memset(&t->rcpts[i].outcome, 0, sizeof(t->rcpts[i].outcome));
+		} else {
+			s->rst[i] = R_BAD;
+			t->rcpts[i].result = RQ_SMTP_RCPT_FAILED;
+			t->rcpts[i].outcome = *o;
+			s->last_rcpt_fail = *o;
+		}
+		if (s->pipelined) {
+			if (s->ri >= s->nsend)
+				set_state(s, RQ_SMTP_ST_DATA);
+			else
+				restart_stage(s); /* next RCPT reply */
+			return;
+		}
+		if (s->too_many) {
+			mark_rest_not_tried(s, s->ri);
+			after_rcpts(s);
+			return;
+		}
+		if (s->si < s->nsend) {
+			send_rcpt(s, s->order[s->si++]);
+			restart_stage(s);
+			return;
+		}
+		after_rcpts(s);
+		return;
+	}
+
+	case RQ_SMTP_ST_DATA:
+		if (o->code == 354) {
+			if (!s->mail_ok || s->accepted == 0) {
+				/* pipelined and nothing to send: end the data at once */
+				set_state(s, RQ_SMTP_ST_ABORT_DOT);
+				send_cmd(s, NULL, ".");
+				return;
+			}
+			send_body(s);
+			return;
+		}
+		if (!s->mail_ok) {
+			txn_no_delivery(s, &s->mail_out);
+			return;
+		}
+		if (s->accepted == 0) {
+			txn_no_delivery(s, &s->last_rcpt_fail);
+			return;
+		}
+		txn_no_delivery(s, o);
+		return;
+
+	case RQ_SMTP_ST_ABORT_DOT:
+		txn_no_delivery(s, s->mail_ok ? &s->last_rcpt_fail : &s->mail_out);
+		return;
+
+	case RQ_SMTP_ST_DOT:
+		for (size_t i = 0; i < t->nrcpt; i++) {
+			if (s->rst[i] != R_OK)
+				continue;
+			t->rcpts[i].result = r2(o) ? RQ_SMTP_RCPT_DELIVERED : RQ_SMTP_RCPT_FAILED;
+			t->rcpts[i].outcome = *o;
+		}
+		set_state(s, RQ_SMTP_ST_READY);
+		txn_finish(s, o, false);
+		return;
+
+	case RQ_SMTP_ST_QUIT: {
+		struct rq_outcome clean = *o;
+		if (s->have_why)
+			clean = s->why;
+		close_bev(s);
+		report_closed(s, &clean);
+		return;
+	}
+
+	case RQ_SMTP_ST_READY:
+		/* unsolicited: 421 on idle timeout / shutdown */
+		if (o->code == 421) {
+			conn_fail(s, o);
+			return;
+		}
+		fail_here(s, RQ_FAIL_PROTOCOL, "unexpected reply while idle: %d", o->code);
+		return;
+
+	default:
+		fail_here(s, RQ_FAIL_PROTOCOL, "unexpected reply in state %s", state_names[s->st]);
+		return;
+	}
+}
+
+static bool expects_reply(enum rq_smtp_state st)
+{
+	switch (st) {
+	case RQ_SMTP_ST_INIT:
+	case RQ_SMTP_ST_CONNECTING:
+	case RQ_SMTP_ST_TLS_IMPLICIT:
+	case RQ_SMTP_ST_TLS:
+	case RQ_SMTP_ST_BODY:
+	case RQ_SMTP_ST_CLOSED:
+		return false;
+	default:
+		return true;
+	}
+}
+
+/* Reads complete reply lines, bounded, and dispatches complete replies. */
+static void process_input(struct rq_smtp *s)
+{
+	char line[RQ_REPLY_LINE_MAX + 1];
+	while (!s->dead && s->bev && expects_reply(s->st)) {
+		struct evbuffer *in = bufferevent_get_input(s->bev);
+		size_t avail = evbuffer_get_length(in);
+		if (avail == 0)
+			return;
+		size_t eol_len = 0;
+		struct evbuffer_ptr p = evbuffer_search_eol(in, NULL, &eol_len, EVBUFFER_EOL_CRLF);
+		if (p.pos < 0) {
+			if (avail > RQ_REPLY_LINE_MAX) {
+				fail_here(s, RQ_FAIL_PROTOCOL,
+					  "reply line longer than %d bytes", RQ_REPLY_LINE_MAX);
+			}
+			return;
+		}
+		if ((size_t)p.pos > RQ_REPLY_LINE_MAX) {
+			fail_here(s, RQ_FAIL_PROTOCOL, "reply line longer than %d bytes",
+				  RQ_REPLY_LINE_MAX);
+			return;
+		}
+		size_t n = (size_t)p.pos;
+		evbuffer_remove(in, line, n);
+		evbuffer_drain(in, eol_len);
+		line[n] = '\0';
+		trace(s, '<', line, n);
+		if (s->dead)
+			return;
+		if (s->st == RQ_SMTP_ST_EHLO)
+			rq_smtp_caps_line(&s->caps, line, n);
+		enum rq_reply_status r = rq_reply_parser_line(&s->rp, line, n);
+		if (r == RQ_REPLY_ERROR) {
+			char err[sizeof(s->rp.err)];
+			memcpy(err, s->rp.err, sizeof(err));
+			rq_reply_parser_init(&s->rp);
+			fail_here(s, RQ_FAIL_PROTOCOL, "bad reply: %s", err);
+			return;
+		}
+		if (r == RQ_REPLY_MORE)
+			continue;
+		struct rq_outcome o;
+		rq_reply_parser_outcome(&s->rp, stage_of(s->st), &o);
+		rq_reply_parser_init(&s->rp);
+		on_reply(s, &o);
+	}
+}
+
+/* ------------------------------------------------------------------------
+ * libevent callbacks
+ */
+
+static void bev_read_cb(struct bufferevent *bev, void *arg)
+{
+	struct rq_smtp *s = arg;
+	enter(s);
+	if (expects_reply(s->st) || s->st == RQ_SMTP_ST_READY)
+		arm(s->timer, s->timer_ms);
+	process_input(s);
+	leave(s);
+}
+
+static void bev_write_cb(struct bufferevent *bev, void *arg)
+{
+	struct rq_smtp *s = arg;
+	enter(s);
+	if (s->st == RQ_SMTP_ST_BODY) {
+		set_state(s, RQ_SMTP_ST_DOT);
+		process_input(s); /* a reply may have arrived already */
+	}
+	leave(s);
+}
+
+static void bev_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct rq_smtp *s = arg;
+	int err = EVUTIL_SOCKET_ERROR();
+	enter(s);
+	if (what & BEV_EVENT_CONNECTED) {
+		if (s->st == RQ_SMTP_ST_CONNECTING) {
+			if (s->o.tls == RQ_TLS_IMPLICIT && !s->plain_retry)
+				tls_start(s, RQ_SMTP_ST_TLS_IMPLICIT);
+			else
+				set_state(s, RQ_SMTP_ST_GREETING);
+		} else if (s->st == RQ_SMTP_ST_TLS_IMPLICIT) {
+			tls_done(s);
+			set_state(s, RQ_SMTP_ST_GREETING);
+		} else if (s->st == RQ_SMTP_ST_TLS) {
+			tls_done(s);
+			send_ehlo(s);
+		}
+		if (!s->dead)
+			process_input(s);
+		goto out;
+	}
+	if (what & (BEV_EVENT_ERROR | BEV_EVENT_EOF)) {
+		if (s->st == RQ_SMTP_ST_TLS || s->st == RQ_SMTP_ST_TLS_IMPLICIT) {
+			unsigned long e = bufferevent_get_openssl_error(bev);
+			tls_failed(s, e, (what & BEV_EVENT_EOF) ? "connection closed during the TLS handshake"
+								: "TLS handshake failed");
+			goto out;
+		}
+		if (s->st == RQ_SMTP_ST_CONNECTING) {
+			fail_here(s, RQ_FAIL_REFUSED, "connect to %s: %s", s->peer_addr,
+				  err ? evutil_socket_error_to_string(err) : "failed");
+			goto out;
+		}
+		/* a complete reply may still be in the buffer */
+		process_input(s);
+		if (s->dead || !s->bev)
+			goto out;
+		if (what & BEV_EVENT_EOF)
+			fail_here(s, RQ_FAIL_LOST, "connection closed by %s", s->peer_addr);
+		else
+			fail_here(s, RQ_FAIL_LOST, "connection to %s lost: %s", s->peer_addr,
+				  err ? evutil_socket_error_to_string(err) : "error");
+		goto out;
+	}
+	if (what & BEV_EVENT_TIMEOUT)
+		fail_here(s, RQ_FAIL_TIMEOUT, "timeout");
+out:
+	leave(s);
+}
+
+static void timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rq_smtp *s = arg;
+	enter(s);
+	if (s->st == RQ_SMTP_ST_READY) {
+		if (!s->txn) {
+			set_state(s, RQ_SMTP_ST_QUIT);
+			send_cmd(s, NULL, "QUIT");
+		}
+	} else if (s->st != RQ_SMTP_ST_CLOSED && s->st != RQ_SMTP_ST_INIT) {
+		fail_here(s, RQ_FAIL_TIMEOUT, "timeout after %d ms in state %s",
+			  s->timer_ms, state_names[s->st]);
+	}
+	leave(s);
+}
+
+static void deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rq_smtp *s = arg;
+	enter(s);
+	if (s->st != RQ_SMTP_ST_CLOSED && s->st != RQ_SMTP_ST_INIT &&
+	    s->st != RQ_SMTP_ST_READY)
+		fail_here(s, RQ_FAIL_TIMEOUT, "deadline exceeded in state %s", state_names[s->st]);
+	leave(s);
+}
+
+static void host_start(struct rq_smtp *s)
+{
+	const struct rq_smtp_host *h = &s->hosts[s->hi];
+	host_numeric(h, s->peer_addr, sizeof(s->peer_addr), true);
+	s->tls_active = s->tls_verified = s->authed = false;
+	s->tls_info[0] = '\0';
+	s->ntxn = 0;
+	s->need_rset = false;
+	rq_smtp_caps_reset(&s->caps);
+	rq_reply_parser_init(&s->rp);
+	s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+	if (!s->bev) {
+		set_state(s, RQ_SMTP_ST_CONNECTING);
+		fail_here(s, RQ_FAIL_REFUSED, "cannot create a socket");
+		return;
+	}
+	setup_bev(s);
+	set_state(s, RQ_SMTP_ST_CONNECTING);
+	if (bufferevent_socket_connect(s->bev, (const struct sockaddr *)&h->addr,
+				       (int)h->addrlen) != 0) {
+		int err = EVUTIL_SOCKET_ERROR();
+		fail_here(s, RQ_FAIL_REFUSED, "connect to %s: %s", s->peer_addr,
+			  evutil_socket_error_to_string(err));
+	}
+}
+
+static void kick_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rq_smtp *s = arg;
+	enter(s);
+	run_state(s);
+	leave(s);
+}
+
+/* Deferred work requested by API calls. */
+static void run_state(struct rq_smtp *s)
+{
+	if (s->dead)
+		return;
+	if (s->st == RQ_SMTP_ST_INIT && s->connect_requested) {
+		host_start(s);
+		return;
+	}
+	if (s->st == RQ_SMTP_ST_READY)
+		go_ready(s);
+}
+
+/* ------------------------------------------------------------------------
+ * Public API
+ */
+
+static char *dup_or_null(const char *v, bool *ok)
+{
+	if (!v)
+		return NULL;
+	char *d = strdup(v);
+	if (!d)
+		*ok = false;
+	return d;
+}
+
+static bool clean_str(const char *v)
+{
+	if (!v)
+		return true;
+	for (const unsigned char *p = (const unsigned char *)v; *p; p++)
+		if (*p < 0x20 || *p == 0x7f)
+			return false;
+	return true;
+}
+
+struct rq_smtp *rq_smtp_create(struct event_base *base, const struct rq_smtp_opts *opts,
+			       const struct rq_smtp_callbacks *cbs, char *err, size_t errlen)
+{
+	struct rq_smtp *s = NULL;
+	bool ok = true;
+	if (!base || !opts || !opts->helo_name || !*opts->helo_name) {
+		snprintf(err, errlen, "helo_name is required");
+		goto fail;
+	}
+	if (!clean_str(opts->helo_name) || strchr(opts->helo_name, ' ') ||
+	    strlen(opts->helo_name) > 255) {
+		snprintf(err, errlen, "invalid helo_name");
+		goto fail;
+	}
+	if (opts->tls != RQ_TLS_NONE && !opts->tls_ctx) {
+		snprintf(err, errlen, "TLS mode %s needs a TLS context", rq_tls_mode_name(opts->tls));
+		goto fail;
+	}
+	if ((int)opts->tls < 0 || opts->tls >= RQ_TLS_MODE_COUNT_) {
+		snprintf(err, errlen, "invalid TLS mode");
+		goto fail;
+	}
+	if (opts->auth_user && (!opts->auth_password || !*opts->auth_user ||
+				strlen(opts->auth_user) > 255 || strlen(opts->auth_password) > 255)) {
+		snprintf(err, errlen, "AUTH needs a user and a password (up to 255 bytes each)");
+		goto fail;
+	}
+	if (!clean_str(opts->servername)) {
+		snprintf(err, errlen, "invalid servername");
+		goto fail;
+	}
+	s = calloc(1, sizeof(*s));
+	if (!s) {
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	s->base = base;
+	s->o = *opts;
+	if (cbs)
+		s->cb = *cbs;
+	s->helo = dup_or_null(opts->helo_name, &ok);
+	s->servername = dup_or_null(opts->servername, &ok);
+	s->user = dup_or_null(opts->auth_user, &ok);
+	s->pass = opts->auth_user ? dup_or_null(opts->auth_password, &ok) : NULL;
+	s->log_id = dup_or_null(opts->log_id ? opts->log_id : "", &ok);
+	s->o.helo_name = s->o.servername = s->o.auth_user = s->o.auth_password = s->o.log_id = NULL;
+	s->timer = evtimer_new(base, timer_cb, s);
+	s->deadline = evtimer_new(base, deadline_cb, s);
+	s->kick = event_new(base, -1, 0, kick_cb, s);
+	if (!ok || !s->timer || !s->deadline || !s->kick) {
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	s->st = RQ_SMTP_ST_INIT;
+	rq_reply_parser_init(&s->rp);
+	return s;
+fail:
+	if (s)
+		really_free(s);
+	return NULL;
+}
+
+int rq_smtp_connect(struct rq_smtp *s, const struct rq_smtp_host *hosts, size_t n)
+{
+	if (!s || s->connect_requested || !hosts || n == 0)
+		return -1;
+	s->hosts = calloc(n, sizeof(*hosts));
+	if (!s->hosts)
+		return -1;
+	memcpy(s->hosts, hosts, n * sizeof(*hosts));
+	for (size_t i = 0; i < n; i++)
+		s->hosts[i].name[sizeof(s->hosts[i].name) - 1] = '\0';
+	s->nhosts = n;
+	s->hi = 0;
+	s->connect_requested = true;
+	host_numeric(&s->hosts[0], s->peer_addr, sizeof(s->peer_addr), true);
+	event_active(s->kick, EV_TIMEOUT, 1);
+	return 0;
+}
+
+int rq_smtp_send(struct rq_smtp *s, struct rq_smtp_txn *txn)
+{
+	if (!s || !txn || s->dead || !s->connect_requested || s->txn ||
+	    s->st == RQ_SMTP_ST_CLOSED || s->st == RQ_SMTP_ST_QUIT || s->quit_requested)
+		return -1;
+	if ((txn->nrcpt && !txn->rcpts) || (txn->body_len && !txn->body) ||
+	    (txn->from_len && !txn->from))
+		return -1;
+	if (!txn->from)
+		txn->from = "";
+	if (s->o.max_txns && s->ntxn >= s->o.max_txns)
+		return -1;
+	s->txn = txn;
+	s->txn_running = false;
+	memset(&txn->outcome, 0, sizeof(txn->outcome));
+	txn->delivered = txn->failed = txn->not_tried = 0;
+	txn->pipelined = false;
+	if (s->st == RQ_SMTP_ST_READY)
+		event_active(s->kick, EV_TIMEOUT, 1);
+	return 0;
+}
+
+void rq_smtp_quit(struct rq_smtp *s)
+{
+	if (!s || s->quit_requested || s->st == RQ_SMTP_ST_CLOSED)
+		return;
+	s->quit_requested = true;
+	if (s->st == RQ_SMTP_ST_INIT && !s->connect_requested) {
+		s->st = RQ_SMTP_ST_CLOSED;
+		return;
+	}
+	if (s->st == RQ_SMTP_ST_READY)
+		event_active(s->kick, EV_TIMEOUT, 1);
+}
+
+void rq_smtp_destroy(struct rq_smtp *s)
+{
+	if (!s)
+		return;
+	if (s->depth > 0) {
+		s->dead = true;
+		close_bev(s);
+		return;
+	}
+	really_free(s);
+}
+
+enum rq_smtp_state rq_smtp_state(const struct rq_smtp *s)
+{
+	return s->st;
+}
+
+const struct rq_smtp_caps *rq_smtp_caps(const struct rq_smtp *s)
+{
+	return &s->caps;
+}
+
+const char *rq_smtp_peer_name(const struct rq_smtp *s)
+{
+	if (s->nhosts && s->hosts[s->hi].name[0])
+		return s->hosts[s->hi].name;
+	return s->peer_addr;
+}
+
+const char *rq_smtp_peer_addr(const struct rq_smtp *s)
+{
+	return s->peer_addr;
+}
+
+size_t rq_smtp_host_index(const struct rq_smtp *s)
+{
+	return s->hi;
+}
+
+bool rq_smtp_reusable(const struct rq_smtp *s)
+{
+	return s->connect_requested && !s->dead && !s->txn && !s->quit_requested &&
+	       s->st != RQ_SMTP_ST_QUIT && s->st != RQ_SMTP_ST_CLOSED &&
+	       !(s->o.max_txns && s->ntxn >= s->o.max_txns);
+}
+
+unsigned rq_smtp_txn_count(const struct rq_smtp *s)
+{
+	return s->ntxn;
+}
+
+bool rq_smtp_tls_active(const struct rq_smtp *s)
+{
+	return s->tls_active;
+}
+
+bool rq_smtp_tls_verified(const struct rq_smtp *s)
+{
+	return s->tls_active && s->tls_verified;
+}
+
+const char *rq_smtp_tls_info(const struct rq_smtp *s)
+{
+	return s->tls_info;
+}
+
+bool rq_smtp_authenticated(const struct rq_smtp *s)
+{
+	return s->authed;
+}
