@@ -1209,8 +1209,11 @@ static void row_fill(struct row *row, const struct rq_json *m, int64_t now)
 	row->col[COL_NEXT] = strdup(tmp);
 	const char *from = rq_json_get_str(m, "from");
 	row->col[COL_FROM] = from && *from ? clean_str(from, 40) : strdup("<>");
+	/* Pending recipients; all of them when none is pending (dead). */
 	const struct rq_json *pending = rq_json_get(m, "pending");
-	row->col[COL_TO] = address_list(pending ? pending : rq_json_get(m, "to"), NULL, 1);
+	if (!rq_json_is(pending, RQ_JSON_ARRAY) || pending->count == 0)
+		pending = rq_json_get(m, "to");
+	row->col[COL_TO] = address_list(pending, NULL, 1);
 	row->col[COL_LAST] = reply_text(m, "last_code", "last_enhanced", "last_text", 80);
 	for (int i = 0; i < NCOLS; i++)
 		if (!row->col[i])
@@ -1608,26 +1611,26 @@ struct id_op {
 	const char *usage;
 };
 
-static const char *const hold_usage =
+static const char hold_usage[] =
 	"Usage: relayq hold ID ...\n\nParks messages (ready, scheduled or inflight) until released.\n";
-static const char *const release_usage =
+static const char release_usage[] =
 	"Usage: relayq release ID ...\n\nMakes held messages ready again.\n";
-static const char *const delete_usage =
+static const char delete_usage[] =
 	"Usage: relayq delete ID ...\n\nDeletes messages in any state.\n";
-static const char *const requeue_usage =
+static const char requeue_usage[] =
 	"Usage: relayq requeue ID ... | --dead\n\n"
 	"Moves dead messages back to ready (attempts reset, failed recipients\n"
 	"pending again); --dead for every dead message.\n";
-static const char *const flush_usage =
+static const char flush_usage[] =
 	"Usage: relayq flush ID ... | --all\n\n"
 	"Makes scheduled messages due now; --all for every scheduled message.\n";
 
 static const struct id_op ops[] = {
-	{"hold", "relayq_hold", "held", NULL, NULL, NULL},
-	{"release", "relayq_release", "released", "held", NULL, NULL},
-	{"delete", "relayq_delete", "deleted", NULL, NULL, NULL},
-	{"requeue", "relayq_requeue", "requeued", "dead", "dead", NULL},
-	{"flush", "relayq_flush", "flushed", "scheduled", "all", NULL},
+	{"hold", "relayq_hold", "held", NULL, NULL, hold_usage},
+	{"release", "relayq_release", "released", "held", NULL, release_usage},
+	{"delete", "relayq_delete", "deleted", NULL, NULL, delete_usage},
+	{"requeue", "relayq_requeue", "requeued", "dead", "dead", requeue_usage},
+	{"flush", "relayq_flush", "flushed", "scheduled", "all", flush_usage},
 };
 
 /* After a partial count: says which ids were not acted on, and why. */
@@ -1674,15 +1677,11 @@ static int cmd_ids(struct cli *cli, const struct id_op *op, int argc, char **arg
 	};
 	const struct option *opts = !op->all_flag ? opts_plain :
 			strcmp(op->all_flag, "all") == 0 ? opts_all : opts_dead;
-	const char *usage = strcmp(op->name, "hold") == 0 ? hold_usage :
-			strcmp(op->name, "release") == 0 ? release_usage :
-			strcmp(op->name, "delete") == 0 ? delete_usage :
-			strcmp(op->name, "requeue") == 0 ? requeue_usage : flush_usage;
 	int rc = 0;
 	bool every = false;
 	start_options();
 	int o;
-	while ((o = next_option(cli, argc, argv, opts, usage, &rc)) != -1) {
+	while ((o = next_option(cli, argc, argv, opts, op->usage, &rc)) != -1) {
 		if (o == -2)
 			return rc;
 		if (o == OPT_ALL || o == OPT_DEAD)
