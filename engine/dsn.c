@@ -112,6 +112,14 @@ static bool host_ok(const char *s)
 	return true;
 }
 
+/* Addresses and host names: a line break in them is damage, shown as '?'. */
+static void ctl_to_qmark(char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s < 0x20 || *s == 0x7f)
+			*s = '?';
+}
+
 /*
  * Adds "Name: value" with value reduced to printable ASCII (anything else,
  * line breaks included, becomes a space or '?'), runs of spaces squeezed,
@@ -389,11 +397,13 @@ char *rq_dsn_build(const struct rq_dsn_input *in, size_t *len, char *err, size_t
 		char v[1024];
 		sb_str(&status, "\r\n");
 		snprintf(v, sizeof(v), "rfc822; %.300s", addr);
+		ctl_to_qmark(v);
 		put_field(&status, "Final-Recipient", v, strlen(v));
 		sb_str(&status, "Action: failed\r\n");
 		sb_fmt(&status, "Status: %s\r\n", rq_dsn_status(o, st));
 		if (rc->remote_mta && rc->remote_mta[0]) {
 			snprintf(v, sizeof(v), "dns; %.255s", rc->remote_mta);
+			ctl_to_qmark(v);
 			put_field(&status, "Remote-MTA", v, strlen(v));
 		}
 		/* "smtp" for what a server said; a synthetic reply (relayq's own

@@ -331,6 +331,9 @@ static void no_header_injection(void **state)
 		if (!ok)
 			fail_msg("unexpected line in delivery-status: %.40s", l);
 	}
+	/* line breaks in the address and host name are shown as '?' */
+	assert_non_null(strstr(ps.part[1], "Final-Recipient: rfc822; bob@example.net??Bcc:"));
+	assert_non_null(strstr(ps.part[1], "Remote-MTA: dns; mx.evil.test??Bcc:"));
 	/* an enhanced code that is not one is not reported as such */
 	assert_non_null(strstr(ps.part[1], "Status: 5.0.0\r\n"));
 	/* the original header part: NUL shown as '?', the body left out */

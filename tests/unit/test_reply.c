@@ -378,6 +378,59 @@ static void knowledge_base_specificity(void **state)
 	assert_non_null(rq_outcome_hint(NULL));
 }
 
+/* Random garbage and random valid-looking lines: the parser never crashes,
+ * and whatever it keeps stays bounded, NUL-ended and free of control bytes. */
+static void random_lines(void **state)
+{
+	(void)state;
+	unsigned seed = 4242;
+	char *line = malloc(RQ_REPLY_LINE_MAX + 100);
+	struct rq_reply_parser p;
+	struct rq_outcome o;
+	int done = 0, errors = 0;
+	for (int iter = 0; iter < 20000; iter++) {
+		rq_reply_parser_init(&p);
+		enum rq_reply_status st = RQ_REPLY_MORE;
+		int nlines = 1 + rand_r(&seed) % 120;
+		for (int k = 0; k < nlines && st == RQ_REPLY_MORE; k++) {
+			size_t len = (size_t)(rand_r(&seed) % (k % 7 == 6 ? RQ_REPLY_LINE_MAX + 60 : 90));
+			for (size_t i = 0; i < len; i++)
+				line[i] = (char)(rand_r(&seed) & 0xff);
+			if (rand_r(&seed) % 4 != 0 && len >= 4) {
+				/* mostly well-formed prefixes, sometimes with a code */
+				memcpy(line, rand_r(&seed) % 10 ? "250" : "550", 3);
+				line[3] = (k == nlines - 1 || rand_r(&seed) % 30 == 0) ? ' ' : '-';
+				if (len >= 10 && rand_r(&seed) % 2)
+					memcpy(line + 4, rand_r(&seed) % 2 ? "2.1.5 " : "5.7.26", 6);
+			}
+			st = rq_reply_parser_line(&p, line, len);
+		}
+		assert_true(p.text_len < RQ_REPLY_TEXT_MAX);
+		assert_int_equal(strlen(p.text), p.text_len);
+		for (size_t i = 0; i < p.text_len; i++)
+			assert_true((unsigned char)p.text[i] >= 0x20 || p.text[i] == '\n' ||
+				    p.text[i] == '\t');
+		assert_true(strlen(p.err) < sizeof(p.err));
+		rq_reply_parser_outcome(&p, RQ_STAGE_RCPT, &o);
+		if (st == RQ_REPLY_DONE) {
+			done++;
+			assert_int_equal(o.fail, RQ_FAIL_NONE);
+			assert_true(o.code >= 200 && o.code <= 599);
+			if (o.enhanced[0])
+				assert_int_equal(o.enhanced[0] - '0', o.code / 100);
+			assert_non_null(rq_reply_hint(o.code, o.enhanced));
+		} else {
+			errors += st == RQ_REPLY_ERROR;
+			assert_int_equal(o.fail, RQ_FAIL_PROTOCOL);
+		}
+		assert_true(strlen(o.text) < sizeof(o.text));
+	}
+	/* both paths were exercised */
+	assert_true(done > 100);
+	assert_true(errors > 100);
+	free(line);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -391,6 +444,7 @@ int main(void)
 		cmocka_unit_test(enhanced_codes),
 		cmocka_unit_test(knowledge_base),
 		cmocka_unit_test(knowledge_base_specificity),
+		cmocka_unit_test(random_lines),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
