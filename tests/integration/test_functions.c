@@ -1217,6 +1217,69 @@ static void wake_on_enqueue(void **state)
 	redisFree(sub);
 }
 
+static void read_only_functions(void **state)
+{
+	struct q *q = *state;
+	char id[40];
+	enq1(q, "a@b.c", id);
+	/* FCALL_RO accepts only no-writes functions: these work on replicas */
+	redisReply *r = cmd(q, "FCALL_RO relayq_version 0");
+	assert_int_equal(r->type, REDIS_REPLY_INTEGER);
+	freeReplyObject(r);
+	r = cmd(q, "FCALL_RO relayq_stats 1 %s", q->key);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	freeReplyObject(r);
+	r = cmd(q, "FCALL_RO relayq_show 1 %s %s", q->key, id);
+	assert_int_equal(r->type, REDIS_REPLY_STRING);
+	freeReplyObject(r);
+	r = cmd(q, "FCALL_RO relayq_list 1 %s all 0 10", q->key);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	assert_int_equal(r->elements, 1);
+	freeReplyObject(r);
+	r = cmd(q, "FCALL_RO relayq_claim 1 %s 1 1000", q->key);
+	assert_int_equal(r->type, REDIS_REPLY_ERROR);
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "ready"), 1);
+}
+
+static void claim_bounds_promotion(void **state)
+{
+	struct q *q = *state;
+	enum { N = 150 };
+	char ids[N][40], env[200];
+	for (int i = 0; i < N; i++) {
+		snprintf(env, sizeof(env), "{\"from\":\"\",\"to\":[\"r%d@b.c\"]}", i);
+		enq(q, env, BODY, ids[i]);
+	}
+	/* all claimed, all deferred with next 0: 150 due ids in scheduled */
+	redisReply *r = claim(q, N, 30000);
+	assert_int_equal(CL_N(r), N);
+	for (int i = 0; i < N; i++) {
+		char rest[200];
+		snprintf(rest, sizeof(rest), "\"next\":0,\"rcpts\":[{\"to\":\"r%d@b.c\",\"s\":\"deferred\",\"code\":421}]", i);
+		assert_string_equal(M_ID(CL_MSG(r, i)), ids[i]);
+		assert_string_equal(settle1(q, ids[i], M_LEASE(CL_MSG(r, i)), rest), "scheduled");
+	}
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "scheduled"), N);
+	/* count 1 moves at most max(1, 100) ids: the rest stay due */
+	r = claim(q, 1, 30000);
+	assert_int_equal(CL_N(r), 1);
+	assert_string_equal(M_ID(CL_MSG(r, 0)), ids[0]);
+	assert_int_equal(M_ATT(CL_MSG(r, 0)), 1);
+	assert_true(CL_DUE(r) >= 0 && CL_DUE(r) <= CL_NOW(r));
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "scheduled"), N - 100);
+	assert_int_equal(stat_of(q, "ready"), 99);
+	r = claim(q, 1000, 30000);
+	assert_int_equal(CL_N(r), N - 1);
+	for (int i = 1; i < N; i++)
+		assert_string_equal(M_ID(CL_MSG(r, i - 1)), ids[i]);
+	assert_int_equal(CL_DUE(r), -1);
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "deferred"), N);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1240,6 +1303,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(show_and_list, setup, teardown),
 		cmocka_unit_test_setup_teardown(bad_keys_and_args, setup, teardown),
 		cmocka_unit_test_setup_teardown(wake_on_enqueue, setup, teardown),
+		cmocka_unit_test_setup_teardown(read_only_functions, setup, teardown),
+		cmocka_unit_test_setup_teardown(claim_bounds_promotion, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
