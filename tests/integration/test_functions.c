@@ -442,6 +442,8 @@ static void enqueue_rejections(void **state)
 		{"{\"from\":\"\",\"to\":[\"\\\"ab\\\"\"]}", "invalid address in to[0]: missing @"},
 		{"{\"from\":\"\",\"to\":[\"\\\"ab@b.c\"]}", "invalid address in to[0]: unterminated quoted local part"},
 		{"{\"from\":\"\",\"to\":[\"@b.c\"]}", "invalid address in to[0]: empty local part"},
+		{"{\"from\":\"\",\"to\":[\"\\\"ab\\\"x@b.c\"]}", "invalid address in to[0]: quoted local part not followed by @"},
+		{"{\"from\":\"\",\"to\":[\"\\\"ab\\\"@b@c\"]}", "invalid address in to[0]: more than one @"},
 		{"{\"from\":\"\",\"to\":[\"a@\"]}", "invalid address in to[0]: empty domain"},
 		{"{\"from\":\"\",\"to\":[\"a@b.c\",\"a@b.c\"]}", "duplicate recipient in to[1]"},
 		{"{\"from\":\"a b@c.d\",\"to\":[\"a@b.c\"]}", "invalid address in from: space outside quotes"},
@@ -463,6 +465,19 @@ static void enqueue_rejections(void **state)
 	enq(q, env, BODY, id);
 
 	REFUSED(q, enqueue_raw(q, "{\"from\":\"\",\"to\":[\"a@b.c\"]}", "", 0), "message is empty");
+
+	/* key over 256 octets, meta over 65536 once encoded */
+	char *bigenv = malloc(70000);
+	char k257[258];
+	memset(k257, 'k', 257);
+	k257[257] = '\0';
+	snprintf(bigenv, 70000, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"key\":\"%s\"}", k257);
+	REFUSED(q, enqueue_raw(q, bigenv, BODY, strlen(BODY)), "key must be a string of 1 to 256 octets");
+	int n = snprintf(bigenv, 70000, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"meta\":{\"m\":\"");
+	memset(bigenv + n, 'm', 65540);
+	snprintf(bigenv + n + 65540, 70000 - (size_t)n - 65540, "\"}}");
+	REFUSED(q, enqueue_raw(q, bigenv, BODY, strlen(BODY)), "meta is over 65536 octets");
+	free(bigenv);
 
 	/* Lowered limits. */
 	config_set(q, "max_recipients", "2");
