@@ -23,7 +23,11 @@ struct evbuffer;
  * Checks an envelope address as it will be put between < and >.
  * allow_null: "" (the null sender) is accepted. Rejects CR, LF, NUL and
  * other control bytes, spaces outside a quoted local part, a missing "@",
- * an empty local part or domain, over-long local part / domain / path.
+ * an empty local part or domain, over-long local part / domain / path /
+ * domain label (63), characters outside RFC 5321's dot-string (atext and
+ * single dots; bytes >= 0x80 allowed for SMTPUTF8) in an unquoted local
+ * part, and domain characters other than letters, digits, '-', '_' and
+ * bytes >= 0x80 (an address literal "[...]" is accepted).
  * Returns true, or false with a one-line reason in err.
  */
 bool rq_addr_valid(const char *addr, size_t len, bool allow_null,

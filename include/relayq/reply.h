@@ -70,7 +70,11 @@ const char *rq_fail_name(enum rq_fail fail);
 /* Parses a stage name; -1 when unknown. */
 int rq_stage_parse(const char *name);
 
-/* Fills an outcome (text is formatted, truncated as needed). */
+/*
+ * Fills an outcome (text is formatted, truncated as needed, never inside a
+ * UTF-8 sequence; control bytes other than '\n' and '\t' become '?').
+ * enhanced and fmt may be NULL.
+ */
 void rq_outcome_set(struct rq_outcome *o, enum rq_stage stage, enum rq_fail fail,
 		    int code, const char *enhanced, const char *fmt, ...)
 	__attribute__((format(printf, 6, 7)));
@@ -103,15 +107,20 @@ void rq_reply_parser_init(struct rq_reply_parser *p);
  */
 enum rq_reply_status rq_reply_parser_line(struct rq_reply_parser *p,
 					  const char *line, size_t len);
-/* Copies the completed reply into an outcome at the given stage. */
+/*
+ * Copies the completed reply into an outcome at the given stage; after an
+ * error (or for an incomplete reply) the outcome is RQ_FAIL_PROTOCOL with
+ * the error as text. Reply text keeps no control bytes but '\n' and '\t'.
+ */
 void rq_reply_parser_outcome(const struct rq_reply_parser *p, enum rq_stage stage,
 			     struct rq_outcome *out);
 
 /*
  * Finds an RFC 3463 enhanced status code ("class.subject.detail", class 2, 4
  * or 5, subject 0-999, detail 0-999) at the start of text (after spaces).
- * Writes it to out (size >= 16) and returns its length in text including the
- * following space, or 0 when there is none.
+ * It must be followed by a space or the end of text. Writes it to out
+ * (size >= 16) and returns its length in text including the spaces around
+ * it, or 0 when there is none (out is then "").
  */
 size_t rq_reply_enhanced(const char *text, size_t len, char out[16]);
 
