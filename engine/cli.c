@@ -78,6 +78,7 @@ struct cli {
 	char *config_redis;        /* from -c */
 	char *config_queue;
 	struct target t;
+	char qname[QUEUE_MAX + 1];
 	char prefix[QUEUE_MAX + 16];   /* relayq:{<queue>} */
 	redisContext *rc;
 };
@@ -621,6 +622,7 @@ static int cli_resolve(struct cli *cli)
 		free(c);
 		return EXIT_USAGE;
 	}
+	snprintf(cli->qname, sizeof(cli->qname), "%s", q);
 	snprintf(cli->prefix, sizeof(cli->prefix), "relayq:{%s}", q);
 	return 0;
 }
@@ -1337,7 +1339,7 @@ static int cmd_list(struct cli *cli, int argc, char **argv)
 			break;
 	}
 	if (!json && total == 0)
-		printf("queue %s: no messages%s%s\n", cli->prefix + 8,
+		printf("queue %s: no messages%s%s\n", cli->qname,
 				strcmp(state, "all") ? " in state " : "",
 				strcmp(state, "all") ? state : "");
 cleanup:

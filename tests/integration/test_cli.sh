@@ -51,6 +51,8 @@ else
 	start_redis "$SOCK"
 	OWN_REDIS=1
 fi
+# The build reads relayqd's config for -c (engine/config.c present).
+CONFIG_SUPPORTED=0
 rcli() { redis-cli -s "$SOCK" "$@"; }
 wait_for 10 rcli ping || { echo "redis-server did not start" >&2; cat "$TMP/redis.log" >&2; exit 1; }
 
@@ -328,9 +330,29 @@ expect_err "relayq: list: unknown option '--frob'" "unknown option"
 run --queue 'bad{queue}' stats
 expect_rc 2 "invalid queue name"
 expect_err "invalid queue name" "invalid queue name"
-run -c "$TMP/relayq.lua" stats
-expect_rc 2 "-c before config support"
-expect_err "relayq: -c is not supported yet" "-c before config support"
+# -c reads redis and queue from relayqd's config (options still win).
+printf 'relayq.config { redis = "unix:%s", queue = "%s" }\n' "$SOCK" "$Q" >"$TMP/relayq.lua"
+printf 'relayq.config { redis = 5 }\n' >"$TMP/bad.lua"
+if [ "$CONFIG_SUPPORTED" -eq 1 ]; then
+	RELAYQ_REDIS="unix:$TMP/nowhere.sock" run -c "$TMP/relayq.lua" stats --json
+	expect_rc 0 "-c config"
+	json_check "d['enqueued'] >= 3" "-c config: stats of the configured queue"
+	run -c "$TMP/relayq.lua" --redis "unix:$TMP/nowhere.sock" stats
+	expect_rc 1 "--redis wins over -c"
+	run list --queue "$Q-empty" -c "$TMP/relayq.lua" --state inflight
+	expect_rc 0 "--queue wins over -c"
+	expect_out "^queue $Q-empty: no messages in state inflight\$" "--queue wins over -c"
+	run -c "$TMP/bad.lua" stats
+	expect_rc 1 "-c with an invalid config"
+	grep -q "^$TMP/bad.lua:1: error: " "$TMP/err" && tail -n 1 "$TMP/err" | grep -q "relayq: cannot load config $TMP/bad.lua" \
+		&& ok || bad "-c with an invalid config: $(ERR)"
+	run -c "$TMP/none.lua" stats
+	expect_rc 1 "-c with a missing file"
+else
+	run -c "$TMP/relayq.lua" stats
+	expect_rc 2 "-c before config support"
+	expect_err "relayq: -c is not supported yet" "-c before config support"
+fi
 run explain 550
 expect_rc 2 "explain without the module"
 expect_err "relayq: explain is not available in this build" "explain without the module"
