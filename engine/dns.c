@@ -841,7 +841,9 @@ static int parse_answer(const struct rq_dns *dns, int qtype, const unsigned char
 		if (!p || p + 10 > end)
 			return -1;
 		int type = rd16(p), cls = rd16(p + 2);
-		uint32_t rttl = rd32(p + 4) & 0x7fffffffu;  /* RFC 2181 8 */
+		uint32_t rttl = rd32(p + 4);
+		if (rttl & 0x80000000u)
+			rttl = 0;  /* RFC 2181 8 */
 		size_t rdlen = rd16(p + 8);
 		const unsigned char *rd = p + 10;
 		if (rd + rdlen > end)
@@ -902,7 +904,9 @@ static int parse_answer(const struct rq_dns *dns, int qtype, const unsigned char
 		if (!p || p + 10 > end)
 			break;
 		int type = rd16(p);
-		uint32_t rttl = rd32(p + 4) & 0x7fffffffu;
+		uint32_t rttl = rd32(p + 4);
+		if (rttl & 0x80000000u)
+			rttl = 0;
 		size_t rdlen = rd16(p + 8);
 		const unsigned char *rd = p + 10;
 		if (rd + rdlen > end)
