@@ -1379,7 +1379,7 @@ static void show_human(const struct rq_json *m, int64_t now)
 	static const char *const known[] = {
 		"id", "state", "from", "to", "pending", "created", "attempts", "next",
 		"size", "key", "last_code", "last_enhanced", "last_text", "last_stage",
-		"meta", "rcpts", "lease", "failed",
+		"meta", "rcpts",
 	};
 	char *s = field_text(rq_json_get(m, "id"), 0);
 	show_line("id:", s);

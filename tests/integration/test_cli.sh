@@ -176,6 +176,7 @@ expect_rc 0 "show"
 expect_out "^id: +$ID1\$" "show id"
 expect_out '^from: +sender@example.org$' "show from"
 expect_out '^recipients: +2$' "show recipient count"
+expect_out '^lease: +0$' "show prints fields beyond the known ones"
 expect_out '^  two@example.net +pending' "show recipient state"
 
 # ---- stats ----
@@ -248,8 +249,14 @@ wait "$TAILJ"; T2=$?
 ( "$B" --queue "$Q" tail --json 2>"$TMP/pipe.err" </dev/null | head -n 1 >"$TMP/head.out"; exit "${PIPESTATUS[0]}" ) &
 PIPE=$!
 PIDS+=($PIPE)
-tail_any() { rcli CLIENT LIST | grep -q "name=relayq-tail-.*cmd=xread"; }
-wait_for 10 tail_any && ok || bad "tail in a pipe did not start"
+tail_in_pipe() {  # a reading tail whose parent is the subshell $PIPE
+	local p
+	for p in $(rcli CLIENT LIST | sed -n 's/.*name=relayq-tail-\([0-9]*\) .*cmd=xread.*/\1/p'); do
+		[ "$(ps -o ppid= -p "$p" 2>/dev/null | tr -d ' ')" = "$PIPE" ] && return 0
+	done
+	return 1
+}
+wait_for 10 tail_in_pipe && ok || bad "tail in a pipe did not start"
 rcli FCALL relayq_hold 1 "$P" "$K1" >/dev/null
 pipe_done() { ! kill -0 "$PIPE" 2>/dev/null; }
 if wait_for 10 pipe_done; then
