@@ -724,14 +724,41 @@ int rq_json_buf_arr_end(struct rq_json_buf *b)
 	return close_level(b, ']');
 }
 
+/* Bytes put_escaped writes for s, quotes included. */
+static size_t escaped_len(const unsigned char *p, const unsigned char *end)
+{
+	size_t n = 2;
+	while (p < end) {
+		unsigned char c = *p;
+		if (c >= 0x80) {
+			size_t sl = utf8_seq(p, end);
+			n += sl ? sl : 3;
+			p += sl ? sl : 1;
+			continue;
+		}
+		p++;
+		if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t' ||
+				c == '\b' || c == '\f')
+			n += 2;
+		else if (c < 0x20 || c == 0x7f)
+			n += 6;
+		else
+			n += 1;
+	}
+	return n;
+}
+
 static int put_escaped(struct rq_json_buf *b, const char *s, size_t len)
 {
-	/* Worst case 6 bytes out per byte in (\u00XX), plus quotes. */
+	if (b->failed)
+		return -1;
+	/* At most 6 bytes out per byte in: no overflow below this. */
 	if (len > (SIZE_MAX / 2) / 6) {
 		b->failed = true;
 		return -1;
 	}
-	if (reserve(b, len * 6 + 2) < 0)
+	const unsigned char *start = (const unsigned char *)s;
+	if (reserve(b, escaped_len(start, start + len)) < 0)
 		return -1;
 	const unsigned char *p = (const unsigned char *)s, *end = p + len;
 	char *o = b->data + b->len;
