@@ -145,30 +145,21 @@ local function json_strs(list)
 	return '[' .. table.concat(parts, ',') .. ']'
 end
 
--- Runs cmd key a1 a2 ... in chunks (Lua's unpack has a stack limit).
--- step: items per logical element (2 for ZADD score/member pairs).
-local function chunked(cmd, key, list, pre)
+-- Runs cmd key a1 a2 ... in chunks of CHUNK arguments (Lua's unpack has a
+-- stack limit). list holds whole elements: CHUNK is even, so score/member
+-- or field/value pairs are never split.
+local function chunked(cmd, key, list)
 	local n = #list
 	local i = 1
 	while i <= n do
 		local j = math.min(i + CHUNK - 1, n)
-		if pre then
-			call(cmd, key, pre, unpack(list, i, j))
-		else
-			call(cmd, key, unpack(list, i, j))
-		end
+		call(cmd, key, unpack(list, i, j))
 		i = j + 1
 	end
 end
 
 local function zadd_pairs(key, pairs_list)
-	local n = #pairs_list
-	local i = 1
-	while i <= n do
-		local j = math.min(i + CHUNK - 1, n)
-		call('ZADD', key, unpack(pairs_list, i, j))
-		i = j + 1
-	end
+	chunked('ZADD', key, pairs_list)
 end
 
 local function config(P)
@@ -192,6 +183,16 @@ end
 
 local function wake(P)
 	call('PUBLISH', P .. ':wake', '1')
+end
+
+-- A hash as a Lua table; second result: whether it exists.
+local function read_hash(key)
+	local flat = call('HGETALL', key)
+	local h = {}
+	for i = 1, #flat, 2 do
+		h[flat[i]] = flat[i + 1]
+	end
+	return h, #flat > 0
 end
 
 -- Removes id from the structure of its state.
@@ -437,14 +438,24 @@ local function claim(keys, args)
 		local mk = P .. ':msg:' .. id
 		local m = call('HMGET', mk, 'state', 'from', 'to', 'pending', 'body', 'attempts',
 			'created', 'meta', 'lease')
-		-- An id whose hash is gone or in another state is stale: dropped.
-		if m[1] == 'ready' then
-			local lease = (tonumber(m[9]) or 0) + 1
-			call('HSET', mk, 'state', 'inflight', 'lease', istr(lease))
-			zadd[#zadd + 1] = expiry
-			zadd[#zadd + 1] = id
-			msgs[#msgs + 1] = {id, m[2], cjson.decode(m[4] or m[3]), m[5],
-				tonumber(m[6]) or 0, tonumber(m[7]) or 0, m[8] or '{}', lease}
+		-- An id whose hash is gone or in another state is stale: dropped
+		-- (a hash without `to` was made by a stray write: removed).
+		if m[1] == 'ready' and not m[3] then
+			call('DEL', mk)
+		elseif m[1] == 'ready' then
+			local ok, rcpts = pcall(cjson.decode, m[4] or m[3])
+			if ok and type(rcpts) == 'table' then
+				local lease = (tonumber(m[9]) or 0) + 1
+				call('HSET', mk, 'state', 'inflight', 'lease', istr(lease))
+				zadd[#zadd + 1] = expiry
+				zadd[#zadd + 1] = id
+				msgs[#msgs + 1] = {id, m[2] or '', rcpts, m[5] or '',
+					tonumber(m[6]) or 0, tonumber(m[7]) or 0, m[8] or '{}', lease}
+			else
+				-- Unreadable recipients (a stray write): parked for an operator.
+				call('HSET', mk, 'state', 'held', 'last_text', 'relayq: unreadable recipients')
+				call('ZADD', P .. ':held', now, id)
+			end
 		end
 	end
 	zadd_pairs(P .. ':inflight', zadd)
@@ -759,9 +770,9 @@ local function requeue(keys, args)
 		local rk = P .. ':rcpt:' .. id
 		local to = cjson.decode(call('HGET', mk, 'to') or '[]')
 		local pending, rset = {}, {}
-		local st = #to > 0 and call('HMGET', rk, unpack(to)) or {}
-		for i, r in ipairs(to) do
-			local ok, s = pcall(cjson.decode, st[i] or '{}')
+		local st = read_hash(rk)
+		for _, r in ipairs(to) do
+			local ok, s = pcall(cjson.decode, st[r] or '{}')
 			if not ok or type(s) ~= 'table' then s = {} end
 			if s.s == nil or s.s == 'pending' or s.s == 'deferred'
 				or s.s == 'failed' or s.s == 'expired' then
@@ -858,15 +869,6 @@ local function msg_parts(id, h)
 	parts[#parts + 1] = '"size":' .. istr(h.body and #h.body or 0)
 	parts[#parts + 1] = '"meta":' .. (h.meta or '{}')
 	return parts
-end
-
-local function read_hash(key)
-	local flat = call('HGETALL', key)
-	local h = {}
-	for i = 1, #flat, 2 do
-		h[flat[i]] = flat[i + 1]
-	end
-	return h, #flat > 0
 end
 
 local function show(keys, args)

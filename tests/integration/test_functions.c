@@ -1295,6 +1295,44 @@ static void claim_bounds_promotion(void **state)
 	assert_int_equal(stat_of(q, "deferred"), N);
 }
 
+static void large_batches(void **state)
+{
+	struct q *q = *state;
+	enum { N = 4500 };
+	const char *env = "{\"from\":\"s@x.y\",\"to\":[\"a@b.c\"]}";
+	for (int i = 0; i < N; i++)
+		redisAppendCommand(q->c, "FCALL relayq_enqueue 1 %s %s %s", q->key, env, BODY);
+	for (int i = 0; i < N; i++) {
+		void *v = NULL;
+		assert_int_equal(redisGetReply(q->c, &v), REDIS_OK);
+		assert_int_equal(((redisReply *)v)->type, REDIS_REPLY_STRING);
+		freeReplyObject(v);
+	}
+	/* one claim and one settle of N: commands split past Lua's unpack limit */
+	redisReply *r = claim(q, N, 30000);
+	assert_int_equal(CL_N(r), N);
+	assert_int_equal(stat_of(q, "inflight"), N);
+	size_t cap = (size_t)N * 120 + 16, len = 0;
+	char *json = malloc(cap);
+	json[len++] = '[';
+	for (size_t i = 0; i < CL_N(r); i++)
+		len += (size_t)snprintf(json + len, cap - len,
+			"%s{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]}",
+			i ? "," : "", M_ID(CL_MSG(r, i)), M_LEASE(CL_MSG(r, i)));
+	json[len++] = ']';
+	json[len] = '\0';
+	freeReplyObject(r);
+	r = settle(q, json);
+	free(json);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	assert_int_equal(r->elements, N);
+	for (size_t i = 0; i < r->elements; i++)
+		assert_string_equal(r->element[i]->str, "done");
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "inflight"), 0);
+	assert_int_equal(stat_of(q, "delivered"), N);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1320,6 +1358,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(wake_on_enqueue, setup, teardown),
 		cmocka_unit_test_setup_teardown(read_only_functions, setup, teardown),
 		cmocka_unit_test_setup_teardown(claim_bounds_promotion, setup, teardown),
+		cmocka_unit_test_setup_teardown(large_batches, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
