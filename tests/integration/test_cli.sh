@@ -125,6 +125,13 @@ if [ "$OWN_REDIS" -eq 1 ]; then
 	expect_rc 0 "stats on an empty server"
 	if rcli FUNCTION LIST LIBRARYNAME relayq | grep -q relayq_enqueue; then ok
 	else bad "the CLI did not load the relayq functions"; fi
+	# An older library (version 0, no other function) is replaced.
+	printf '#!lua name=relayq\nredis.register_function("relayq_version", function() return 0 end)\n' \
+		| rcli -x FUNCTION LOAD REPLACE >/dev/null
+	run --queue "$Q" stats --json
+	expect_rc 0 "stats over an older library"
+	json_check "d['ready'] == 0" "stats over an older library"
+	[ "$(rcli FCALL relayq_version 0)" -ge 1 ] && ok || bad "the older library was not replaced"
 else
 	# Shared server: load the current source as the harness does.
 	rcli -x FUNCTION LOAD REPLACE <"$ROOT/lua/redis/relayq.lua" >/dev/null
