@@ -1,0 +1,239 @@
+#ifndef RELAYQ_CONFIG_H
+#define RELAYQ_CONFIG_H
+
+/*
+ * The daemon's configuration: one sandboxed Lua file (see
+ * contrib/relayq.example.lua) that calls
+ *
+ *   relayq.config { ... }      settings (keys below)
+ *   relayq.backoff { first, factor, max, jitter }
+ *   relayq.expire { max_age, max_attempts }
+ *   relayq.on(selector, fn)    policy overrides (policy_lua.h)
+ *   relayq.on_domain(domain, { settings..., on = { [selector] = fn } })
+ *
+ * each at most once (on / on_domain once per selector / domain). Unknown
+ * keys, wrong types and out-of-range values are errors, reported with the
+ * file's line. Durations are numbers (seconds) or strings ("30s", "5m",
+ * "2h", "5d", "1h30m").
+ *
+ * relayq.config keys and defaults:
+ *   redis         "redis://127.0.0.1:6379/0"  (redis://host:port[/db] or
+ *                 unix:/path)
+ *   queue         "default"  (a name, or a list of names: [A-Za-z0-9_.:-],
+ *                 1-64 bytes)
+ *   relay         absent = deliver by MX. "[host]:port" (no MX lookup) or
+ *                 "host:port" / "host" (MX lookup of host, as Postfix
+ *                 relayhost); port default 25
+ *   tls           "opportunistic" | "none" | "required" | "implicit"
+ *   tls_ca_file   absent = system store; must be readable
+ *   tls_verify    true (required / implicit fail on a certificate that does
+ *                 not verify; opportunistic never fails on it)
+ *   auth          { user = "..", password_file = "/path" | password_env =
+ *                 "VAR" | password = "..." (discouraged, warned),
+ *                 allow_plaintext = false }  (AUTH with tls = "none" needs
+ *                 allow_plaintext = true)
+ *   helo          the host name (gethostname), 1-255 bytes
+ *   connections   100 (total, 1-100000)
+ *   per_destination 20 (1-10000)
+ *   messages_per_connection 100 (1-1000000)
+ *   recipients_per_transaction 100 (1-100000)
+ *   batch         100 (messages claimed per round trip, 1-10000)
+ *   lease         "5m" (10s-1d)
+ *   timeouts      { connect = "30s", greeting = "5m", helo = "5m",
+ *                   mail = "5m", rcpt = "5m", data = "2m",
+ *                   data_block = "3m", dot = "10m", quit = "20s",
+ *                   idle = "10s" }  (each 1s-1h; idle 0-1h: 0 = close
+ *                 connections when idle)
+ *   log_format    "logfmt" | "json"
+ *   log_level     "info" (debug | info | warn | error | off)
+ *   events_cap    100000 (0-100000000)
+ *   bounce        false (send DSNs to the sender on failure)
+ *   metrics       absent = off; "host:port" or "[v6]:port" to listen on
+ * relayq.backoff: first "5m", factor 2 (1-100), max "4h", jitter 0.15 (0-1)
+ * relayq.expire: max_age "5d" (60s-365d), max_attempts absent (1-100000)
+ * relayq.on_domain settings: per_destination, messages_per_connection,
+ *   recipients_per_transaction, backoff {..}, expire {..}, on {..}.
+ *
+ * Besides relayq.*, a config file can read the environment with
+ * relayq.getenv(name [, default]).
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+
+#include "relayq/policy.h"
+
+struct rq_policy_lua;
+
+enum rq_tls_mode {
+	RQ_TLS_OPPORTUNISTIC = 0,
+	RQ_TLS_NONE,
+	RQ_TLS_REQUIRED,
+	RQ_TLS_IMPLICIT,
+};
+
+struct rq_timeouts {
+	double connect, greeting, helo, mail, rcpt, data, data_block, dot, quit,
+		idle;
+};
+
+/* Per-domain settings (relayq.on_domain). A field is used only when its
+ * has_ flag is set; otherwise the global value applies. */
+struct rq_config_domain {
+	char *name;                /* lower case */
+	int line;
+	bool has_per_destination, has_messages_per_connection,
+		has_recipients_per_transaction, has_backoff, has_expire;
+	int per_destination;
+	int messages_per_connection;
+	int recipients_per_transaction;
+	struct rq_policy_params params;  /* backoff / expire when has_ */
+};
+
+#define RQ_CONFIG_QUEUES_MAX 64
+
+struct rq_config {
+	char *path;                /* the file it came from, or NULL */
+	char *redis;
+	char *queues[RQ_CONFIG_QUEUES_MAX];
+	size_t nqueues;
+	char *relay_host;          /* NULL = MX delivery */
+	int relay_port;
+	bool relay_mx;             /* "host:port": MX lookup of relay_host */
+	enum rq_tls_mode tls;
+	char *tls_ca_file;
+	bool tls_verify;
+	bool auth;
+	char *auth_user;
+	char *auth_password;       /* secret: never log; zeroed on destroy */
+	bool auth_allow_plaintext;
+	char *helo;
+	int connections;
+	int per_destination;
+	int messages_per_connection;
+	int recipients_per_transaction;
+	int batch;
+	double lease;
+	struct rq_timeouts timeouts;
+	int log_format;            /* enum rq_log_format */
+	int log_level;             /* enum rq_log_level */
+	long events_cap;
+	bool bounce;
+	char *metrics;             /* NULL = off */
+	struct rq_policy_params params;
+	struct rq_config_domain *domains;
+	size_t ndomains;
+	struct rq_policy_lua *lua; /* owned; NULL = built-in policy only */
+};
+
+/* Problems found while loading, each with the file's line (0 = none). */
+#define RQ_CONFIG_PROBLEMS_MAX 32
+#define RQ_CONFIG_PROBLEM_LEN 240
+
+struct rq_config_problem {
+	int line;
+	bool warning;
+	char msg[RQ_CONFIG_PROBLEM_LEN];
+};
+
+struct rq_config_diag {
+	char file[256];
+	size_t n;                  /* kept problems */
+	size_t errors;             /* all errors, kept or not */
+	size_t warnings;
+	struct rq_config_problem items[RQ_CONFIG_PROBLEMS_MAX];
+};
+
+void rq_config_diag_init(struct rq_config_diag *d, const char *file);
+/* Records a problem (printf format). */
+void rq_config_diag_add(struct rq_config_diag *d, int line, bool warning,
+			const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+/* Writes "file:line: error: msg" lines to f. */
+void rq_config_diag_print(const struct rq_config_diag *d, FILE *f);
+
+/* A config with every default and no Lua policy; NULL on allocation
+ * failure. The caller frees it with rq_config_destroy. */
+struct rq_config *rq_config_create(void);
+/* Frees everything, the Lua policy too (password zeroed). NULL: no-op. */
+void rq_config_destroy(struct rq_config *cfg);
+
+/*
+ * Loads the file: runs it in the policy sandbox (policy_lua.h), applies the
+ * settings, keeps the policy. Returns the config, or NULL when there was
+ * any error (all of them in diag; warnings are kept in diag too).
+ */
+struct rq_config *rq_config_load(const char *path, struct rq_config_diag *diag);
+
+/*
+ * Reload: loads path and, only when it loads cleanly, destroys *cur and
+ * puts the new config there. Returns 0, or -1 with *cur untouched.
+ */
+int rq_config_reload(struct rq_config **cur, const char *path,
+		     struct rq_config_diag *diag);
+
+/*
+ * `relayqd --check -c FILE`: loads the file, prints every problem as
+ * "file:line: error: msg" (and warnings) to err, and "file: ok" to out when
+ * it loads. Returns 0 when it loads, 1 otherwise.
+ */
+int rq_config_check(const char *path, FILE *out, FILE *err);
+
+/* The policy parameters for a recipient domain (global ones, with the
+ * domain's backoff / expire when it has them). domain may be NULL. */
+void rq_config_params(const struct rq_config *cfg, const char *domain,
+		      struct rq_policy_params *out);
+/* The on_domain entry for a domain (case-insensitive), or NULL. */
+const struct rq_config_domain *rq_config_domain(const struct rq_config *cfg,
+						const char *domain);
+
+/* "opportunistic", ... ; rq_tls_mode_parse returns -1 when unknown. */
+const char *rq_tls_mode_name(enum rq_tls_mode m);
+int rq_tls_mode_parse(const char *s);
+
+/*
+ * Settings as the Lua loader hands them over: policy_lua.c walks the tables
+ * and calls rq_config_apply for every key (nested keys dotted:
+ * "timeouts.rcpt", "auth.user"; array items as "queue[]"), a table value
+ * first as RQ_CONFIG_TABLE (return -1 to skip its contents).
+ */
+enum rq_config_vtype {
+	RQ_CONFIG_NIL = 0,
+	RQ_CONFIG_BOOL,
+	RQ_CONFIG_NUMBER,
+	RQ_CONFIG_STRING,
+	RQ_CONFIG_TABLE,
+	RQ_CONFIG_OTHER,           /* function, userdata, ...: always wrong */
+};
+
+struct rq_config_value {
+	enum rq_config_vtype type;
+	bool b;
+	double num;
+	const char *str;           /* STRING: NUL-ended (len bytes) */
+	size_t len;
+};
+
+enum rq_config_section {
+	RQ_CONFIG_SEC_CONFIG = 0,  /* relayq.config */
+	RQ_CONFIG_SEC_BACKOFF,     /* relayq.backoff */
+	RQ_CONFIG_SEC_EXPIRE,      /* relayq.expire */
+	RQ_CONFIG_SEC_DOMAIN,      /* relayq.on_domain settings */
+};
+
+/* Starts a section (a second relayq.config etc. is an error). For DOMAIN,
+ * name is the domain (validated; a repeated domain is an error). Returns 0,
+ * or -1 (problem recorded) to skip the section. */
+int rq_config_section_begin(struct rq_config *cfg, enum rq_config_section sec,
+			    const char *name, int line,
+			    struct rq_config_diag *diag);
+/* Applies one key of the current section. Returns 0, or -1 with a problem
+ * recorded. */
+int rq_config_apply(struct rq_config *cfg, enum rq_config_section sec,
+		    const char *key, const struct rq_config_value *v, int line,
+		    struct rq_config_diag *diag);
+/* Ends a section: cross-key checks (backoff max >= first, auth ...). */
+void rq_config_section_end(struct rq_config *cfg, enum rq_config_section sec,
+			   int line, struct rq_config_diag *diag);
+
+#endif

@@ -1,0 +1,141 @@
+#ifndef RELAYQ_POLICY_LUA_H
+#define RELAYQ_POLICY_LUA_H
+
+/*
+ * Lua policy overrides: the only module that touches a lua_State.
+ *
+ * The config file runs in a fresh sandboxed state. It registers settings
+ * (handed to config.c) and rules:
+ *
+ *   relayq.on(selector, function(r, msg) ... end)
+ *   relayq.on_domain("yahoo.com", { per_destination = 5,
+ *                                   on = { [550] = function(r, msg) end } })
+ *
+ * Selectors, most specific first: an enhanced code ("5.7.26"), a reply
+ * code (550 or "550"), a class ("4xx", "5xx"), a transport event
+ * ("timeout", "refused", "lost", "tls", "dns", "protocol"), "*". At each
+ * level a rule of the recipient's domain (on_domain ... on) comes before
+ * the global one. 2xx replies and "too many recipients" replies (not a
+ * failure) never reach Lua; "2xx" and 2xx codes are refused as selectors.
+ *
+ * The handler gets r = { code, enhanced, text, stage, event, recipient,
+ * host, domain, attempt, age } (code / enhanced / event nil when absent;
+ * event is the transport event name) and msg = { id, from, to = {..},
+ * attempts, created, meta } (meta: the message's meta object as a table
+ * when it is JSON, else nil), and returns one of
+ *   relayq.retry { after = D }   retry (D: duration; default the backoff)
+ *   relayq.fail { reason = S }   permanent failure
+ *   relayq.drop()                discard the recipient
+ *   relayq.hold()                park the message
+ *   relayq.suspend { after = D } suspend the destination (default backoff)
+ *   nil                          the built-in decision
+ * A retry is still subject to expiry (max_age, max_attempts).
+ *
+ * Sandbox: base functions without dofile, loadfile and print (print logs
+ * at info), load only of text chunks in the sandbox, collectgarbage
+ * ("count") only; string (without string.dump), table, math, utf8, and
+ * os.time, os.clock, os.date (read-only clock). No io, os.execute /
+ * getenv / exit / remove, require / package, debug, coroutine.
+ * relayq.getenv(name [, default]) reads the environment at load time only.
+ * Every call has an instruction budget and the state a memory cap; a
+ * handler that errors, runs out of budget or memory, or returns something
+ * else than an action gets the built-in decision; the error is counted and
+ * logged with a traceback once per rule per loaded state.
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "relayq/config.h"
+#include "relayq/policy.h"
+
+struct rq_policy_lua;
+
+struct rq_policy_lua_limits {
+	size_t memory;               /* bytes the state may hold */
+	unsigned long instructions;  /* per handler call */
+	unsigned long load_instructions; /* running the file */
+};
+
+#define RQ_POLICY_LUA_MEMORY ((size_t)32 << 20)
+#define RQ_POLICY_LUA_INSTRUCTIONS 1000000UL
+#define RQ_POLICY_LUA_LOAD_INSTRUCTIONS 10000000UL
+
+/*
+ * Runs a config file (path) or a buffer (name is used in messages) in a new
+ * sandboxed state. Settings go to cfg through rq_config_apply; rules stay in
+ * the returned object. limits NULL = defaults. Returns NULL when anything
+ * failed (syntax, runtime error, bad setting: all in diag). cfg is not
+ * owned; the caller usually stores the result in cfg->lua.
+ */
+struct rq_policy_lua *rq_policy_lua_load(const char *path, struct rq_config *cfg,
+					 const struct rq_policy_lua_limits *limits,
+					 struct rq_config_diag *diag);
+struct rq_policy_lua *rq_policy_lua_load_buffer(const char *name,
+						const char *src, size_t len,
+						struct rq_config *cfg,
+						const struct rq_policy_lua_limits *limits,
+						struct rq_config_diag *diag);
+
+/* Closes the state. NULL: no-op. */
+void rq_policy_lua_destroy(struct rq_policy_lua *pl);
+
+/* The message a decision is about; strings borrowed, may be NULL. */
+struct rq_policy_msg {
+	const char *id;
+	const char *from;
+	const char *const *to;
+	size_t nto;
+	unsigned attempts;
+	double created;              /* unix seconds */
+	const char *meta;            /* JSON text of the app's meta, or NULL */
+};
+
+/*
+ * The decision for one outcome: the built-in one, then the most specific
+ * Lua rule for it (looked up in C first: no Lua call when no rule matches),
+ * then expiry for a retry. pl NULL = built-in only. msg may be NULL.
+ * Never fails: a broken handler gives the built-in decision, with
+ * "; lua:<rule> error: ..." appended to the reason.
+ */
+void rq_policy_lua_decide(struct rq_policy_lua *pl,
+			  const struct rq_policy_params *params,
+			  const struct rq_policy_input *in,
+			  const struct rq_policy_msg *msg,
+			  const struct rq_policy_rand *rnd,
+			  struct rq_decision *out);
+
+/*
+ * The same for a loaded config: params resolved for in->domain
+ * (rq_config_params), rules from cfg->lua. What the runner calls.
+ */
+void rq_policy_lua_decide_config(const struct rq_config *cfg,
+				 const struct rq_policy_input *in,
+				 const struct rq_policy_msg *msg,
+				 const struct rq_policy_rand *rnd,
+				 struct rq_decision *out);
+
+/* The rule that would run for the outcome ("lua:550",
+ * "lua:yahoo.com:5.7.26"), written to rule; false when none. */
+bool rq_policy_lua_rule_for(const struct rq_policy_lua *pl,
+			    const struct rq_outcome *o, const char *domain,
+			    char *rule, size_t len);
+
+struct rq_policy_lua_stats {
+	unsigned long long calls;       /* handler calls */
+	unsigned long long errors;      /* all failed calls */
+	unsigned long long runtime_errors;
+	unsigned long long budget_errors;  /* instruction budget exceeded */
+	unsigned long long memory_errors;  /* memory cap reached */
+	unsigned long long bad_results;    /* returned something else */
+	size_t memory;                  /* bytes held now */
+	size_t memory_peak;
+	size_t rules;                   /* registered rules, domains included */
+};
+
+void rq_policy_lua_stats(const struct rq_policy_lua *pl,
+			 struct rq_policy_lua_stats *out);
+/* The last handler error with its traceback ("" when none). */
+const char *rq_policy_lua_last_error(const struct rq_policy_lua *pl);
+
+#endif

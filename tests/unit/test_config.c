@@ -1,0 +1,557 @@
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "harness.h"
+#include "relayq/config.h"
+#include "relayq/log.h"
+#include "relayq/policy_lua.h"
+
+static char *dir;
+
+static int setup(void **state)
+{
+	(void)state;
+	dir = th_mkdtemp("config");
+	/* Keep policy_print and the like out of the test output. */
+	rq_log_init(RQ_LOG_OFF, RQ_LOG_LOGFMT, NULL);
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	(void)state;
+	th_rmrf(dir);
+	free(dir);
+	return 0;
+}
+
+static const char *write_file(const char *name, const char *text)
+{
+	static char path[512];
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	FILE *f = fopen(path, "w");
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+	return path;
+}
+
+/* Loads text; returns the config or NULL, with the problems in diag. */
+static struct rq_config *load(const char *text, struct rq_config_diag *diag)
+{
+	const char *path = write_file("relayq.lua", text);
+	rq_config_diag_init(diag, path);
+	return rq_config_load(path, diag);
+}
+
+/* True when diag has a problem at line with msg containing needle. */
+static bool has_problem(const struct rq_config_diag *d, int line, bool warning,
+			const char *needle)
+{
+	for (size_t i = 0; i < d->n; i++)
+		if (d->items[i].line == line && d->items[i].warning == warning &&
+		    strstr(d->items[i].msg, needle))
+			return true;
+	return false;
+}
+
+static void dump(const struct rq_config_diag *d)
+{
+	rq_config_diag_print(d, stderr);
+}
+
+static void defaults(void **state)
+{
+	(void)state;
+	struct rq_config *c = rq_config_create();
+	assert_non_null(c);
+	assert_string_equal(c->redis, "redis://127.0.0.1:6379/0");
+	assert_int_equal(c->nqueues, 1);
+	assert_string_equal(c->queues[0], "default");
+	assert_null(c->relay_host);
+	assert_int_equal(c->tls, RQ_TLS_OPPORTUNISTIC);
+	assert_true(c->tls_verify);
+	assert_false(c->auth);
+	assert_non_null(c->helo);
+	assert_int_equal(c->connections, 100);
+	assert_int_equal(c->per_destination, 20);
+	assert_int_equal(c->messages_per_connection, 100);
+	assert_int_equal(c->recipients_per_transaction, 100);
+	assert_int_equal(c->batch, 100);
+	assert_true(c->lease == 300);
+	assert_true(c->timeouts.connect == 30 && c->timeouts.greeting == 300 &&
+		    c->timeouts.rcpt == 300 && c->timeouts.dot == 600 &&
+		    c->timeouts.data_block == 180 && c->timeouts.idle == 10);
+	assert_int_equal(c->log_format, RQ_LOG_LOGFMT);
+	assert_int_equal(c->log_level, RQ_LOG_INFO);
+	assert_int_equal(c->events_cap, 100000);
+	assert_false(c->bounce);
+	assert_null(c->metrics);
+	assert_true(c->params.backoff.first == 300 && c->params.backoff.factor == 2 &&
+		    c->params.backoff.max == 14400 &&
+		    fabs(c->params.backoff.jitter - 0.15) < 1e-12);
+	assert_true(c->params.expire.max_age == 5 * 86400);
+	assert_int_equal(c->params.expire.max_attempts, 0);
+	assert_null(c->lua);
+	rq_config_destroy(c);
+	rq_config_destroy(NULL);
+
+	/* An empty file is a valid config with every default. */
+	struct rq_config_diag d;
+	c = load("-- nothing\n", &d);
+	assert_non_null(c);
+	assert_int_equal(d.errors, 0);
+	assert_string_equal(c->queues[0], "default");
+	assert_non_null(c->lua);
+	rq_config_destroy(c);
+}
+
+static void every_key(void **state)
+{
+	(void)state;
+	const char *secret = write_file("secret", "s3cret\n");
+	chmod(secret, 0600);
+	char *text = NULL;
+	assert_true(asprintf(&text,
+		"relayq.config {\n"
+		"  redis = 'unix:/run/redis/redis.sock',\n"
+		"  queue = { 'mail', 'bulk' },\n"
+		"  relay = '[smtp.example.com]:587',\n"
+		"  tls = 'required', tls_ca_file = '%s', tls_verify = false,\n"
+		"  auth = { user = 'apikey', password_file = '%s' },\n"
+		"  helo = 'relay.example.org',\n"
+		"  connections = 50, per_destination = 10,\n"
+		"  messages_per_connection = 7, recipients_per_transaction = 30,\n"
+		"  batch = 64, lease = '2m',\n"
+		"  timeouts = { connect = 5, greeting = '1m', helo = '2m', mail = '3m',\n"
+		"               rcpt = '4m', data = '5m', data_block = '6m', dot = '7m',\n"
+		"               quit = '8s', idle = 0 },\n"
+		"  log_format = 'json', log_level = 'debug',\n"
+		"  events_cap = 500, bounce = true, metrics = '127.0.0.1:9465',\n"
+		"}\n"
+		"relayq.backoff { first = '1m', factor = 3, max = '1h', jitter = 0 }\n"
+		"relayq.expire { max_age = '2d', max_attempts = 12 }\n", secret, secret) > 0);
+	struct rq_config_diag d;
+	struct rq_config *c = load(text, &d);
+	free(text);
+	if (!c)
+		dump(&d);
+	assert_non_null(c);
+	assert_int_equal(d.errors, 0);
+	assert_int_equal(d.warnings, 0);
+	assert_string_equal(c->redis, "unix:/run/redis/redis.sock");
+	assert_int_equal(c->nqueues, 2);
+	assert_string_equal(c->queues[0], "mail");
+	assert_string_equal(c->queues[1], "bulk");
+	assert_string_equal(c->relay_host, "smtp.example.com");
+	assert_int_equal(c->relay_port, 587);
+	assert_false(c->relay_mx);
+	assert_int_equal(c->tls, RQ_TLS_REQUIRED);
+	assert_non_null(c->tls_ca_file);
+	assert_false(c->tls_verify);
+	assert_true(c->auth);
+	assert_string_equal(c->auth_user, "apikey");
+	assert_string_equal(c->auth_password, "s3cret");
+	assert_string_equal(c->helo, "relay.example.org");
+	assert_int_equal(c->connections, 50);
+	assert_int_equal(c->per_destination, 10);
+	assert_int_equal(c->messages_per_connection, 7);
+	assert_int_equal(c->recipients_per_transaction, 30);
+	assert_int_equal(c->batch, 64);
+	assert_true(c->lease == 120);
+	assert_true(c->timeouts.connect == 5 && c->timeouts.greeting == 60 &&
+		    c->timeouts.helo == 120 && c->timeouts.mail == 180 &&
+		    c->timeouts.rcpt == 240 && c->timeouts.data == 300 &&
+		    c->timeouts.data_block == 360 && c->timeouts.dot == 420 &&
+		    c->timeouts.quit == 8 && c->timeouts.idle == 0);
+	assert_int_equal(c->log_format, RQ_LOG_JSON);
+	assert_int_equal(c->log_level, RQ_LOG_DEBUG);
+	assert_int_equal(c->events_cap, 500);
+	assert_true(c->bounce);
+	assert_string_equal(c->metrics, "127.0.0.1:9465");
+	assert_true(c->params.backoff.first == 60 && c->params.backoff.factor == 3 &&
+		    c->params.backoff.max == 3600 && c->params.backoff.jitter == 0);
+	assert_true(c->params.expire.max_age == 2 * 86400);
+	assert_int_equal(c->params.expire.max_attempts, 12);
+	rq_config_destroy(c);
+}
+
+static void relay_forms(void **state)
+{
+	(void)state;
+	struct rq_config_diag d;
+	struct rq_config *c = load("relayq.config { relay = 'mx.example.com' }\n", &d);
+	assert_non_null(c);
+	assert_string_equal(c->relay_host, "mx.example.com");
+	assert_int_equal(c->relay_port, 25);
+	assert_true(c->relay_mx);
+	rq_config_destroy(c);
+	c = load("relayq.config { relay = '127.0.0.1:2525', redis = 'redis://localhost:6380/2' }\n", &d);
+	assert_non_null(c);
+	assert_string_equal(c->relay_host, "127.0.0.1");
+	assert_int_equal(c->relay_port, 2525);
+	rq_config_destroy(c);
+	c = load("relayq.config { relay = '[::1]:2525' }\n", &d);
+	assert_non_null(c);
+	assert_string_equal(c->relay_host, "::1");
+	assert_false(c->relay_mx);
+	rq_config_destroy(c);
+	static const char *const bad[] = {"'bad host:25'", "'host:0'", "'host:99999'",
+					  "'[host'", "'host:'", "''", "'h\\r\\nx'", NULL};
+	for (size_t i = 0; bad[i]; i++) {
+		char text[200];
+		snprintf(text, sizeof(text), "\n\nrelayq.config { relay = %s }\n", bad[i]);
+		c = load(text, &d);
+		assert_null(c);
+		if (!has_problem(&d, 3, false, "relay")) {
+			dump(&d);
+			fail_msg("relay %s", bad[i]);
+		}
+	}
+}
+
+static void durations(void **state)
+{
+	(void)state;
+	struct rq_config_diag d;
+	struct rq_config *c = load(
+		"relayq.config { lease = 90, timeouts = { rcpt = '1h', dot = '90s' } }\n"
+		"relayq.expire { max_age = '1w' }\n", &d);
+	assert_non_null(c);
+	assert_true(c->lease == 90);
+	assert_true(c->timeouts.rcpt == 3600 && c->timeouts.dot == 90);
+	assert_true(c->params.expire.max_age == 7 * 86400);
+	rq_config_destroy(c);
+	c = load("relayq.config {\n  lease = '5x',\n}\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "lease: \"5x\" is not a duration"));
+	c = load("relayq.config {\n  lease = '1s',\n}\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "lease: 1s is out of range"));
+	c = load("relayq.config {\n  timeouts = {\n    rcpt = true,\n  },\n}\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 3, false, "timeouts.rcpt: expected a duration"));
+}
+
+static void unknown_key_has_its_line(void **state)
+{
+	(void)state;
+	struct rq_config_diag d;
+	struct rq_config *c = load(
+		"-- a config\n"
+		"relayq.config {\n"
+		"  queue = 'mail',\n"
+		"  conections = 10,\n"
+		"  timeouts = {\n"
+		"    connect = '10s',\n"
+		"    rpct = '1m',\n"
+		"  },\n"
+		"}\n"
+		"relayq.backoff { first = '1m', fist = 3 }\n", &d);
+	assert_null(c);
+	if (!has_problem(&d, 4, false, "unknown key conections"))
+		dump(&d);
+	assert_true(has_problem(&d, 4, false, "unknown key conections"));
+	assert_true(has_problem(&d, 7, false, "unknown key timeouts.rpct"));
+	assert_true(has_problem(&d, 10, false, "unknown key fist"));
+	assert_int_equal(d.errors, 3);
+}
+
+static void wrong_types_and_ranges(void **state)
+{
+	(void)state;
+	static const struct {
+		const char *line;
+		const char *needle;
+	} cases[] = {
+		{"connections = 'many'", "connections: expected a number, got a string"},
+		{"connections = 0", "connections: 0 is out of range (1 to 100000)"},
+		{"per_destination = 2.5", "per_destination: expected an integer"},
+		{"tls = 'maybe'", "tls: \"maybe\" is not none"},
+		{"tls_verify = 'yes'", "tls_verify: expected a boolean"},
+		{"bounce = 1", "bounce: expected a boolean"},
+		{"queue = 'no spaces'", "is not a queue name"},
+		{"queue = { 'a', 3 }", "queue: expected a string"},
+		{"queue = { 'a', 'a' }", "listed twice"},
+		{"redis = 'http://x'", "redis: \"http://x\" is not"},
+		{"redis = 'redis://host:99999'", "is not redis://"},
+		{"log_format = 'xml'", "log_format"},
+		{"log_level = 'loud'", "log_level"},
+		{"events_cap = -1", "events_cap: -1 is out of range"},
+		{"metrics = 'nope'", "metrics"},
+		{"helo = 'bad name!'", "helo"},
+		{"auth = 'user:pass'", "auth: expected a table"},
+		{"timeouts = 5", "timeouts: expected a table"},
+		{"relay = print", "relay: expected a string, got a function"},
+		{"tls_ca_file = '/nonexistent/ca.pem'", "tls_ca_file: cannot read"},
+		{"batch = 1e9", "batch: 1e+09 is out of range"},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char text[300];
+		snprintf(text, sizeof(text), "\nrelayq.config {\n  %s,\n}\n", cases[i].line);
+		struct rq_config_diag d;
+		struct rq_config *c = load(text, &d);
+		if (c || !has_problem(&d, 3, false, cases[i].needle)) {
+			dump(&d);
+			fail_msg("case %s", cases[i].line);
+		}
+	}
+	struct rq_config_diag d;
+	struct rq_config *c = load("relayq.backoff { first = '1h', max = '1m' }\n"
+				   "relayq.backoff { factor = 2 }\n"
+				   "relayq.expire { max_attempts = 0 }\n"
+				   "relayq.config(5)\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 1, false, "max is less than first"));
+	assert_true(has_problem(&d, 2, false, "relayq.backoff called again (first at line 1)"));
+	assert_true(has_problem(&d, 3, false, "max_attempts: 0 is out of range"));
+	assert_true(has_problem(&d, 4, false, "relayq.config: expected a table"));
+}
+
+static void auth_sources(void **state)
+{
+	(void)state;
+	struct rq_config_diag d;
+	setenv("RQ_TEST_PW", "from-env", 1);
+	struct rq_config *c = load("relayq.config { auth = { user = 'u', "
+				   "password_env = 'RQ_TEST_PW' } }\n", &d);
+	assert_non_null(c);
+	assert_string_equal(c->auth_password, "from-env");
+	rq_config_destroy(c);
+
+	c = load("relayq.config {\n auth = { user = 'u', password = 'lit' } }\n", &d);
+	assert_non_null(c);
+	assert_string_equal(c->auth_password, "lit");
+	assert_true(has_problem(&d, 2, true, "discouraged"));
+	rq_config_destroy(c);
+
+	c = load("relayq.config {\n auth = { password = 'lit' } }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "auth: user is missing"));
+
+	c = load("relayq.config {\n auth = { user = 'u', password = 'a', "
+		 "password_env = 'RQ_TEST_PW' } }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "exactly one of"));
+
+	c = load("relayq.config {\n auth = { user = 'u', password_env = 'RQ_TEST_UNSET_X' } }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "RQ_TEST_UNSET_X is not set"));
+
+	c = load("relayq.config {\n auth = { user = 'u', password_file = '/nonexistent/pw' } }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "cannot open /nonexistent/pw"));
+
+	/* AUTH over plaintext only when allowed. */
+	c = load("relayq.config { tls = 'none',\n auth = { user = 'u', password_env = 'RQ_TEST_PW' } }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "allow_plaintext"));
+	c = load("relayq.config { tls = 'none', auth = { user = 'u', "
+		 "password_env = 'RQ_TEST_PW', allow_plaintext = true } }\n", &d);
+	assert_non_null(c);
+	assert_true(c->auth_allow_plaintext);
+	rq_config_destroy(c);
+
+	/* A world-readable password file is a warning. */
+	const char *pw = write_file("pw", "x\n");
+	chmod(pw, 0644);
+	char text[600];
+	snprintf(text, sizeof(text), "relayq.config { auth = { user = 'u', password_file = '%s' } }\n", pw);
+	c = load(text, &d);
+	assert_non_null(c);
+	assert_true(has_problem(&d, 1, true, "readable by group or others"));
+	rq_config_destroy(c);
+}
+
+static void domains(void **state)
+{
+	(void)state;
+	struct rq_config_diag d;
+	struct rq_config *c = load(
+		"relayq.backoff { first = '10m' }\n"
+		"relayq.on_domain('Yahoo.com', { per_destination = 5,\n"
+		"  backoff = { first = '30m', max = '8h' }, expire = { max_age = '1d' } })\n"
+		"relayq.on_domain('gmail.com', { recipients_per_transaction = 50 })\n", &d);
+	if (!c)
+		dump(&d);
+	assert_non_null(c);
+	assert_int_equal(c->ndomains, 2);
+	const struct rq_config_domain *y = rq_config_domain(c, "yahoo.COM");
+	assert_non_null(y);
+	assert_string_equal(y->name, "yahoo.com");
+	assert_true(y->has_per_destination);
+	assert_int_equal(y->per_destination, 5);
+	assert_false(y->has_recipients_per_transaction);
+	struct rq_policy_params p;
+	rq_config_params(c, "yahoo.com", &p);
+	assert_true(p.backoff.first == 1800 && p.backoff.max == 8 * 3600);
+	assert_true(p.expire.max_age == 86400);
+	rq_config_params(c, "gmail.com", &p);
+	assert_true(p.backoff.first == 600 && p.expire.max_age == 5 * 86400);
+	rq_config_params(c, "other.org", &p);
+	assert_true(p.backoff.first == 600);
+	rq_config_params(c, NULL, &p);
+	assert_true(p.backoff.first == 600);
+	assert_int_equal(rq_config_domain(c, "gmail.com")->recipients_per_transaction, 50);
+	assert_null(rq_config_domain(c, "other.org"));
+	rq_config_destroy(c);
+
+	c = load("relayq.on_domain('a.com', { per_destination = 5 })\n"
+		 "relayq.on_domain('A.com', { per_destination = 6 })\n"
+		 "relayq.on_domain('bad domain', {})\n"
+		 "relayq.on_domain('b.com', {\n  connections = 3 })\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "called again (first at line 1)"));
+	assert_true(has_problem(&d, 3, false, "not a domain name"));
+	assert_true(has_problem(&d, 5, false, "unknown key connections"));
+}
+
+static void lua_errors_and_env(void **state)
+{
+	(void)state;
+	struct rq_config_diag d;
+	struct rq_config *c = load("relayq.config {\n queue = 'a'\n\n", &d);
+	assert_null(c);
+	assert_int_equal(d.n, 1);
+	assert_true(d.items[0].line >= 3);
+	assert_non_null(strstr(d.items[0].msg, "expected"));
+
+	c = load("local x = 1\nrelayq.confg { }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "confg"));
+
+	/* Runaway code at load time is stopped by the budget. */
+	c = load("\nwhile true do end\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 2, false, "instruction budget"));
+
+	setenv("RQ_TEST_QUEUE", "from_env", 1);
+	c = load("relayq.config { queue = relayq.getenv('RQ_TEST_QUEUE', 'x'),\n"
+		 "  redis = relayq.getenv('RQ_TEST_UNSET_Y', 'unix:/tmp/r.sock') }\n", &d);
+	assert_non_null(c);
+	assert_string_equal(c->queues[0], "from_env");
+	assert_string_equal(c->redis, "unix:/tmp/r.sock");
+	rq_config_destroy(c);
+
+	/* Missing file. */
+	rq_config_diag_init(&d, "/nonexistent/relayq.lua");
+	assert_null(rq_config_load("/nonexistent/relayq.lua", &d));
+	assert_true(has_problem(&d, 0, false, "cannot open"));
+}
+
+static void check_output(void **state)
+{
+	(void)state;
+	const char *path = write_file("check.lua",
+		"relayq.config {\n"
+		"  queue = 'mail',\n"
+		"  conections = 10,\n"
+		"}\n"
+		"relayq.on(250, function() end)\n");
+	char *out = NULL, *err = NULL;
+	size_t olen = 0, elen = 0;
+	FILE *o = open_memstream(&out, &olen);
+	FILE *e = open_memstream(&err, &elen);
+	int rc = rq_config_check(path, o, e);
+	fclose(o);
+	fclose(e);
+	assert_int_equal(rc, 1);
+	char want[600];
+	snprintf(want, sizeof(want), "%s:3: error: unknown key conections in relayq.config\n", path);
+	assert_non_null(strstr(err, want));
+	snprintf(want, sizeof(want), "%s:5: error: relayq.on: selector 250", path);
+	assert_non_null(strstr(err, want));
+	/* Sorted by line. */
+	assert_true(strstr(err, ":3:") < strstr(err, ":5:"));
+	assert_int_equal(olen, 0);
+	free(out);
+	free(err);
+
+	path = write_file("ok.lua", "relayq.config { queue = 'mail' }\n"
+				    "relayq.on(550, function() end)\n");
+	o = open_memstream(&out, &olen);
+	e = open_memstream(&err, &elen);
+	rc = rq_config_check(path, o, e);
+	fclose(o);
+	fclose(e);
+	assert_int_equal(rc, 0);
+	assert_int_equal(elen, 0);
+	assert_non_null(strstr(out, ": ok (1 policy rules, 0 domains)"));
+	free(out);
+	free(err);
+}
+
+static void example_config_checks(void **state)
+{
+	(void)state;
+	char path[600];
+	snprintf(path, sizeof(path), "%s/contrib/relayq.example.lua", th_source_root());
+	FILE *f = fopen(path, "r");
+	if (!f)
+		skip();
+	fclose(f);
+	char *out = NULL, *err = NULL;
+	size_t olen = 0, elen = 0;
+	FILE *o = open_memstream(&out, &olen);
+	FILE *e = open_memstream(&err, &elen);
+	int rc = rq_config_check(path, o, e);
+	fclose(o);
+	fclose(e);
+	if (rc != 0)
+		fprintf(stderr, "%s", err);
+	assert_int_equal(rc, 0);
+	free(out);
+	free(err);
+}
+
+static void reload_keeps_old_on_error(void **state)
+{
+	(void)state;
+	const char *path = write_file("reload.lua", "relayq.config { queue = 'one' }\n");
+	char p[512];
+	snprintf(p, sizeof(p), "%s", path);
+	struct rq_config_diag d;
+	rq_config_diag_init(&d, p);
+	struct rq_config *cur = rq_config_load(p, &d);
+	assert_non_null(cur);
+	struct rq_config *before = cur;
+	write_file("reload.lua", "relayq.config { queue = 'two' \n");
+	rq_config_diag_init(&d, p);
+	assert_int_equal(rq_config_reload(&cur, p, &d), -1);
+	assert_ptr_equal(cur, before);
+	assert_string_equal(cur->queues[0], "one");
+	assert_true(d.errors > 0);
+	write_file("reload.lua", "relayq.config { queue = 'three' }\n");
+	rq_config_diag_init(&d, p);
+	assert_int_equal(rq_config_reload(&cur, p, &d), 0);
+	assert_string_equal(cur->queues[0], "three");
+	rq_config_destroy(cur);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(defaults),
+		cmocka_unit_test(every_key),
+		cmocka_unit_test(relay_forms),
+		cmocka_unit_test(durations),
+		cmocka_unit_test(unknown_key_has_its_line),
+		cmocka_unit_test(wrong_types_and_ranges),
+		cmocka_unit_test(auth_sources),
+		cmocka_unit_test(domains),
+		cmocka_unit_test(lua_errors_and_env),
+		cmocka_unit_test(check_output),
+		cmocka_unit_test(example_config_checks),
+		cmocka_unit_test(reload_keeps_old_on_error),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,520 @@
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "relayq/config.h"
+#include "relayq/log.h"
+#include "relayq/policy_lua.h"
+
+static char *dir;
+static char *logbuf;
+static size_t loglen;
+static FILE *logout;
+
+static int setup(void **state)
+{
+	(void)state;
+	dir = th_mkdtemp("policy_lua");
+	logout = open_memstream(&logbuf, &loglen);
+	rq_log_init(RQ_LOG_INFO, RQ_LOG_LOGFMT, logout);
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	(void)state;
+	rq_log_init(RQ_LOG_INFO, RQ_LOG_LOGFMT, NULL);
+	fclose(logout);
+	free(logbuf);
+	th_rmrf(dir);
+	free(dir);
+	return 0;
+}
+
+static double half(void *ctx)
+{
+	(void)ctx;
+	return 0.5;
+}
+
+static const struct rq_policy_rand no_jitter = {half, NULL};
+
+/* A loaded policy and its config. */
+struct pol {
+	struct rq_config *cfg;
+	struct rq_config_diag diag;
+};
+
+static void load(struct pol *p, const char *src)
+{
+	p->cfg = rq_config_create();
+	assert_non_null(p->cfg);
+	rq_config_diag_init(&p->diag, "test.lua");
+	p->cfg->lua = rq_policy_lua_load_buffer("test.lua", src, strlen(src), p->cfg,
+						NULL, &p->diag);
+	if (!p->cfg->lua)
+		rq_config_diag_print(&p->diag, stderr);
+	assert_non_null(p->cfg->lua);
+}
+
+static void unload(struct pol *p)
+{
+	rq_config_destroy(p->cfg);
+}
+
+struct ask {
+	enum rq_stage stage;
+	enum rq_fail fail;
+	int code;
+	const char *enhanced;
+	const char *text;
+	const char *domain;
+	unsigned attempt;
+	double age;
+	const char *meta;
+};
+
+static void decide(struct pol *p, const struct ask *a, struct rq_decision *d)
+{
+	struct rq_outcome o;
+	rq_outcome_set(&o, a->stage ? a->stage : RQ_STAGE_RCPT, a->fail, a->code,
+		       a->enhanced ? a->enhanced : "", "%s", a->text ? a->text : "");
+	const char *domain = a->domain ? a->domain : "example.com";
+	char rcpt[300];
+	snprintf(rcpt, sizeof(rcpt), "user@%s", domain);
+	struct rq_policy_input in = {
+		.outcome = &o, .recipient = rcpt, .domain = domain,
+		.host = "mx.example.com", .attempt = a->attempt ? a->attempt : 1,
+		.age = a->age,
+	};
+	const char *to[] = {rcpt, "other@example.net"};
+	struct rq_policy_msg msg = {
+		.id = "m1", .from = "app@example.org", .to = to, .nto = 2,
+		.attempts = in.attempt - 1, .created = 1700000000,
+		.meta = a->meta,
+	};
+	rq_policy_lua_decide_config(p->cfg, &in, &msg, &no_jitter, d);
+}
+
+static void stats(struct pol *p, struct rq_policy_lua_stats *st)
+{
+	rq_policy_lua_stats(p->cfg->lua, st);
+}
+
+static void text_match_550_to_retry(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p,
+	     "relayq.on(550, function(r, msg)\n"
+	     "  if r.text:find('greylist', 1, true) then\n"
+	     "    return relayq.retry { after = '10m' }\n"
+	     "  end\n"
+	     "end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 550, .enhanced = "5.7.1",
+				 .text = "Recipient greylisted, come back later"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_RETRY);
+	assert_true(d.after == 600);
+	assert_string_equal(d.rule, "lua:550");
+	assert_int_equal(d.counts, RQ_POLICY_COUNT_MESSAGE);
+	/* nil: the built-in decision. */
+	decide(&p, &(struct ask){.code = 550, .enhanced = "5.1.1", .text = "No such user"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_FAIL);
+	assert_string_equal(d.rule, "builtin:5xx");
+	/* No rule for 551: Lua is not called at all. */
+	struct rq_policy_lua_stats st;
+	stats(&p, &st);
+	unsigned long long calls = st.calls;
+	decide(&p, &(struct ask){.code = 551, .text = "x"}, &d);
+	stats(&p, &st);
+	assert_int_equal(st.calls, calls);
+	assert_int_equal(st.errors, 0);
+	assert_int_equal(st.rules, 1);
+	unload(&p);
+}
+
+static void code_421_to_fail(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p, "relayq.on(421, function(r) return relayq.fail { reason = 'no 421s here: ' .. r.stage } end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 421, .enhanced = "4.7.0", .text = "busy"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_FAIL);
+	assert_string_equal(d.rule, "lua:421");
+	assert_string_equal(d.reason, "no 421s here: rcpt");
+	unload(&p);
+}
+
+static void most_specific_wins(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p,
+	     "relayq.on('*', function() return relayq.hold() end)\n"
+	     "relayq.on('5xx', function() return relayq.drop() end)\n"
+	     "relayq.on(550, function() return relayq.retry { after = 60 } end)\n"
+	     "relayq.on('5.7.26', function() return relayq.fail { reason = 'dmarc' } end)\n"
+	     "relayq.on('timeout', function(r) return relayq.retry(r.event == 'timeout' and '15m' or '1s') end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 550, .enhanced = "5.7.26", .text = "DMARC"}, &d);
+	assert_string_equal(d.rule, "lua:5.7.26");
+	assert_int_equal(d.action, RQ_POLICY_FAIL);
+	decide(&p, &(struct ask){.code = 550, .enhanced = "5.1.1", .text = "x"}, &d);
+	assert_string_equal(d.rule, "lua:550");
+	assert_int_equal(d.action, RQ_POLICY_RETRY);
+	assert_true(d.after == 60);
+	decide(&p, &(struct ask){.code = 554, .text = "x"}, &d);
+	assert_string_equal(d.rule, "lua:5xx");
+	assert_int_equal(d.action, RQ_POLICY_DROP);
+	decide(&p, &(struct ask){.code = 451, .text = "x"}, &d);
+	assert_string_equal(d.rule, "lua:*");
+	assert_int_equal(d.action, RQ_POLICY_HOLD);
+	decide(&p, &(struct ask){.stage = RQ_STAGE_CONNECT, .fail = RQ_FAIL_TIMEOUT, .text = "t"}, &d);
+	assert_string_equal(d.rule, "lua:timeout");
+	assert_int_equal(d.action, RQ_POLICY_RETRY);
+	assert_true(d.after == 900);
+	/* A transport failure keeps counting against the destination. */
+	assert_int_equal(d.counts, RQ_POLICY_COUNT_DESTINATION);
+	decide(&p, &(struct ask){.stage = RQ_STAGE_CONNECT, .fail = RQ_FAIL_REFUSED, .text = "r"}, &d);
+	assert_string_equal(d.rule, "lua:*");
+	/* 2xx and too-many-recipients never reach Lua, not even "*". */
+	decide(&p, &(struct ask){.code = 250, .text = "ok"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_DELIVERED);
+	decide(&p, &(struct ask){.code = 452, .enhanced = "4.5.3", .text = "too many"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_NOT_TRIED);
+	char rule[64];
+	assert_true(rq_policy_lua_rule_for(p.cfg->lua, &(struct rq_outcome){.code = 553}, NULL,
+					   rule, sizeof(rule)));
+	assert_string_equal(rule, "lua:5xx");
+	unload(&p);
+}
+
+static void per_domain_rules(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p,
+	     "relayq.on(421, function() return relayq.retry { after = '1m' } end)\n"
+	     "relayq.on('5.7.26', function() return relayq.fail() end)\n"
+	     "relayq.on_domain('yahoo.com', {\n"
+	     "  per_destination = 5,\n"
+	     "  backoff = { first = '30m' },\n"
+	     "  on = {\n"
+	     "    [421] = function(r) return relayq.suspend { after = '30m' } end,\n"
+	     "    ['*'] = function(r) return relayq.hold() end,\n"
+	     "  },\n"
+	     "})\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 421, .text = "busy", .domain = "Yahoo.com"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_SUSPEND);
+	assert_true(d.after == 1800);
+	assert_string_equal(d.rule, "lua:yahoo.com:421");
+	decide(&p, &(struct ask){.code = 421, .text = "busy", .domain = "gmail.com"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_RETRY);
+	assert_string_equal(d.rule, "lua:421");
+	/* A global enhanced-code rule is more specific than the domain's "*". */
+	decide(&p, &(struct ask){.code = 550, .enhanced = "5.7.26", .text = "x",
+				 .domain = "yahoo.com"}, &d);
+	assert_string_equal(d.rule, "lua:5.7.26");
+	decide(&p, &(struct ask){.code = 451, .text = "x", .domain = "yahoo.com"}, &d);
+	assert_string_equal(d.rule, "lua:yahoo.com:*");
+	/* The domain's backoff applies to built-in retries there. */
+	decide(&p, &(struct ask){.code = 450, .text = "x", .domain = "gmail.com"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_RETRY);
+	assert_true(d.after == 300);
+	assert_int_equal(rq_config_domain(p.cfg, "yahoo.com")->per_destination, 5);
+	unload(&p);
+	/* Without an on_domain rule, the domain backoff shows in built-ins. */
+	load(&p, "relayq.on_domain('slow.example', { backoff = { first = '30m', max = '8h' } })\n");
+	decide(&p, &(struct ask){.code = 450, .text = "x", .domain = "slow.example"}, &d);
+	assert_string_equal(d.rule, "builtin:4xx");
+	assert_true(d.after == 1800);
+	unload(&p);
+}
+
+static void handler_sees_reply_and_message(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p,
+	     "relayq.on(452, function(r, msg)\n"
+	     "  local parts = { r.code, r.enhanced, r.text, r.stage, r.recipient, r.host,\n"
+	     "    r.domain, r.attempt, math.floor(r.age), msg.id, msg.from, #msg.to, msg.to[2],\n"
+	     "    msg.attempts, msg.created, msg.meta and msg.meta.tenant or 'nometa',\n"
+	     "    tostring(r.event) }\n"
+	     "  for i, v in ipairs(parts) do parts[i] = tostring(v) end\n"
+	     "  return relayq.fail { reason = table.concat(parts, '|') }\n"
+	     "end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 452, .enhanced = "4.2.2", .text = "over quota\nline two",
+				 .attempt = 3, .age = 99.5,
+				 .meta = "{\"tenant\":\"acme\",\"n\":[1,2]}"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_FAIL);
+	assert_string_equal(d.reason,
+		"452|4.2.2|over quota line two|rcpt|user@example.com|mx.example.com|"
+		"example.com|3|99|m1|app@example.org|2|other@example.net|2|1700000000.0|acme|nil");
+	decide(&p, &(struct ask){.code = 452, .enhanced = "4.2.2", .text = "x",
+				 .meta = "not json"}, &d);
+	assert_non_null(strstr(d.reason, "|nometa|"));
+	unload(&p);
+}
+
+static void broken_handlers_get_builtin(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p,
+	     "relayq.on(550, function() error('boom') end)\n"
+	     "relayq.on(551, function() while true do end end)\n"
+	     "relayq.on(552, function() local s = 'x' while true do s = s .. s end end)\n"
+	     "relayq.on(553, function() local t = {} while true do t[#t+1] = {} end end)\n"
+	     "relayq.on(554, function() return 'retry' end)\n"
+	     "relayq.on(450, function()\n"
+	     "  while true do pcall(function() while true do end end) end\n"
+	     "end)\n"
+	     "relayq.on(451, function() return relayq.retry { after = 42 } end)\n");
+	struct rq_decision d;
+	struct rq_policy_lua_stats st;
+
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_FAIL);
+	assert_string_equal(d.rule, "builtin:5xx");
+	assert_non_null(strstr(d.reason, "lua:550 error:"));
+	assert_non_null(strstr(d.reason, "boom"));
+	assert_non_null(strstr(rq_policy_lua_last_error(p.cfg->lua), "stack traceback"));
+
+	decide(&p, &(struct ask){.code = 551, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:5xx");
+	assert_non_null(strstr(d.reason, "instruction budget"));
+
+	decide(&p, &(struct ask){.code = 552, .enhanced = "5.2.2", .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:5xx");
+	assert_non_null(strstr(d.reason, "memory"));
+
+	decide(&p, &(struct ask){.code = 553, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:5xx");
+
+	decide(&p, &(struct ask){.code = 554, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:5xx");
+	assert_non_null(strstr(d.reason, "not an action"));
+
+	/* A pcall in the script cannot swallow the budget error. */
+	decide(&p, &(struct ask){.code = 450, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:4xx");
+	assert_int_equal(d.action, RQ_POLICY_RETRY);
+
+	stats(&p, &st);
+	assert_int_equal(st.calls, 6);
+	assert_int_equal(st.errors, 6);
+	assert_int_equal(st.runtime_errors, 1);
+	assert_int_equal(st.budget_errors + st.memory_errors, 4);
+	assert_true(st.budget_errors >= 2);
+	assert_true(st.memory_errors >= 1);
+	assert_int_equal(st.bad_results, 1);
+	/* The garbage is gone and the state still works. */
+	assert_true(st.memory < RQ_POLICY_LUA_MEMORY / 4);
+	assert_true(st.memory_peak > st.memory);
+	decide(&p, &(struct ask){.code = 451, .text = "x"}, &d);
+	assert_string_equal(d.rule, "lua:451");
+	assert_true(d.after == 42);
+
+	/* Each failing rule is logged once per load. */
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	fflush(logout);
+	size_t n = 0;
+	for (const char *s = logbuf; (s = strstr(s, "rule=lua:550")); s++)
+		n++;
+	assert_int_equal(n, 1);
+	assert_non_null(strstr(logbuf, "event=policy_error"));
+	assert_non_null(strstr(logbuf, "stack traceback"));
+	stats(&p, &st);
+	assert_int_equal(st.errors, 8);
+	unload(&p);
+}
+
+static void sandbox(void **state)
+{
+	(void)state;
+	char marker[600];
+	snprintf(marker, sizeof(marker), "%s/escaped", dir);
+	char *src = NULL;
+	assert_true(asprintf(&src,
+	     "relayq.on(550, function()\n"
+	     "  local bad = {}\n"
+	     "  local function check(name, v) if v ~= nil then bad[#bad + 1] = name end end\n"
+	     "  check('io', io) check('os.execute', os.execute) check('os.getenv', os.getenv)\n"
+	     "  check('os.remove', os.remove) check('os.exit', os.exit)\n"
+	     "  check('require', require) check('debug', debug) check('package', package)\n"
+	     "  check('dofile', dofile) check('loadfile', loadfile) check('string.dump', string.dump)\n"
+	     "  check('coroutine', coroutine)\n"
+	     "  check('load bytecode', (load('\\27Lua\\84\\0\\25\\147\\13\\10\\26\\10')))\n"
+	     "  check('load mode b', (load('return 1', 'x', 'b')))\n"
+	     "  check('load mode bt', (load('return 1', 'x', 'bt')))\n"
+	     "  if pcall(collectgarbage, 'stop') then bad[#bad + 1] = 'collectgarbage stop' end\n"
+	     "  if load('return 1 + 1')() ~= 2 then bad[#bad + 1] = 'text load broken' end\n"
+	     "  if type(os.time()) ~= 'number' then bad[#bad + 1] = 'os.time' end\n"
+	     "  if pcall(relayq.on, 551, print) then bad[#bad + 1] = 'relayq.on at run time' end\n"
+	     "  if pcall(relayq.getenv, 'HOME') then bad[#bad + 1] = 'getenv at run time' end\n"
+	     "  if #bad == 0 then return relayq.fail { reason = 'sandbox ok' } end\n"
+	     "  return relayq.fail { reason = 'escaped: ' .. table.concat(bad, ',') }\n"
+	     "end)\n"
+	     "relayq.on(551, function() io.open('%s', 'w') end)\n"
+	     "relayq.on(552, function() os.execute('touch %s') end)\n"
+	     "relayq.on(553, function() require('os') end)\n"
+	     "relayq.on(554, function() local s = string.rep('x', 1 << 30) return relayq.retry() end)\n"
+	     "relayq.on(555, function() return setmetatable({ action = 'drop' }, getmetatable(relayq.retry())) end)\n",
+	     marker, marker) > 0);
+	struct pol p;
+	load(&p, src);
+	free(src);
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	assert_string_equal(d.reason, "sandbox ok");
+	for (int code = 551; code <= 555; code++) {
+		decide(&p, &(struct ask){.code = code, .text = "x"}, &d);
+		assert_string_equal(d.rule, "builtin:5xx");
+	}
+	assert_int_equal(access(marker, F_OK), -1);
+	struct rq_policy_lua_stats st;
+	stats(&p, &st);
+	assert_int_equal(st.errors, 5);
+	assert_true(st.memory_errors >= 1);
+	unload(&p);
+}
+
+static void bad_rules_refused_at_load(void **state)
+{
+	(void)state;
+	struct rq_config *cfg = rq_config_create();
+	struct rq_config_diag diag;
+	rq_config_diag_init(&diag, "bad.lua");
+	const char *src =
+		"relayq.on(250, function() end)\n"
+		"relayq.on('2xx', function() end)\n"
+		"relayq.on('5.9', function() end)\n"
+		"relayq.on(550, 'not a function')\n"
+		"relayq.on(451, function() end)\n"
+		"relayq.on('451', function() end)\n"
+		"relayq.on('sometimes', function() end)\n"
+		"relayq.on_domain('x.com', { on = { [250] = function() end } })\n";
+	struct rq_policy_lua *pl = rq_policy_lua_load_buffer("bad.lua", src, strlen(src),
+							     cfg, NULL, &diag);
+	assert_null(pl);
+	assert_int_equal(diag.errors, 7);
+	assert_int_equal(diag.items[0].line, 1);
+	assert_non_null(strstr(diag.items[0].msg, "only 4xx and 5xx"));
+	bool twice = false;
+	for (size_t i = 0; i < diag.n; i++)
+		if (diag.items[i].line == 6 && strstr(diag.items[i].msg, "given twice (first at line 5)"))
+			twice = true;
+	assert_true(twice);
+	rq_config_destroy(cfg);
+
+	/* Bad action arguments are runtime errors of the handler. */
+	struct pol p;
+	load(&p, "relayq.on(450, function() return relayq.retry { after = 'soon' } end)\n"
+		 "relayq.on(451, function() return relayq.retry { when = 5 } end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 450, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:4xx");
+	assert_non_null(strstr(d.reason, "not a duration"));
+	decide(&p, &(struct ask){.code = 451, .text = "x"}, &d);
+	assert_non_null(strstr(d.reason, "unknown argument when"));
+	unload(&p);
+}
+
+static void expiry_still_applies_to_lua_retries(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p, "relayq.expire { max_age = '1d' }\n"
+		 "relayq.on(550, function() return relayq.retry { after = '1h' } end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 550, .text = "x", .age = 3600}, &d);
+	assert_int_equal(d.action, RQ_POLICY_RETRY);
+	decide(&p, &(struct ask){.code = 550, .text = "x", .age = 2 * 86400}, &d);
+	assert_int_equal(d.action, RQ_POLICY_FAIL);
+	assert_true(d.expired);
+	assert_non_null(strstr(d.reason, "lua:550"));
+	unload(&p);
+}
+
+static void reload_with_syntax_error_keeps_old_policy(void **state)
+{
+	(void)state;
+	char path[600];
+	snprintf(path, sizeof(path), "%s/policy.lua", dir);
+	FILE *f = fopen(path, "w");
+	fputs("relayq.on(550, function() return relayq.retry { after = '7m' } end)\n", f);
+	fclose(f);
+	struct rq_config_diag diag;
+	rq_config_diag_init(&diag, path);
+	struct rq_config *cfg = rq_config_load(path, &diag);
+	assert_non_null(cfg);
+	f = fopen(path, "w");
+	fputs("relayq.on(550, function() return relayq.fail() end\n", f);  /* missing ) */
+	fclose(f);
+	rq_config_diag_init(&diag, path);
+	assert_int_equal(rq_config_reload(&cfg, path, &diag), -1);
+	assert_true(diag.errors >= 1);
+	assert_true(diag.items[0].line >= 1);
+	assert_non_null(strstr(diag.items[0].msg, "expected"));
+	struct pol p = {.cfg = cfg};
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	assert_int_equal(d.action, RQ_POLICY_RETRY);
+	assert_true(d.after == 420);
+	rq_config_destroy(cfg);
+}
+
+static void many_calls_stay_flat(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p, "local n = 0\n"
+		 "relayq.on('4xx', function(r, msg) n = n + 1\n"
+		 "  if r.text:match('grey') then return relayq.retry { after = 60 } end end)\n");
+	struct rq_policy_lua_stats st;
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 451, .text = "greylisted"}, &d);
+	stats(&p, &st);
+	size_t base = st.memory;
+	for (int i = 0; i < 20000; i++)
+		decide(&p, &(struct ask){.code = 451, .text = "greylisted", .meta = "{\"a\":1}"}, &d);
+	stats(&p, &st);
+	assert_int_equal(st.errors, 0);
+	assert_int_equal(st.calls, 20001);
+	/* Garbage is collected as it goes: no growth beyond a few MiB. */
+	assert_true(st.memory < base + (4u << 20));
+	unload(&p);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(text_match_550_to_retry),
+		cmocka_unit_test(code_421_to_fail),
+		cmocka_unit_test(most_specific_wins),
+		cmocka_unit_test(per_domain_rules),
+		cmocka_unit_test(handler_sees_reply_and_message),
+		cmocka_unit_test(broken_handlers_get_builtin),
+		cmocka_unit_test(sandbox),
+		cmocka_unit_test(bad_rules_refused_at_load),
+		cmocka_unit_test(expiry_still_applies_to_lua_retries),
+		cmocka_unit_test(reload_with_syntax_error_keeps_old_policy),
+		cmocka_unit_test(many_calls_stay_flat),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}
