@@ -1,0 +1,251 @@
+/*
+ * The SMTP client session under faults injected by fakesmtp: a stalled
+ * server (timeout), a trickling server (deadline), disconnects at every
+ * stage (lost), garbage and overlong replies (protocol), each reported with
+ * the right stage and class, without leak or crash.
+ */
+#include "test_smtp_common.h"
+
+#include "fakesmtp.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static const char *const two[] = {"a@example.net", "b@example.net", NULL};
+static const char *body1 = "Subject: hi\r\n\r\nhello\r\n";
+
+struct fx {
+	struct run r;
+	struct fsmtp *f;
+};
+
+static void fx_start(struct fx *x, const char *scenario, int timeout_ms)
+{
+	run_init(&x->r);
+	short_timeouts(&x->r.opts, timeout_ms);
+	x->f = fsmtp_must_start(x->r.base, scenario);
+	run_connect(&x->r, fsmtp_port(x->f), "mx.test");
+}
+
+static void fx_end(struct fx *x)
+{
+	run_finish(&x->r);
+	fsmtp_destroy(x->f);
+	run_free_base(&x->r);
+}
+
+/*
+ * One transaction against a faulty server: the transaction and the session
+ * end with (stage, fail); every recipient gets that outcome.
+ */
+static void fault_case(const char *scenario, int timeout_ms, const char *body,
+		       enum rq_stage stage, enum rq_fail fail, const char *text_has)
+{
+	struct fx x;
+	fx_start(&x, scenario, timeout_ms);
+	txn_set(&x.r, "s@example.com", two, body);
+	assert_int_equal(rq_smtp_send(x.r.s, &x.r.txn), 0);
+	wait_done(&x.r, 1);
+	wait_closed(&x.r);
+	if (x.r.txn.outcome.stage != stage || x.r.txn.outcome.fail != fail)
+		fail_msg("scenario \"%s\": outcome stage %s fail %s (%s); expected %s %s",
+			 scenario, rq_stage_name(x.r.txn.outcome.stage),
+			 rq_fail_name(x.r.txn.outcome.fail), x.r.txn.outcome.text,
+			 rq_stage_name(stage), rq_fail_name(fail));
+	assert_int_equal(x.r.txn.failed, 2);
+	for (int i = 0; i < 2; i++)
+		assert_rcpt(&x.r.rcpts[i], RQ_SMTP_RCPT_FAILED, stage, fail, 0);
+	assert_outcome(&x.r.why, stage, fail, 0);
+	if (text_has && !strstr(x.r.why.text, text_has))
+		fail_msg("scenario \"%s\": text \"%s\" lacks \"%s\"", scenario, x.r.why.text, text_has);
+	assert_int_equal(rq_smtp_state(x.r.s), RQ_SMTP_ST_CLOSED);
+	assert_false(rq_smtp_reusable(x.r.s));
+	/* at DOT the server has the whole message: whether it took it is
+	 * exactly what the client cannot know */
+	if (stage != RQ_STAGE_DOT)
+		assert_null(fsmtp_last_message(x.f));
+	fx_end(&x);
+}
+
+/* A server that stops answering: the stage's timeout. */
+static void test_stall_every_stage(void **state)
+{
+	fault_case("greeting stall", 300, body1, RQ_STAGE_GREETING, RQ_FAIL_TIMEOUT, "timeout");
+	fault_case("ehlo stall", 300, body1, RQ_STAGE_EHLO, RQ_FAIL_TIMEOUT, "timeout");
+	fault_case("pipelining off\nhelo stall\nehlo reply 500 no", 300, body1, RQ_STAGE_HELO,
+		   RQ_FAIL_TIMEOUT, NULL);
+	fault_case("mail stall", 300, body1, RQ_STAGE_MAIL, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("pipelining off\nmail stall", 300, body1, RQ_STAGE_MAIL, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("rcpt stall", 300, body1, RQ_STAGE_RCPT, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("rcpt rcpt=2 stall", 300, body1, RQ_STAGE_RCPT, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("data stall", 300, body1, RQ_STAGE_DATA, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("dot stall", 300, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT, NULL);
+}
+
+/* A server that answers one byte at a time, each within the inactivity
+ * timeout, but too slowly overall: the stage's deadline. */
+static void test_trickle_deadline(void **state)
+{
+	fault_case("greeting trickle=100", 400, body1, RQ_STAGE_GREETING, RQ_FAIL_TIMEOUT, "deadline");
+	fault_case("mail trickle=100", 400, body1, RQ_STAGE_MAIL, RQ_FAIL_TIMEOUT, "deadline");
+	fault_case("dot trickle=100", 400, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT, "deadline");
+
+	/* a trickle that ends in time is fine */
+	struct fx x;
+	fx_start(&x, "mail trickle=5\nrcpt trickle=5", 1000);
+	txn_set(&x.r, "s@example.com", two, body1);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 2);
+	fx_end(&x);
+}
+
+/* The server closes the connection at every stage: "lost". */
+static void test_disconnect_every_stage(void **state)
+{
+	fault_case("greeting drop", 2000, body1, RQ_STAGE_GREETING, RQ_FAIL_LOST, NULL);
+	fault_case("ehlo drop", 2000, body1, RQ_STAGE_EHLO, RQ_FAIL_LOST, NULL);
+	fault_case("mail drop", 2000, body1, RQ_STAGE_MAIL, RQ_FAIL_LOST, NULL);
+	fault_case("pipelining off\nmail drop", 2000, body1, RQ_STAGE_MAIL, RQ_FAIL_LOST, NULL);
+	fault_case("pipelining off\nrcpt drop", 2000, body1, RQ_STAGE_RCPT, RQ_FAIL_LOST, NULL);
+	fault_case("pipelining off\nrcpt rcpt=2 drop", 2000, body1, RQ_STAGE_RCPT, RQ_FAIL_LOST, NULL);
+	fault_case("pipelining off\ndata drop", 2000, body1, RQ_STAGE_DATA, RQ_FAIL_LOST, NULL);
+	fault_case("dot drop", 2000, body1, RQ_STAGE_DOT, RQ_FAIL_LOST, NULL);
+	fault_case("pipelining off\ndot drop", 2000, body1, RQ_STAGE_DOT, RQ_FAIL_LOST, NULL);
+}
+
+/* Disconnect in the middle of the message data. */
+static void test_disconnect_mid_data(void **state)
+{
+	size_t n = 4 * 1024 * 1024;
+	char *big = malloc(n + 1);
+	for (size_t i = 0; i < n; i++)
+		big[i] = (i % 80 == 79) ? '\n' : 'm';
+	big[n] = '\0';
+	fault_case("data drop-after=1000", 2000, big, RQ_STAGE_DATA, RQ_FAIL_LOST, NULL);
+	free(big);
+}
+
+/* Garbage and overlong replies: "protocol", the connection dropped. */
+static void test_garbage(void **state)
+{
+	/* escapes (\\r \\n \\xHH) are the fixture's */
+	fault_case("greeting raw garbage here\\r\\n", 2000, body1, RQ_STAGE_GREETING,
+		   RQ_FAIL_PROTOCOL, NULL);
+	fault_case("pipelining off\nmail raw 25\\r\\n", 2000, body1, RQ_STAGE_MAIL,
+		   RQ_FAIL_PROTOCOL, NULL);
+	fault_case("pipelining off\nmail raw 999 out of range\\r\\n", 2000, body1, RQ_STAGE_MAIL,
+		   RQ_FAIL_PROTOCOL, NULL);
+	fault_case("pipelining off\nrcpt raw 250-2.1.5 one\\r\\n550 5.1.1 other code\\r\\n", 2000,
+		   body1, RQ_STAGE_RCPT, RQ_FAIL_PROTOCOL, NULL);
+	fault_case("ehlo raw \\x01\\x02\\x03\\r\\n", 2000, body1, RQ_STAGE_EHLO,
+		   RQ_FAIL_PROTOCOL, NULL);
+	/* a bare CR is no line end: the line grows until the bound */
+	fault_case("greeting raw 220 x\\r", 300, body1, RQ_STAGE_GREETING, RQ_FAIL_TIMEOUT, NULL);
+}
+
+static void test_overlong(void **state)
+{
+	/* a 10 MB line: refused as soon as the bound is passed */
+	fault_case("mail long=10485760", 2000, body1, RQ_STAGE_MAIL, RQ_FAIL_PROTOCOL, "longer than");
+	fault_case("greeting long=10485760", 2000, body1, RQ_STAGE_GREETING, RQ_FAIL_PROTOCOL,
+		   "longer than");
+	/* a line just over the bound */
+	fault_case("rcpt long=3000", 2000, body1, RQ_STAGE_RCPT, RQ_FAIL_PROTOCOL, NULL);
+	/* 10,000 continuation lines */
+	fault_case("mail lines=10000", 2000, body1, RQ_STAGE_MAIL, RQ_FAIL_PROTOCOL, NULL);
+	fault_case("ehlo lines=10000", 2000, body1, RQ_STAGE_EHLO, RQ_FAIL_PROTOCOL, NULL);
+
+	/* within bounds: fine */
+	struct fx x;
+	fx_start(&x, "mail long=1000\nrcpt lines=50", 2000);
+	txn_set(&x.r, "s@example.com", two, body1);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 2);
+	fx_end(&x);
+}
+
+/* The connection is found dead by the RSET before a reused transaction:
+ * nothing was tried, the recipients can go at once elsewhere. */
+static void test_dead_on_reuse(void **state)
+{
+	struct fx x;
+	fx_start(&x, "rset drop", 2000);
+	txn_set(&x.r, "s@example.com", two, body1);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 2);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.not_tried, 2);
+	assert_int_equal(x.r.rcpts[0].result, RQ_SMTP_RCPT_NOT_TRIED);
+	assert_int_equal(x.r.rcpts[1].result, RQ_SMTP_RCPT_NOT_TRIED);
+	assert_outcome(&x.r.txn.outcome, RQ_STAGE_RSET, RQ_FAIL_LOST, 0);
+	wait_closed(&x.r);
+	fx_end(&x);
+}
+
+/* A server 421 mid-transaction (closing after it). */
+static void test_421_mid_session(void **state)
+{
+	struct fx x;
+	fx_start(&x, "rcpt rcpt=2 reply 421 4.4.2 closing", 2000);
+	const char *const r[] = {"a@example.net", "b@example.net", "c@example.net", NULL};
+	txn_set(&x.r, "s@example.com", r, body1);
+	assert_int_equal(rq_smtp_send(x.r.s, &x.r.txn), 0);
+	wait_done(&x.r, 1);
+	wait_closed(&x.r);
+	assert_int_equal(x.r.txn.delivered, 0);
+	/* b got the 421 itself; a and c what ended the connection */
+	assert_rcpt(&x.r.rcpts[1], RQ_SMTP_RCPT_FAILED, RQ_STAGE_RCPT, RQ_FAIL_NONE, 421);
+	assert_int_equal(x.r.rcpts[0].result, RQ_SMTP_RCPT_FAILED);
+	assert_int_equal(x.r.rcpts[2].result, RQ_SMTP_RCPT_FAILED);
+	assert_true(x.r.rcpts[0].outcome.fail != RQ_FAIL_NONE || x.r.rcpts[0].outcome.code >= 400);
+	assert_null(fsmtp_last_message(x.f));
+	fx_end(&x);
+}
+
+/* Connect timeout: a listener whose accept queue is full (Linux drops the
+ * SYN, so connect neither succeeds nor fails). */
+static void test_connect_timeout(void **state)
+{
+	int lfd = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t al = sizeof(a);
+	assert_int_equal(bind(lfd, (struct sockaddr *)&a, sizeof(a)), 0);
+	assert_int_equal(listen(lfd, 0), 0);
+	assert_int_equal(getsockname(lfd, (struct sockaddr *)&a, &al), 0);
+	int fill[4];
+	for (int i = 0; i < 4; i++) {
+		fill[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+		connect(fill[i], (struct sockaddr *)&a, sizeof(a));
+	}
+	struct run r;
+	run_init(&r);
+	short_timeouts(&r.opts, 300);
+	struct rq_smtp_host h;
+	assert_int_equal(rq_smtp_host_set(&h, "127.0.0.1", ntohs(a.sin_port), NULL), 0);
+	run_connect_hosts(&r, &h, 1);
+	wait_closed(&r);
+	assert_outcome(&r.why, RQ_STAGE_CONNECT, RQ_FAIL_TIMEOUT, 0);
+	run_finish(&r);
+	run_free_base(&r);
+	for (int i = 0; i < 4; i++)
+		close(fill[i]);
+	close(lfd);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_stall_every_stage),
+		cmocka_unit_test(test_trickle_deadline),
+		cmocka_unit_test(test_disconnect_every_stage),
+		cmocka_unit_test(test_disconnect_mid_data),
+		cmocka_unit_test(test_garbage),
+		cmocka_unit_test(test_overlong),
+		cmocka_unit_test(test_dead_on_reuse),
+		cmocka_unit_test(test_421_mid_session),
+		cmocka_unit_test(test_connect_timeout),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
