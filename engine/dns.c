@@ -515,6 +515,16 @@ struct query_ref {
 	struct rq_dns_req *req;
 	struct hostres *host;  /* NULL for the MX query */
 	int type;
+	struct query_ref *fnext;  /* next waiter on the same flight */
+};
+
+/* One DNS query in flight and the requests waiting for its answer. */
+struct flight {
+	struct flight *next;  /* dns->flights */
+	struct rq_dns *dns;
+	int type;
+	char name[RQ_DNS_NAME_MAX + 1];
+	struct query_ref *waiters;
 };
 
 struct famres {
@@ -568,6 +578,7 @@ struct rq_dns {
 	struct watcher *watchers;
 	struct rq_dns_cache *cache;
 	struct rq_dns_req *reqs;
+	struct flight *flights;
 	struct rq_dns_req *done_head, *done_tail;
 	struct rq_dns_opts o;
 	uint64_t rng;
@@ -616,6 +627,8 @@ static void sock_cb(evutil_socket_t fd, short what, void *arg)
 
 static void timer_cb(evutil_socket_t fd, short what, void *arg)
 {
+	(void)fd;
+	(void)what;
 	struct rq_dns *dns = arg;
 	ares_process_fd(dns->ch, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
 	update_timer(dns);
@@ -742,6 +755,8 @@ static void dns_free(struct rq_dns *dns)
 
 static void deliver_cb(evutil_socket_t fd, short what, void *arg)
 {
+	(void)fd;
+	(void)what;
 	struct rq_dns *dns = arg;
 	dns->depth++;
 	while (!dns->dying && dns->done_head) {
@@ -950,40 +965,96 @@ static void handle_mx(struct rq_dns_req *req, const struct rrset *set, bool cach
 static void handle_addr(struct rq_dns_req *req, struct hostres *h, int fi,
 			const struct rrset *set, bool cached);
 
-static void ares_cb(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
+/* Hands a record set to one waiting query; frees a cancelled request
+ * once nothing refers to it. */
+static void dispatch(struct query_ref *q, const struct rrset *set)
 {
-	struct query_ref *q = arg;
 	struct rq_dns_req *req = q->req;
-	struct rq_dns *dns = req->dns;
 	req->pending--;
-	if (status == ARES_EDESTRUCTION || status == ARES_ECANCELLED) {
-		req_maybe_free(req);
-		return;
-	}
-	const char *name = q->host ? q->host->name : req->name;
-	struct rrset set;
-	answer_to_rrset(dns, q->type, status, abuf, alen, &set);
-	if (!set.temp && dns->cache)
-		rq_dns_cache_put(dns->cache, q->type, name, set.rcode, set.data, set.len,
-				 set.ttl, now_ms());
-	if (req->state == REQ_RUNNING) {
+	if (set && req->state == REQ_RUNNING) {
 		if (q->type == RQ_DNS_T_MX)
-			handle_mx(req, &set, false);
+			handle_mx(req, set, false);
 		else
-			handle_addr(req, q->host, q->type == RQ_DNS_T_A ? 0 : 1, &set, false);
+			handle_addr(req, q->host, q->type == RQ_DNS_T_A ? 0 : 1, set, false);
 	}
-	free(set.data);
 	req_maybe_free(req);
 }
 
+static void flight_unlink(struct rq_dns *dns, struct flight *f)
+{
+	struct flight **pp = &dns->flights;
+	while (*pp && *pp != f)
+		pp = &(*pp)->next;
+	if (*pp)
+		*pp = f->next;
+}
+
+/* The answer to one DNS query, shared by every request waiting on it. */
+static void flight_cb(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
+{
+	(void)timeouts;
+	struct flight *f = arg;
+	struct rq_dns *dns = f->dns;
+	/* new requests for the same set from here on start a new query */
+	flight_unlink(dns, f);
+	struct query_ref *q = f->waiters;
+	if (status == ARES_EDESTRUCTION || status == ARES_ECANCELLED) {
+		while (q) {
+			struct query_ref *next = q->fnext;
+			dispatch(q, NULL);
+			q = next;
+		}
+		free(f);
+		return;
+	}
+	struct rrset set;
+	answer_to_rrset(dns, f->type, status, abuf, alen, &set);
+	if (!set.temp && dns->cache)
+		rq_dns_cache_put(dns->cache, f->type, f->name, set.rcode, set.data, set.len,
+				 set.ttl, now_ms());
+	while (q) {
+		struct query_ref *next = q->fnext;  /* q may be freed */
+		dispatch(q, &set);
+		q = next;
+	}
+	free(set.data);
+	free(f);
+}
+
+/*
+ * Asks for (type, name) on behalf of q. A query for the same set already
+ * in flight is joined instead of sending another. A request waits on a
+ * given flight at most once (hosts are unique within a request).
+ */
 static void send_query(struct rq_dns_req *req, struct query_ref *q, const char *name, int type)
 {
 	struct rq_dns *dns = req->dns;
 	q->req = req;
 	q->type = type;
+	q->fnext = NULL;
 	req->pending++;
+	for (struct flight *f = dns->flights; f; f = f->next) {
+		if (f->type == type && strcmp(f->name, name) == 0) {
+			q->fnext = f->waiters;
+			f->waiters = q;
+			dns->st.joined++;
+			return;
+		}
+	}
+	struct flight *f = calloc(1, sizeof(*f));
+	if (!f) {
+		struct rrset set = {.temp = true, .ares_status = ARES_ENOMEM};
+		dispatch(q, &set);
+		return;
+	}
+	f->dns = dns;
+	f->type = type;
+	memcpy(f->name, name, strlen(name) + 1);
+	f->waiters = q;
+	f->next = dns->flights;
+	dns->flights = f;
 	dns->st.queries++;
-	ares_query(dns->ch, name, DNS_CLASS_IN, type, ares_cb, q);
+	ares_query(dns->ch, name, DNS_CLASS_IN, type, flight_cb, f);
 	update_timer(dns);
 }
 

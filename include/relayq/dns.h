@@ -27,6 +27,7 @@
  * Address literals ("1.2.3.4", "::1", "[1.2.3.4]", "[IPv6:::1]", also
  * "[::1]") are returned as they are, without DNS.
  *
+ * Concurrent requests for the same record set share one query.
  * Answers are cached for their TTL (the smallest TTL of the records used,
  * at most ttl_max), negative answers (NXDOMAIN, no data) for the SOA
  * negative TTL (RFC 2308) but at most neg_ttl_max. Temporary failures are
@@ -172,6 +173,7 @@ void rq_dns_flush(struct rq_dns *dns);
 struct rq_dns_stats {
 	uint64_t lookups;      /* rq_dns_lookup_* calls */
 	uint64_t queries;      /* DNS queries sent */
+	uint64_t joined;       /* record sets that joined a query in flight */
 	uint64_t cache_hits;   /* record sets answered from the cache */
 	uint64_t tempfails;    /* lookups that ended in a temporary failure */
 	uint64_t permfails;

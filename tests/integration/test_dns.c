@@ -735,7 +735,28 @@ static void cancel_and_destroy_in_flight(void **state)
 	close(fd);
 }
 
-/* Many concurrent lookups on one loop, all answered. */
+/* Two requests share a query; cancelling one leaves the other answered. */
+static void cancel_one_of_two_sharing(void **state)
+{
+	struct fixture *f = *state;
+	struct waiter gone = {0}, kept = {0};
+	struct rq_dns_req *a = rq_dns_lookup_mx(f->dns, "example.test", on_result, &gone);
+	struct rq_dns_req *b = rq_dns_lookup_mx(f->dns, "example.test", on_result, &kept);
+	assert_non_null(a);
+	assert_non_null(b);
+	rq_dns_cancel(a);
+	assert_true(run_until(f->base, &kept.calls, 1, 10000));
+	assert_int_equal(kept.res->status, RQ_DNS_OK);
+	assert_int_equal(kept.res->nhosts, 2);
+	rq_dns_result_free(kept.res);
+	assert_int_equal(gone.calls, 0);
+	struct rq_dns_stats st;
+	rq_dns_stats(f->dns, &st);
+	assert_int_equal(st.queries, 5);
+	assert_int_equal(st.joined, 1);
+}
+
+/* Many concurrent lookups on one loop, all answered, sharing queries. */
 static void many_concurrent(void **state)
 {
 	struct fixture *f = *state;
@@ -757,6 +778,12 @@ static void many_concurrent(void **state)
 		event_base_loop(f->base, EVLOOP_ONCE);
 	}
 	assert_int_equal(total, 40);
+	/* one query per record set: 5 + 5 + 3 + 1 + 1, the rest joined */
+	struct rq_dns_stats st;
+	rq_dns_stats(f->dns, &st);
+	assert_int_equal(st.queries, 15);
+	assert_true(st.joined > 0);
+	assert_int_equal(st.pending, 0);
 	for (int i = 0; i < 40; i++) {
 		assert_int_equal(w[i].calls, 1);
 		enum rq_dns_status want = i % 5 >= 3 ? RQ_DNS_PERMFAIL : RQ_DNS_OK;
@@ -814,6 +841,7 @@ int main(void)
 		cmocka_unit_test(cache_survives_server_until_ttl),
 		cmocka_unit_test(cache_cap),
 		cmocka_unit_test(cancel_and_destroy_in_flight),
+		cmocka_unit_test_setup_teardown(cancel_one_of_two_sharing, setup, teardown),
 		cmocka_unit_test_setup_teardown(many_concurrent, setup, teardown),
 		cmocka_unit_test(bad_options),
 	};
