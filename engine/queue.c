@@ -1,0 +1,1806 @@
+#include "relayq/queue.h"
+
+#include "relayq/fnlib.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <event2/event.h>
+#include <hiredis/adapters/libevent.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+
+/*
+ * Structure.
+ *
+ * A queue has two links (command, subscriber). Each connection attempt is a
+ * heap `struct conn` owning one redisAsyncContext; the conn is freed only
+ * where hiredis no longer calls back with it: in on_connect(REDIS_ERR), in
+ * on_disconnect, or right after our own redisAsyncFree() outside hiredis
+ * callbacks (sync_free). A drop requested from inside a hiredis reply
+ * callback uses hiredis' own deferral (REDIS_IN_CALLBACK: redisAsyncFree
+ * only flags, the context is freed after the callback returns, and
+ * on_disconnect follows).
+ *
+ * Commands live in q->cmds in submit order. Replies come in order on one
+ * connection, so the commands written on the current connection are always
+ * a prefix of the list; q->unsent is the first one not written. When a
+ * connection goes, hiredis calls every pending callback with NULL, the
+ * commands are marked unsent and the whole list is written again after the
+ * next setup. A command object that hiredis still holds when the queue is
+ * destroyed becomes an orphan: its user callback has run (ECANCEL), and the
+ * hiredis callback only frees it.
+ *
+ * User callbacks are called only from reply callbacks (where hiredis defers
+ * frees), from our own timers, and from destroy; never from on_connect or
+ * on_disconnect (a "down" notification goes through a zero timer).
+ */
+
+enum cmd_kind {
+	CMD_CLAIM,
+	CMD_SETTLE,
+	CMD_COUNT,
+	CMD_RAW,
+};
+
+struct cmd {
+	TAILQ_ENTRY(cmd) entry;
+	enum cmd_kind kind;
+	char *buf;                  /* the RESP command (redisFormatCommandArgv) */
+	size_t len;
+	union {
+		rq_queue_claim_cb *claim;
+		rq_queue_settle_cb *settle;
+		rq_queue_count_cb *count;
+		rq_queue_reply_cb *raw;
+	} cb;
+	void *arg;
+	size_t nmsgs;               /* settle: messages in the batch */
+	int64_t sent_ms;
+	int notfound;               /* "Function not found" retries */
+	bool sent;                  /* written on the current connection */
+	bool orphan;                /* queue gone, callback done: free only */
+};
+
+TAILQ_HEAD(cmd_list, cmd);
+
+enum link_kind {
+	LINK_CMD,
+	LINK_SUB,
+};
+
+struct link;
+
+struct conn {
+	struct rq_queue *q;         /* NULL once detached by destroy */
+	struct link *link;
+	redisAsyncContext *ac;
+	bool connected;
+	bool dropping;              /* redisAsyncFree requested */
+	bool sync_free;             /* our caller frees the conn */
+	bool gone;                  /* conn_gone ran */
+	char reason[256];           /* why we dropped it */
+};
+
+struct link {
+	struct rq_queue *q;
+	enum link_kind kind;
+	enum rq_queue_conn_state state;
+	struct conn *conn;
+	struct event *retry_ev;
+	int backoff_ms;
+	int64_t phase_ms;           /* start of CONNECTING / SETUP */
+	bool drop_pending;          /* drop at the next drop_ev */
+};
+
+#define SETUP_AUTH 0x1
+#define SETUP_SELECT 0x2
+
+struct rq_queue {
+	struct event_base *base;
+	struct link cmdl, subl;
+	struct cmd_list cmds;
+	struct cmd *unsent;         /* first command not written, NULL: none */
+	size_t ncmds, ninflight;
+
+	struct event *wd_ev;        /* watchdog */
+	struct event *wake_ev;      /* earliest scheduled time */
+	struct event *notify_ev;    /* deferred on_state(DOWN) */
+	struct event *drop_ev;      /* deferred drops (from on_connect) */
+	int64_t wake_deadline;      /* monotonic ms, -1: not armed */
+
+	/* where */
+	bool is_unix;
+	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	char ip[INET6_ADDRSTRLEN];
+	int port;
+	int db;
+	char *user;
+	char *password;
+	char *url_redacted;
+	char prefix[RQ_QUEUE_NAME_MAX + 16];
+	char channel[RQ_QUEUE_NAME_MAX + 24];
+
+	int timeout_ms, backoff_min, backoff_max;
+	void (*on_wake)(struct rq_queue *, enum rq_queue_wake, void *);
+	void (*on_state)(struct rq_queue *, enum rq_queue_conn_state,
+			 const char *, void *);
+	void *arg;
+
+	int depth;                  /* user callbacks running */
+	bool destroying;
+	bool destroy_requested;
+	bool notify_pending;
+	char notified_err[256];     /* last error given to on_state */
+	char err[256];
+
+	struct rq_queue_stats st;
+};
+
+static void destroy_now(struct rq_queue *q);
+static void on_cmd_reply(redisAsyncContext *ac, void *reply, void *priv);
+static void link_drop(struct link *l, const char *reason);
+static void flush(struct rq_queue *q);
+static void wd_arm(struct rq_queue *q);
+
+/* ---- small helpers ---- */
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static struct timeval ms_tv(int64_t ms)
+{
+	if (ms < 0)
+		ms = 0;
+	struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+	return tv;
+}
+
+/* Copies s into dst, replacing every occurrence of the password by ***. */
+static void set_text(const struct rq_queue *q, char *dst, size_t dstlen, const char *s)
+{
+	size_t n = 0;
+	size_t plen = q->password ? strlen(q->password) : 0;
+	while (*s && n + 1 < dstlen) {
+		if (plen > 0 && strncmp(s, q->password, plen) == 0) {
+			for (const char *r = "***"; *r && n + 1 < dstlen; r++)
+				dst[n++] = *r;
+			s += plen;
+			continue;
+		}
+		unsigned char ch = (unsigned char)*s++;
+		dst[n++] = (ch < 0x20 || ch == 0x7f) ? ' ' : (char)ch;
+	}
+	dst[n] = '\0';
+}
+
+static void set_err(struct rq_queue *q, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+static void set_err(struct rq_queue *q, const char *fmt, ...)
+{
+	char buf[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	set_text(q, q->err, sizeof(q->err), buf);
+}
+
+/* Runs around every user callback. Returns false when the queue was
+ * destroyed meanwhile: the caller must not touch q again. */
+static void enter(struct rq_queue *q)
+{
+	q->depth++;
+}
+
+static bool leave(struct rq_queue *q)
+{
+	q->depth--;
+	if (q->depth == 0 && q->destroy_requested && !q->destroying) {
+		destroy_now(q);
+		return false;
+	}
+	return true;
+}
+
+/* ---- replies kept past their callback ----
+ *
+ * hiredis frees a reply right after its callback returns. A claim hands the
+ * reply to the caller instead of copying bodies: the command connection's
+ * reader gets our object functions, whose freeObject skips the one reply
+ * the claim callback just kept. */
+
+static _Thread_local void *kept_reply;
+static redisReplyObjectFunctions keep_fns;
+static pthread_once_t keep_once = PTHREAD_ONCE_INIT;
+
+static void free_unless_kept(void *reply)
+{
+	if (reply != NULL && reply == kept_reply) {
+		kept_reply = NULL;
+		return;
+	}
+	freeReplyObject(reply);
+}
+
+static void keep_fns_init(void)
+{
+	redisReader *r = redisReaderCreate();
+	if (!r)
+		abort();
+	keep_fns = *r->fn;
+	keep_fns.freeObject = free_unless_kept;
+	redisReaderFree(r);
+}
+
+/* ---- URL ---- */
+
+void rq_queue_redact_url(const char *url, char *out, size_t outlen)
+{
+	if (outlen == 0)
+		return;
+	out[0] = '\0';
+	if (!url)
+		return;
+	const char *scheme_end = strstr(url, "://");
+	const char *auth = scheme_end ? scheme_end + 3 : NULL;
+	const char *at = NULL;
+	if (auth) {
+		const char *end = auth + strcspn(auth, "/?#");
+		for (const char *p = auth; p < end; p++)
+			if (*p == '@')
+				at = p;
+	}
+	if (!at) {
+		snprintf(out, outlen, "%s", url);
+		return;
+	}
+	const char *colon = memchr(auth, ':', (size_t)(at - auth));
+	if (colon)
+		snprintf(out, outlen, "%.*s***%s", (int)(colon + 1 - url), url, at);
+	else
+		snprintf(out, outlen, "%.*s***%s", (int)(auth - url), url, at);
+}
+
+static int hexval(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* %-decodes [s, s+n) into a new string; NULL on a bad escape, a NUL or no
+ * memory. */
+static char *pct_decode(const char *s, size_t n)
+{
+	char *out = malloc(n + 1);
+	size_t k = 0;
+	if (!out)
+		return NULL;
+	for (size_t i = 0; i < n; i++) {
+		int c = (unsigned char)s[i];
+		if (c == '%') {
+			int a = i + 2 < n ? hexval(s[i + 1]) : -1;
+			int b = i + 2 < n ? hexval(s[i + 2]) : -1;
+			c = (a < 0 || b < 0) ? 0 : a * 16 + b;
+			i += 2;
+		}
+		if (c == 0) {
+			free(out);
+			return NULL;
+		}
+		out[k++] = (char)c;
+	}
+	out[k] = '\0';
+	return out;
+}
+
+static bool parse_uint(const char *s, size_t n, long max, long *out)
+{
+	long v = 0;
+	if (n == 0 || n > 10)
+		return false;
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] < '0' || s[i] > '9')
+			return false;
+		v = v * 10 + (s[i] - '0');
+	}
+	if (v > max)
+		return false;
+	*out = v;
+	return true;
+}
+
+static int parse_unix(struct rq_queue *q, const char *rest, char *err, size_t errlen)
+{
+	if (strncmp(rest, "//", 2) == 0)
+		rest += 2;
+	size_t plen = strcspn(rest, "?");
+	if (plen == 0 || rest[0] != '/') {
+		snprintf(err, errlen, "redis URL unix: needs an absolute socket path");
+		return -1;
+	}
+	if (plen >= sizeof(q->path)) {
+		snprintf(err, errlen, "redis unix socket path is over %zu bytes",
+			 sizeof(q->path) - 1);
+		return -1;
+	}
+	memcpy(q->path, rest, plen);
+	q->path[plen] = '\0';
+	q->is_unix = true;
+	const char *query = rest + plen;
+	if (*query == '\0')
+		return 0;
+	long db;
+	if (strncmp(query, "?db=", 4) != 0 || !parse_uint(query + 4, strlen(query + 4), 1000000, &db)) {
+		snprintf(err, errlen, "redis URL unix: accepts only ?db=<number> after the path");
+		return -1;
+	}
+	q->db = (int)db;
+	return 0;
+}
+
+static int resolve_host(struct rq_queue *q, const char *host, char *err, size_t errlen)
+{
+	unsigned char buf[sizeof(struct in6_addr)];
+	if (inet_pton(AF_INET, host, buf) == 1)
+		return inet_ntop(AF_INET, buf, q->ip, sizeof(q->ip)) ? 0 : -1;
+	if (inet_pton(AF_INET6, host, buf) == 1)
+		return inet_ntop(AF_INET6, buf, q->ip, sizeof(q->ip)) ? 0 : -1;
+	struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+	struct addrinfo *res = NULL;
+	int rc = getaddrinfo(host, NULL, &hints, &res);
+	if (rc != 0 || !res) {
+		snprintf(err, errlen, "redis host %s: %s", host, rc ? gai_strerror(rc) : "no address");
+		return -1;
+	}
+	const void *addr = res->ai_family == AF_INET6
+		? (const void *)&((struct sockaddr_in6 *)res->ai_addr)->sin6_addr
+		: (const void *)&((struct sockaddr_in *)res->ai_addr)->sin_addr;
+	if (!inet_ntop(res->ai_family, addr, q->ip, sizeof(q->ip))) {
+		freeaddrinfo(res);
+		snprintf(err, errlen, "redis host %s: cannot print its address", host);
+		return -1;
+	}
+	freeaddrinfo(res);
+	return 0;
+}
+
+/* redis://[user:password@]host[:port][/db] */
+static int parse_tcp(struct rq_queue *q, const char *url, char **url_pw,
+		     char *err, size_t errlen)
+{
+	const char *auth = url + strlen("redis://");
+	const char *end = auth + strcspn(auth, "/?#");
+	const char *at = NULL;
+	char host[256];
+	int rc = -1;
+
+	for (const char *p = auth; p < end; p++)
+		if (*p == '@')
+			at = p;
+	if (at) {
+		const char *colon = memchr(auth, ':', (size_t)(at - auth));
+		const char *pw = colon ? colon + 1 : auth;
+		if (colon && colon > auth) {
+			q->user = pct_decode(auth, (size_t)(colon - auth));
+			if (!q->user) {
+				snprintf(err, errlen, "redis URL: bad %%-escape in the user name");
+				goto cleanup;
+			}
+		}
+		if (at > pw) {
+			*url_pw = pct_decode(pw, (size_t)(at - pw));
+			if (!*url_pw) {
+				snprintf(err, errlen, "redis URL: bad %%-escape in the password");
+				goto cleanup;
+			}
+		}
+		auth = at + 1;
+	}
+	const char *hend, *port = NULL;
+	if (*auth == '[') {
+		const char *rb = memchr(auth, ']', (size_t)(end - auth));
+		if (!rb) {
+			snprintf(err, errlen, "redis URL: unclosed [ in the host");
+			goto cleanup;
+		}
+		if ((size_t)(rb - auth - 1) >= sizeof(host)) {
+			snprintf(err, errlen, "redis URL: host too long");
+			goto cleanup;
+		}
+		memcpy(host, auth + 1, (size_t)(rb - auth - 1));
+		host[rb - auth - 1] = '\0';
+		hend = rb + 1;
+		if (hend < end && *hend != ':') {
+			snprintf(err, errlen, "redis URL: junk after ]");
+			goto cleanup;
+		}
+	} else {
+		hend = memchr(auth, ':', (size_t)(end - auth));
+		if (!hend)
+			hend = end;
+		if ((size_t)(hend - auth) >= sizeof(host)) {
+			snprintf(err, errlen, "redis URL: host too long");
+			goto cleanup;
+		}
+		memcpy(host, auth, (size_t)(hend - auth));
+		host[hend - auth] = '\0';
+	}
+	if (host[0] == '\0') {
+		snprintf(err, errlen, "redis URL: no host");
+		goto cleanup;
+	}
+	if (hend < end && *hend == ':')
+		port = hend + 1;
+	long v = 6379;
+	if (port && !parse_uint(port, (size_t)(end - port), 65535, &v)) {
+		snprintf(err, errlen, "redis URL: bad port");
+		goto cleanup;
+	}
+	if (v == 0) {
+		snprintf(err, errlen, "redis URL: bad port");
+		goto cleanup;
+	}
+	q->port = (int)v;
+	if (*end == '/' && end[1] != '\0') {
+		long db;
+		if (!parse_uint(end + 1, strlen(end + 1), 1000000, &db)) {
+			snprintf(err, errlen, "redis URL: the path must be a database number");
+			goto cleanup;
+		}
+		q->db = (int)db;
+	} else if (*end != '\0' && strcmp(end, "/") != 0) {
+		snprintf(err, errlen, "redis URL: unexpected text after the host");
+		goto cleanup;
+	}
+	if (resolve_host(q, host, err, errlen) != 0)
+		goto cleanup;
+	rc = 0;
+cleanup:
+	return rc;
+}
+
+static char *read_password_file(const char *path, char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "r");
+	char *line = NULL;
+	size_t cap = 0;
+	if (!f) {
+		snprintf(err, errlen, "redis password file %s: %s", path, strerror(errno));
+		return NULL;
+	}
+	ssize_t n = getline(&line, &cap, f);
+	fclose(f);
+	if (n <= 0) {
+		free(line);
+		snprintf(err, errlen, "redis password file %s is empty", path);
+		return NULL;
+	}
+	while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+		line[--n] = '\0';
+	if (n == 0 || strlen(line) != (size_t)n) {
+		explicit_bzero(line, cap);
+		free(line);
+		snprintf(err, errlen, "redis password file %s: no password on its first line", path);
+		return NULL;
+	}
+	return line;
+}
+
+static void free_secret(char *s)
+{
+	if (s) {
+		explicit_bzero(s, strlen(s));
+		free(s);
+	}
+}
+
+/* ---- connections ---- */
+
+static void on_connect(const redisAsyncContext *ac, int status);
+static void on_disconnect(const redisAsyncContext *ac, int status);
+
+static void arm_retry(struct link *l)
+{
+	struct rq_queue *q = l->q;
+	int b = l->backoff_ms;
+	/* jitter: 80 % .. 120 % */
+	int64_t delay = (int64_t)b * (80 + random() % 41) / 100;
+	struct timeval tv = ms_tv(delay);
+	evtimer_add(l->retry_ev, &tv);
+	l->backoff_ms = b * 2 > q->backoff_max ? q->backoff_max : b * 2;
+}
+
+static void notify_down(struct rq_queue *q)
+{
+	if (!q->on_state || q->destroying)
+		return;
+	q->notify_pending = true;
+	struct timeval tv = {0, 0};
+	evtimer_add(q->notify_ev, &tv);
+}
+
+/* Delivers a pending DOWN notification; false when the queue is gone. */
+static bool notify_flush(struct rq_queue *q)
+{
+	if (!q->notify_pending)
+		return true;
+	q->notify_pending = false;
+	evtimer_del(q->notify_ev);
+	if (q->cmdl.state == RQ_QUEUE_READY || strcmp(q->notified_err, q->err) == 0)
+		return true;
+	snprintf(q->notified_err, sizeof(q->notified_err), "%s", q->err);
+	enter(q);
+	q->on_state(q, RQ_QUEUE_DOWN, q->err, q->arg);
+	return leave(q);
+}
+
+static void notify_cb(evutil_socket_t fd, short what, void *arg)
+{
+	notify_flush(arg);
+}
+
+/* The connection of a link is over (hiredis is done with it or about to be):
+ * requeue its commands and plan the reconnect. Runs once per conn. */
+static void conn_gone(struct conn *cn, const char *reason)
+{
+	if (cn->gone)
+		return;
+	cn->gone = true;
+	struct rq_queue *q = cn->q;
+	if (!q)
+		return;
+	struct link *l = cn->link;
+	if (l->conn == cn)
+		l->conn = NULL;
+	if (cn->connected)
+		q->st.disconnects++;
+	l->state = RQ_QUEUE_DOWN;
+	if (cn->reason[0])
+		reason = cn->reason;
+	if (l->kind == LINK_CMD) {
+		struct cmd *c;
+		TAILQ_FOREACH(c, &q->cmds, entry)
+			c->sent = false;
+		q->unsent = TAILQ_FIRST(&q->cmds);
+		q->ninflight = 0;
+		set_err(q, "%s", reason);
+		notify_down(q);
+	} else {
+		q->st.subscribed = false;
+		if (!q->err[0])
+			set_err(q, "%s", reason);
+	}
+	if (!q->destroying)
+		arm_retry(l);
+	wd_arm(q);
+}
+
+static void link_connect(struct link *l)
+{
+	struct rq_queue *q = l->q;
+	struct conn *cn = calloc(1, sizeof(*cn));
+	redisAsyncContext *ac = NULL;
+
+	if (!cn) {
+		set_err(q, "redis connect: out of memory");
+		goto fail;
+	}
+	cn->q = q;
+	cn->link = l;
+	ac = q->is_unix ? redisAsyncConnectUnix(q->path) : redisAsyncConnect(q->ip, q->port);
+	if (!ac) {
+		set_err(q, "redis connect %s: out of memory", q->url_redacted);
+		goto fail;
+	}
+	if (ac->err) {
+		set_err(q, "redis connect %s: %s", q->url_redacted, ac->errstr);
+		redisAsyncFree(ac);
+		goto fail;
+	}
+	if (!q->is_unix)
+		redisEnableKeepAlive(&ac->c);
+	if (l->kind == LINK_CMD) {
+		pthread_once(&keep_once, keep_fns_init);
+		ac->c.reader->fn = &keep_fns;
+	}
+	ac->data = cn;
+	cn->ac = ac;
+	if (redisLibeventAttach(ac, q->base) != REDIS_OK) {
+		set_err(q, "redis connect: cannot attach to the event base");
+		redisAsyncFree(ac);
+		goto fail;
+	}
+	redisAsyncSetConnectCallback(ac, on_connect);
+	redisAsyncSetDisconnectCallback(ac, on_disconnect);
+	l->conn = cn;
+	l->state = RQ_QUEUE_CONNECTING;
+	l->phase_ms = mono_ms();
+	wd_arm(q);
+	return;
+fail:
+	free(cn);
+	l->state = RQ_QUEUE_DOWN;
+	if (l->kind == LINK_CMD)
+		notify_down(q);
+	arm_retry(l);
+}
+
+static void retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct link *l = arg;
+	if (l->conn || l->q->destroying)
+		return;
+	link_connect(l);
+}
+
+/* Drops the link's connection now (from a timer or API call) or as soon as
+ * the running hiredis callback returns. Commands in flight are retried. */
+static void link_drop(struct link *l, const char *reason)
+{
+	struct conn *cn = l->conn;
+	if (!cn || cn->dropping)
+		return;
+	cn->dropping = true;
+	if (reason && !cn->reason[0])
+		set_text(l->q, cn->reason, sizeof(cn->reason), reason);
+	l->state = RQ_QUEUE_DOWN;
+	redisAsyncContext *ac = cn->ac;
+	if (ac->c.flags & REDIS_IN_CALLBACK) {
+		redisAsyncFree(ac);   /* hiredis frees after the callback */
+		return;
+	}
+	cn->sync_free = true;
+	redisAsyncFree(ac);
+	conn_gone(cn, cn->reason[0] ? cn->reason : "dropped");
+	free(cn);
+}
+
+static void drop_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rq_queue *q = arg;
+	struct link *ls[2] = {&q->cmdl, &q->subl};
+	for (int i = 0; i < 2; i++) {
+		if (ls[i]->drop_pending) {
+			ls[i]->drop_pending = false;
+			link_drop(ls[i], NULL);
+		}
+	}
+}
+
+static void drop_later(struct link *l, const char *reason)
+{
+	struct rq_queue *q = l->q;
+	if (l->conn && !l->conn->reason[0])
+		set_text(q, l->conn->reason, sizeof(l->conn->reason), reason);
+	l->drop_pending = true;
+	struct timeval tv = {0, 0};
+	evtimer_add(q->drop_ev, &tv);
+}
+
+/* ---- watchdog ---- */
+
+static int64_t link_deadline(const struct link *l, const struct rq_queue *q)
+{
+	if (l->conn && !l->conn->dropping &&
+	    (l->state == RQ_QUEUE_CONNECTING || l->state == RQ_QUEUE_SETUP))
+		return l->phase_ms + q->timeout_ms;
+	if (l->kind == LINK_CMD && l->state == RQ_QUEUE_READY) {
+		struct cmd *c = TAILQ_FIRST(&q->cmds);
+		if (c && c->sent)
+			return c->sent_ms + q->timeout_ms;
+	}
+	return -1;
+}
+
+static void wd_arm(struct rq_queue *q)
+{
+	if (q->destroying || evtimer_pending(q->wd_ev, NULL))
+		return;
+	int64_t a = link_deadline(&q->cmdl, q), b = link_deadline(&q->subl, q);
+	int64_t d = a < 0 ? b : (b < 0 || a < b ? a : b);
+	if (d < 0)
+		return;
+	struct timeval tv = ms_tv(d - mono_ms());
+	evtimer_add(q->wd_ev, &tv);
+}
+
+static void wd_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rq_queue *q = arg;
+	int64_t now = mono_ms();
+	struct link *ls[2] = {&q->cmdl, &q->subl};
+	for (int i = 0; i < 2; i++) {
+		int64_t d = link_deadline(ls[i], q);
+		if (d >= 0 && d <= now) {
+			char why[128];
+			snprintf(why, sizeof(why), "redis %s timed out after %d ms",
+				 ls[i]->state == RQ_QUEUE_READY ? "command" :
+				 ls[i]->state == RQ_QUEUE_SETUP ? "connection setup" : "connect",
+				 q->timeout_ms);
+			q->st.watchdog_drops++;
+			link_drop(ls[i], why);
+		}
+	}
+	wd_arm(q);
+}
+
+/* ---- command connection setup ---- */
+
+static bool is_transient(const char *s, bool *notfound)
+{
+	static const char *const prefixes[] = {"LOADING", "NOAUTH", "READONLY",
+					       "MASTERDOWN", "TRYAGAIN"};
+	*notfound = false;
+	for (size_t i = 0; i < sizeof(prefixes) / sizeof(prefixes[0]); i++)
+		if (strncmp(s, prefixes[i], strlen(prefixes[i])) == 0)
+			return true;
+	if (strstr(s, "Function not found")) {
+		*notfound = true;
+		return true;
+	}
+	return false;
+}
+
+static struct rq_queue *live_conn(redisAsyncContext *ac, struct conn **out)
+{
+	struct conn *cn = ac->data;
+	*out = cn;
+	if (!cn || !cn->q || cn->dropping)
+		return NULL;
+	return cn->q;
+}
+
+static void link_ready(struct rq_queue *q)
+{
+	struct link *l = &q->cmdl;
+	l->state = RQ_QUEUE_READY;
+	l->backoff_ms = q->backoff_min;
+	q->st.connects++;
+	q->err[0] = '\0';
+	q->notified_err[0] = '\0';
+	flush(q);
+	wd_arm(q);
+	if (!notify_flush(q))
+		return;
+	if (q->on_state) {
+		enter(q);
+		q->on_state(q, RQ_QUEUE_READY, NULL, q->arg);
+		leave(q);
+	}
+}
+
+static void setup_fail(struct rq_queue *q, struct link *l, const char *what,
+		       const redisReply *r)
+{
+	char buf[400];
+	snprintf(buf, sizeof(buf), "redis %s failed: %.300s", what,
+		 r && (r->type == REDIS_REPLY_ERROR || r->type == REDIS_REPLY_STATUS) && r->str
+		 ? r->str : "unexpected reply");
+	if (l->kind == LINK_CMD || !q->err[0])
+		set_err(q, "%s", buf);
+	link_drop(l, buf);
+}
+
+static void on_setup_reply(redisAsyncContext *ac, void *reply, void *priv)
+{
+	struct conn *cn;
+	struct rq_queue *q = live_conn(ac, &cn);
+	redisReply *r = reply;
+	const char *what = priv;
+	if (!q || !r)
+		return;
+	if (r->type == REDIS_REPLY_ERROR)
+		setup_fail(q, cn->link, what, r);
+}
+
+static void on_load(redisAsyncContext *ac, void *reply, void *priv)
+{
+	struct conn *cn;
+	struct rq_queue *q = live_conn(ac, &cn);
+	redisReply *r = reply;
+	if (!q || !r)
+		return;
+	if (r->type == REDIS_REPLY_ERROR) {
+		setup_fail(q, cn->link, "FUNCTION LOAD of the relayq library", r);
+		return;
+	}
+	q->st.library_loads++;
+	link_ready(q);
+}
+
+static void on_version(redisAsyncContext *ac, void *reply, void *priv)
+{
+	struct conn *cn;
+	struct rq_queue *q = live_conn(ac, &cn);
+	redisReply *r = reply;
+	if (!q || !r)
+		return;
+	bool load;
+	if (r->type == REDIS_REPLY_INTEGER) {
+		load = r->integer < rq_fnlib_version();
+	} else if (r->type == REDIS_REPLY_ERROR && r->str && strstr(r->str, "Function not found")) {
+		load = true;
+	} else {
+		setup_fail(q, cn->link, "FCALL relayq_version", r);
+		return;
+	}
+	if (!load) {
+		link_ready(q);
+		return;
+	}
+	if (redisAsyncCommand(ac, on_load, NULL, "FUNCTION LOAD REPLACE %b",
+			      rq_fnlib_source, rq_fnlib_source_len) != REDIS_OK)
+		setup_fail(q, cn->link, "FUNCTION LOAD of the relayq library", NULL);
+}
+
+static int send_auth(struct rq_queue *q, redisAsyncContext *ac, redisCallbackFn *fn, void *priv)
+{
+	if (!q->password)
+		return REDIS_OK;
+	if (q->user)
+		return redisAsyncCommand(ac, fn, priv, "AUTH %s %s", q->user, q->password);
+	return redisAsyncCommand(ac, fn, priv, "AUTH %s", q->password);
+}
+
+static void on_sub(redisAsyncContext *ac, void *reply, void *priv);
+
+static void on_connect(const redisAsyncContext *cac, int status)
+{
+	redisAsyncContext *ac = (redisAsyncContext *)cac;
+	struct conn *cn = ac->data;
+	struct rq_queue *q = cn->q;
+	if (status != REDIS_OK) {
+		/* hiredis frees the context after this returns */
+		char why[300];
+		snprintf(why, sizeof(why), "redis connect %s: %s",
+			 q ? q->url_redacted : "", ac->c.errstr[0] ? ac->c.errstr : "failed");
+		conn_gone(cn, why);
+		free(cn);
+		return;
+	}
+	cn->connected = true;
+	if (!q)
+		return;
+	struct link *l = cn->link;
+	l->state = RQ_QUEUE_SETUP;
+	l->phase_ms = mono_ms();
+	int rc = send_auth(q, ac, on_setup_reply, "AUTH");
+	if (l->kind == LINK_CMD) {
+		if (rc == REDIS_OK && q->db != 0)
+			rc = redisAsyncCommand(ac, on_setup_reply, "SELECT", "SELECT %d", q->db);
+		if (rc == REDIS_OK)
+			rc = redisAsyncCommand(ac, on_version, NULL, "FCALL relayq_version 0");
+	} else if (rc == REDIS_OK) {
+		rc = redisAsyncCommand(ac, on_sub, NULL, "SUBSCRIBE %s", q->channel);
+	}
+	if (rc != REDIS_OK)
+		drop_later(l, "redis: cannot send the connection setup");
+}
+
+static void on_disconnect(const redisAsyncContext *cac, int status)
+{
+	redisAsyncContext *ac = (redisAsyncContext *)cac;
+	struct conn *cn = ac->data;
+	char why[300];
+	snprintf(why, sizeof(why), "redis connection lost: %s",
+		 ac->c.err && ac->c.errstr[0] ? ac->c.errstr : "closed");
+	conn_gone(cn, why);
+	if (!cn->sync_free)
+		free(cn);
+}
+
+/* ---- subscriber ---- */
+
+static void wake(struct rq_queue *q, enum rq_queue_wake why)
+{
+	q->st.wakes++;
+	if (!q->on_wake)
+		return;
+	enter(q);
+	q->on_wake(q, why, q->arg);
+	leave(q);
+}
+
+static void on_sub(redisAsyncContext *ac, void *reply, void *priv)
+{
+	struct conn *cn;
+	struct rq_queue *q = live_conn(ac, &cn);
+	redisReply *r = reply;
+	if (!q || !r)
+		return;
+	if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
+	    r->element[0]->type != REDIS_REPLY_STRING) {
+		if (r->type == REDIS_REPLY_ERROR)
+			set_err(q, "redis SUBSCRIBE failed: %.300s", r->str);
+		return;
+	}
+	const char *type = r->element[0]->str;
+	if (strcmp(type, "subscribe") == 0) {
+		q->subl.state = RQ_QUEUE_READY;
+		q->subl.backoff_ms = q->backoff_min;
+		q->st.subscribed = true;
+		wake(q, RQ_QUEUE_WAKE_CONNECT);
+	} else if (strcmp(type, "message") == 0) {
+		wake(q, RQ_QUEUE_WAKE_PUBLISH);
+	}
+}
+
+/* ---- wake timer ---- */
+
+static void wake_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rq_queue *q = arg;
+	q->wake_deadline = -1;
+	wake(q, RQ_QUEUE_WAKE_TIMER);
+}
+
+void rq_queue_wake_at(struct rq_queue *q, int64_t delay_ms)
+{
+	if (q->destroying)
+		return;
+	if (delay_ms < 0)
+		delay_ms = 0;
+	if (delay_ms > INT64_C(1) << 40)
+		delay_ms = INT64_C(1) << 40;
+	int64_t d = mono_ms() + delay_ms;
+	if (q->wake_deadline >= 0 && q->wake_deadline <= d)
+		return;
+	q->wake_deadline = d;
+	struct timeval tv = ms_tv(delay_ms);
+	evtimer_add(q->wake_ev, &tv);
+}
+
+int64_t rq_queue_wake_in(const struct rq_queue *q)
+{
+	if (q->wake_deadline < 0)
+		return -1;
+	int64_t d = q->wake_deadline - mono_ms();
+	return d < 0 ? 0 : d;
+}
+
+/* ---- commands ---- */
+
+static void cmd_free(struct cmd *c)
+{
+	if (!c)
+		return;
+	redisFreeCommand(c->buf);
+	free(c);
+}
+
+static void flush(struct rq_queue *q)
+{
+	struct link *l = &q->cmdl;
+	if (l->state != RQ_QUEUE_READY || !l->conn)
+		return;
+	int64_t now = mono_ms();
+	while (q->unsent) {
+		struct cmd *c = q->unsent;
+		if (redisAsyncFormattedCommand(l->conn->ac, on_cmd_reply, c, c->buf, c->len) != REDIS_OK) {
+			drop_later(l, "redis: cannot write a command");
+			return;
+		}
+		c->sent = true;
+		c->sent_ms = now;
+		q->ninflight++;
+		q->st.sent++;
+		q->unsent = TAILQ_NEXT(c, entry);
+	}
+	wd_arm(q);
+}
+
+static struct cmd *cmd_new(struct rq_queue *q, enum cmd_kind kind, int argc,
+			   const char **argv, const size_t *lens)
+{
+	if (!q || q->destroying || q->destroy_requested)
+		return NULL;
+	struct cmd *c = calloc(1, sizeof(*c));
+	if (!c)
+		return NULL;
+	c->kind = kind;
+	int n = redisFormatCommandArgv(&c->buf, argc, argv, lens);
+	if (n < 0) {
+		free(c);
+		return NULL;
+	}
+	c->len = (size_t)n;
+	return c;
+}
+
+static void cmd_submit(struct rq_queue *q, struct cmd *c)
+{
+	TAILQ_INSERT_TAIL(&q->cmds, c, entry);
+	q->ncmds++;
+	if (!q->unsent)
+		q->unsent = c;
+	flush(q);
+}
+
+static bool get_i64(const redisReply *r, int64_t *out)
+{
+	if (!r)
+		return false;
+	if (r->type == REDIS_REPLY_INTEGER) {
+		*out = r->integer;
+		return true;
+	}
+	if ((r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS) &&
+	    r->len > 0 && r->len < 21) {
+		char *end;
+		errno = 0;
+		long long v = strtoll(r->str, &end, 10);
+		if (errno == 0 && end == r->str + r->len) {
+			*out = v;
+			return true;
+		}
+	}
+	return false;
+}
+
+static bool is_str(const redisReply *r)
+{
+	return r && r->type == REDIS_REPLY_STRING;
+}
+
+struct claim_priv {
+	struct rq_queue_claim pub;
+	redisReply *reply;
+};
+
+/* Builds the claim from the reply (which it points into), or NULL with a
+ * reason. */
+static struct rq_queue_claim *claim_build(redisReply *r, const char **why)
+{
+	int64_t now, next_due;
+	if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
+	    !get_i64(r->element[0], &now) || !get_i64(r->element[1], &next_due) ||
+	    !r->element[2] || r->element[2]->type != REDIS_REPLY_ARRAY) {
+		*why = "relayq_claim: reply is not [now, next_due, msgs]";
+		return NULL;
+	}
+	redisReply *msgs = r->element[2];
+	size_t total = 0;
+	for (size_t i = 0; i < msgs->elements; i++) {
+		redisReply *m = msgs->element[i];
+		if (!m || m->type != REDIS_REPLY_ARRAY || m->elements < 8 ||
+		    !m->element[2] || m->element[2]->type != REDIS_REPLY_ARRAY) {
+			*why = "relayq_claim: a message is not [id, from, rcpts, body, attempts, created, meta, lease]";
+			return NULL;
+		}
+		if (m->element[2]->elements > SIZE_MAX / 64 - total) {
+			*why = "relayq_claim: too many recipients";
+			return NULL;
+		}
+		total += m->element[2]->elements;
+	}
+	size_t sz = sizeof(struct claim_priv) + msgs->elements * sizeof(struct rq_queue_msg) +
+		    total * (sizeof(char *) + sizeof(size_t));
+	struct claim_priv *cp = calloc(1, sz);
+	if (!cp) {
+		*why = "relayq_claim: out of memory";
+		return NULL;
+	}
+	struct rq_queue_msg *ms = (struct rq_queue_msg *)(cp + 1);
+	const char **rp = (const char **)(ms + msgs->elements);
+	size_t *rl = (size_t *)(rp + total);
+	cp->pub.now = now;
+	cp->pub.next_due = next_due;
+	cp->pub.count = msgs->elements;
+	cp->pub.msgs = ms;
+	cp->pub.priv_ = cp;
+	cp->reply = r;
+	for (size_t i = 0; i < msgs->elements; i++) {
+		redisReply **e = msgs->element[i]->element;
+		struct rq_queue_msg *m = &ms[i];
+		if (!is_str(e[0]) || e[0]->len == 0 || e[0]->len > RQ_QUEUE_ID_MAX) {
+			*why = "relayq_claim: a message id is not a string of 1 to 32 bytes";
+			goto bad;
+		}
+		for (size_t k = 0; k < e[0]->len; k++) {
+			unsigned char ch = (unsigned char)e[0]->str[k];
+			if (ch <= ' ' || ch >= 0x7f) {
+				*why = "relayq_claim: a message id is not printable";
+				goto bad;
+			}
+		}
+		memcpy(m->id, e[0]->str, e[0]->len);
+		m->id[e[0]->len] = '\0';
+		if (!is_str(e[1]) || !is_str(e[3]) ||
+		    !get_i64(e[4], &m->attempts) || !get_i64(e[5], &m->created) ||
+		    !get_i64(e[7], &m->lease)) {
+			*why = "relayq_claim: a message field has the wrong type";
+			goto bad;
+		}
+		m->from = e[1]->str;
+		m->from_len = e[1]->len;
+		m->body = e[3]->str;
+		m->body_len = e[3]->len;
+		if (is_str(e[6])) {
+			m->meta = e[6]->str;
+			m->meta_len = e[6]->len;
+		} else if (e[6] && e[6]->type == REDIS_REPLY_NIL) {
+			m->meta = "{}";
+			m->meta_len = 2;
+		} else {
+			*why = "relayq_claim: meta is not a string";
+			goto bad;
+		}
+		redisReply *rc = e[2];
+		m->nrcpts = rc->elements;
+		m->rcpts = rp;
+		m->rcpt_lens = rl;
+		for (size_t k = 0; k < rc->elements; k++) {
+			if (!is_str(rc->element[k])) {
+				*why = "relayq_claim: a recipient is not a string";
+				goto bad;
+			}
+			*rp++ = rc->element[k]->str;
+			*rl++ = rc->element[k]->len;
+		}
+	}
+	return &cp->pub;
+bad:
+	free(cp);
+	return NULL;
+}
+
+void rq_queue_msg_release(struct rq_queue_claim *c, size_t i)
+{
+	if (!c || i >= c->count || c->msgs[i].released)
+		return;
+	struct claim_priv *cp = c->priv_;
+	redisReply *msgs = cp->reply->element[2];
+	freeReplyObject(msgs->element[i]);
+	msgs->element[i] = NULL;
+	struct rq_queue_msg *m = &c->msgs[i];
+	m->released = true;
+	m->from = m->body = m->meta = NULL;
+	m->from_len = m->body_len = m->meta_len = 0;
+	m->rcpts = NULL;
+	m->rcpt_lens = NULL;
+	m->nrcpts = 0;
+}
+
+void rq_queue_claim_free(struct rq_queue_claim *c)
+{
+	if (!c)
+		return;
+	struct claim_priv *cp = c->priv_;
+	freeReplyObject(cp->reply);
+	free(cp);
+}
+
+static int settle_parse(const redisReply *r, size_t n, enum rq_queue_settled *res)
+{
+	if (r->type != REDIS_REPLY_ARRAY || r->elements != n)
+		return -1;
+	for (size_t i = 0; i < n; i++) {
+		const redisReply *e = r->element[i];
+		if (!e || (e->type != REDIS_REPLY_STRING && e->type != REDIS_REPLY_STATUS))
+			return -1;
+		if (strcmp(e->str, "done") == 0)
+			res[i] = RQ_QUEUE_SETTLE_DONE;
+		else if (strcmp(e->str, "scheduled") == 0)
+			res[i] = RQ_QUEUE_SETTLE_SCHEDULED;
+		else if (strcmp(e->str, "held") == 0)
+			res[i] = RQ_QUEUE_SETTLE_HELD;
+		else if (strcmp(e->str, "lost") == 0)
+			res[i] = RQ_QUEUE_SETTLE_LOST;
+		else
+			return -1;
+	}
+	return 0;
+}
+
+/* Calls the command's callback with status st (reply NULL unless OK /
+ * EREDIS); c stays the caller's. Returns false when the queue was destroyed
+ * meanwhile. */
+static bool cmd_finish(struct rq_queue *q, struct cmd *c, enum rq_queue_status st,
+		       const char *err, redisReply *r)
+{
+	enter(q);
+	switch (c->kind) {
+	case CMD_CLAIM: {
+		struct rq_queue_claim *claim = NULL;
+		if (st == RQ_QUEUE_OK) {
+			const char *why = NULL;
+			claim = claim_build(r, &why);
+			if (!claim) {
+				st = RQ_QUEUE_EPROTO;
+				err = why;
+			} else {
+				kept_reply = r;
+				/* +1: Redis and our clock round to ms apart */
+				if (claim->next_due >= 0)
+					rq_queue_wake_at(q, claim->next_due - claim->now + 1);
+			}
+		}
+		if (c->cb.claim)
+			c->cb.claim(q, st, err, claim, c->arg);
+		else
+			rq_queue_claim_free(claim);
+		break;
+	}
+	case CMD_SETTLE: {
+		enum rq_queue_settled small[64], *res = NULL;
+		if (st == RQ_QUEUE_OK) {
+			res = c->nmsgs <= 64 ? small : calloc(c->nmsgs, sizeof(*res));
+			if (!res) {
+				st = RQ_QUEUE_EPROTO;
+				err = "relayq_settle: out of memory";
+			} else if (settle_parse(r, c->nmsgs, res) != 0) {
+				st = RQ_QUEUE_EPROTO;
+				err = "relayq_settle: reply is not one status per message";
+			}
+		}
+		if (c->cb.settle)
+			c->cb.settle(q, st, err, st == RQ_QUEUE_OK ? res : NULL,
+				     st == RQ_QUEUE_OK ? c->nmsgs : 0, c->arg);
+		if (res != small)
+			free(res);
+		break;
+	}
+	case CMD_COUNT: {
+		int64_t n = 0;
+		if (st == RQ_QUEUE_OK && !get_i64(r, &n)) {
+			st = RQ_QUEUE_EPROTO;
+			err = "reply is not an integer";
+		}
+		if (c->cb.count)
+			c->cb.count(q, st, err, (long long)n, c->arg);
+		break;
+	}
+	case CMD_RAW:
+		if (c->cb.raw)
+			c->cb.raw(q, st, err, r, c->arg);
+		break;
+	}
+	return leave(q);
+}
+
+static void on_cmd_reply(redisAsyncContext *ac, void *reply, void *priv)
+{
+	struct cmd *c = priv;
+	struct conn *cn = ac->data;
+	redisReply *r = reply;
+	if (c->orphan) {
+		cmd_free(c);
+		return;
+	}
+	struct rq_queue *q = cn->q;
+	if (!r || !q || cn->dropping) {
+		/* connection going: the command is sent again later */
+		if (c->sent && q) {
+			c->sent = false;
+			if (q->ninflight > 0)
+				q->ninflight--;
+		}
+		return;
+	}
+	bool notfound = false;
+	if (r->type == REDIS_REPLY_ERROR && r->str && is_transient(r->str, &notfound) &&
+	    (!notfound || c->notfound++ < 3)) {
+		char why[400];
+		snprintf(why, sizeof(why), "redis: %.300s (will retry)", r->str);
+		c->sent = false;
+		q->ninflight--;
+		q->st.retried++;
+		link_drop(&q->cmdl, why);
+		return;
+	}
+	TAILQ_REMOVE(&q->cmds, c, entry);
+	q->ncmds--;
+	q->ninflight--;
+	bool more = TAILQ_FIRST(&q->cmds) && TAILQ_FIRST(&q->cmds)->sent;
+	if (more && !evtimer_pending(q->wd_ev, NULL))
+		wd_arm(q);
+	if (r->type == REDIS_REPLY_ERROR)
+		cmd_finish(q, c, RQ_QUEUE_EREDIS, r->str, r);
+	else
+		cmd_finish(q, c, RQ_QUEUE_OK, NULL, r);
+	cmd_free(c);
+}
+
+int rq_queue_claim(struct rq_queue *q, int count, int64_t lease_ms,
+		   rq_queue_claim_cb *cb, void *arg)
+{
+	char cnt[24], lease[24];
+	if (!q || count <= 0 || lease_ms <= 0)
+		return -1;
+	snprintf(cnt, sizeof(cnt), "%d", count);
+	snprintf(lease, sizeof(lease), "%" PRId64, lease_ms);
+	const char *argv[] = {"FCALL", "relayq_claim", "1", q->prefix, cnt, lease};
+	struct cmd *c = cmd_new(q, CMD_CLAIM, 6, argv, NULL);
+	if (!c)
+		return -1;
+	c->cb.claim = cb;
+	c->arg = arg;
+	cmd_submit(q, c);
+	return 0;
+}
+
+int rq_queue_settle(struct rq_queue *q, struct rq_queue_outcomes *o,
+		    rq_queue_settle_cb *cb, void *arg)
+{
+	size_t len;
+	if (!q || !o || o->nmsgs == 0)
+		return -1;
+	const char *json = rq_queue_outcomes_json(o, &len);
+	if (!json)
+		return -1;
+	const char *argv[] = {"FCALL", "relayq_settle", "1", q->prefix, json};
+	size_t lens[] = {5, 13, 1, strlen(q->prefix), len};
+	struct cmd *c = cmd_new(q, CMD_SETTLE, 5, argv, lens);
+	if (!c)
+		return -1;
+	c->cb.settle = cb;
+	c->arg = arg;
+	c->nmsgs = o->nmsgs;
+	cmd_submit(q, c);
+	return 0;
+}
+
+int rq_queue_renew(struct rq_queue *q, int64_t lease_ms,
+		   const struct rq_queue_lease *leases, size_t n,
+		   rq_queue_count_cb *cb, void *arg)
+{
+	if (!q || n == 0 || lease_ms <= 0 || n > 100000)
+		return -1;
+	size_t argc = 5 + 2 * n;
+	const char **argv = calloc(argc, sizeof(*argv));
+	char *nums = calloc(n + 1, 24);
+	struct cmd *c = NULL;
+	int rc = -1;
+	if (!argv || !nums)
+		goto cleanup;
+	argv[0] = "FCALL";
+	argv[1] = "relayq_renew";
+	argv[2] = "1";
+	argv[3] = q->prefix;
+	snprintf(nums, 24, "%" PRId64, lease_ms);
+	argv[4] = nums;
+	for (size_t i = 0; i < n; i++) {
+		if (!leases[i].id)
+			goto cleanup;
+		argv[5 + 2 * i] = leases[i].id;
+		snprintf(nums + 24 * (i + 1), 24, "%" PRId64, leases[i].lease);
+		argv[6 + 2 * i] = nums + 24 * (i + 1);
+	}
+	c = cmd_new(q, CMD_COUNT, (int)argc, argv, NULL);
+	if (!c)
+		goto cleanup;
+	c->cb.count = cb;
+	c->arg = arg;
+	cmd_submit(q, c);
+	rc = 0;
+cleanup:
+	free(argv);
+	free(nums);
+	return rc;
+}
+
+int rq_queue_recover(struct rq_queue *q, rq_queue_count_cb *cb, void *arg)
+{
+	if (!q)
+		return -1;
+	const char *argv[] = {"FCALL", "relayq_recover", "1", q->prefix};
+	struct cmd *c = cmd_new(q, CMD_COUNT, 4, argv, NULL);
+	if (!c)
+		return -1;
+	c->cb.count = cb;
+	c->arg = arg;
+	cmd_submit(q, c);
+	return 0;
+}
+
+int rq_queue_command(struct rq_queue *q, int argc, const char **argv,
+		     const size_t *argvlen, rq_queue_reply_cb *cb, void *arg)
+{
+	if (!q || argc <= 0 || !argv)
+		return -1;
+	struct cmd *c = cmd_new(q, CMD_RAW, argc, argv, argvlen);
+	if (!c)
+		return -1;
+	c->cb.raw = cb;
+	c->arg = arg;
+	cmd_submit(q, c);
+	return 0;
+}
+
+/* ---- outcomes JSON ---- */
+
+void rq_queue_outcomes_init(struct rq_queue_outcomes *o)
+{
+	memset(o, 0, sizeof(*o));
+}
+
+void rq_queue_outcomes_reset(struct rq_queue_outcomes *o)
+{
+	o->len = 0;
+	o->nmsgs = 0;
+	o->nrcpts = 0;
+	o->open = false;
+	o->oom = false;
+}
+
+void rq_queue_outcomes_finish(struct rq_queue_outcomes *o)
+{
+	free(o->buf);
+	memset(o, 0, sizeof(*o));
+}
+
+static void put(struct rq_queue_outcomes *o, const char *s, size_t n)
+{
+	if (o->oom)
+		return;
+	if (o->len + n + 3 > o->cap) {
+		size_t cap = o->cap ? o->cap : 256;
+		while (cap < o->len + n + 3)
+			cap *= 2;
+		char *nb = realloc(o->buf, cap);
+		if (!nb) {
+			o->oom = true;
+			return;
+		}
+		o->buf = nb;
+		o->cap = cap;
+	}
+	memcpy(o->buf + o->len, s, n);
+	o->len += n;
+}
+
+static void puts_(struct rq_queue_outcomes *o, const char *s)
+{
+	put(o, s, strlen(s));
+}
+
+static void put_jstr(struct rq_queue_outcomes *o, const char *s)
+{
+	put(o, "\"", 1);
+	const char *run = s;
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		char esc[8];
+		const char *e = NULL;
+		switch (*p) {
+		case '"': e = "\\\""; break;
+		case '\\': e = "\\\\"; break;
+		case '\n': e = "\\n"; break;
+		case '\r': e = "\\r"; break;
+		case '\t': e = "\\t"; break;
+		default:
+			if (*p < 0x20 || *p == 0x7f) {
+				snprintf(esc, sizeof(esc), "\\u%04x", *p);
+				e = esc;
+			}
+		}
+		if (e) {
+			put(o, run, (size_t)((const char *)p - run));
+			puts_(o, e);
+			run = (const char *)p + 1;
+		}
+	}
+	puts_(o, run);
+	put(o, "\"", 1);
+}
+
+static void close_msg(struct rq_queue_outcomes *o)
+{
+	if (o->open) {
+		puts_(o, "]}");
+		o->open = false;
+	}
+}
+
+int rq_queue_outcomes_msg(struct rq_queue_outcomes *o, const char *id,
+			  int64_t lease, bool attempt, int64_t next_ms, bool hold)
+{
+	char num[32];
+	if (!id)
+		return -1;
+	close_msg(o);
+	puts_(o, o->nmsgs ? ",{\"id\":" : "[{\"id\":");
+	put_jstr(o, id);
+	snprintf(num, sizeof(num), "%" PRId64, lease);
+	puts_(o, ",\"lease\":");
+	puts_(o, num);
+	puts_(o, attempt ? ",\"attempt\":true" : ",\"attempt\":false");
+	if (next_ms >= 0) {
+		snprintf(num, sizeof(num), "%" PRId64, next_ms);
+		puts_(o, ",\"next\":");
+		puts_(o, num);
+	}
+	puts_(o, hold ? ",\"hold\":true,\"rcpts\":[" : ",\"hold\":false,\"rcpts\":[");
+	o->open = true;
+	o->nrcpts = 0;
+	o->nmsgs++;
+	return o->oom ? -1 : 0;
+}
+
+static const char *const rcpt_state_names[] = {"delivered", "deferred", "failed",
+						"dropped", "expired"};
+
+int rq_queue_outcomes_rcpt(struct rq_queue_outcomes *o,
+			   const struct rq_queue_rcpt_outcome *r)
+{
+	if (!o->open || !r || !r->to || (unsigned)r->s > RQ_QUEUE_RCPT_EXPIRED)
+		return -1;
+	puts_(o, o->nrcpts ? ",{\"to\":" : "{\"to\":");
+	put_jstr(o, r->to);
+	puts_(o, ",\"s\":\"");
+	puts_(o, rcpt_state_names[r->s]);
+	puts_(o, "\"");
+	if (r->code > 0 && r->code <= 999) {
+		char num[16];
+		snprintf(num, sizeof(num), ",\"code\":%d", r->code);
+		puts_(o, num);
+	}
+	const char *keys[] = {"enh", "text", "stage", "hint"};
+	const char *vals[] = {r->enh, r->text, r->stage, r->hint};
+	for (int i = 0; i < 4; i++) {
+		if (!vals[i])
+			continue;
+		puts_(o, ",\"");
+		puts_(o, keys[i]);
+		puts_(o, "\":");
+		put_jstr(o, vals[i]);
+	}
+	puts_(o, "}");
+	o->nrcpts++;
+	return o->oom ? -1 : 0;
+}
+
+const char *rq_queue_outcomes_json(struct rq_queue_outcomes *o, size_t *len)
+{
+	close_msg(o);
+	if (o->oom || o->nmsgs == 0)
+		return NULL;
+	/* put() always leaves 3 spare bytes: close the array past len, so
+	 * that more messages can still be added */
+	o->buf[o->len] = ']';
+	o->buf[o->len + 1] = '\0';
+	if (len)
+		*len = o->len + 1;
+	return o->buf;
+}
+
+/* ---- lifecycle ---- */
+
+static int validate_queue(const char *name, char *err, size_t errlen)
+{
+	size_t n = name ? strlen(name) : 0;
+	if (n == 0 || n > RQ_QUEUE_NAME_MAX) {
+		snprintf(err, errlen, "queue name must be 1 to %d bytes", RQ_QUEUE_NAME_MAX);
+		return -1;
+	}
+	for (size_t i = 0; i < n; i++) {
+		unsigned char ch = (unsigned char)name[i];
+		if (ch <= ' ' || ch == 0x7f || ch == '{' || ch == '}') {
+			snprintf(err, errlen, "queue name has a space, control byte or brace");
+			return -1;
+		}
+	}
+	return 0;
+}
+
+struct rq_queue *rq_queue_create(struct event_base *base,
+				 const struct rq_queue_opts *opts,
+				 char *err, size_t errlen)
+{
+	struct rq_queue *q = NULL;
+	char *url_pw = NULL;
+	char red[512];
+
+	if (!base || !opts || !opts->url) {
+		snprintf(err, errlen, "redis URL missing");
+		goto fail;
+	}
+	if (validate_queue(opts->queue, err, errlen) != 0)
+		goto fail;
+	q = calloc(1, sizeof(*q));
+	if (!q) {
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	q->base = base;
+	TAILQ_INIT(&q->cmds);
+	q->wake_deadline = -1;
+	q->timeout_ms = opts->cmd_timeout_ms > 0 ? opts->cmd_timeout_ms : RQ_QUEUE_TIMEOUT_DEFAULT_MS;
+	q->backoff_min = opts->backoff_min_ms > 0 ? opts->backoff_min_ms : RQ_QUEUE_BACKOFF_MIN_DEFAULT_MS;
+	q->backoff_max = opts->backoff_max_ms > 0 ? opts->backoff_max_ms : RQ_QUEUE_BACKOFF_MAX_DEFAULT_MS;
+	if (q->backoff_max < q->backoff_min)
+		q->backoff_max = q->backoff_min;
+	q->on_wake = opts->on_wake;
+	q->on_state = opts->on_state;
+	q->arg = opts->arg;
+	snprintf(q->prefix, sizeof(q->prefix), "relayq:{%s}", opts->queue);
+	snprintf(q->channel, sizeof(q->channel), "relayq:{%s}:wake", opts->queue);
+
+	rq_queue_redact_url(opts->url, red, sizeof(red));
+	q->url_redacted = strdup(red);
+	if (!q->url_redacted) {
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	if (strncmp(opts->url, "unix:", 5) == 0) {
+		if (parse_unix(q, opts->url + 5, err, errlen) != 0)
+			goto fail;
+	} else if (strncmp(opts->url, "redis://", 8) == 0) {
+		if (parse_tcp(q, opts->url, &url_pw, err, errlen) != 0)
+			goto fail;
+	} else {
+		snprintf(err, errlen, "redis URL must start with redis:// or unix: (got %s)", red);
+		goto fail;
+	}
+	int sources = (url_pw != NULL) + (opts->password_env != NULL) + (opts->password_file != NULL);
+	if (sources > 1) {
+		snprintf(err, errlen, "redis password given more than once (URL, password_env, password_file)");
+		goto fail;
+	}
+	if (url_pw) {
+		q->password = url_pw;
+		url_pw = NULL;
+	} else if (opts->password_env) {
+		const char *v = getenv(opts->password_env);
+		if (!v || !*v) {
+			snprintf(err, errlen, "redis password: environment variable %s is not set",
+				 opts->password_env);
+			goto fail;
+		}
+		q->password = strdup(v);
+	} else if (opts->password_file) {
+		q->password = read_password_file(opts->password_file, err, errlen);
+		if (!q->password)
+			goto fail;
+	}
+	if ((opts->password_env && !q->password)) {
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	if (opts->user) {
+		if (q->user) {
+			snprintf(err, errlen, "redis user given both in the URL and in the options");
+			goto fail;
+		}
+		q->user = strdup(opts->user);
+		if (!q->user) {
+			snprintf(err, errlen, "out of memory");
+			goto fail;
+		}
+	}
+	if (q->user && !q->password) {
+		snprintf(err, errlen, "redis user given without a password");
+		goto fail;
+	}
+
+	q->cmdl.q = q->subl.q = q;
+	q->cmdl.kind = LINK_CMD;
+	q->subl.kind = LINK_SUB;
+	q->cmdl.backoff_ms = q->subl.backoff_ms = q->backoff_min;
+	q->cmdl.retry_ev = evtimer_new(base, retry_cb, &q->cmdl);
+	q->subl.retry_ev = evtimer_new(base, retry_cb, &q->subl);
+	q->wd_ev = evtimer_new(base, wd_cb, q);
+	q->wake_ev = evtimer_new(base, wake_timer_cb, q);
+	q->notify_ev = evtimer_new(base, notify_cb, q);
+	q->drop_ev = evtimer_new(base, drop_cb, q);
+	if (!q->cmdl.retry_ev || !q->subl.retry_ev || !q->wd_ev || !q->wake_ev ||
+	    !q->notify_ev || !q->drop_ev) {
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	link_connect(&q->cmdl);
+	link_connect(&q->subl);
+	return q;
+fail:
+	free_secret(url_pw);
+	if (q)
+		destroy_now(q);
+	return NULL;
+}
+
+static void link_close(struct link *l)
+{
+	struct conn *cn = l->conn;
+	if (l->retry_ev)
+		event_free(l->retry_ev);
+	l->retry_ev = NULL;
+	if (!cn)
+		return;
+	l->conn = NULL;
+	cn->q = NULL;
+	if (cn->dropping)
+		return;   /* hiredis frees it after the running callback */
+	cn->dropping = true;
+	redisAsyncContext *ac = cn->ac;
+	if (ac->c.flags & REDIS_IN_CALLBACK) {
+		redisAsyncFree(ac);   /* on_disconnect frees cn */
+		return;
+	}
+	cn->sync_free = true;
+	redisAsyncFree(ac);
+	free(cn);
+}
+
+static void destroy_now(struct rq_queue *q)
+{
+	q->destroying = true;
+	struct event **evs[] = {&q->wd_ev, &q->wake_ev, &q->notify_ev, &q->drop_ev};
+	for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) {
+		if (*evs[i])
+			event_free(*evs[i]);
+		*evs[i] = NULL;
+	}
+	/* every pending command: callback once with ECANCEL */
+	struct cmd *c;
+	q->depth++;
+	while ((c = TAILQ_FIRST(&q->cmds)) != NULL) {
+		TAILQ_REMOVE(&q->cmds, c, entry);
+		q->ncmds--;
+		cmd_finish(q, c, RQ_QUEUE_ECANCEL, "relayq queue client destroyed", NULL);
+		if (c->sent)
+			c->orphan = true;   /* hiredis frees it at its callback */
+		else
+			cmd_free(c);
+	}
+	q->depth--;
+	link_close(&q->cmdl);
+	link_close(&q->subl);
+	free_secret(q->password);
+	free(q->user);
+	free(q->url_redacted);
+	free(q);
+}
+
+void rq_queue_destroy(struct rq_queue *q)
+{
+	if (!q || q->destroying)
+		return;
+	if (q->depth > 0) {
+		q->destroy_requested = true;
+		return;
+	}
+	destroy_now(q);
+}
+
+const char *rq_queue_url_redacted(const struct rq_queue *q)
+{
+	return q->url_redacted;
+}
+
+const char *rq_queue_prefix(const struct rq_queue *q)
+{
+	return q->prefix;
+}
+
+const char *rq_queue_last_error(const struct rq_queue *q)
+{
+	return q->err;
+}
+
+void rq_queue_get_stats(const struct rq_queue *q, struct rq_queue_stats *st)
+{
+	*st = q->st;
+	st->state = q->cmdl.state;
+	st->inflight = q->ninflight;
+	st->queued = q->ncmds - q->ninflight;
+}

@@ -1,0 +1,333 @@
+#ifndef RELAYQ_QUEUE_H
+#define RELAYQ_QUEUE_H
+
+/*
+ * The daemon's asynchronous client of the relayq Redis Functions
+ * (lua/redis/README.md): hiredis async on a libevent base.
+ *
+ * Two connections per queue: one for commands (claim, settle, renew,
+ * recover, raw calls; pipelined, replies in order) and one SUBSCRIBEd to
+ * relayq:{q}:wake. On every (re)connect the command connection sends AUTH
+ * (when a password is configured), SELECT (db != 0) and FCALL relayq_version;
+ * when the library is missing or older than the embedded one
+ * (rq_fnlib_version()), it is loaded with FUNCTION LOAD REPLACE. Commands
+ * are sent only once that setup is done.
+ *
+ * Delivery guarantees:
+ * - Commands made while Redis is down are kept, in order, and sent after the
+ *   reconnect; commands in flight when a connection drops are sent again.
+ *   None is dropped: every command's callback runs exactly once, with the
+ *   reply, a Redis error, a protocol error, or RQ_QUEUE_ECANCEL at destroy.
+ * - Retrying is safe for every function used here, with these effects:
+ *   a claim whose reply was lost leaves its messages leased until lease-ms
+ *   passes (then a later claim takes them again); a settle that was applied
+ *   but whose reply was lost reports "lost" (RQ_QUEUE_SETTLE_LOST) for those
+ *   messages when retried (the outcome was written the first time); renew
+ *   and recover are idempotent.
+ * - hiredis 0.14 has no command timeouts: a watchdog drops the connection
+ *   when the oldest command in flight (or the connect / setup) is older than
+ *   cmd_timeout_ms, and the commands are retried on the next connection.
+ * - Redis errors LOADING, NOAUTH, READONLY, MASTERDOWN, TRYAGAIN and
+ *   "Function not found" are treated as transient: the connection is dropped
+ *   and the command retried (the last one at most 3 times, then reported).
+ *
+ * The process must ignore SIGPIPE (hiredis writes to a socket Redis may
+ * have closed).
+ *
+ * Callbacks run from the event loop, never from inside the call that
+ * submitted the command. Any callback may submit new commands and may call
+ * rq_queue_destroy() (the destroy then completes when the callback returns).
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <hiredis/hiredis.h>
+
+struct event_base;
+struct rq_queue;
+
+#define RQ_QUEUE_TIMEOUT_DEFAULT_MS 10000
+#define RQ_QUEUE_BACKOFF_MIN_DEFAULT_MS 100
+#define RQ_QUEUE_BACKOFF_MAX_DEFAULT_MS 5000
+#define RQ_QUEUE_NAME_MAX 200      /* bytes of a queue name */
+#define RQ_QUEUE_ID_MAX 32         /* bytes of a message id (contract) */
+
+/* Status given to every command callback. */
+enum rq_queue_status {
+	RQ_QUEUE_OK = 0,
+	RQ_QUEUE_EREDIS,   /* Redis answered an error (err: its text) */
+	RQ_QUEUE_EPROTO,   /* the reply does not have the contract's shape */
+	RQ_QUEUE_ECANCEL,  /* rq_queue_destroy() came first */
+};
+
+/* Why the wake callback runs. */
+enum rq_queue_wake {
+	RQ_QUEUE_WAKE_CONNECT,  /* (re)subscribed: something may have been
+				   enqueued while we were not listening */
+	RQ_QUEUE_WAKE_PUBLISH,  /* relayq:{q}:wake got a message (enqueue) */
+	RQ_QUEUE_WAKE_TIMER,    /* the earliest scheduled time has come */
+};
+
+/* State of the command connection, for the state callback and stats. */
+enum rq_queue_conn_state {
+	RQ_QUEUE_DOWN = 0,      /* waiting to reconnect (backoff) */
+	RQ_QUEUE_CONNECTING,    /* TCP / unix connect in progress */
+	RQ_QUEUE_SETUP,         /* AUTH / SELECT / library check in flight */
+	RQ_QUEUE_READY,         /* commands flow */
+};
+
+struct rq_queue_opts {
+	/* "redis://[user:password@]host[:port][/db]" (host an IP literal, or a
+	 * name resolved once, blocking, by rq_queue_create; IPv6 in brackets;
+	 * user and password may be %-encoded) or "unix:/path[?db=N]". */
+	const char *url;
+	const char *queue;          /* queue name q: keys relayq:{q}:* */
+	/* Password sources besides the URL; at most one of the three may be
+	 * given. password_env: name of an environment variable;
+	 * password_file: a file whose first line is the password. Read once
+	 * by rq_queue_create. */
+	const char *password_env;
+	const char *password_file;
+	const char *user;           /* ACL user, when not in the URL */
+	int cmd_timeout_ms;         /* watchdog; 0 = RQ_QUEUE_TIMEOUT_DEFAULT_MS */
+	int backoff_min_ms;         /* reconnect delay, doubling; 0 = default */
+	int backoff_max_ms;         /* 0 = default */
+
+	/* Called when there may be messages to claim (see enum rq_queue_wake).
+	 * May be NULL. */
+	void (*on_wake)(struct rq_queue *q, enum rq_queue_wake why, void *arg);
+	/* Called when the command connection becomes READY (err NULL) or is
+	 * lost / fails to set up (err: why, never containing the password;
+	 * valid during the call). From the event loop. May be NULL. */
+	void (*on_state)(struct rq_queue *q, enum rq_queue_conn_state st,
+			 const char *err, void *arg);
+	void *arg;                  /* passed to on_wake and on_state */
+};
+
+/*
+ * Creates the client and starts connecting (nothing is called back from
+ * here). Returns NULL with a reason in err (which never holds the password)
+ * when the options are invalid: bad URL, unknown host, unreadable password
+ * file, missing environment variable, password given twice, bad queue name.
+ */
+struct rq_queue *rq_queue_create(struct event_base *base,
+				 const struct rq_queue_opts *opts,
+				 char *err, size_t errlen);
+
+/*
+ * Closes both connections and calls every pending command's callback with
+ * RQ_QUEUE_ECANCEL, exactly once, before returning (or, when called from
+ * inside one of this queue's callbacks, when that callback returns). Claims
+ * already handed out stay valid (rq_queue_claim_free them as usual).
+ * NULL is a no-op.
+ */
+void rq_queue_destroy(struct rq_queue *q);
+
+/* The URL with the password replaced by "***" (for logs). Valid as long as
+ * the queue. */
+const char *rq_queue_url_redacted(const struct rq_queue *q);
+
+/* Writes url to out (NUL-ended, truncated to outlen) with any password
+ * replaced by "***". */
+void rq_queue_redact_url(const char *url, char *out, size_t outlen);
+
+/* The queue's key prefix "relayq:{q}". */
+const char *rq_queue_prefix(const struct rq_queue *q);
+
+/* The last connection / setup error ("" when none), e.g. "redis AUTH failed:
+ * WRONGPASS ...". Never holds the password. Valid until the next event. */
+const char *rq_queue_last_error(const struct rq_queue *q);
+
+struct rq_queue_stats {
+	enum rq_queue_conn_state state;  /* of the command connection */
+	bool subscribed;                 /* wake channel listening */
+	uint64_t connects;               /* command connection reached READY */
+	uint64_t disconnects;            /* connections lost or dropped */
+	uint64_t watchdog_drops;         /* dropped by the watchdog */
+	uint64_t library_loads;          /* FUNCTION LOAD REPLACE done */
+	uint64_t sent;                   /* commands written (retries count) */
+	uint64_t retried;                /* commands sent again */
+	uint64_t wakes;                  /* on_wake calls */
+	size_t queued;                   /* commands waiting to be sent */
+	size_t inflight;                 /* commands sent, reply not yet in */
+};
+
+void rq_queue_get_stats(const struct rq_queue *q, struct rq_queue_stats *st);
+
+/* ---- claim ---- */
+
+/* One claimed message. id, lease, attempts and created stay valid until
+ * rq_queue_claim_free(); from, rcpts, body and meta point into the Redis
+ * reply and become invalid at rq_queue_msg_release() of this message or at
+ * rq_queue_claim_free(). Strings are NUL-ended (body may also hold NULs:
+ * use body_len). */
+struct rq_queue_msg {
+	char id[RQ_QUEUE_ID_MAX + 1];
+	int64_t lease;
+	int64_t attempts;
+	int64_t created;
+	const char *from;           /* "" = null sender */
+	size_t from_len;
+	size_t nrcpts;              /* recipients still pending */
+	const char **rcpts;
+	const size_t *rcpt_lens;
+	const char *body;
+	size_t body_len;
+	const char *meta;           /* JSON text, "{}" when none */
+	size_t meta_len;
+	bool released;
+};
+
+struct rq_queue_claim {
+	int64_t now;                /* Redis time of the claim (ms) */
+	int64_t next_due;           /* earliest scheduled time (ms), -1: none */
+	size_t count;
+	struct rq_queue_msg *msgs;
+	void *priv_;                /* the reply; do not touch */
+};
+
+/*
+ * The claim callback: on RQ_QUEUE_OK, claim is non-NULL and belongs to the
+ * caller, who must call rq_queue_claim_free() once (any time, also after
+ * rq_queue_destroy); the bodies are not copied: they point into the Redis
+ * reply, kept alive by the claim. Otherwise claim is NULL and err tells why
+ * (valid during the call).
+ */
+typedef void rq_queue_claim_cb(struct rq_queue *q, enum rq_queue_status st,
+			       const char *err, struct rq_queue_claim *claim,
+			       void *arg);
+
+/*
+ * FCALL relayq_claim: leases up to count messages for lease_ms. The wake
+ * timer is armed to next_due (see rq_queue_wake_at). Returns 0, or -1 when
+ * the queue is being destroyed or memory is short (cb is then not called).
+ */
+int rq_queue_claim(struct rq_queue *q, int count, int64_t lease_ms,
+		   rq_queue_claim_cb *cb, void *arg);
+
+/* Frees the memory of one message (from, rcpts, body, meta) early, e.g. when
+ * its DATA has been written; the claim keeps id and lease. Idempotent. */
+void rq_queue_msg_release(struct rq_queue_claim *c, size_t i);
+
+/* Frees the claim and everything it points to. NULL is a no-op. */
+void rq_queue_claim_free(struct rq_queue_claim *c);
+
+/* ---- settle ---- */
+
+enum rq_queue_rcpt_state {
+	RQ_QUEUE_RCPT_DELIVERED = 0,
+	RQ_QUEUE_RCPT_DEFERRED,
+	RQ_QUEUE_RCPT_FAILED,
+	RQ_QUEUE_RCPT_DROPPED,
+	RQ_QUEUE_RCPT_EXPIRED,
+};
+
+/* One recipient's outcome; NULL strings and code 0 are left out. */
+struct rq_queue_rcpt_outcome {
+	const char *to;
+	enum rq_queue_rcpt_state s;
+	int code;
+	const char *enh;
+	const char *text;
+	const char *stage;
+	const char *hint;
+};
+
+/*
+ * Builder of the settle outcomes JSON array (strings are JSON-escaped:
+ * quotes, backslashes, control bytes; bytes >= 0x80 are kept as they are).
+ * Embed it, rq_queue_outcomes_init(), add messages and their recipients,
+ * pass it to rq_queue_settle() (which copies it), then reset or finish.
+ */
+struct rq_queue_outcomes {
+	char *buf;
+	size_t len, cap;
+	size_t nmsgs;
+	size_t nrcpts;              /* of the open message */
+	bool open;                  /* a message is open */
+	bool oom;
+};
+
+void rq_queue_outcomes_init(struct rq_queue_outcomes *o);
+/* Empties the builder (keeps its memory). */
+void rq_queue_outcomes_reset(struct rq_queue_outcomes *o);
+/* Frees the builder's memory. */
+void rq_queue_outcomes_finish(struct rq_queue_outcomes *o);
+/* Starts a message: next_ms < 0 leaves "next" out (allowed only when no
+ * recipient stays pending or deferred). Returns 0 or -1 (no memory). */
+int rq_queue_outcomes_msg(struct rq_queue_outcomes *o, const char *id,
+			  int64_t lease, bool attempt, int64_t next_ms,
+			  bool hold);
+/* Adds a recipient outcome to the open message; 0, or -1 (none open or no
+ * memory). */
+int rq_queue_outcomes_rcpt(struct rq_queue_outcomes *o,
+			   const struct rq_queue_rcpt_outcome *r);
+/* The JSON text (NUL-ended) or NULL after a memory failure; valid until the
+ * builder changes. */
+const char *rq_queue_outcomes_json(struct rq_queue_outcomes *o, size_t *len);
+
+enum rq_queue_settled {
+	RQ_QUEUE_SETTLE_DONE = 0,
+	RQ_QUEUE_SETTLE_SCHEDULED,
+	RQ_QUEUE_SETTLE_HELD,
+	RQ_QUEUE_SETTLE_LOST,       /* lease not held: nothing written */
+};
+
+/* res: one status per message, in order (n of them), valid during the call;
+ * NULL unless RQ_QUEUE_OK. */
+typedef void rq_queue_settle_cb(struct rq_queue *q, enum rq_queue_status st,
+				const char *err,
+				const enum rq_queue_settled *res, size_t n,
+				void *arg);
+
+/* FCALL relayq_settle with the builder's JSON (copied; the builder may be
+ * reset right away). 0, or -1 (destroying, no memory, empty or broken
+ * builder): cb is then not called. */
+int rq_queue_settle(struct rq_queue *q, struct rq_queue_outcomes *o,
+		    rq_queue_settle_cb *cb, void *arg);
+
+/* ---- renew, recover, raw ---- */
+
+/* n: the function's integer answer (leases renewed / recovered). */
+typedef void rq_queue_count_cb(struct rq_queue *q, enum rq_queue_status st,
+			       const char *err, long long n, void *arg);
+
+struct rq_queue_lease {
+	const char *id;
+	int64_t lease;
+};
+
+/* FCALL relayq_renew: extends n leases by lease_ms (arguments copied).
+ * 0 or -1 as for claim. */
+int rq_queue_renew(struct rq_queue *q, int64_t lease_ms,
+		   const struct rq_queue_lease *leases, size_t n,
+		   rq_queue_count_cb *cb, void *arg);
+
+/* FCALL relayq_recover. 0 or -1 as for claim. */
+int rq_queue_recover(struct rq_queue *q, rq_queue_count_cb *cb, void *arg);
+
+/* reply: borrowed, valid during the call (NULL unless RQ_QUEUE_OK or
+ * RQ_QUEUE_EREDIS). */
+typedef void rq_queue_reply_cb(struct rq_queue *q, enum rq_queue_status st,
+			       const char *err, const redisReply *reply,
+			       void *arg);
+
+/* Any command (argv copied), through the same queueing and retrying as the
+ * others: use it only for commands that are safe to repeat. cb may be NULL.
+ * 0 or -1. */
+int rq_queue_command(struct rq_queue *q, int argc, const char **argv,
+		     const size_t *argvlen, rq_queue_reply_cb *cb, void *arg);
+
+/* ---- wake timer ---- */
+
+/* Arms the wake timer to call on_wake(RQ_QUEUE_WAKE_TIMER) in delay_ms,
+ * unless it is already armed earlier (the earliest wins; it disarms when it
+ * fires). Claims arm it from next_due - now. */
+void rq_queue_wake_at(struct rq_queue *q, int64_t delay_ms);
+
+/* Milliseconds until the wake timer fires, or -1 when not armed. */
+int64_t rq_queue_wake_in(const struct rq_queue *q);
+
+#endif
