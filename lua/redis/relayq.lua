@@ -145,6 +145,20 @@ local function json_strs(list)
 	return '[' .. table.concat(parts, ',') .. ']'
 end
 
+-- Decodes stored JSON; nil when it is not a JSON array / object.
+local function try_json(v)
+	if not v then return nil end
+	local ok, t = pcall(cjson.decode, v)
+	if ok and type(t) == 'table' then return t end
+	return nil
+end
+
+-- Stored JSON text as is when it parses, else as a JSON string.
+local function raw_json(v)
+	if try_json(v) then return v end
+	return cjson.encode(v)
+end
+
 -- Runs cmd key a1 a2 ... in chunks of CHUNK arguments (Lua's unpack has a
 -- stack limit). list holds whole elements: CHUNK is even, so score/member
 -- or field/value pairs are never split.
@@ -543,10 +557,16 @@ local function settle(keys, args)
 		end
 		local m = call('HMGET', P .. ':msg:' .. o.id, 'state', 'lease', 'to', 'pending',
 			'attempts', 'failed', 'meta')
-		if m[1] ~= 'inflight' or tonumber(m[2]) ~= o.lease then
+		local pok, pending = false, nil
+		if m[1] == 'inflight' and tonumber(m[2]) == o.lease then
+			pok, pending = pcall(cjson.decode, m[4] or m[3])
+			pok = pok and type(pending) == 'table'
+		end
+		if not pok then
+			-- Not held with this lease (or unreadable: its lease will
+			-- expire and claim parks it).
 			plan[i] = false
 		else
-			local pending = cjson.decode(m[4] or m[3])
 			local pset = {}
 			for _, r in ipairs(pending) do pset[r] = true end
 			local final, listed = {}, {}
@@ -768,12 +788,11 @@ local function requeue(keys, args)
 	end
 	local n = to_ready(P, ids, 'dead', function(id, mk)
 		local rk = P .. ':rcpt:' .. id
-		local to = cjson.decode(call('HGET', mk, 'to') or '[]')
+		local to = try_json(call('HGET', mk, 'to')) or {}
 		local pending, rset = {}, {}
 		local st = read_hash(rk)
 		for _, r in ipairs(to) do
-			local ok, s = pcall(cjson.decode, st[r] or '{}')
-			if not ok or type(s) ~= 'table' then s = {} end
+			local s = try_json(st[r]) or {}
 			if s.s == nil or s.s == 'pending' or s.s == 'deferred'
 				or s.s == 'failed' or s.s == 'expired' then
 				pending[#pending + 1] = r
@@ -857,7 +876,7 @@ local function msg_parts(id, h)
 		if v ~= nil then
 			local enc
 			if f == 'to' or f == 'pending' then
-				enc = v -- stored as a JSON array
+				enc = raw_json(v) -- stored as a JSON array
 			elseif NUMERIC[f] then
 				enc = (v == '' or not tonumber(v)) and 'null' or v
 			else
@@ -867,7 +886,7 @@ local function msg_parts(id, h)
 		end
 	end
 	parts[#parts + 1] = '"size":' .. istr(h.body and #h.body or 0)
-	parts[#parts + 1] = '"meta":' .. (h.meta or '{}')
+	parts[#parts + 1] = '"meta":' .. (h.meta and raw_json(h.meta) or '{}')
 	return parts
 end
 
@@ -879,13 +898,12 @@ local function show(keys, args)
 	if not found then fail('unknown id: ' .. clean(id)) end
 	local parts = msg_parts(id, h)
 	local rh = read_hash(P .. ':rcpt:' .. id)
-	local to = cjson.decode(h.to or '[]')
+	local to = try_json(h.to) or {}
 	local pend = {}
-	for _, r in ipairs(cjson.decode(h.pending or h.to or '[]')) do pend[r] = true end
+	for _, r in ipairs(try_json(h.pending) or to) do pend[r] = true end
 	local rs = {}
 	for i, r in ipairs(to) do
-		local ok, s = pcall(cjson.decode, rh[r] or '{}')
-		if not ok or type(s) ~= 'table' then s = {} end
+		local s = try_json(rh[r]) or {}
 		s.to = r
 		if s.s == nil then
 			s.s = pend[r] and 'pending' or 'unknown'
@@ -940,8 +958,8 @@ local function list(keys, args)
 		local h, found = read_hash(P .. ':msg:' .. id)
 		if found then
 			local parts = msg_parts(id, h)
-			local to = cjson.decode(h.to or '[]')
-			local pending = h.pending and cjson.decode(h.pending) or to
+			local to = try_json(h.to) or {}
+			local pending = try_json(h.pending) or to
 			parts[#parts + 1] = '"rcpt_count":' .. #to
 			parts[#parts + 1] = '"pending_count":' .. #pending
 			out[#out + 1] = '{' .. table.concat(parts, ',') .. '}'

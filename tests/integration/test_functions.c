@@ -1333,6 +1333,28 @@ static void large_batches(void **state)
 	assert_int_equal(stat_of(q, "delivered"), N);
 }
 
+static void claim_skips_broken_messages(void **state)
+{
+	struct q *q = *state;
+	char a[40], b[40], c[40];
+	enq1(q, "a@b.c", a);
+	enq1(q, "b@b.c", b);
+	enq1(q, "c@b.c", c);
+	/* stray writes: a's hash removed, b's recipients unreadable */
+	freeReplyObject(cmd(q, "DEL %s:msg:%s", q->key, a));
+	freeReplyObject(cmd(q, "HSET %s:msg:%s pending [oops", q->key, b));
+	redisReply *r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 1);
+	assert_string_equal(M_ID(CL_MSG(r, 0)), c);
+	freeReplyObject(r);
+	assert_int_equal(stat_of(q, "ready"), 0);
+	assert_int_equal(stat_of(q, "held"), 1);
+	char *s = show(q, b);
+	has(s, "\"state\":\"held\"");
+	has(s, "\"last_text\":\"relayq: unreadable recipients\"");
+	free(s);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1359,6 +1381,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(read_only_functions, setup, teardown),
 		cmocka_unit_test_setup_teardown(claim_bounds_promotion, setup, teardown),
 		cmocka_unit_test_setup_teardown(large_batches, setup, teardown),
+		cmocka_unit_test_setup_teardown(claim_skips_broken_messages, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
