@@ -1,0 +1,434 @@
+/*
+ * The SMTP client's TLS and AUTH against fakesmtp: STARTTLS in each mode
+ * (none, opportunistic, required), certificate and host name verification,
+ * STARTTLS response injection, implicit TLS (port 465 style), AUTH PLAIN and
+ * LOGIN, 535, and the refusal to send credentials over plain text.
+ */
+#include "test_smtp_common.h"
+
+#include "fakesmtp.h"
+
+static const char *const two[] = {"a@example.net", "b@example.net", NULL};
+static const char *body1 = "Subject: tls\r\n\r\nsecret body\r\n";
+
+struct fx {
+	struct run r;
+	struct fsmtp *f;
+};
+
+/* scenario, then TLS certificate/key names under tests/fixtures/tls (NULL:
+ * the fixture's default, CN mx.test signed by ca.pem) */
+static void fx_init(struct fx *x, const char *scenario, const char *cert)
+{
+	char sc[2048];
+	run_init(&x->r);
+	if (cert) {
+		char certp[512], keyp[512], key[64];
+		snprintf(certp, sizeof(certp), "%s", fsmtp_tls_path(cert));
+		snprintf(key, sizeof(key), "%.*s.key", (int)(strlen(cert) - 4), cert);
+		snprintf(keyp, sizeof(keyp), "%s", fsmtp_tls_path(key));
+		snprintf(sc, sizeof(sc), "tls-cert %s\ntls-key %s\n%s", certp, keyp, scenario);
+	} else {
+		snprintf(sc, sizeof(sc), "%s", scenario);
+	}
+	x->f = fsmtp_must_start(x->r.base, sc);
+	x->r.tls = test_tls_ctx(fsmtp_tls_path("ca.pem"));
+	x->r.opts.tls_ctx = x->r.tls;
+}
+
+static void fx_connect(struct fx *x, const char *name)
+{
+	run_connect(&x->r, fsmtp_port(x->f), name);
+}
+
+static void fx_end(struct fx *x)
+{
+	run_finish(&x->r);
+	fsmtp_destroy(x->f);
+	run_free_base(&x->r);
+}
+
+static const struct fsmtp_conn *conn_at(struct fx *x, size_t i)
+{
+	const struct fsmtp_conn *c = fsmtp_conn_at(x->f, i);
+	assert_non_null(c);
+	return c;
+}
+
+/* Delivers one transaction, expecting both recipients delivered. */
+static void deliver_ok(struct fx *x)
+{
+	txn_set(&x->r, "s@example.com", two, body1);
+	send_wait(&x->r);
+	if (x->r.txn.delivered != 2)
+		fail_msg("not delivered: %s %s %d %s", rq_stage_name(x->r.txn.outcome.stage),
+			 rq_fail_name(x->r.txn.outcome.fail), x->r.txn.outcome.code,
+			 x->r.txn.outcome.text);
+	assert_string_equal(fsmtp_last_message(x->f)->content, body1);
+}
+
+/* Expects the session to end before any transaction with (stage, fail). */
+static void expect_fail(struct fx *x, enum rq_stage stage, enum rq_fail fail, int code)
+{
+	txn_set(&x->r, "s@example.com", two, body1);
+	assert_int_equal(rq_smtp_send(x->r.s, &x->r.txn), 0);
+	wait_done(&x->r, 1);
+	wait_closed(&x->r);
+	assert_int_equal(x->r.txn.failed, 2);
+	assert_outcome(&x->r.why, stage, fail, code);
+	assert_rcpt(&x->r.rcpts[0], RQ_SMTP_RCPT_FAILED, stage, fail, code);
+	assert_int_equal(x->r.nready, 0);
+	for (size_t i = 0; i < fsmtp_nconns(x->f); i++)
+		assert_null(strstr(conn_at(x, i)->in, "MAIL FROM"));
+}
+
+/* required: STARTTLS, chain and name verified, EHLO again, delivered. */
+static void test_required_ok(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls on", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_true(rq_smtp_tls_active(x.r.s));
+	assert_true(rq_smtp_tls_verified(x.r.s));
+	assert_non_null(strstr(rq_smtp_tls_info(x.r.s), "TLS"));
+	/* capabilities were forgotten and asked again (RFC 3207) */
+	assert_false(rq_smtp_caps(x.r.s)->flags & RQ_SMTP_CAP_STARTTLS);
+	const struct fsmtp_conn *c = conn_at(&x, 0);
+	assert_true(c->tls);
+	assert_true(c->starttls);
+	assert_int_equal(count_str(c->in, "EHLO client.test\r\n"), 2);
+	assert_int_equal(count_str(c->in, "STARTTLS\r\n"), 1);
+	fx_end(&x);
+}
+
+/* A large body through the TLS layer. */
+static void test_required_large_body(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls on", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "mx.test");
+	size_t n = 2 * 1024 * 1024;
+	char *big = malloc(n + 1);
+	for (size_t i = 0; i < n; i++)
+		big[i] = (i % 64 == 63) ? '\n' : (char)('A' + i % 26);
+	big[n] = '\0';
+	const char *const one[] = {"a@example.net", NULL};
+	txn_set(&x.r, "s@example.com", one, big);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 1);
+	assert_int_equal(fsmtp_last_message(x.f)->content_len, n + n / 64);
+	fx_end(&x);
+	free(big);
+}
+
+/* required: a certificate for another name is a TLS failure. */
+static void test_required_wrong_name(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls on", "wrongname.pem");
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_TLS, RQ_FAIL_TLS, 0);
+	assert_non_null(strstr(x.r.why.text, "verif"));
+	fx_end(&x);
+
+	/* the right certificate, but we expect another host name */
+	fx_init(&x, "starttls on", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "other.test");
+	expect_fail(&x, RQ_STAGE_TLS, RQ_FAIL_TLS, 0);
+	fx_end(&x);
+
+	/* servername overrides the host's name */
+	fx_init(&x, "starttls on", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	x.r.opts.servername = "mx.test";
+	fx_connect(&x, "other.test");
+	deliver_ok(&x);
+	fx_end(&x);
+}
+
+/* required: a self-signed certificate fails; with verification off it is
+ * accepted (and reported as not verified). */
+static void test_required_selfsigned(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls on", "selfsigned.pem");
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_TLS, RQ_FAIL_TLS, 0);
+	fx_end(&x);
+
+	fx_init(&x, "starttls on", "selfsigned.pem");
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	x.r.opts.tls_verify = false;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_true(rq_smtp_tls_active(x.r.s));
+	assert_false(rq_smtp_tls_verified(x.r.s));
+	fx_end(&x);
+}
+
+/* required: no STARTTLS offered, nothing sent in the clear. */
+static void test_required_not_offered(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls off", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_STARTTLS, RQ_FAIL_TLS, 0);
+	fx_end(&x);
+
+	/* offered but refused (454) */
+	fx_init(&x, "starttls on\nstarttls reply 454 4.7.0 TLS not available", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_STARTTLS, RQ_FAIL_TLS, 454);
+	fx_end(&x);
+}
+
+/* opportunistic: plain when not offered (or refused); TLS when offered,
+ * even with a certificate that does not verify. */
+static void test_opportunistic(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls off", NULL);
+	x.r.opts.tls = RQ_TLS_OPPORTUNISTIC;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_false(rq_smtp_tls_active(x.r.s));
+	assert_false(conn_at(&x, 0)->tls);
+	fx_end(&x);
+
+	fx_init(&x, "starttls on\nstarttls reply 454 4.7.0 not now", NULL);
+	x.r.opts.tls = RQ_TLS_OPPORTUNISTIC;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_false(rq_smtp_tls_active(x.r.s));
+	assert_int_equal(count_str(conn_at(&x, 0)->in, "STARTTLS"), 1);
+	fx_end(&x);
+
+	fx_init(&x, "starttls on", "selfsigned.pem");
+	x.r.opts.tls = RQ_TLS_OPPORTUNISTIC;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_true(rq_smtp_tls_active(x.r.s));
+	assert_false(rq_smtp_tls_verified(x.r.s));
+	assert_true(conn_at(&x, 0)->tls);
+	fx_end(&x);
+
+	fx_init(&x, "starttls on", NULL);
+	x.r.opts.tls = RQ_TLS_OPPORTUNISTIC;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_true(rq_smtp_tls_verified(x.r.s));
+	fx_end(&x);
+}
+
+/* opportunistic: a failed handshake is a failure, unless fallback to plain
+ * is configured: then a new connection without STARTTLS. */
+static void test_opportunistic_handshake_failure(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls on\nstarttls conn=1 close", NULL);
+	x.r.opts.tls = RQ_TLS_OPPORTUNISTIC;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_TLS, RQ_FAIL_TLS, 0);
+	fx_end(&x);
+
+	fx_init(&x, "starttls on\nstarttls conn=1 close", NULL);
+	x.r.opts.tls = RQ_TLS_OPPORTUNISTIC;
+	x.r.opts.tls_fallback_plain = true;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_false(rq_smtp_tls_active(x.r.s));
+	assert_int_equal(fsmtp_nconns(x.f), 2);
+	assert_null(strstr(conn_at(&x, 1)->in, "STARTTLS"));
+	fx_end(&x);
+}
+
+/* none: STARTTLS offered but not used. */
+static void test_none_ignores_starttls(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls on", NULL);
+	x.r.opts.tls = RQ_TLS_NONE;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_null(strstr(conn_at(&x, 0)->in, "STARTTLS"));
+	fx_end(&x);
+}
+
+/* Bytes after the 220 to STARTTLS: refused, the connection dropped. */
+static void test_starttls_injection(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls on\nstarttls inject=250-injected\\r\\n250\\x20PIPELINING\\r\\n", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_STARTTLS, RQ_FAIL_PROTOCOL, 0);
+	assert_non_null(strstr(x.r.why.text, "injection"));
+	assert_false(conn_at(&x, 0)->tls);
+	fx_end(&x);
+}
+
+/* Implicit TLS (port 465 style). */
+static void test_implicit(void **state)
+{
+	struct fx x;
+	fx_init(&x, "implicit-tls on", NULL);
+	x.r.opts.tls = RQ_TLS_IMPLICIT;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_true(rq_smtp_tls_verified(x.r.s));
+	assert_true(conn_at(&x, 0)->tls);
+	assert_false(conn_at(&x, 0)->starttls);
+	fx_end(&x);
+
+	fx_init(&x, "implicit-tls on", "wrongname.pem");
+	x.r.opts.tls = RQ_TLS_IMPLICIT;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_TLS, RQ_FAIL_TLS, 0);
+	fx_end(&x);
+
+	/* implicit TLS against a plain server: a TLS failure, not a hang */
+	fx_init(&x, "", NULL);
+	x.r.opts.tls = RQ_TLS_IMPLICIT;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_TLS, RQ_FAIL_TLS, 0);
+	fx_end(&x);
+}
+
+static bool trace_has_secret(struct run *r)
+{
+	/* the password, and base64 of "\0user\0pass" / of the password */
+	return r->trace && (strstr(r->trace, FSMTP_TEST_PASS) ||
+			    strstr(r->trace, "AHJlbGF5cS10ZXN0AHMzY3JldC1wYXNz") ||
+			    strstr(r->trace, "czNjcmV0LXBhc3M="));
+}
+
+static void auth_ok(const char *mechs_offered, unsigned mechs_allowed, const char *want_mech)
+{
+	struct fx x;
+	char sc[256];
+	snprintf(sc, sizeof(sc), "starttls on\nauth %s\nrequire-auth on", mechs_offered);
+	fx_init(&x, sc, NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	x.r.opts.auth_user = FSMTP_TEST_USER;
+	x.r.opts.auth_password = FSMTP_TEST_PASS;
+	x.r.opts.auth_mechs = mechs_allowed;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_true(rq_smtp_authenticated(x.r.s));
+	const struct fsmtp_conn *c = conn_at(&x, 0);
+	assert_non_null(c->auth_user);
+	assert_string_equal(c->auth_user, FSMTP_TEST_USER);
+	assert_string_equal(c->auth_mech, want_mech);
+	assert_false(trace_has_secret(&x.r));
+	assert_non_null(strstr(x.r.trace, "> AUTH "));
+	fx_end(&x);
+}
+
+static void test_auth_plain_login(void **state)
+{
+	auth_ok("PLAIN LOGIN", RQ_SMTP_AUTH_PLAIN | RQ_SMTP_AUTH_LOGIN, "PLAIN");
+	auth_ok("PLAIN LOGIN", RQ_SMTP_AUTH_LOGIN, "LOGIN");
+	auth_ok("LOGIN", RQ_SMTP_AUTH_PLAIN | RQ_SMTP_AUTH_LOGIN, "LOGIN");
+}
+
+/* Wrong password: 535 reported at stage auth, no secret in any text. */
+static void auth_535(unsigned mechs)
+{
+	struct fx x;
+	fx_init(&x, "starttls on\nauth PLAIN LOGIN", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	x.r.opts.auth_user = FSMTP_TEST_USER;
+	x.r.opts.auth_password = "wrong-" FSMTP_TEST_PASS;
+	x.r.opts.auth_mechs = mechs;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_AUTH, RQ_FAIL_NONE, 535);
+	assert_string_equal(x.r.why.enhanced, "5.7.8");
+	assert_int_equal(conn_at(&x, 0)->auth_failures, 1);
+	assert_null(strstr(x.r.why.text, FSMTP_TEST_PASS));
+	assert_null(strstr(x.r.rcpts[0].outcome.text, FSMTP_TEST_PASS));
+	assert_false(trace_has_secret(&x.r));
+	assert_null(strstr(x.r.trace, "wrong-"));
+	fx_end(&x);
+}
+
+static void test_auth_535(void **state)
+{
+	auth_535(RQ_SMTP_AUTH_PLAIN);
+	auth_535(RQ_SMTP_AUTH_LOGIN);
+}
+
+/* AUTH is never sent over plain text unless allowed explicitly. */
+static void test_auth_refused_in_plaintext(void **state)
+{
+	struct fx x;
+	fx_init(&x, "auth PLAIN LOGIN", NULL);
+	x.r.opts.tls = RQ_TLS_OPPORTUNISTIC; /* STARTTLS not offered */
+	x.r.opts.auth_user = FSMTP_TEST_USER;
+	x.r.opts.auth_password = FSMTP_TEST_PASS;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_AUTH, RQ_FAIL_NONE, 454);
+	assert_true(x.r.why.synthetic);
+	assert_null(strstr(conn_at(&x, 0)->in, "AUTH"));
+	fx_end(&x);
+
+	fx_init(&x, "auth PLAIN LOGIN\nrequire-auth on", NULL);
+	x.r.opts.tls = RQ_TLS_NONE;
+	x.r.opts.auth_user = FSMTP_TEST_USER;
+	x.r.opts.auth_password = FSMTP_TEST_PASS;
+	x.r.opts.auth_plaintext_ok = true;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	assert_string_equal(conn_at(&x, 0)->auth_user, FSMTP_TEST_USER);
+	fx_end(&x);
+
+	/* credentials configured, the server offers no AUTH: not silently
+	 * unauthenticated */
+	fx_init(&x, "starttls on", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	x.r.opts.auth_user = FSMTP_TEST_USER;
+	x.r.opts.auth_password = FSMTP_TEST_PASS;
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, RQ_STAGE_AUTH, RQ_FAIL_NONE, 454);
+	fx_end(&x);
+}
+
+/* A server that requires AUTH, no credentials: MAIL's 530 is reported. */
+static void test_auth_required_by_server(void **state)
+{
+	struct fx x;
+	fx_init(&x, "auth PLAIN\nrequire-auth on", NULL);
+	fx_connect(&x, "mx.test");
+	txn_set(&x.r, "s@example.com", two, body1);
+	send_wait(&x.r);
+	assert_rcpt(&x.r.rcpts[0], RQ_SMTP_RCPT_FAILED, RQ_STAGE_MAIL, RQ_FAIL_NONE, 530);
+	fx_end(&x);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_required_ok),
+		cmocka_unit_test(test_required_large_body),
+		cmocka_unit_test(test_required_wrong_name),
+		cmocka_unit_test(test_required_selfsigned),
+		cmocka_unit_test(test_required_not_offered),
+		cmocka_unit_test(test_opportunistic),
+		cmocka_unit_test(test_opportunistic_handshake_failure),
+		cmocka_unit_test(test_none_ignores_starttls),
+		cmocka_unit_test(test_starttls_injection),
+		cmocka_unit_test(test_implicit),
+		cmocka_unit_test(test_auth_plain_login),
+		cmocka_unit_test(test_auth_535),
+		cmocka_unit_test(test_auth_refused_in_plaintext),
+		cmocka_unit_test(test_auth_required_by_server),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
