@@ -1,0 +1,119 @@
+-- relayq.example.lua: settings and delivery policy of relayqd, in one file.
+--
+--   relayqd -c relayq.lua            run with it
+--   relayqd --check -c relayq.lua    check it (every problem with its line)
+--   relayq explain -c relayq.lua --code 550 --text "..."   see a decision
+--
+-- The file runs in a Lua 5.4 sandbox: no io, os (but os.time/clock/date),
+-- require, debug, or loading of bytecode. Unknown keys, wrong types and
+-- out-of-range values are errors. Durations are seconds (a number) or
+-- strings like "30s", "5m", "2h", "5d", "1h30m".
+--
+-- As shipped (and as scripts/run uses it) this file relays every message to
+-- an SMTP server on 127.0.0.1:2525 (for example Postfix's
+-- `smtp-sink -u $USER 127.0.0.1:2525 100`), so nothing leaves the machine.
+-- Set RELAYQ_RELAY (or edit `relay`) to use a real smarthost, or remove
+-- `relay` to deliver by MX.
+
+relayq.config {
+  -- Redis: "redis://host[:port][/db]" or "unix:/path/to/redis.sock".
+  -- Default "redis://127.0.0.1:6379/0". scripts/run sets RELAYQ_REDIS.
+  redis = relayq.getenv("RELAYQ_REDIS", "redis://127.0.0.1:6379/0"),
+
+  -- Queue name, or a list of names: { "mail", "bulk" }. Default "default".
+  queue = relayq.getenv("RELAYQ_QUEUE", "default"),
+
+  -- Smarthost. "[host]:port" connects to host as is (no MX lookup);
+  -- "host:port" or "host" looks up the MX of host first (like Postfix's
+  -- relayhost). Port default 25. Leave out to deliver by MX.
+  relay = relayq.getenv("RELAYQ_RELAY", "[127.0.0.1]:2525"),
+
+  -- TLS: "opportunistic" (default: STARTTLS when offered, never fails on
+  -- the certificate), "none", "required" (STARTTLS, certificate verified
+  -- unless tls_verify = false), "implicit" (TLS from the first byte, 465).
+  tls = "opportunistic",
+  -- tls_ca_file = "/etc/ssl/certs/ca-certificates.crt",  -- default: system store
+  -- tls_verify = true,
+
+  -- SMTP AUTH to the smarthost: user plus exactly one of password_file (one
+  -- line; keep it mode 0600), password_env (an environment variable) or
+  -- password (discouraged: --check warns). AUTH is never sent over a
+  -- connection without TLS unless allow_plaintext = true.
+  -- auth = { user = "apikey", password_file = "/etc/relayq/relay.secret" },
+  -- auth = { user = "apikey", password_env = "RELAYQ_RELAY_PASSWORD" },
+
+  -- Name we give in EHLO. Default: the system host name.
+  -- helo = "relay.example.org",
+
+  connections = 100,               -- total SMTP connections (default 100)
+  per_destination = 20,            -- per destination (default 20)
+  messages_per_connection = 100,   -- then QUIT and reconnect (default 100)
+  recipients_per_transaction = 100, -- RCPTs per MAIL (default 100)
+  batch = 100,                     -- messages claimed per Redis round trip (default 100)
+  lease = "5m",                    -- a claimed message returns after this if we die (default 5m)
+
+  -- SMTP timeouts (defaults shown; RFC 5321 4.5.3.2). idle: how long an
+  -- unused connection is kept for reuse (0 = close at once).
+  timeouts = {
+    connect = "30s", greeting = "5m", helo = "5m", mail = "5m", rcpt = "5m",
+    data = "2m", data_block = "3m", dot = "10m", quit = "20s", idle = "10s",
+  },
+
+  log_format = "logfmt",           -- logfmt | json (default logfmt)
+  log_level = "info",              -- debug | info | warn | error | off
+  events_cap = 100000,             -- entries kept in the events stream (default 100000)
+  bounce = false,                  -- send DSNs to the sender on failure (default false)
+  -- metrics = "127.0.0.1:9465",   -- Prometheus /metrics (default: off)
+}
+
+-- Retry delays: first * factor^(attempt-1), capped at max, then +/- jitter
+-- (a fraction). Defaults: first 5m, factor 2, max 4h, jitter 0.15.
+relayq.backoff { first = "5m", factor = 2, max = "4h", jitter = 0.15 }
+
+-- A message still failing temporarily after max_age (default 5d) or after
+-- max_attempts attempts (default: no limit) fails with its last reply.
+relayq.expire { max_age = "5d" }
+
+-- Policy overrides. relayq.on(selector, function(r, msg) ... end), most
+-- specific first: enhanced code "5.7.26", reply code 550, class "4xx" /
+-- "5xx", transport event "timeout" / "refused" / "lost" / "tls" / "dns" /
+-- "protocol", and "*". 2xx replies and "too many recipients" never reach Lua.
+--
+-- r   = { code, enhanced, text, stage, event, recipient, host, domain,
+--         attempt, age }
+-- msg = { id, from, to = { ... }, attempts, created, meta = { ... } }
+--
+-- Return relayq.retry { after = "10m" }, relayq.fail { reason = "..." },
+-- relayq.drop(), relayq.hold(), relayq.suspend { after = "30m" } (the whole
+-- destination), or nil for the built-in decision. A handler that fails,
+-- runs too long or uses too much memory gets the built-in decision (the
+-- error is logged once and counted). `relayq explain` shows which rule
+-- decides.
+
+-- Some servers greylist with a 5xx: retry those instead of bouncing.
+relayq.on(550, function(r, msg)
+  local t = r.text:lower()
+  if t:find("greylist", 1, true) or t:find("try again later", 1, true) then
+    return relayq.retry { after = "10m" }
+  end
+  -- nil: the built-in decision (550 fails)
+end)
+
+-- Mailbox full (RFC 3463 5.2.2) is often temporary.
+relayq.on("5.2.2", function(r, msg)
+  if r.age < 86400 then return relayq.retry { after = "2h" } end
+end)
+
+-- relayq.on("timeout", function(r) return relayq.retry { after = "15m" } end)
+-- relayq.on("5.7.26", function(r) return relayq.fail { reason = "DMARC: fix SPF/DKIM of the sender domain" } end)
+
+-- Per-domain settings: per_destination, messages_per_connection,
+-- recipients_per_transaction, backoff = {...}, expire = {...}, and rules
+-- of their own in `on` (at each level a domain rule comes before the
+-- global one).
+relayq.on_domain("yahoo.com", {
+  per_destination = 5,
+  on = {
+    [421] = function(r) return relayq.retry { after = "30m" } end,
+  },
+})
