@@ -1293,6 +1293,7 @@ static void on_cmd_reply(redisAsyncContext *ac, void *reply, void *priv)
 		/* connection going: the command is sent again later */
 		if (c->sent && q) {
 			c->sent = false;
+			q->st.retried++;
 			if (q->ninflight > 0)
 				q->ninflight--;
 		}

@@ -68,6 +68,7 @@ static bool run_until(struct event_base *base, bool (*cond)(void *), void *arg, 
 struct ctx {
 	struct event_base *base;
 	struct rq_queue *q;
+	bool destroy_on_wake;
 	int wakes[3];
 	int ready;
 	int down;
@@ -78,6 +79,10 @@ static void on_wake(struct rq_queue *q, enum rq_queue_wake why, void *arg)
 {
 	struct ctx *c = arg;
 	c->wakes[why]++;
+	if (c->destroy_on_wake && why == RQ_QUEUE_WAKE_PUBLISH) {
+		rq_queue_destroy(q);
+		c->q = NULL;
+	}
 }
 
 static void on_state(struct rq_queue *q, enum rq_queue_conn_state st, const char *err, void *arg)
@@ -631,7 +636,7 @@ static void url_redaction_and_errors(void **state)
 	char err[256];
 	const char *bad[] = {"redis://127.0.0.1:0", "redis://127.0.0.1:99999", "redis://127.0.0.1/x",
 			     "redis://[::1", "unix:relative.sock", "unix:/tmp/x.sock?db=x",
-			     "redis://", "redis://:%zz@127.0.0.1", "redis://host.invalid."};
+			     "redis://", "redis://:%zz@127.0.0.1", "redis://u:p@"};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		struct rq_queue_opts o = base_opts(&c, bad[i], "q");
 		err[0] = '\0';
@@ -736,6 +741,15 @@ static void library_loaded_when_missing_or_old(void **state)
 	rq_queue_get_stats(c.q, &st);
 	assert_int_equal(st.library_loads, 1);
 	assert_true(st.retried >= 1);
+
+	/* a function the library does not have: retried a few times (each
+	 * time after a reload), then reported, not retried forever */
+	const char *argv[] = {"FCALL", "relayq_no_such_function", "0"};
+	struct res nf = {0};
+	assert_int_equal(rq_queue_command(c.q, 3, argv, NULL, raw_cb, &nf), 0);
+	assert_true(run_until(c.base, res_done, &nf, 10000));
+	assert_int_equal(nf.st, RQ_QUEUE_EREDIS);
+	assert_non_null(strstr(nf.err, "Function not found"));
 	ctx_close(&c);
 	redisFree(rc);
 	th_redis_stop(&rs);
@@ -943,6 +957,11 @@ static void watchdog_on_stopped_server(void **state)
 	th_redis_stop(&rs);
 }
 
+static bool q_gone(void *arg)
+{
+	return ((struct ctx *)arg)->q == NULL;
+}
+
 static void destroy_with_pending(void **state)
 {
 	struct th_redis rs;
@@ -1023,6 +1042,25 @@ static void destroy_with_pending(void **state)
 	ctx_close(&c);
 	assert_int_equal(r[0].calls, 1);
 	assert_int_equal(r[0].st, RQ_QUEUE_ECANCEL);
+
+	/* 4. destroy from the wake callback (subscriber connection) with a
+	 * command pending on the other connection */
+	memset(&c, 0, sizeof(c));
+	ctx_open_ready(&c, &o);
+	c.destroy_on_wake = true;
+	memset(r, 0, sizeof(r));
+	const char *blpop[] = {"BLPOP", "relayq-test-nothing", "20"};   /* blocks there */
+	assert_int_equal(rq_queue_command(c.q, 3, blpop, NULL, raw_cb, &r[0]), 0);
+	assert_true(run_until(c.base, inflight_some, &c, 5000));
+	redisContext *rc = th_redis_connect(&rs);
+	sync_ok(rc, "PUBLISH relayq:{%s}:wake 1", qn);
+	redisFree(rc);
+	assert_true(run_until(c.base, q_gone, &c, 5000));
+	assert_int_equal(r[0].calls, 1);
+	assert_int_equal(r[0].st, RQ_QUEUE_ECANCEL);
+	event_base_loop(c.base, EVLOOP_NONBLOCK);
+	assert_int_equal(r[0].calls, 1);
+	event_base_free(c.base);
 
 	rq_queue_destroy(NULL);
 	rq_queue_outcomes_finish(&oc);
