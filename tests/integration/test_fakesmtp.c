@@ -44,15 +44,18 @@ struct cl {
 	size_t cap;
 	int reads;       /* recv calls that returned data */
 	bool eof;
+	bool timeout;
 };
 
-static int cl_connect(struct cl *c, int port)
+static int cl_connect(struct cl *c, int port, int timeout_ms)
 {
 	memset(c, 0, sizeof(*c));
 	c->fd = socket(AF_INET, SOCK_STREAM, 0);
 	if (c->fd < 0)
 		return -1;
-	struct timeval tv = {10, 0};
+	if (timeout_ms <= 0)
+		timeout_ms = 10000;
+	struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
 	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
 	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -95,7 +98,10 @@ static bool cl_fill(struct cl *c)
 	ssize_t k = c->ssl ? SSL_read(c->ssl, c->buf + c->len, 65536) :
 		recv(c->fd, c->buf + c->len, 65536, 0);
 	if (k <= 0) {
-		c->eof = true;
+		if (!c->ssl && k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			c->timeout = true;
+		else
+			c->eof = true;
 		return false;
 	}
 	c->len += (size_t)k;
@@ -163,6 +169,7 @@ struct conv {
 	int port;
 	bool implicit_tls;
 	const char *host;                 /* TLS name (default mx.test) */
+	int timeout_ms;                   /* per read (default 10 s) */
 	const char *steps[MAX_STEPS];     /* ">bytes" send, "<" read a reply,
 	                                   * "T" STARTTLS handshake, "E" wait
 	                                   * for the server to close */
@@ -187,7 +194,7 @@ static void *conv_thread(void *arg)
 	struct cl c;
 	char why[256];
 	const char *host = cv->host ? cv->host : "mx.test";
-	if (cl_connect(&c, cv->port) < 0) {
+	if (cl_connect(&c, cv->port, cv->timeout_ms) < 0) {
 		conv_add(cv, strdup("CONNECT FAILED"));
 		goto done;
 	}
@@ -458,6 +465,41 @@ static void multiline_garbage_overlong(void **state)
 	const struct fsmtp_conn *c = fsmtp_conn_at(f->s, 0);
 	assert_true(c->out_len > 10485760 + 10000 * 20);
 	conv_free(&cv);
+}
+
+static void stall_close_drop(void **state)
+{
+	struct fx *f = *state;
+	f->s = fsmtp_must_start(f->base,
+		"mail conn=1 drop\nmail conn=2 close\nrcpt conn=3 stall\n");
+	struct conv c1 = {.steps = {EHLO_STEPS, ">MAIL FROM:<a@example.org>\r\n", "<"}};
+	converse(f->base, f->s, &c1);
+	assert_int_equal(c1.nres, 3);
+	assert_string_equal(c1.res[2], "EOF");
+	conv_free(&c1);
+	struct conv c2 = {.steps = {EHLO_STEPS, ">MAIL FROM:<a@example.org>\r\n", "<", "E"}};
+	converse(f->base, f->s, &c2);
+	assert_int_equal(c2.nres, 4);
+	assert_string_equal(c2.res[2], "250 2.1.0 Ok\r\n");
+	assert_string_equal(c2.res[3], "EOF");
+	conv_free(&c2);
+	/* stalled: no reply to RCPT nor to anything after it */
+	struct conv c3 = {.timeout_ms = 300, .steps = {EHLO_STEPS,
+		">MAIL FROM:<a@example.org>\r\n", "<", ">RCPT TO:<b@example.net>\r\n", "<",
+		">QUIT\r\n", "<"}};
+	converse(f->base, f->s, &c3);
+	assert_int_equal(c3.nres, 5);
+	assert_string_equal(c3.res[2], "250 2.1.0 Ok\r\n");
+	assert_string_equal(c3.res[3], "TIMEOUT");
+	assert_string_equal(c3.res[4], "TIMEOUT");
+	assert_true(fsmtp_wait_closed(f->s, 3, 5000));
+	assert_true(fsmtp_conn_at(f->s, 0)->closed_by_server);
+	assert_true(fsmtp_conn_at(f->s, 1)->closed_by_server);
+	const struct fsmtp_conn *c = fsmtp_conn_at(f->s, 2);
+	assert_false(c->closed_by_server);
+	/* what the stalled server received is still recorded */
+	assert_non_null(strstr(c->in, "RCPT TO:<b@example.net>\r\nQUIT\r\n"));
+	conv_free(&c3);
 }
 
 static void size_limit(void **state)
@@ -813,6 +855,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(per_recipient_replies, setup, teardown),
 		cmocka_unit_test_setup_teardown(attempt_dependent_replies, setup, teardown),
 		cmocka_unit_test_setup_teardown(multiline_garbage_overlong, setup, teardown),
+		cmocka_unit_test_setup_teardown(stall_close_drop, setup, teardown),
 		cmocka_unit_test_setup_teardown(size_limit, setup, teardown),
 		cmocka_unit_test_setup_teardown(disconnect_mid_data, setup, teardown),
 		cmocka_unit_test_setup_teardown(trickle_and_delay, setup, teardown),
