@@ -734,6 +734,11 @@ static void req_fail(struct rq_dns_req *req, enum rq_dns_status status, enum rq_
 	struct rq_dns_result *res = result_alloc(0, 0);
 	if (res) {
 		res->status = status;
+		if (status == RQ_DNS_PERMFAIL && req->ttl != UINT32_MAX) {
+			/* a permanent answer from DNS data: as valid as that data */
+			res->ttl = req->ttl;
+			res->cached = req->all_cached;
+		}
 		va_list ap;
 		va_start(ap, fmt);
 		set_outcome_v(&res->outcome, fail, code, enhanced, fmt, ap);

@@ -99,8 +99,11 @@ struct rq_dns_result {
 	bool implicit_mx;           /* no MX records: the domain itself */
 	bool literal;               /* an address literal, no DNS */
 	bool cached;                /* every record came from the cache */
-	uint32_t ttl;               /* s the answer stays valid (0: literal
-				       or failure) */
+	uint32_t ttl;               /* s the answer stays valid: for OK and
+				       for permanent failures read from DNS
+				       (NXDOMAIN, null MX, no address); 0 for
+				       literals, invalid names and temporary
+				       failures */
 	size_t nhosts;
 	struct rq_dns_host *hosts;  /* in the order to try */
 };

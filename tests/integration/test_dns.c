@@ -55,7 +55,8 @@ static const char *const zone_args[] = {
 
 /* Starts dnsmasq on a free port with the base options, zone_args and extra
  * (NULL-ended, may be NULL). Retries on another port when one is taken. */
-static void dnsmasq_start(struct dnsmasq *d, const char *tag, const char *const *extra)
+static void dnsmasq_start_opt(struct dnsmasq *d, const char *tag, const char *const *extra,
+			      bool with_zone)
 {
 	for (int attempt = 0; attempt < 5; attempt++) {
 		memset(d, 0, sizeof(*d));
@@ -77,12 +78,14 @@ static void dnsmasq_start(struct dnsmasq *d, const char *tag, const char *const 
 		argv[n++] = "--pid-file=";
 		argv[n++] = "--log-facility=-";
 		argv[n++] = "--log-queries";
-		argv[n++] = "--local=/test/";
-		argv[n++] = "--local-ttl=60";
 		if (getuid() == 0)
 			argv[n++] = "--user=root";  /* no privilege drop to a missing user */
-		for (int i = 0; zone_args[i]; i++)
-			argv[n++] = zone_args[i];
+		if (with_zone) {
+			argv[n++] = "--local=/test/";
+			argv[n++] = "--local-ttl=60";
+			for (int i = 0; zone_args[i]; i++)
+				argv[n++] = zone_args[i];
+		}
 		for (int i = 0; extra && extra[i] && n < 78; i++)
 			argv[n++] = extra[i];
 		argv[n] = NULL;
@@ -94,6 +97,11 @@ static void dnsmasq_start(struct dnsmasq *d, const char *tag, const char *const 
 		th_stop(&d->proc, SIGKILL);
 	}
 	fail_msg("dnsmasq did not start (log in %s)", d->log);
+}
+
+static void dnsmasq_start(struct dnsmasq *d, const char *tag, const char *const *extra)
+{
+	dnsmasq_start_opt(d, tag, extra, true);
 }
 
 static void dnsmasq_stop(struct dnsmasq *d)
@@ -573,6 +581,62 @@ static void family_options(void **state)
 	event_base_free(base);
 }
 
+/*
+ * TTLs from an authoritative zone (dnsmasq --auth-zone, TTL 7 s, SOA in
+ * negative answers): a positive answer lasts the smallest record TTL, a
+ * negative one min(SOA TTL, SOA MINIMUM) capped by neg_ttl_max.
+ */
+static void ttls_from_an_authoritative_zone(void **state)
+{
+	(void)state;
+	struct dnsmasq d;
+	const char *args[] = {
+		"--auth-server=ns.auth.test,127.0.0.1",
+		"--auth-zone=auth.test",
+		"--auth-ttl=7",
+		"--auth-soa=1,hostmaster.auth.test,1200,180,1209600",
+		"--mx-host=auth.test,mx.auth.test,10",
+		"--host-record=mx.auth.test,127.0.0.8",
+		NULL,
+	};
+	dnsmasq_start_opt(&d, "auth", args, false);
+	struct event_base *base = event_base_new();
+	struct rq_dns_opts o = {.servers = d.servers};
+	struct rq_dns *dns = make_dns(base, &o);
+	struct rq_dns_result *r = lookup(base, dns, "auth.test", true);
+	assert_int_equal(r->status, RQ_DNS_OK);
+	assert_int_equal(r->nhosts, 1);
+	assert_string_equal(r->hosts[0].name, "mx.auth.test");
+	assert_int_equal(r->ttl, 7);
+	rq_dns_result_free(r);
+	r = lookup(base, dns, "nx.auth.test", true);
+	assert_int_equal(r->status, RQ_DNS_PERMFAIL);
+	assert_string_equal(r->outcome.enhanced, "5.1.2");
+	assert_int_equal(r->ttl, 7);
+	assert_false(r->cached);
+	rq_dns_result_free(r);
+	r = lookup(base, dns, "nx.auth.test", true);
+	assert_int_equal(r->status, RQ_DNS_PERMFAIL);
+	assert_true(r->cached);
+	assert_true(r->ttl >= 1 && r->ttl <= 7);
+	rq_dns_result_free(r);
+	rq_dns_destroy(dns);
+
+	o.neg_ttl_max = 3;
+	o.ttl_max = 5;
+	dns = make_dns(base, &o);
+	r = lookup(base, dns, "nx.auth.test", true);
+	assert_int_equal(r->ttl, 3);
+	rq_dns_result_free(r);
+	r = lookup(base, dns, "auth.test", true);
+	assert_int_equal(r->status, RQ_DNS_OK);
+	assert_int_equal(r->ttl, 3);  /* the AAAA "no data" of mx.auth.test */
+	rq_dns_result_free(r);
+	rq_dns_destroy(dns);
+	event_base_free(base);
+	dnsmasq_stop(&d);
+}
+
 struct cache_probe {
 	struct event_base *base;
 	struct rq_dns *dns;
@@ -838,6 +902,7 @@ int main(void)
 		cmocka_unit_test(over_tcp),
 		cmocka_unit_test_setup_teardown(host_lookups_and_literals, setup, teardown),
 		cmocka_unit_test(family_options),
+		cmocka_unit_test(ttls_from_an_authoritative_zone),
 		cmocka_unit_test(cache_survives_server_until_ttl),
 		cmocka_unit_test(cache_cap),
 		cmocka_unit_test(cancel_and_destroy_in_flight),
