@@ -835,6 +835,8 @@ static void fakesmtpd_process(void **state)
 	assert_true(file_has(path, "EHLO client.test\r\nMAIL FROM:<a@example.org>\r\n"));
 	snprintf(path, sizeof(path), "%s/conn-1.out", rec);
 	assert_true(file_has(path, "221 2.0.0 Bye\r\n"));
+	snprintf(path, sizeof(path), "%s/conn-1.log", rec);
+	assert_true(file_has(path, "S: 220 mx.test ESMTP fakesmtp\r\nC: EHLO client.test\r\nS: 250-mx.test\r\n"));
 	snprintf(path, sizeof(path), "%s/stats", rec);
 	assert_true(file_has(path, "messages=1\n"));
 
