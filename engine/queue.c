@@ -103,8 +103,6 @@ struct link {
 	bool drop_pending;          /* drop at the next drop_ev */
 };
 
-#define SETUP_AUTH 0x1
-#define SETUP_SELECT 0x2
 
 struct rq_queue {
 	struct event_base *base;
@@ -573,6 +571,7 @@ static void conn_gone(struct conn *cn, const char *reason)
 	struct link *l = cn->link;
 	if (l->conn == cn)
 		l->conn = NULL;
+	l->drop_pending = false;   /* it was for this connection */
 	if (cn->connected)
 		q->st.disconnects++;
 	l->state = RQ_QUEUE_DOWN;

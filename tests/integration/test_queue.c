@@ -838,6 +838,49 @@ static void pipelining_many(void **state)
 	th_redis_stop(&rs);
 }
 
+static bool down_seen(void *arg)
+{
+	return ((struct ctx *)arg)->down > 0;
+}
+
+/* Nothing listens yet (connection refused, retried with backoff); a claim
+ * made meanwhile completes once a redis-server starts on that port. */
+static void connect_refused_then_server_starts(void **state)
+{
+	int port = th_free_port();
+	char url[128], portstr[16];
+	snprintf(url, sizeof(url), "redis://127.0.0.1:%d/0", port);
+	snprintf(portstr, sizeof(portstr), "%d", port);
+	struct ctx c = {0};
+	struct rq_queue_opts o = base_opts(&c, url, th_unique_queue("late"));
+	ctx_open(&c, &o);
+	struct res cl = {0};
+	assert_int_equal(rq_queue_claim(c.q, 5, 60000, claim_cb, &cl), 0);
+	assert_true(run_until(c.base, down_seen, &c, 5000));
+	assert_non_null(strstr(c.down_err, "127.0.0.1"));
+	assert_int_equal(cl.calls, 0);
+
+	char *dir = th_mkdtemp("late");
+	char log[600];
+	snprintf(log, sizeof(log), "%s/redis.log", dir);
+	char *argv[] = {"redis-server", "--port", portstr, "--bind", "127.0.0.1", "--save", "",
+			"--dir", dir, "--daemonize", "no", NULL};
+	struct th_proc p;
+	assert_int_equal(th_spawn(&p, argv, log), 0);
+	assert_true(run_until(c.base, res_done, &cl, 10000));
+	assert_int_equal(cl.st, RQ_QUEUE_OK);
+	assert_int_equal(cl.claim->count, 0);
+	assert_int_equal(c.ready, 1);
+	struct rq_queue_stats st;
+	rq_queue_get_stats(c.q, &st);
+	assert_int_equal(st.library_loads, 1);   /* a fresh server */
+	rq_queue_claim_free(cl.claim);
+	ctx_close(&c);
+	th_stop(&p, SIGTERM);
+	th_rmrf(dir);
+	free(dir);
+}
+
 static bool inflight_some(void *arg)
 {
 	struct ctx *c = arg;
@@ -1079,6 +1122,7 @@ int main(void)
 		cmocka_unit_test(library_loaded_when_missing_or_old),
 		cmocka_unit_test(pipelining_many),
 		cmocka_unit_test(reconnect_across_restart),
+		cmocka_unit_test(connect_refused_then_server_starts),
 		cmocka_unit_test(watchdog_on_stopped_server),
 		cmocka_unit_test(destroy_with_pending),
 	};
