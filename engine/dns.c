@@ -645,7 +645,8 @@ static void sock_state_cb(void *data, ares_socket_t fd, int readable, int writab
 	if (!readable && !writable) {
 		if (w) {
 			*pp = w->next;
-			event_free(w->ev);
+			if (w->ev)
+				event_free(w->ev);
 			free(w);
 		}
 		return;
@@ -657,7 +658,7 @@ static void sock_state_cb(void *data, ares_socket_t fd, int readable, int writab
 		w->fd = fd;
 		w->next = dns->watchers;
 		dns->watchers = w;
-	} else {
+	} else if (w->ev) {
 		event_free(w->ev);
 		w->ev = NULL;
 	}
@@ -694,6 +695,16 @@ static void req_ttl(struct rq_dns_req *req, uint32_t ttl)
 		req->ttl = ttl;
 }
 
+/* Callbacks run from a zero timeout: on the next loop iteration, after
+ * other ready events, never inside the current one (no starvation when
+ * callbacks start lookups that are answered at once). */
+static void schedule_deliver(struct rq_dns *dns)
+{
+	static const struct timeval zero = {0, 0};
+	if (!event_pending(dns->deliver, EV_TIMEOUT, NULL))
+		event_add(dns->deliver, &zero);
+}
+
 static void req_done(struct rq_dns_req *req, struct rq_dns_result *res)
 {
 	struct rq_dns *dns = req->dns;
@@ -721,7 +732,7 @@ static void req_done(struct rq_dns_req *req, struct rq_dns_result *res)
 	else
 		dns->done_head = req;
 	dns->done_tail = req;
-	event_active(dns->deliver, 0, 0);
+	schedule_deliver(dns);
 }
 
 static void req_fail(struct rq_dns_req *req, enum rq_dns_status status, enum rq_fail fail,
@@ -763,8 +774,13 @@ static void deliver_cb(evutil_socket_t fd, short what, void *arg)
 	(void)fd;
 	(void)what;
 	struct rq_dns *dns = arg;
+	/* only what is queued now: callbacks that start lookups answered at
+	 * once (literals, cache) must not keep the loop here */
+	size_t n = 0;
+	for (struct rq_dns_req *r = dns->done_head; r; r = r->done_next)
+		n++;
 	dns->depth++;
-	while (!dns->dying && dns->done_head) {
+	for (size_t i = 0; i < n && !dns->dying && dns->done_head; i++) {
 		struct rq_dns_req *req = dns->done_head;
 		dns->done_head = req->done_next;
 		if (!dns->done_head)
@@ -776,6 +792,8 @@ static void deliver_cb(evutil_socket_t fd, short what, void *arg)
 		req_free(req);
 		cb(res, carg);
 	}
+	if (!dns->dying && dns->done_head)
+		schedule_deliver(dns);
 	dns->depth--;
 	if (dns->dying && dns->depth == 0)
 		dns_free(dns);

@@ -6,8 +6,8 @@
  * c-ares, driven by the caller's libevent loop (no threads, no blocking).
  *
  * A lookup ends in exactly one callback (unless cancelled), always called
- * from the event loop, never from inside rq_dns_lookup_*() itself. The
- * callback receives a result it owns.
+ * from the event loop on a later iteration, never from inside
+ * rq_dns_lookup_*() itself. The callback receives a result it owns.
  *
  * MX lookup of a domain:
  *   - MX records ordered by preference, shuffled among equal preferences;

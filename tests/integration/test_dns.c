@@ -799,6 +799,40 @@ static void cancel_and_destroy_in_flight(void **state)
 	close(fd);
 }
 
+struct chain {
+	struct rq_dns *dns;
+	int calls;
+	int stop_at;
+};
+
+static void chain_cb(struct rq_dns_result *res, void *arg)
+{
+	struct chain *c = arg;
+	c->calls++;
+	assert_int_equal(res->status, RQ_DNS_OK);
+	rq_dns_result_free(res);
+	if (c->calls < c->stop_at)
+		assert_non_null(rq_dns_lookup_mx(c->dns, c->calls % 2 ? "[127.0.0.1]" : "example.test",
+						 chain_cb, c));
+}
+
+/* A callback may start lookups; answers that are ready at once (literals,
+ * cache) come on a later loop iteration, never inside the current one. */
+static void lookups_from_callbacks(void **state)
+{
+	struct fixture *f = *state;
+	struct rq_dns_result *r = lookup(f->base, f->dns, "example.test", true);  /* cache it */
+	rq_dns_result_free(r);
+	struct chain c = {f->dns, 0, 200};
+	assert_non_null(rq_dns_lookup_mx(f->dns, "[127.0.0.1]", chain_cb, &c));
+	event_base_loop(f->base, EVLOOP_ONCE);
+	assert_int_equal(c.calls, 1);
+	event_base_loop(f->base, EVLOOP_ONCE);
+	assert_int_equal(c.calls, 2);
+	assert_true(run_until(f->base, &c.calls, 200, 10000));
+	assert_int_equal(c.calls, 200);
+}
+
 /* Two requests share a query; cancelling one leaves the other answered. */
 static void cancel_one_of_two_sharing(void **state)
 {
@@ -907,6 +941,7 @@ int main(void)
 		cmocka_unit_test(cache_cap),
 		cmocka_unit_test(cancel_and_destroy_in_flight),
 		cmocka_unit_test_setup_teardown(cancel_one_of_two_sharing, setup, teardown),
+		cmocka_unit_test_setup_teardown(lookups_from_callbacks, setup, teardown),
 		cmocka_unit_test_setup_teardown(many_concurrent, setup, teardown),
 		cmocka_unit_test(bad_options),
 	};
