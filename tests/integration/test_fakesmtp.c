@@ -676,12 +676,13 @@ static void starttls_with_test_ca(void **state)
 static void implicit_tls(void **state)
 {
 	struct fx *f = *state;
-	f->s = fsmtp_must_start(f->base, "implicit-tls on\n");
+	f->s = fsmtp_must_start(f->base, "implicit-tls on\nauth PLAIN\nauth-requires-tls on\n");
 	struct conv cv = {.implicit_tls = true, .host = "localhost",
 		.steps = {EHLO_STEPS, ">QUIT\r\n", "<"}};
 	converse(f->base, f->s, &cv);
 	assert_int_equal(cv.nres, 3);
 	assert_string_equal(cv.res[0], "220 mx.test ESMTP fakesmtp\r\n");
+	assert_true(has_line(cv.res[1], "250-AUTH PLAIN"));
 	assert_string_equal(cv.res[2], "221 2.0.0 Bye\r\n");
 	assert_true(fsmtp_conn_at(f->s, 0)->tls);
 	assert_false(fsmtp_conn_at(f->s, 0)->starttls);
@@ -721,6 +722,15 @@ static void auth_plain_and_login(void **state)
 	assert_string_equal(c2.res[4], "235 2.7.0 Authentication successful\r\n");
 	assert_string_equal(fsmtp_conn_at(f->s, 1)->auth_mech, "LOGIN");
 	conv_free(&c2);
+
+	/* not over plaintext when configured so */
+	fsmtp_must(f->s, "auth-requires-tls on");
+	struct conv c3 = {.steps = {EHLO_STEPS, ">AUTH PLAIN AGFsaWNlAHdvbmRlcmxhbmQ=\r\n", "<"}};
+	converse(f->base, f->s, &c3);
+	assert_int_equal(c3.nres, 3);
+	assert_null(strstr(c3.res[1], "AUTH"));
+	assert_string_equal(c3.res[2], "538 5.7.11 Encryption required for requested authentication mechanism\r\n");
+	conv_free(&c3);
 	struct fsmtp_stats st;
 	fsmtp_get_stats(f->s, &st);
 	assert_int_equal(st.auth_ok, 2);
