@@ -1102,19 +1102,7 @@ static void start_mx(struct rq_dns_req *req)
 {
 	struct rrset set;
 	if (cache_lookup(req->dns, RQ_DNS_T_MX, req->name, &set)) {
-		/* copy: the cache may change while we use it */
-		struct rrset copy = set;
-		copy.data = NULL;
-		if (set.len) {
-			copy.data = malloc(set.len);
-			if (!copy.data) {
-				req_done(req, NULL);
-				return;
-			}
-			memcpy(copy.data, set.data, set.len);
-		}
-		handle_mx(req, &copy, true);
-		free(copy.data);
+		handle_mx(req, &set, true);
 		return;
 	}
 	send_query(req, &req->mxq, req->name, RQ_DNS_T_MX);
@@ -1148,10 +1136,18 @@ static void handle_mx(struct rq_dns_req *req, const struct rrset *set, bool cach
 		start_addrs(req);
 		return;
 	}
-	struct rq_dns_mx *mx = (struct rq_dns_mx *)set->data;
 	size_t n = set->n;
 	req->nmx = n;
+	/* our own copy to order: the set is shared (cache, other waiters) */
+	struct rq_dns_mx *mx = calloc(n ? n : 1, sizeof(*mx));
+	if (!mx) {
+		req_done(req, NULL);
+		return;
+	}
+	if (n)
+		memcpy(mx, set->data, n * sizeof(*mx));
 	if (rq_dns_mx_is_null(mx, n)) {
+		free(mx);
 		req_fail(req, RQ_DNS_PERMFAIL, RQ_FAIL_NONE, 556, "5.1.10",
 			 "domain %s accepts no mail (null MX, RFC 7505)", req->name);
 		return;
@@ -1161,6 +1157,7 @@ static void handle_mx(struct rq_dns_req *req, const struct rrset *set, bool cach
 			dns->o.rand ? dns->o.rand_arg : dns);
 	req->hosts = calloc(n < RQ_DNS_HOSTS_MAX ? (n ? n : 1) : RQ_DNS_HOSTS_MAX, sizeof(*req->hosts));
 	if (!req->hosts) {
+		free(mx);
 		req_done(req, NULL);
 		return;
 	}
@@ -1177,6 +1174,7 @@ static void handle_mx(struct rq_dns_req *req, const struct rrset *set, bool cach
 		memcpy(h->name, mx[i].host, sizeof(h->name));
 		h->preference = mx[i].preference;
 	}
+	free(mx);
 	if (req->nhosts == 0) {
 		req_fail(req, RQ_DNS_TEMPFAIL, RQ_FAIL_DNS, 0, "4.4.4",
 			 "no usable MX host for %s", req->name);
