@@ -529,36 +529,48 @@ int rq_config_section_begin(struct rq_config *cfg, enum rq_config_section sec,
 	return 0;
 }
 
-static int apply_backoff(struct rq_backoff *b, const char *key, const char *shown,
-			 const struct rq_config_value *v, int line,
+static int mark(int r, unsigned *set, unsigned bit)
+{
+	if (r == 0 && set)
+		*set |= bit;
+	return r;
+}
+
+static int apply_backoff(struct rq_backoff *b, unsigned *set, const char *key,
+			 const char *shown, const struct rq_config_value *v, int line,
 			 struct rq_config_diag *diag)
 {
 	if (strcmp(key, "first") == 0)
-		return get_dur(v, shown, 1, 30 * 86400, line, diag, &b->first);
+		return mark(get_dur(v, shown, 1, 30 * 86400, line, diag, &b->first), set,
+			    RQ_CONFIG_SET_FIRST);
 	if (strcmp(key, "factor") == 0)
-		return get_num(v, shown, 1, 100, line, diag, &b->factor);
+		return mark(get_num(v, shown, 1, 100, line, diag, &b->factor), set,
+			    RQ_CONFIG_SET_FACTOR);
 	if (strcmp(key, "max") == 0)
-		return get_dur(v, shown, 1, 30 * 86400, line, diag, &b->max);
+		return mark(get_dur(v, shown, 1, 30 * 86400, line, diag, &b->max), set,
+			    RQ_CONFIG_SET_MAX);
 	if (strcmp(key, "jitter") == 0)
-		return get_num(v, shown, 0, 1, line, diag, &b->jitter);
+		return mark(get_num(v, shown, 0, 1, line, diag, &b->jitter), set,
+			    RQ_CONFIG_SET_JITTER);
 	rq_config_diag_add(diag, line, false,
 			   "unknown key %s (backoff keys: first, factor, max, jitter)",
 			   shown);
 	return -1;
 }
 
-static int apply_expire(struct rq_expire *e, const char *key, const char *shown,
-			const struct rq_config_value *v, int line,
+static int apply_expire(struct rq_expire *e, unsigned *set, const char *key,
+			const char *shown, const struct rq_config_value *v, int line,
 			struct rq_config_diag *diag)
 {
 	if (strcmp(key, "max_age") == 0)
-		return get_dur(v, shown, 60, 366 * 86400, line, diag, &e->max_age);
+		return mark(get_dur(v, shown, 60, 366 * 86400, line, diag, &e->max_age),
+			    set, RQ_CONFIG_SET_MAX_AGE);
 	if (strcmp(key, "max_attempts") == 0) {
 		long n;
 		if (get_int(v, shown, 1, 100000, line, diag, &n) < 0)
 			return -1;
 		e->max_attempts = (unsigned)n;
-		return 0;
+		return mark(0, set, RQ_CONFIG_SET_MAX_ATTEMPTS);
 	}
 	rq_config_diag_add(diag, line, false,
 			   "unknown key %s (expire keys: max_age, max_attempts)", shown);
@@ -897,8 +909,9 @@ static int apply_domain(struct rq_config *cfg, const char *key,
 			return 0;
 		}
 		if (head[0] == 'b')
-			return apply_backoff(&d->params.backoff, tail, key, v, line, diag);
-		return apply_expire(&d->params.expire, tail, key, v, line, diag);
+			return apply_backoff(&d->params.backoff, &d->set, tail, key, v,
+					     line, diag);
+		return apply_expire(&d->params.expire, &d->set, tail, key, v, line, diag);
 	}
 	rq_config_diag_add(diag, line, false,
 			   "unknown key %s in relayq.on_domain(\"%s\") (keys: "
@@ -915,9 +928,9 @@ int rq_config_apply(struct rq_config *cfg, enum rq_config_section sec,
 	case RQ_CONFIG_SEC_CONFIG:
 		return apply_config(cfg, key, v, line, diag);
 	case RQ_CONFIG_SEC_BACKOFF:
-		return apply_backoff(&cfg->params.backoff, key, key, v, line, diag);
+		return apply_backoff(&cfg->params.backoff, NULL, key, key, v, line, diag);
 	case RQ_CONFIG_SEC_EXPIRE:
-		return apply_expire(&cfg->params.expire, key, key, v, line, diag);
+		return apply_expire(&cfg->params.expire, NULL, key, key, v, line, diag);
 	case RQ_CONFIG_SEC_DOMAIN:
 		return apply_domain(cfg, key, v, line, diag);
 	}
@@ -1022,20 +1035,11 @@ void rq_config_section_end(struct rq_config *cfg, enum rq_config_section sec,
 		break;
 	case RQ_CONFIG_SEC_BACKOFF:
 		end_backoff(&cfg->params.backoff, "relayq.backoff", line, diag);
-		/* Domains declared before relayq.backoff inherit it too. */
-		for (size_t i = 0; i < cfg->ndomains; i++)
-			if (!cfg->domains[i].has_backoff)
-				cfg->domains[i].params.backoff = cfg->params.backoff;
 		break;
 	case RQ_CONFIG_SEC_EXPIRE:
-		for (size_t i = 0; i < cfg->ndomains; i++)
-			if (!cfg->domains[i].has_expire)
-				cfg->domains[i].params.expire = cfg->params.expire;
-		break;
 	case RQ_CONFIG_SEC_DOMAIN:
-		if (cfg->ndomains > 0 && cfg->domains[cfg->ndomains - 1].has_backoff)
-			end_backoff(&cfg->domains[cfg->ndomains - 1].params.backoff,
-				    "relayq.on_domain backoff", line, diag);
+		/* Domains are checked merged with the global values, once the
+		 * whole file ran (rq_config_load). */
 		break;
 	}
 }
@@ -1053,6 +1057,16 @@ struct rq_config *rq_config_load(const char *path, struct rq_config_diag *diag)
 	cfg->path = strdup(path);
 	cfg->lua = rq_policy_lua_load(path, cfg, NULL, diag);
 	if (!cfg->lua || !cfg->path || diag->errors > errors)
+		goto fail;
+	for (size_t i = 0; i < cfg->ndomains; i++) {
+		struct rq_policy_params p;
+		rq_config_params(cfg, cfg->domains[i].name, &p);
+		if (p.backoff.max < p.backoff.first)
+			rq_config_diag_add(diag, cfg->domains[i].line, false,
+					   "relayq.on_domain(\"%s\"): backoff max is less "
+					   "than first", cfg->domains[i].name);
+	}
+	if (diag->errors > errors)
 		goto fail;
 	return cfg;
 fail:
@@ -1113,8 +1127,17 @@ void rq_config_params(const struct rq_config *cfg, const char *domain,
 	const struct rq_config_domain *d = rq_config_domain(cfg, domain);
 	if (!d)
 		return;
-	if (d->has_backoff)
-		out->backoff = d->params.backoff;
-	if (d->has_expire)
-		out->expire = d->params.expire;
+	const struct rq_policy_params *dp = &d->params;
+	if (d->set & RQ_CONFIG_SET_FIRST)
+		out->backoff.first = dp->backoff.first;
+	if (d->set & RQ_CONFIG_SET_FACTOR)
+		out->backoff.factor = dp->backoff.factor;
+	if (d->set & RQ_CONFIG_SET_MAX)
+		out->backoff.max = dp->backoff.max;
+	if (d->set & RQ_CONFIG_SET_JITTER)
+		out->backoff.jitter = dp->backoff.jitter;
+	if (d->set & RQ_CONFIG_SET_MAX_AGE)
+		out->expire.max_age = dp->expire.max_age;
+	if (d->set & RQ_CONFIG_SET_MAX_ATTEMPTS)
+		out->expire.max_attempts = dp->expire.max_attempts;
 }

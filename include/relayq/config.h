@@ -79,7 +79,18 @@ struct rq_timeouts {
 };
 
 /* Per-domain settings (relayq.on_domain). A field is used only when its
- * has_ flag is set; otherwise the global value applies. */
+ * has_ flag (for backoff / expire: its bit in set) is set; otherwise the
+ * global value applies, wherever relayq.backoff / expire are in the file.
+ * Use rq_config_params for the merged backoff / expire. */
+enum {
+	RQ_CONFIG_SET_FIRST = 1 << 0,
+	RQ_CONFIG_SET_FACTOR = 1 << 1,
+	RQ_CONFIG_SET_MAX = 1 << 2,
+	RQ_CONFIG_SET_JITTER = 1 << 3,
+	RQ_CONFIG_SET_MAX_AGE = 1 << 4,
+	RQ_CONFIG_SET_MAX_ATTEMPTS = 1 << 5,
+};
+
 struct rq_config_domain {
 	char *name;                /* lower case */
 	int line;
@@ -88,7 +99,8 @@ struct rq_config_domain {
 	int per_destination;
 	int messages_per_connection;
 	int recipients_per_transaction;
-	struct rq_policy_params params;  /* backoff / expire when has_ */
+	unsigned set;                    /* RQ_CONFIG_SET_* */
+	struct rq_policy_params params;  /* the fields in set */
 };
 
 #define RQ_CONFIG_QUEUES_MAX 64

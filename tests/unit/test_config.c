@@ -405,6 +405,22 @@ static void domains(void **state)
 	assert_null(rq_config_domain(c, "other.org"));
 	rq_config_destroy(c);
 
+	/* A partial domain backoff takes the rest from relayq.backoff, even
+	 * when that comes later in the file. */
+	c = load("relayq.on_domain('x.com', { backoff = { first = '1m' } })\n"
+		 "relayq.backoff { first = '10m', factor = 3, max = '2h' }\n"
+		 "relayq.on_domain('y.com', {\n backoff = { first = '3h' } })\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 3, false, "backoff max is less than first"));
+	c = load("relayq.on_domain('x.com', { backoff = { first = '1m' } })\n"
+		 "relayq.backoff { first = '10m', factor = 3, max = '2h' }\n", &d);
+	assert_non_null(c);
+	rq_config_params(c, "x.com", &p);
+	assert_true(p.backoff.first == 60 && p.backoff.factor == 3 && p.backoff.max == 7200);
+	rq_config_params(c, "z.com", &p);
+	assert_true(p.backoff.first == 600);
+	rq_config_destroy(c);
+
 	c = load("relayq.on_domain('a.com', { per_destination = 5 })\n"
 		 "relayq.on_domain('A.com', { per_destination = 6 })\n"
 		 "relayq.on_domain('bad domain', {})\n"
