@@ -1340,14 +1340,10 @@ int rq_queue_claim(struct rq_queue *q, int count, int64_t lease_ms,
 	return 0;
 }
 
-int rq_queue_settle(struct rq_queue *q, struct rq_queue_outcomes *o,
-		    rq_queue_settle_cb *cb, void *arg)
+int rq_queue_settle_json(struct rq_queue *q, const char *json, size_t len,
+			 size_t nmsgs, rq_queue_settle_cb *cb, void *arg)
 {
-	size_t len;
-	if (!q || !o || o->nmsgs == 0)
-		return -1;
-	const char *json = rq_queue_outcomes_json(o, &len);
-	if (!json)
+	if (!q || !json || nmsgs == 0)
 		return -1;
 	const char *argv[] = {"FCALL", "relayq_settle", "1", q->prefix, json};
 	size_t lens[] = {5, 13, 1, strlen(q->prefix), len};
@@ -1356,9 +1352,21 @@ int rq_queue_settle(struct rq_queue *q, struct rq_queue_outcomes *o,
 		return -1;
 	c->cb.settle = cb;
 	c->arg = arg;
-	c->nmsgs = o->nmsgs;
+	c->nmsgs = nmsgs;
 	cmd_submit(q, c);
 	return 0;
+}
+
+int rq_queue_settle(struct rq_queue *q, struct rq_queue_outcomes *o,
+		    rq_queue_settle_cb *cb, void *arg)
+{
+	size_t len;
+	if (!q || !o)
+		return -1;
+	const char *json = rq_queue_outcomes_json(o, &len);
+	if (!json)
+		return -1;
+	return rq_queue_settle_json(q, json, len, o->nmsgs, cb, arg);
 }
 
 int rq_queue_renew(struct rq_queue *q, int64_t lease_ms,

@@ -35,8 +35,13 @@
  * have closed).
  *
  * Callbacks run from the event loop, never from inside the call that
- * submitted the command. Any callback may submit new commands and may call
+ * submitted the command (only rq_queue_destroy() calls back from inside, with
+ * RQ_QUEUE_ECANCEL). Any callback may submit new commands and may call
  * rq_queue_destroy() (the destroy then completes when the callback returns).
+ *
+ * Memory: commands made while Redis is down are kept (with their arguments)
+ * without a bound; callers limit what they have outstanding (see
+ * rq_queue_get_stats: queued, inflight).
  */
 
 #include <stdbool.h>
@@ -264,8 +269,9 @@ int rq_queue_outcomes_msg(struct rq_queue_outcomes *o, const char *id,
  * memory). */
 int rq_queue_outcomes_rcpt(struct rq_queue_outcomes *o,
 			   const struct rq_queue_rcpt_outcome *r);
-/* The JSON text (NUL-ended) or NULL after a memory failure; valid until the
- * builder changes. */
+/* The JSON text (NUL-ended), or NULL when empty or after a memory failure;
+ * valid until the builder changes. Closes the open message (more messages
+ * may still be added). */
 const char *rq_queue_outcomes_json(struct rq_queue_outcomes *o, size_t *len);
 
 enum rq_queue_settled {
@@ -287,6 +293,11 @@ typedef void rq_queue_settle_cb(struct rq_queue *q, enum rq_queue_status st,
  * builder): cb is then not called. */
 int rq_queue_settle(struct rq_queue *q, struct rq_queue_outcomes *o,
 		    rq_queue_settle_cb *cb, void *arg);
+
+/* The same with JSON made elsewhere (copied): nmsgs is the number of
+ * messages in the array, the number of statuses the reply must have. */
+int rq_queue_settle_json(struct rq_queue *q, const char *json, size_t len,
+			 size_t nmsgs, rq_queue_settle_cb *cb, void *arg);
 
 /* ---- renew, recover, raw ---- */
 
@@ -314,8 +325,9 @@ typedef void rq_queue_reply_cb(struct rq_queue *q, enum rq_queue_status st,
 			       const char *err, const redisReply *reply,
 			       void *arg);
 
-/* Any command (argv copied), through the same queueing and retrying as the
- * others: use it only for commands that are safe to repeat. cb may be NULL.
+/* Any command (argv copied; argvlen NULL: C strings), through the same
+ * queueing and retrying as the others: use it only for commands that are
+ * safe to repeat, and never for (P)SUBSCRIBE or MONITOR. cb may be NULL.
  * 0 or -1. */
 int rq_queue_command(struct rq_queue *q, int argc, const char **argv,
 		     const size_t *argvlen, rq_queue_reply_cb *cb, void *arg);

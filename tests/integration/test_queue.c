@@ -382,6 +382,19 @@ static void unix_claim_renew_settle(void **state)
 	assert_int_equal(st2.settled[0], RQ_QUEUE_SETTLE_LOST);
 	assert_int_equal(st2.settled[1], RQ_QUEUE_SETTLE_LOST);
 
+	/* a reply that does not match the request is a protocol error */
+	const char *one = "[{\"id\":\"nosuchid\",\"lease\":1,\"rcpts\":[]}]";
+	struct res pe = {0};
+	assert_int_equal(rq_queue_settle_json(c.q, one, strlen(one), 2, settle_cb, &pe), 0);
+	assert_true(run_until(c.base, res_done, &pe, 5000));
+	assert_int_equal(pe.st, RQ_QUEUE_EPROTO);
+	assert_int_equal(pe.nsettled, 0);
+	struct res pe1 = {0};
+	assert_int_equal(rq_queue_settle_json(c.q, one, strlen(one), 1, settle_cb, &pe1), 0);
+	assert_true(run_until(c.base, res_done, &pe1, 5000));
+	assert_int_equal(pe1.st, RQ_QUEUE_OK);
+	assert_int_equal(pe1.settled[0], RQ_QUEUE_SETTLE_LOST);
+
 	/* a Redis error reaches the callback as EREDIS with its text */
 	rq_queue_outcomes_reset(&oc);
 	assert_int_equal(rq_queue_outcomes_msg(&oc, "nosuchid", 1, true, -1, false), 0);
