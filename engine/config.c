@@ -1141,3 +1141,20 @@ void rq_config_params(const struct rq_config *cfg, const char *domain,
 	if (d->set & RQ_CONFIG_SET_MAX_ATTEMPTS)
 		out->expire.max_attempts = dp->expire.max_attempts;
 }
+
+void rq_config_limits(const struct rq_config *cfg, const char *domain,
+		      struct rq_config_limits *out)
+{
+	out->per_destination = cfg->per_destination;
+	out->messages_per_connection = cfg->messages_per_connection;
+	out->recipients_per_transaction = cfg->recipients_per_transaction;
+	const struct rq_config_domain *d = rq_config_domain(cfg, domain);
+	if (!d)
+		return;
+	if (d->has_per_destination)
+		out->per_destination = d->per_destination;
+	if (d->has_messages_per_connection)
+		out->messages_per_connection = d->messages_per_connection;
+	if (d->has_recipients_per_transaction)
+		out->recipients_per_transaction = d->recipients_per_transaction;
+}

@@ -195,6 +195,16 @@ int rq_config_check(const char *path, FILE *out, FILE *err);
  * domain's backoff / expire when it has them). domain may be NULL. */
 void rq_config_params(const struct rq_config *cfg, const char *domain,
 		      struct rq_policy_params *out);
+/* Connection limits for a recipient domain: the global ones, with the
+ * domain's overrides. domain may be NULL. */
+struct rq_config_limits {
+	int per_destination;
+	int messages_per_connection;
+	int recipients_per_transaction;
+};
+void rq_config_limits(const struct rq_config *cfg, const char *domain,
+		      struct rq_config_limits *out);
+
 /* The on_domain entry for a domain (case-insensitive), or NULL. */
 const struct rq_config_domain *rq_config_domain(const struct rq_config *cfg,
 						const char *domain);

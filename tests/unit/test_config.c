@@ -402,6 +402,14 @@ static void domains(void **state)
 	rq_config_params(c, NULL, &p);
 	assert_true(p.backoff.first == 600);
 	assert_int_equal(rq_config_domain(c, "gmail.com")->recipients_per_transaction, 50);
+	struct rq_config_limits lim;
+	rq_config_limits(c, "YAHOO.com", &lim);
+	assert_int_equal(lim.per_destination, 5);
+	assert_int_equal(lim.recipients_per_transaction, 100);
+	rq_config_limits(c, "gmail.com", &lim);
+	assert_int_equal(lim.per_destination, 20);
+	assert_int_equal(lim.recipients_per_transaction, 50);
+	assert_int_equal(lim.messages_per_connection, 100);
 	assert_null(rq_config_domain(c, "other.org"));
 	rq_config_destroy(c);
 
