@@ -46,6 +46,7 @@ static inline void on_ready(struct rq_smtp *s, void *arg)
 {
 	struct run *r = arg;
 	r->nready++;
+	event_base_loopbreak(r->base);
 }
 
 static inline void on_closed(struct rq_smtp *s, const struct rq_outcome *why, void *arg)
@@ -53,6 +54,7 @@ static inline void on_closed(struct rq_smtp *s, const struct rq_outcome *why, vo
 	struct run *r = arg;
 	r->nclosed++;
 	r->why = *why;
+	event_base_loopbreak(r->base);
 	if (r->destroy_in_closed) {
 		rq_smtp_destroy(r->s);
 		r->s = NULL;
@@ -79,6 +81,7 @@ static inline void on_done(struct rq_smtp_txn *t, void *arg)
 {
 	struct run *r = arg;
 	r->ndone++;
+	event_base_loopbreak(r->base);
 	if (r->destroy_in_done) {
 		rq_smtp_destroy(r->s);
 		r->s = NULL;
