@@ -958,6 +958,26 @@ static void reconnect_across_restart(void **state)
 	assert_true(st.retried + st.sent >= 4);
 	assert_true(st.disconnects >= 2);
 
+	/* 3. many pipelined commands caught by the crash: each completes once */
+	enum { NP = 200, ND = 100 };
+	struct res *many = calloc(NP + ND, sizeof(*many));
+	kill(rs.proc.pid, SIGSTOP);
+	for (int i = 0; i < NP; i++)
+		assert_int_equal(rq_queue_recover(c.q, count_cb, &many[i]), 0);
+	assert_true(run_until(c.base, inflight_some, &c, 5000));
+	th_redis_kill(&rs, true);
+	for (int i = 0; i < ND; i++)   /* and more while it is down */
+		assert_int_equal(rq_queue_recover(c.q, count_cb, &many[NP + i]), 0);
+	th_redis_restart(&rs);
+	struct many mw = {many, NP + ND};
+	assert_true(run_until(c.base, all_done, &mw, 10000));
+	event_base_loop(c.base, EVLOOP_NONBLOCK);
+	for (int i = 0; i < NP + ND; i++) {
+		assert_int_equal(many[i].calls, 1);
+		assert_int_equal(many[i].st, RQ_QUEUE_OK);
+	}
+	free(many);
+
 	rq_queue_claim_free(cl.claim);
 	rq_queue_claim_free(cl2.claim);
 	for (int i = 0; i < 3; i++)
