@@ -97,28 +97,6 @@ void rq_config_diag_print(const struct rq_config_diag *d, FILE *f)
 
 /* ---- create / destroy ---- */
 
-static const char *const tls_names[] = {
-	[RQ_TLS_OPPORTUNISTIC] = "opportunistic",
-	[RQ_TLS_NONE] = "none",
-	[RQ_TLS_REQUIRED] = "required",
-	[RQ_TLS_IMPLICIT] = "implicit",
-};
-
-const char *rq_tls_mode_name(enum rq_tls_mode m)
-{
-	if ((unsigned)m > RQ_TLS_IMPLICIT)
-		return "unknown";
-	return tls_names[m];
-}
-
-int rq_tls_mode_parse(const char *s)
-{
-	for (int i = 0; i <= RQ_TLS_IMPLICIT; i++)
-		if (strcmp(s, tls_names[i]) == 0)
-			return i;
-	return -1;
-}
-
 static char *default_helo(void)
 {
 	char name[256];

@@ -63,15 +63,9 @@
 #include <stdio.h>
 
 #include "relayq/policy.h"
+#include "relayq/tls.h"  /* enum rq_tls_mode, rq_tls_mode_name/parse */
 
 struct rq_policy_lua;
-
-enum rq_tls_mode {
-	RQ_TLS_OPPORTUNISTIC = 0,
-	RQ_TLS_NONE,
-	RQ_TLS_REQUIRED,
-	RQ_TLS_IMPLICIT,
-};
 
 struct rq_timeouts {
 	double connect, greeting, helo, mail, rcpt, data, data_block, dot, quit,
@@ -209,9 +203,6 @@ void rq_config_limits(const struct rq_config *cfg, const char *domain,
 const struct rq_config_domain *rq_config_domain(const struct rq_config *cfg,
 						const char *domain);
 
-/* "opportunistic", ... ; rq_tls_mode_parse returns -1 when unknown. */
-const char *rq_tls_mode_name(enum rq_tls_mode m);
-int rq_tls_mode_parse(const char *s);
 
 /*
  * Settings as the Lua loader hands them over: policy_lua.c walks the tables
