@@ -741,7 +741,7 @@ static void tls_done(struct rq_smtp *s)
 static void tls_failed(struct rq_smtp *s, unsigned long ossl_err, const char *fallback)
 {
 	char text[RQ_REPLY_TEXT_MAX];
-	rq_tls_error_text(s->ssl, ossl_err, fallback, text, sizeof(text));
+	rq_tls_error_text(tls_enforced(s) ? s->ssl : NULL, ossl_err, fallback, text, sizeof(text));
 	if (s->o.tls == RQ_TLS_OPPORTUNISTIC && s->o.tls_fallback_plain && !s->plain_retry) {
 		if (rq_log_enabled(RQ_LOG_DEBUG))
 			rq_log(RQ_LOG_DEBUG, "smtp_tls_fallback", "id", s->log_id,
@@ -1280,6 +1280,21 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 		txn_no_delivery(s, o);
 		return;
 
+	case RQ_SMTP_ST_BODY:
+		/*
+		 * A reply before the end of the data: the server gave up on the
+		 * message (e.g. 552 or 554 mid-body, then stops reading). It is
+		 * the message's outcome; the connection cannot be reused (body
+		 * bytes are still queued), so it is closed.
+		 */
+		if (r2(o)) {
+			fail_here(s, RQ_FAIL_PROTOCOL, "%d reply before the end of the message data",
+				  o->code);
+			return;
+		}
+		conn_fail(s, o);
+		return;
+
 	case RQ_SMTP_ST_ABORT_DOT:
 		txn_no_delivery(s, s->mail_ok ? &s->last_rcpt_fail : &s->mail_out);
 		return;
@@ -1326,7 +1341,6 @@ static bool expects_reply(enum rq_smtp_state st)
 	case RQ_SMTP_ST_CONNECTING:
 	case RQ_SMTP_ST_TLS_IMPLICIT:
 	case RQ_SMTP_ST_TLS:
-	case RQ_SMTP_ST_BODY:
 	case RQ_SMTP_ST_CLOSED:
 		return false;
 	default:
@@ -1391,7 +1405,9 @@ static void bev_read_cb(struct bufferevent *bev, void *arg)
 {
 	struct rq_smtp *s = arg;
 	enter(s);
-	if (expects_reply(s->st) || s->st == RQ_SMTP_ST_READY)
+	/* bytes read restart the inactivity timer, except while sending the
+	 * body: there only write progress counts */
+	if ((expects_reply(s->st) && s->st != RQ_SMTP_ST_BODY) || s->st == RQ_SMTP_ST_READY)
 		arm(s->timer, s->timer_ms);
 	process_input(s);
 	leave(s);
