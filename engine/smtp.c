@@ -588,8 +588,10 @@ static void conn_fail(struct rq_smtp *s, const struct rq_outcome *o)
 					t->rcpts[i].result = RQ_SMTP_RCPT_NOT_TRIED;
 					memset(&t->rcpts[i].outcome, 0, sizeof(t->rcpts[i].outcome));
 				} else {
+					/* pipelined after a refused MAIL: MAIL's reply */
+					bool mail_refused = s->mail_out.code && !s->mail_ok;
 					t->rcpts[i].result = RQ_SMTP_RCPT_FAILED;
-					t->rcpts[i].outcome = *o;
+					t->rcpts[i].outcome = mail_refused ? s->mail_out : *o;
 				}
 				break;
 			default:
@@ -1102,6 +1104,13 @@ static bool r2(const struct rq_outcome *o) { return o->code >= 200 && o->code < 
 static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 {
 	struct rq_smtp_txn *t = s->txn;
+
+	/* 421 anywhere in a transaction: the server is closing the connection;
+	 * it is the outcome of every recipient still open */
+	if (o->code == 421 && s->st >= RQ_SMTP_ST_RSET && s->st <= RQ_SMTP_ST_ABORT_DOT) {
+		conn_fail(s, o);
+		return;
+	}
 
 	switch (s->st) {
 	case RQ_SMTP_ST_GREETING:

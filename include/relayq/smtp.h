@@ -8,7 +8,8 @@
  * One session = one connection at a time to one of a list of addresses
  * (MX hosts in preference order, or the relay's addresses). The session
  * moves to the next address when a connection fails before it is ready
- * (refused, timeout, 4xx/5xx greeting or EHLO/HELO, TLS failure, lost) and
+ * (refused, timeout, 4xx/5xx greeting or EHLO/HELO, STARTTLS/TLS failure,
+ * lost or protocol error; not AUTH failures, which end the session) and
  * reports one outcome when every address failed. Once ready, it runs one
  * transaction (MAIL, RCPT..., DATA) at a time, as many as the caller sends,
  * up to max_txns per connection; between transactions the connection idles
@@ -24,6 +25,33 @@
  *   rq_smtp_quit(s);                        // or let idle_ms do it
  *     ... cbs.closed(s, &why, arg) once ...
  *   rq_smtp_destroy(s);                     // allowed inside any callback
+ *
+ * Transactions: with PIPELINING (RFC 2920) MAIL, every RCPT and DATA go in
+ * one write and the replies are matched in order; without it, lock-step.
+ * Exactly one RSET separates two transactions on a connection: right after
+ * a transaction that ended before its data (MAIL refused, no recipient
+ * accepted, DATA refused), else in front of the next one (pipelined with
+ * it). If that leading RSET finds the connection dead, the waiting
+ * transaction's recipients come back NOT_TRIED. When no recipient was
+ * accepted DATA is not sent (lock-step) or its 354 is answered with a lone
+ * "." (pipelined). A 421 at any point of a transaction is the outcome of
+ * every recipient still open and ends the connection. A reply that arrives
+ * while the body is still being sent (a server giving up mid-data) is the
+ * message's outcome and ends the connection.
+ *
+ * TLS (tls.h for the modes): STARTTLS is refused when bytes follow its 220
+ * reply (response injection; protocol error, connection dropped); after
+ * the handshake the capabilities are forgotten and EHLO is sent again.
+ * AUTH (PLAIN preferred, then LOGIN) runs after TLS and never over plain
+ * text unless auth_plaintext_ok; with credentials configured, a server
+ * offering no usable mechanism is a failure (synthetic 454 4.7.0, stage
+ * auth), not a silent unauthenticated session.
+ *
+ * Reading: reply lines are taken from the input with a bound; a line longer
+ * than RQ_REPLY_LINE_MAX is a protocol error as soon as the buffer passes
+ * that bound, and so is a reply of more than RQ_REPLY_LINES_MAX lines.
+ * Every stage has an inactivity timeout and an overall deadline (struct
+ * rq_smtp_timeouts), so a server trickling bytes cannot hold a connection.
  *
  * Callbacks are only called from the event loop, never from inside an
  * rq_smtp_* call. Every callback may call any rq_smtp_* function on the
@@ -295,8 +323,10 @@ int rq_smtp_connect(struct rq_smtp *s, const struct rq_smtp_host *hosts, size_t 
  */
 int rq_smtp_send(struct rq_smtp *s, struct rq_smtp_txn *txn);
 
-/* Ends the session politely: QUIT now when idle, or after the running
- * transaction. closed follows. No-op when already closing or closed. */
+/* Ends the session politely: QUIT now when idle, after the running (or
+ * waiting) transaction, or as soon as a connecting session is ready; closed
+ * follows. Before rq_smtp_connect the session is simply closed (no
+ * callback). No-op when already closing or closed. */
 void rq_smtp_quit(struct rq_smtp *s);
 
 /* Frees the session: closes the connection without QUIT and calls nothing

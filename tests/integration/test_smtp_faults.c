@@ -184,23 +184,43 @@ static void test_dead_on_reuse(void **state)
 	fx_end(&x);
 }
 
-/* A server 421 mid-transaction (closing after it). */
-static void test_421_mid_session(void **state)
+/* A server 421 mid-transaction (closing after it), lock-step and pipelined. */
+static void case_421(const char *scenario)
 {
 	struct fx x;
-	fx_start(&x, "rcpt rcpt=2 reply 421 4.4.2 closing", 2000);
+	fx_start(&x, scenario, 2000);
 	const char *const r[] = {"a@example.net", "b@example.net", "c@example.net", NULL};
 	txn_set(&x.r, "s@example.com", r, body1);
 	assert_int_equal(rq_smtp_send(x.r.s, &x.r.txn), 0);
 	wait_done(&x.r, 1);
 	wait_closed(&x.r);
 	assert_int_equal(x.r.txn.delivered, 0);
-	/* b got the 421 itself; a and c what ended the connection */
-	assert_rcpt(&x.r.rcpts[1], RQ_SMTP_RCPT_FAILED, RQ_STAGE_RCPT, RQ_FAIL_NONE, 421);
-	assert_int_equal(x.r.rcpts[0].result, RQ_SMTP_RCPT_FAILED);
-	assert_int_equal(x.r.rcpts[2].result, RQ_SMTP_RCPT_FAILED);
-	assert_true(x.r.rcpts[0].outcome.fail != RQ_FAIL_NONE || x.r.rcpts[0].outcome.code >= 400);
+	/* the 421 is every open recipient's outcome: a (accepted), b (got it),
+	 * c (not sent yet) */
+	for (int i = 0; i < 3; i++)
+		assert_rcpt(&x.r.rcpts[i], RQ_SMTP_RCPT_FAILED, RQ_STAGE_RCPT, RQ_FAIL_NONE, 421);
+	assert_outcome(&x.r.why, RQ_STAGE_RCPT, RQ_FAIL_NONE, 421);
 	assert_null(fsmtp_last_message(x.f));
+	fx_end(&x);
+}
+
+static void test_421_mid_session(void **state)
+{
+	case_421("pipelining off\nrcpt rcpt=2 reply 421 4.4.2 closing");
+	case_421("rcpt rcpt=2 reply 421 4.4.2 closing");
+}
+
+/* 421 to MAIL, pipelined: every recipient gets it, not "lost". */
+static void test_421_mail_pipelined(void **state)
+{
+	struct fx x;
+	fx_start(&x, "mail reply 421 4.3.2 system shutting down", 2000);
+	txn_set(&x.r, "s@example.com", two, body1);
+	assert_int_equal(rq_smtp_send(x.r.s, &x.r.txn), 0);
+	wait_done(&x.r, 1);
+	wait_closed(&x.r);
+	assert_rcpt(&x.r.rcpts[0], RQ_SMTP_RCPT_FAILED, RQ_STAGE_MAIL, RQ_FAIL_NONE, 421);
+	assert_rcpt(&x.r.rcpts[1], RQ_SMTP_RCPT_FAILED, RQ_STAGE_MAIL, RQ_FAIL_NONE, 421);
 	fx_end(&x);
 }
 
@@ -245,6 +265,7 @@ int main(void)
 		cmocka_unit_test(test_overlong),
 		cmocka_unit_test(test_dead_on_reuse),
 		cmocka_unit_test(test_421_mid_session),
+		cmocka_unit_test(test_421_mail_pipelined),
 		cmocka_unit_test(test_connect_timeout),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
