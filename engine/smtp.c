@@ -310,6 +310,7 @@ struct rq_smtp {
 	bool tls_active, tls_verified, authed, ready_once;
 	char tls_info[96];
 	char peer_addr[64];
+	char peer_ip[64];        /* numeric, without port */
 	struct rq_smtp_caps caps;
 	struct rq_reply_parser rp;
 
@@ -322,8 +323,6 @@ struct rq_smtp {
 	bool dead;               /* destroy requested */
 	bool closed_done;        /* closed callback was called */
 	bool quit_requested;
-	struct rq_outcome why;   /* reported by closed after a polite QUIT */
-	bool have_why;
 
 	/* transaction */
 	struct rq_smtp_txn *txn;
@@ -475,7 +474,8 @@ static void send_cmd(struct rq_smtp *s, const char *secret_trace, const char *fm
 	buf[n++] = '\r';
 	buf[n++] = '\n';
 	evbuffer_add(bufferevent_get_output(s->bev), buf, (size_t)n);
-	OPENSSL_cleanse(buf, sizeof(buf));
+	if (secret_trace)
+		OPENSSL_cleanse(buf, sizeof(buf));
 }
 
 static void outcome_synth(struct rq_outcome *o, enum rq_stage stage, int code,
@@ -552,11 +552,8 @@ static void conn_fail(struct rq_smtp *s, const struct rq_outcome *o)
 	close_bev(s);
 	if (st == RQ_SMTP_ST_QUIT) {
 		struct rq_outcome clean;
-		if (s->have_why)
-			clean = s->why;
-		else
-			rq_outcome_set(&clean, RQ_STAGE_QUIT, RQ_FAIL_NONE, 0, NULL,
-				       "connection closed after QUIT");
+		rq_outcome_set(&clean, RQ_STAGE_QUIT, RQ_FAIL_NONE, 0, NULL,
+			       "connection closed after QUIT");
 		report_closed(s, &clean);
 		return;
 	}
@@ -675,7 +672,7 @@ static const char *tls_name(struct rq_smtp *s)
 {
 	if (s->servername)
 		return s->servername;
-	return s->hosts[s->hi].name[0] ? s->hosts[s->hi].name : NULL;
+	return s->hosts[s->hi].name[0] ? s->hosts[s->hi].name : s->peer_ip;
 }
 
 static bool tls_enforced(const struct rq_smtp *s)
@@ -1321,9 +1318,6 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 
 	case RQ_SMTP_ST_QUIT: {
 		struct rq_outcome clean = *o;
-		if (s->have_why)
-			clean = s->why;
-		close_bev(s);
 		report_closed(s, &clean);
 		return;
 	}
@@ -1514,6 +1508,7 @@ static void host_start(struct rq_smtp *s)
 {
 	const struct rq_smtp_host *h = &s->hosts[s->hi];
 	host_numeric(h, s->peer_addr, sizeof(s->peer_addr), true);
+	host_numeric(h, s->peer_ip, sizeof(s->peer_ip), false);
 	s->tls_active = s->tls_verified = s->authed = false;
 	s->tls_info[0] = '\0';
 	s->ntxn = 0;

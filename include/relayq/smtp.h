@@ -287,7 +287,9 @@ struct rq_smtp_host {
 	struct sockaddr_storage addr;  /* IPv4 or IPv6, port set */
 	socklen_t addrlen;
 	char name[256];                /* host name (SNI, verification, logs);
-					  "" = the numeric address */
+					  "": the numeric address (no SNI; TLS
+					  verification matches the certificate's
+					  IP addresses) */
 };
 
 /* Fills h from a numeric address ("127.0.0.1", "::1") and port, with name

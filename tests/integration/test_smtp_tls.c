@@ -142,6 +142,19 @@ static void test_required_wrong_name(void **state)
 	expect_fail(&x, RQ_STAGE_TLS, RQ_FAIL_TLS, 0);
 	fx_end(&x);
 
+	/* no name: the certificate's IP address (SAN 127.0.0.1) is checked */
+	fx_init(&x, "starttls on", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, NULL);
+	deliver_ok(&x);
+	assert_true(rq_smtp_tls_verified(x.r.s));
+	fx_end(&x);
+	fx_init(&x, "starttls on", "wrongname.pem");
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, NULL);
+	expect_fail(&x, RQ_STAGE_TLS, RQ_FAIL_TLS, 0);
+	fx_end(&x);
+
 	/* servername overrides the host's name */
 	fx_init(&x, "starttls on", NULL);
 	x.r.opts.tls = RQ_TLS_REQUIRED;
