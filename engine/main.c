@@ -1,25 +1,395 @@
-/* relayqd: the delivery daemon (lifecycle, signals). Completed by the daemon
- * issue; for now it parses its options and reports what it would run. */
+/* relayqd: the delivery daemon (options, config, signals, lifecycle). */
+#include "relayq/config.h"
+#include "relayq/dest.h"
 #include "relayq/log.h"
+#include "relayq/policy_lua.h"
+#include "relayq/queue.h"
+#include "relayq/runner.h"
 
+#include <event2/event.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+#define SHUTDOWN_GRACE_MS 10000   /* running transactions may finish */
+
+struct daemon {
+	struct event_base *base;
+	const char *path;
+	const char *redis;            /* override: --redis, else RELAYQ_REDIS */
+	const char *queue;            /* override: --queue */
+	struct rq_config *cfg;
+	struct rq_dests *dests;
+	struct rq_runner *runners[RQ_CONFIG_QUEUES_MAX];
+	size_t nrunners;
+	struct event *sig_term, *sig_int, *sig_hup;
+	int phase;                    /* 0 running, 1 draining, 2 closing */
+	size_t stopped;
+	bool drained;
+};
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: relayqd -c FILE [--redis URL] [--queue NAME]\n"
+		"       relayqd --check -c FILE\n"
+		"       relayqd --version | --help\n"
+		"\n"
+		"Delivers the mail queued in Redis over SMTP, as configured in FILE\n"
+		"(a Lua file: see contrib/relayq.example.lua).\n"
+		"\n"
+		"  -c, --config FILE  the configuration file (required)\n"
+		"  --redis URL        Redis to use (overrides the file and RELAYQ_REDIS)\n"
+		"  --queue NAME       the queue to drain (overrides the file)\n"
+		"  --check            validate FILE: prints each problem as file:line,\n"
+		"                     exits 0 when it loads, 1 otherwise\n"
+		"  --version          print the version\n"
+		"  -h, --help         this text\n"
+		"\n"
+		"Environment: RELAYQ_REDIS (the Redis URL, overrides the file);\n"
+		"RELAYQ_DNS_SERVERS (\"ip[:port],...\": DNS servers instead of\n"
+		"/etc/resolv.conf) and RELAYQ_MX_PORT (the SMTP port of MX hosts,\n"
+		"default 25), both meant for tests.\n"
+		"Signals: SIGTERM / SIGINT stop (running transactions get %d s, the\n"
+		"rest goes back to the queue; a second signal hurries), SIGHUP reloads\n"
+		"the policy.\n",
+		SHUTDOWN_GRACE_MS / 1000);
+}
+
+/* The config's TLS mode by name. Switches on the enumerator names so that it
+ * works whichever header defines enum rq_tls_mode. */
+static const char *tls_name(const struct rq_config *cfg)
+{
+	switch (cfg->tls) {
+	case RQ_TLS_NONE: return "none";
+	case RQ_TLS_OPPORTUNISTIC: return "opportunistic";
+	case RQ_TLS_REQUIRED: return "required";
+	case RQ_TLS_IMPLICIT: return "implicit";
+	default: return "?";
+	}
+}
+
+static int to_ms(double secs)
+{
+	if (secs <= 0)
+		return 0;
+	if (secs > 86400.0 * 24)
+		secs = 86400.0 * 24;
+	return (int)(secs * 1000.0);
+}
+
+static void log_diag(const struct rq_config_diag *d, const char *event)
+{
+	for (size_t i = 0; i < d->n; i++) {
+		char line[24];
+		snprintf(line, sizeof(line), "%d", d->items[i].line);
+		rq_log(d->items[i].warning ? RQ_LOG_WARN : RQ_LOG_ERROR, event, "file",
+		       d->file, "line", line, "problem", d->items[i].msg, NULL);
+	}
+}
+
+/* ---- shutdown ---- */
+
+static void on_closed(void *arg)
+{
+	struct daemon *dm = arg;
+	event_base_loopbreak(dm->base);
+}
+
+static void maybe_close(struct daemon *dm)
+{
+	if (dm->phase != 1 || !dm->drained || dm->stopped < dm->nrunners)
+		return;
+	dm->phase = 2;
+	rq_dests_close(dm->dests, on_closed, dm);
+}
+
+static void on_drained(void *arg)
+{
+	struct daemon *dm = arg;
+	dm->drained = true;
+	maybe_close(dm);
+}
+
+static void on_runner_stopped(struct rq_runner *r, void *arg)
+{
+	struct daemon *dm = arg;
+	dm->stopped++;
+	maybe_close(dm);
+}
+
+static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
+{
+	struct daemon *dm = arg;
+	if (dm->phase > 0) {
+		rq_log(RQ_LOG_WARN, "stopping_now", "signal", sig == SIGINT ? "INT" : "TERM",
+		       NULL);
+		rq_dests_hurry(dm->dests);
+		return;
+	}
+	rq_log(RQ_LOG_INFO, "stopping", "signal", sig == SIGINT ? "INT" : "TERM", NULL);
+	dm->phase = 1;
+	for (size_t i = 0; i < dm->nrunners; i++)
+		rq_runner_stop(dm->runners[i]);
+	rq_dests_drain(dm->dests, SHUTDOWN_GRACE_MS, on_drained, dm);
+}
+
+/* ---- reload ---- */
+
+static bool str_differs(const char *a, const char *b)
+{
+	if (!a || !b)
+		return a != b;
+	return strcmp(a, b) != 0;
+}
+
+static void warn_restart(const struct rq_config *o, const struct rq_config *n)
+{
+	const char *changed[32];
+	size_t k = 0;
+#define CHK(cond, name) do { if ((cond) && k < 32) changed[k++] = (name); } while (0)
+	CHK(str_differs(o->redis, n->redis), "redis");
+	bool qd = o->nqueues != n->nqueues;
+	for (size_t i = 0; !qd && i < o->nqueues; i++)
+		qd = str_differs(o->queues[i], n->queues[i]);
+	CHK(qd, "queue");
+	CHK(str_differs(o->relay_host, n->relay_host) || o->relay_port != n->relay_port ||
+	    o->relay_mx != n->relay_mx, "relay");
+	CHK(o->tls != n->tls || str_differs(o->tls_ca_file, n->tls_ca_file) ||
+	    o->tls_verify != n->tls_verify, "tls");
+	CHK(o->auth != n->auth || str_differs(o->auth_user, n->auth_user) ||
+	    str_differs(o->auth_password, n->auth_password) ||
+	    o->auth_allow_plaintext != n->auth_allow_plaintext, "auth");
+	CHK(str_differs(o->helo, n->helo), "helo");
+	CHK(o->connections != n->connections, "connections");
+	CHK(o->per_destination != n->per_destination, "per_destination");
+	CHK(o->messages_per_connection != n->messages_per_connection,
+	    "messages_per_connection");
+	CHK(memcmp(&o->timeouts, &n->timeouts, sizeof(o->timeouts)) != 0, "timeouts");
+	CHK(str_differs(o->metrics, n->metrics), "metrics");
+	CHK(o->log_format != n->log_format, "log_format");
+#undef CHK
+	for (size_t i = 0; i < k; i++)
+		rq_log(RQ_LOG_WARN, "reload_needs_restart", "setting", changed[i], "reason",
+		       "changed in the file; the running value is kept until a restart",
+		       NULL);
+}
+
+static void on_hup(evutil_socket_t sig, short what, void *arg)
+{
+	struct daemon *dm = arg;
+	if (dm->phase > 0)
+		return;
+	struct rq_config_diag diag;
+	rq_config_diag_init(&diag, dm->path);
+	struct rq_config *n = rq_config_load(dm->path, &diag);
+	if (!n) {
+		log_diag(&diag, "reload_problem");
+		rq_log(RQ_LOG_ERROR, "reload_failed", "file", dm->path, "reason",
+		       "the file does not load; the running policy is kept", NULL);
+		return;
+	}
+	log_diag(&diag, "reload_problem");
+	warn_restart(dm->cfg, n);
+	for (size_t i = 0; i < dm->nrunners; i++)
+		rq_runner_set_config(dm->runners[i], n);
+	rq_log_init((enum rq_log_level)n->log_level, (enum rq_log_format)dm->cfg->log_format,
+		    NULL);
+	/* keep what needs a restart visible in the running config */
+	rq_config_destroy(dm->cfg);
+	dm->cfg = n;
+	struct rq_policy_lua_stats st;
+	rq_policy_lua_stats(n->lua, &st);
+	char rules[24], domains[24];
+	snprintf(rules, sizeof(rules), "%zu", st.rules);
+	snprintf(domains, sizeof(domains), "%zu", n->ndomains);
+	rq_log(RQ_LOG_INFO, "reloaded", "file", dm->path, "rules", rules, "domains",
+	       domains, NULL);
+}
+
+/* ---- start ---- */
+
+static int start(struct daemon *dm)
+{
+	char err[512];
+	const struct rq_config *cfg = dm->cfg;
+	struct rq_dests_opts o = {
+		.helo = cfg->helo,
+		.tls = tls_name(cfg),
+		.tls_ca_file = cfg->tls_ca_file,
+		.tls_verify = cfg->tls_verify,
+		.auth_user = cfg->auth ? cfg->auth_user : NULL,
+		.auth_password = cfg->auth ? cfg->auth_password : NULL,
+		.auth_plaintext_ok = cfg->auth_allow_plaintext,
+		.timeouts = {
+			.connect = to_ms(cfg->timeouts.connect),
+			.greeting = to_ms(cfg->timeouts.greeting),
+			.ehlo = to_ms(cfg->timeouts.helo),
+			.mail = to_ms(cfg->timeouts.mail),
+			.rcpt = to_ms(cfg->timeouts.rcpt),
+			.data = to_ms(cfg->timeouts.data),
+			.block = to_ms(cfg->timeouts.data_block),
+			.dot = to_ms(cfg->timeouts.dot),
+			.quit = to_ms(cfg->timeouts.quit),
+			.idle = to_ms(cfg->timeouts.idle),
+		},
+		.connections = cfg->connections,
+		.per_destination = cfg->per_destination,
+		.messages_per_connection = cfg->messages_per_connection,
+		.relay_host = cfg->relay_host,
+		.relay_port = cfg->relay_port,
+		.relay_mx = cfg->relay_mx,
+		.dns_servers = getenv("RELAYQ_DNS_SERVERS"),
+	};
+	const char *mxp = getenv("RELAYQ_MX_PORT");
+	if (mxp && *mxp)
+		o.mx_port = atoi(mxp);
+	dm->dests = rq_dests_create(dm->base, &o, err, sizeof(err));
+	if (!dm->dests) {
+		rq_log(RQ_LOG_ERROR, "start_failed", "error", err, NULL);
+		return -1;
+	}
+	const char *queues[RQ_CONFIG_QUEUES_MAX];
+	size_t nq = 0;
+	if (dm->queue) {
+		queues[nq++] = dm->queue;
+	} else {
+		for (size_t i = 0; i < cfg->nqueues && nq < RQ_CONFIG_QUEUES_MAX; i++)
+			queues[nq++] = cfg->queues[i];
+		if (nq == 0)
+			queues[nq++] = "default";
+	}
+	for (size_t i = 0; i < nq; i++) {
+		struct rq_runner_opts ro = {
+			.redis = dm->redis,
+			.queue = queues[i],
+			.cfg = cfg,
+			.dests = dm->dests,
+			.stopped = on_runner_stopped,
+			.arg = dm,
+		};
+		dm->runners[i] = rq_runner_create(dm->base, &ro, err, sizeof(err));
+		if (!dm->runners[i]) {
+			rq_log(RQ_LOG_ERROR, "start_failed", "queue", queues[i], "error", err, NULL);
+			return -1;
+		}
+		dm->nrunners++;
+	}
+	char relay[300] = "";
+	if (cfg->relay_host)
+		snprintf(relay, sizeof(relay), cfg->relay_mx ? "%s:%d" : "[%s]:%d",
+			 cfg->relay_host, cfg->relay_port);
+	char qlist[600] = "";
+	size_t off = 0;
+	for (size_t i = 0; i < nq && off < sizeof(qlist); i++)
+		off += (size_t)snprintf(qlist + off, sizeof(qlist) - off, "%s%s",
+					i ? "," : "", queues[i]);
+	char conns[24], perd[24];
+	snprintf(conns, sizeof(conns), "%d", cfg->connections);
+	snprintf(perd, sizeof(perd), "%d", cfg->per_destination);
+	rq_log(RQ_LOG_INFO, "start", "version", RQ_VERSION, "config", dm->path, "redis",
+	       rq_runner_redis_redacted(dm->runners[0]), "queue", qlist, "mode",
+	       cfg->relay_host ? "relay" : "mx", "relay", relay, "tls", tls_name(cfg),
+	       "auth", cfg->auth ? "on" : "off", "connections", conns,
+	       "per_destination", perd, NULL);
+	return 0;
+}
 
 int main(int argc, char **argv)
 {
-	const char *config = NULL;
+	const char *config = NULL, *redis = NULL, *queue = NULL;
+	bool check = false;
 	for (int i = 1; i < argc; i++) {
-		if (strcmp(argv[i], "-c") == 0 && i + 1 < argc) {
+		const char *a = argv[i];
+		if ((strcmp(a, "-c") == 0 || strcmp(a, "--config") == 0) && i + 1 < argc) {
 			config = argv[++i];
-		} else if (strcmp(argv[i], "--version") == 0) {
+		} else if (strncmp(a, "--config=", 9) == 0) {
+			config = a + 9;
+		} else if (strcmp(a, "--redis") == 0 && i + 1 < argc) {
+			redis = argv[++i];
+		} else if (strncmp(a, "--redis=", 8) == 0) {
+			redis = a + 8;
+		} else if (strcmp(a, "--queue") == 0 && i + 1 < argc) {
+			queue = argv[++i];
+		} else if (strncmp(a, "--queue=", 8) == 0) {
+			queue = a + 8;
+		} else if (strcmp(a, "--check") == 0) {
+			check = true;
+		} else if (strcmp(a, "--version") == 0) {
 			printf("relayqd %s\n", RQ_VERSION);
 			return 0;
+		} else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+			usage(stdout);
+			return 0;
 		} else {
-			fprintf(stderr, "relayqd: unknown option %s\n", argv[i]);
+			fprintf(stderr, "relayqd: unknown or incomplete option %s\n", a);
+			usage(stderr);
 			return 2;
 		}
 	}
-	rq_log_init(RQ_LOG_INFO, RQ_LOG_LOGFMT, NULL);
-	rq_log(RQ_LOG_ERROR, "not_implemented", "config", config, NULL);
-	return 1;
+	if (!config) {
+		fprintf(stderr, "relayqd: -c FILE is required\n");
+		usage(stderr);
+		return 2;
+	}
+	if (check)
+		return rq_config_check(config, stdout, stderr);
+	if (queue && (!*queue || strlen(queue) > 64)) {
+		fprintf(stderr, "relayqd: --queue: a name of 1 to 64 bytes\n");
+		return 2;
+	}
+
+	int rc = 1;
+	struct daemon dm;
+	memset(&dm, 0, sizeof(dm));
+	dm.path = config;
+	dm.queue = queue;
+	dm.redis = redis;
+	if (!dm.redis) {
+		const char *env = getenv("RELAYQ_REDIS");
+		if (env && *env)
+			dm.redis = env;
+	}
+	struct rq_config_diag diag;
+	rq_config_diag_init(&diag, config);
+	dm.cfg = rq_config_load(config, &diag);
+	if (!dm.cfg) {
+		rq_config_diag_print(&diag, stderr);
+		return 1;
+	}
+	rq_log_init((enum rq_log_level)dm.cfg->log_level,
+		    (enum rq_log_format)dm.cfg->log_format, stderr);
+	log_diag(&diag, "config_warning");
+	signal(SIGPIPE, SIG_IGN);
+	dm.base = event_base_new();
+	if (!dm.base)
+		goto out;
+	dm.sig_term = evsignal_new(dm.base, SIGTERM, on_stop_signal, &dm);
+	dm.sig_int = evsignal_new(dm.base, SIGINT, on_stop_signal, &dm);
+	dm.sig_hup = evsignal_new(dm.base, SIGHUP, on_hup, &dm);
+	if (!dm.sig_term || !dm.sig_int || !dm.sig_hup ||
+	    event_add(dm.sig_term, NULL) < 0 || event_add(dm.sig_int, NULL) < 0 ||
+	    event_add(dm.sig_hup, NULL) < 0)
+		goto out;
+	if (start(&dm) < 0)
+		goto out;
+	event_base_dispatch(dm.base);
+	rc = dm.phase == 2 ? 0 : 1;
+	if (rc == 0)
+		rq_log(RQ_LOG_INFO, "stopped", NULL);
+out:
+	for (size_t i = 0; i < dm.nrunners; i++)
+		rq_runner_destroy(dm.runners[i]);
+	rq_dests_destroy(dm.dests);
+	if (dm.sig_term)
+		event_free(dm.sig_term);
+	if (dm.sig_int)
+		event_free(dm.sig_int);
+	if (dm.sig_hup)
+		event_free(dm.sig_hup);
+	if (dm.base)
+		event_base_free(dm.base);
+	rq_config_destroy(dm.cfg);
+	return rc;
 }

@@ -1,0 +1,81 @@
+#ifndef RELAYQ_RUNNER_H
+#define RELAYQ_RUNNER_H
+
+/*
+ * The runner: drains one queue. It claims batches from Redis (queue.h),
+ * splits every message into jobs per destination and per
+ * recipients_per_transaction, hands them to the destination pools (dest.h),
+ * turns every recipient's result into a decision (policy_lua.h), logs one
+ * line per recipient and attempt, and settles finished messages in batches
+ * (one relayq_settle per event-loop turn, or per RUNNER_SETTLE_MAX
+ * messages).
+ *
+ * Flow control: a claim is made when woken (enqueue, earliest scheduled
+ * time, reconnect) or when the last claim came back full, and only while
+ * fewer than 2 x batch messages are in flight, so memory stays flat
+ * whatever the queue length. Leases of messages in flight are renewed
+ * together every lease / 3. Expired leases are recovered at start.
+ *
+ * Everything runs on the caller's event loop; callbacks come from it.
+ */
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct event_base;
+struct rq_config;
+struct rq_dests;
+struct rq_runner;
+
+#define RQ_RUNNER_SETTLE_MAX 200     /* messages per settle call */
+#define RQ_RUNNER_STOP_WAIT_MS 10000 /* wait for settle replies at stop */
+
+struct rq_runner_opts {
+	const char *redis;            /* URL (overrides cfg->redis); copied */
+	const char *queue;            /* queue name; copied */
+	const struct rq_config *cfg;  /* borrowed; see rq_runner_set_config */
+	struct rq_dests *dests;       /* borrowed, shared by runners */
+	/* Called once after rq_runner_stop, when every message in flight has
+	 * been settled and the settle replies are in (or after
+	 * RQ_RUNNER_STOP_WAIT_MS). From the event loop. */
+	void (*stopped)(struct rq_runner *r, void *arg);
+	void *arg;
+};
+
+/* Creates the runner and starts connecting to Redis; the first claim
+ * follows once connected. Returns NULL with a reason in err (bad URL, ...;
+ * never the password). */
+struct rq_runner *rq_runner_create(struct event_base *base,
+				   const struct rq_runner_opts *opts,
+				   char *err, size_t errlen);
+
+/* Uses cfg (borrowed) for the following decisions, batch and lease: a
+ * reloaded configuration. The previous one may be freed once this
+ * returns (the runner keeps no pointer into it). */
+void rq_runner_set_config(struct rq_runner *r, const struct rq_config *cfg);
+
+/* Stops claiming. Jobs still running finish (the caller drains the
+ * destinations); what is left is handed back (deferred to now, no attempt
+ * counted); then stopped is called. */
+void rq_runner_stop(struct rq_runner *r);
+
+/* Frees the runner (pending Redis commands are cancelled). Call after
+ * stopped, or at any time to abandon work (leases then expire). NULL:
+ * no-op. Not from inside one of its callbacks. */
+void rq_runner_destroy(struct rq_runner *r);
+
+/* The redacted Redis URL (for the start line). */
+const char *rq_runner_redis_redacted(const struct rq_runner *r);
+
+struct rq_runner_stats {
+	uint64_t claims, claimed;     /* claim calls, messages claimed */
+	uint64_t settles, settled;    /* settle calls, messages settled */
+	uint64_t lost;                /* settles answered "lost" */
+	uint64_t delivered, deferred, failed, expired, dropped, held;
+	uint64_t bounces;             /* DSNs enqueued */
+	size_t inflight;              /* messages claimed, not yet settled */
+};
+void rq_runner_get_stats(const struct rq_runner *r, struct rq_runner_stats *st);
+
+#endif
