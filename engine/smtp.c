@@ -541,10 +541,24 @@ static void all_hosts_failed(struct rq_smtp *s)
 	report_closed(s, &o);
 }
 
-/* The connection failed or broke: o says how. */
-static void conn_fail(struct rq_smtp *s, const struct rq_outcome *o)
+/* A positive reply where it makes no sense is never an outcome a caller
+ * could take for success: it becomes a protocol error. */
+static void as_protocol(struct rq_outcome *o)
+{
+	if (o->fail != RQ_FAIL_NONE || o->code >= 400 || o->synthetic)
+		return;
+	char text[RQ_REPLY_TEXT_MAX];
+	snprintf(text, sizeof(text), "unexpected reply %d: %.400s", o->code, o->text);
+	rq_outcome_set(o, o->stage, RQ_FAIL_PROTOCOL, 0, NULL, "%s", text);
+}
+
+/* The connection failed or broke: how says how. */
+static void conn_fail(struct rq_smtp *s, const struct rq_outcome *how)
 {
 	enum rq_smtp_state st = s->st;
+	struct rq_outcome out = *how;
+	const struct rq_outcome *o = &out;
+	as_protocol(&out);
 	if (rq_log_enabled(RQ_LOG_DEBUG))
 		rq_log(RQ_LOG_DEBUG, "smtp_fail", "id", s->log_id, "peer", s->peer_addr,
 		       "state", state_names[st], "fail", rq_fail_name(o->fail),
@@ -1098,9 +1112,38 @@ static void send_body(struct rq_smtp *s)
 
 static bool r2(const struct rq_outcome *o) { return o->code >= 200 && o->code < 300; }
 
+/* Which positive (< 400) replies a state accepts. */
+static bool positive_ok(enum rq_smtp_state st, int code)
+{
+	switch (st) {
+	case RQ_SMTP_ST_GREETING:
+	case RQ_SMTP_ST_STARTTLS: return code == 220;
+	case RQ_SMTP_ST_AUTH: return code == 235 || code == 334;
+	case RQ_SMTP_ST_AUTH_USER: return code == 334;
+	case RQ_SMTP_ST_AUTH_PASS: return code == 235;
+	case RQ_SMTP_ST_DATA: return code == 354;
+	case RQ_SMTP_ST_EHLO:
+	case RQ_SMTP_ST_HELO:
+	case RQ_SMTP_ST_RSET:
+	case RQ_SMTP_ST_MAIL:
+	case RQ_SMTP_ST_RCPT:
+	case RQ_SMTP_ST_DOT: return code >= 200 && code < 300;
+	case RQ_SMTP_ST_ABORT_DOT:
+	case RQ_SMTP_ST_QUIT: return true;
+	default: return false;
+	}
+}
+
 static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 {
 	struct rq_smtp_txn *t = s->txn;
+
+	/* a positive reply the state does not expect: protocol error */
+	if (o->code < 400 && !positive_ok(s->st, o->code)) {
+		fail_here(s, RQ_FAIL_PROTOCOL, "unexpected reply %d in state %s: %.200s", o->code,
+			  state_names[s->st], o->text);
+		return;
+	}
 
 	/* 421 anywhere in a transaction: the server is closing the connection;
 	 * it is the outcome of every recipient still open */

@@ -254,6 +254,68 @@ static void test_connect_timeout(void **state)
 	close(lfd);
 }
 
+/* Every fault at every stage, pipelined and lock-step, two transactions:
+ * whatever happens, each transaction's done comes exactly once with a
+ * result for every recipient, closed comes exactly once, nothing leaks. */
+static void test_fault_matrix(void **state)
+{
+	static const char *const stages[] = {"greeting", "ehlo", "mail", "rcpt", "data",
+					     "dot", "rset", "quit"};
+	static const char *const actions[] = {
+		"stall", "drop", "close", "raw garbage\\r\\n", "long=5000", "lines=200",
+		"reply 421 4.3.2 bye", "reply 500 5.5.1 no", "reply 250 2.0.0 odd",
+		"trickle=30",
+	};
+	int runs = 0;
+	for (int p = 0; p < 2; p++)
+	for (size_t si = 0; si < sizeof(stages) / sizeof(stages[0]); si++)
+	for (size_t ai = 0; ai < sizeof(actions) / sizeof(actions[0]); ai++) {
+		char sc[256];
+		snprintf(sc, sizeof(sc), "pipelining %s\n%s txn=2- %s", p ? "on" : "off",
+			 stages[si], actions[ai]);
+		if (strcmp(stages[si], "greeting") == 0 || strcmp(stages[si], "ehlo") == 0 ||
+		    strcmp(stages[si], "quit") == 0)
+			snprintf(sc, sizeof(sc), "pipelining %s\n%s %s", p ? "on" : "off",
+				 stages[si], actions[ai]);
+		struct fx x;
+		fx_start(&x, sc, 150);
+		const char *const r3[] = {"a@example.net", "b@example.net", "c@example.net", NULL};
+		for (int t = 0; t < 2; t++) {
+			txn_set(&x.r, "s@example.com", r3, body1);
+			int before = x.r.ndone;
+			if (rq_smtp_send(x.r.s, &x.r.txn) != 0)
+				break;
+			wait_done(&x.r, before + 1);
+			assert_int_equal(x.r.ndone, before + 1);
+			assert_int_equal(x.r.txn.delivered + x.r.txn.failed + x.r.txn.not_tried, 3);
+			for (int i = 0; i < 3; i++) {
+				const struct rq_smtp_rcpt *rc = &x.r.rcpts[i];
+				if (rc->result == RQ_SMTP_RCPT_NOT_TRIED)
+					continue;
+				if (rc->outcome.stage == RQ_STAGE_NONE)
+					fail_msg("%s: recipient %d without a stage", sc, i);
+				if (rc->result == RQ_SMTP_RCPT_DELIVERED &&
+				    (rc->outcome.code < 200 || rc->outcome.code > 299))
+					fail_msg("%s: delivered with %d", sc, rc->outcome.code);
+				if (rc->result == RQ_SMTP_RCPT_FAILED && rc->outcome.fail == RQ_FAIL_NONE &&
+				    rc->outcome.code < 400)
+					fail_msg("%s: failed with %d (%s)", sc, rc->outcome.code,
+						 rc->outcome.text);
+			}
+		}
+		if (x.r.nclosed == 0) {
+			rq_smtp_quit(x.r.s);
+			wait_closed(&x.r);
+		}
+		/* one more loop turn: no second closed */
+		event_base_loop(x.r.base, EVLOOP_NONBLOCK);
+		assert_int_equal(x.r.nclosed, 1);
+		fx_end(&x);
+		runs++;
+	}
+	assert_int_equal(runs, 160);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -267,6 +329,7 @@ int main(void)
 		cmocka_unit_test(test_421_mid_session),
 		cmocka_unit_test(test_421_mail_pipelined),
 		cmocka_unit_test(test_connect_timeout),
+		cmocka_unit_test(test_fault_matrix),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
