@@ -408,6 +408,9 @@ static void finish_msg(struct rmsg *m)
 	}
 	if (m->hold && next < 0)
 		next = now;
+	/* Settle does not wake anyone: the timer takes the earliest retry. */
+	if (next >= 0 && !m->hold)
+		rq_queue_wake_at(r->q, next > now ? next - now : 0);
 	int rc_ok = ob_add_id(r, qm->id);
 	if (rc_ok == 0)
 		rc_ok = rq_queue_outcomes_msg(&r->ob, qm->id, qm->lease, m->attempt, next, m->hold);
