@@ -26,24 +26,10 @@
 
 #include <hiredis/hiredis.h>
 
+#include "relayq/cli_explain.h"
+#include "relayq/config.h"
 #include "relayq/fnlib.h"
 #include "relayq/json.h"
-
-/* Set to 1 once engine/config.c provides rq_config_load (include/relayq/config.h). */
-#ifndef CLI_WITH_CONFIG
-#define CLI_WITH_CONFIG 0
-#endif
-/* Set to 1 once engine/cli_explain.c provides rq_cli_explain. */
-#ifndef CLI_WITH_EXPLAIN
-#define CLI_WITH_EXPLAIN 0
-#endif
-
-#if CLI_WITH_CONFIG
-#include "relayq/config.h"
-#endif
-#if CLI_WITH_EXPLAIN
-#include "relayq/cli_explain.h"
-#endif
 
 #define EXIT_OPERATION 1
 #define EXIT_USAGE 2
@@ -546,7 +532,6 @@ static bool valid_queue(const char *q)
 	return true;
 }
 
-#if CLI_WITH_CONFIG
 /* Reads redis and the first queue from relayqd's config file. */
 static int load_config(struct cli *cli)
 {
@@ -570,21 +555,13 @@ cleanup:
 	rq_config_destroy(cfg);
 	return rc;
 }
-#endif
 
 /* Resolves URL, password and queue (options > config > environment >
  * defaults). Returns 0, or an exit code. */
 static int cli_resolve(struct cli *cli)
 {
-	if (cli->config_path) {
-#if CLI_WITH_CONFIG
-		if (load_config(cli) < 0)
-			return EXIT_OPERATION;
-#else
-		errorf("-c is not supported yet");
-		return EXIT_USAGE;
-#endif
-	}
+	if (cli->config_path && load_config(cli) < 0)
+		return EXIT_OPERATION;
 	const char *url = cli->redis_url;
 	if (!url)
 		url = cli->config_redis;
@@ -1955,18 +1932,24 @@ static int cmd_tail(struct cli *cli, int argc, char **argv)
 
 /* ---- explain ---- */
 
+/* Handled by cli_explain.c; a -c given before the command is passed on. */
 static int cmd_explain(struct cli *cli, int argc, char **argv)
 {
-#if CLI_WITH_EXPLAIN
-	(void)cli;
-	return rq_cli_explain(argc, argv);
-#else
-	(void)cli;
-	(void)argc;
-	(void)argv;
-	errorf("explain is not available in this build");
-	return EXIT_USAGE;
-#endif
+	if (!cli->config_path)
+		return rq_cli_explain(argc, argv);
+	char **args = calloc((size_t)argc + 3, sizeof(*args));
+	if (!args) {
+		errorf("out of memory");
+		return EXIT_OPERATION;
+	}
+	args[0] = argv[0];
+	args[1] = (char *)"-c";
+	args[2] = (char *)cli->config_path;
+	for (int i = 1; i < argc; i++)
+		args[i + 2] = argv[i];
+	int rc = rq_cli_explain(argc + 2, args);
+	free(args);
+	return rc;
 }
 
 /* ---- main ---- */

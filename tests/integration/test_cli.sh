@@ -51,8 +51,6 @@ else
 	start_redis "$SOCK"
 	OWN_REDIS=1
 fi
-# The build reads relayqd's config for -c (engine/config.c present).
-CONFIG_SUPPORTED=0
 rcli() { redis-cli -s "$SOCK" "$@"; }
 wait_for 10 rcli ping || { echo "redis-server did not start" >&2; cat "$TMP/redis.log" >&2; exit 1; }
 
@@ -347,29 +345,29 @@ expect_err "invalid queue name" "invalid queue name"
 # -c reads redis and queue from relayqd's config (options still win).
 printf 'relayq.config { redis = "unix:%s", queue = "%s" }\n' "$SOCK" "$Q" >"$TMP/relayq.lua"
 printf 'relayq.config { redis = 5 }\n' >"$TMP/bad.lua"
-if [ "$CONFIG_SUPPORTED" -eq 1 ]; then
-	RELAYQ_REDIS="unix:$TMP/nowhere.sock" run -c "$TMP/relayq.lua" stats --json
-	expect_rc 0 "-c config"
-	json_check "d['enqueued'] >= 3" "-c config: stats of the configured queue"
-	run -c "$TMP/relayq.lua" --redis "unix:$TMP/nowhere.sock" stats
-	expect_rc 1 "--redis wins over -c"
-	run list --queue "$Q-empty" -c "$TMP/relayq.lua" --state inflight
-	expect_rc 0 "--queue wins over -c"
-	expect_out "^queue $Q-empty: no messages in state inflight\$" "--queue wins over -c"
-	run -c "$TMP/bad.lua" stats
-	expect_rc 1 "-c with an invalid config"
-	grep -q "^$TMP/bad.lua:1: error: " "$TMP/err" && tail -n 1 "$TMP/err" | grep -q "relayq: cannot load config $TMP/bad.lua" \
-		&& ok || bad "-c with an invalid config: $(ERR)"
-	run -c "$TMP/none.lua" stats
-	expect_rc 1 "-c with a missing file"
-else
-	run -c "$TMP/relayq.lua" stats
-	expect_rc 2 "-c before config support"
-	expect_err "relayq: -c is not supported yet" "-c before config support"
-fi
-run explain 550
-expect_rc 2 "explain without the module"
-expect_err "relayq: explain is not available in this build" "explain without the module"
+RELAYQ_REDIS="unix:$TMP/nowhere.sock" run -c "$TMP/relayq.lua" stats --json
+expect_rc 0 "-c config"
+json_check "d['enqueued'] >= 3" "-c config: stats of the configured queue"
+run -c "$TMP/relayq.lua" --redis "unix:$TMP/nowhere.sock" stats
+expect_rc 1 "--redis wins over -c"
+run list --queue "$Q-empty" -c "$TMP/relayq.lua" --state inflight
+expect_rc 0 "--queue wins over -c"
+expect_out "^queue $Q-empty: no messages in state inflight\$" "--queue wins over -c"
+run -c "$TMP/bad.lua" stats
+expect_rc 1 "-c with an invalid config"
+grep -q "^$TMP/bad.lua:1: error: " "$TMP/err" && tail -n 1 "$TMP/err" | grep -q "relayq: cannot load config $TMP/bad.lua" \
+	&& ok || bad "-c with an invalid config: $(ERR)"
+run -c "$TMP/none.lua" stats
+expect_rc 1 "-c with a missing file"
+# explain is dispatched to cli_explain.c, a global -c passed on.
+run explain --code 550
+expect_rc 0 "explain"
+expect_out '^action: fail$' "explain 550"
+run -c "$TMP/relayq.lua" explain --code 421 --json
+expect_rc 0 "explain with -c"
+json_check "d['action'] == 'retry'" "explain 421 with -c"
+run explain --frobnicate
+expect_rc 2 "explain with a bad option"
 
 # Unreachable Redis: the message names the (redacted) URL.
 run --redis "unix:$TMP/nowhere.sock" --queue "$Q" stats
