@@ -53,6 +53,10 @@
  * Every stage has an inactivity timeout and an overall deadline (struct
  * rq_smtp_timeouts), so a server trickling bytes cannot hold a connection.
  *
+ * The process must ignore SIGPIPE (signal(SIGPIPE, SIG_IGN), as relayqd and
+ * relayq do): libevent writes with writev(), and a write to a connection
+ * the server has just closed would otherwise kill the process.
+ *
  * Callbacks are only called from the event loop, never from inside an
  * rq_smtp_* call. Every callback may call any rq_smtp_* function on the
  * session, including rq_smtp_destroy (the free is deferred to a safe point;

@@ -13,6 +13,7 @@
 #include <cmocka.h>
 
 #include <event2/event.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

@@ -72,16 +72,16 @@ static void fault_case(const char *scenario, int timeout_ms, const char *body,
 /* A server that stops answering: the stage's timeout. */
 static void test_stall_every_stage(void **state)
 {
-	fault_case("greeting stall", 300, body1, RQ_STAGE_GREETING, RQ_FAIL_TIMEOUT, "timeout");
-	fault_case("ehlo stall", 300, body1, RQ_STAGE_EHLO, RQ_FAIL_TIMEOUT, "timeout");
-	fault_case("pipelining off\nhelo stall\nehlo reply 500 no", 300, body1, RQ_STAGE_HELO,
+	fault_case("greeting stall", 600, body1, RQ_STAGE_GREETING, RQ_FAIL_TIMEOUT, "timeout");
+	fault_case("ehlo stall", 600, body1, RQ_STAGE_EHLO, RQ_FAIL_TIMEOUT, "timeout");
+	fault_case("pipelining off\nhelo stall\nehlo reply 500 no", 600, body1, RQ_STAGE_HELO,
 		   RQ_FAIL_TIMEOUT, NULL);
-	fault_case("mail stall", 300, body1, RQ_STAGE_MAIL, RQ_FAIL_TIMEOUT, NULL);
-	fault_case("pipelining off\nmail stall", 300, body1, RQ_STAGE_MAIL, RQ_FAIL_TIMEOUT, NULL);
-	fault_case("rcpt stall", 300, body1, RQ_STAGE_RCPT, RQ_FAIL_TIMEOUT, NULL);
-	fault_case("rcpt rcpt=2 stall", 300, body1, RQ_STAGE_RCPT, RQ_FAIL_TIMEOUT, NULL);
-	fault_case("data stall", 300, body1, RQ_STAGE_DATA, RQ_FAIL_TIMEOUT, NULL);
-	fault_case("dot stall", 300, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("mail stall", 600, body1, RQ_STAGE_MAIL, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("pipelining off\nmail stall", 600, body1, RQ_STAGE_MAIL, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("rcpt stall", 600, body1, RQ_STAGE_RCPT, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("rcpt rcpt=2 stall", 600, body1, RQ_STAGE_RCPT, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("data stall", 600, body1, RQ_STAGE_DATA, RQ_FAIL_TIMEOUT, NULL);
+	fault_case("dot stall", 600, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT, NULL);
 }
 
 /* A server that answers one byte at a time, each within the inactivity
@@ -318,6 +318,7 @@ static void test_fault_matrix(void **state)
 
 int main(void)
 {
+	signal(SIGPIPE, SIG_IGN); /* as relayqd does (see smtp.h) */
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_stall_every_stage),
 		cmocka_unit_test(test_trickle_deadline),

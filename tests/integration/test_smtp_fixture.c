@@ -810,8 +810,112 @@ static void test_destroy_in_callbacks(void **state)
 	fx_end(&x);
 }
 
+/* Many sessions at once on one event loop, each with several transactions. */
+struct many {
+	struct rq_smtp *s;
+	struct rq_smtp_txn txn;
+	struct rq_smtp_rcpt rcpt[2];
+	int left;
+	int delivered;
+	int closed;
+};
+
+static void many_done(struct rq_smtp_txn *t, void *arg)
+{
+	struct many *m = arg;
+	m->delivered += (int)t->delivered;
+	if (--m->left > 0)
+		assert_int_equal(rq_smtp_send(m->s, t), 0);
+	else
+		rq_smtp_quit(m->s);
+}
+
+static void many_closed(struct rq_smtp *s, const struct rq_outcome *why, void *arg)
+{
+	struct many *m = arg;
+	m->closed++;
+}
+
+struct many_all {
+	struct many *m;
+	int n;
+};
+
+static bool cond_many_closed(void *arg)
+{
+	struct many_all *a = arg;
+	for (int i = 0; i < a->n; i++)
+		if (!a->m[i].closed)
+			return false;
+	return true;
+}
+
+static void test_many_sessions(void **state)
+{
+	enum { NS = 40, NT = 10 };
+	struct fx x;
+	fx_start(&x, "rcpt addr=b@example.net reply 450 4.2.0 later");
+	struct many *m = calloc(NS, sizeof(*m));
+	struct rq_smtp_host h;
+	assert_int_equal(rq_smtp_host_set(&h, "127.0.0.1", fsmtp_port(x.f), NULL), 0);
+	for (int i = 0; i < NS; i++) {
+		char err[128];
+		struct rq_smtp_callbacks cbs = {NULL, many_closed, NULL, &m[i]};
+		m[i].s = rq_smtp_create(x.r.base, &x.r.opts, &cbs, err, sizeof(err));
+		assert_non_null(m[i].s);
+		assert_int_equal(rq_smtp_connect(m[i].s, &h, 1), 0);
+		m[i].rcpt[0].addr = "a@example.net";
+		m[i].rcpt[0].len = 13;
+		m[i].rcpt[1].addr = "b@example.net";
+		m[i].rcpt[1].len = 13;
+		m[i].txn.from = "s@example.com";
+		m[i].txn.from_len = 13;
+		m[i].txn.rcpts = m[i].rcpt;
+		m[i].txn.nrcpt = 2;
+		m[i].txn.body = body1;
+		m[i].txn.body_len = strlen(body1);
+		m[i].txn.done = many_done;
+		m[i].txn.arg = &m[i];
+		m[i].left = NT;
+		assert_int_equal(rq_smtp_send(m[i].s, &m[i].txn), 0);
+	}
+	struct many_all a = {m, NS};
+	assert_true(loop_until(x.r.base, cond_many_closed, &a, 30000));
+	for (int i = 0; i < NS; i++) {
+		assert_int_equal(m[i].delivered, NT);
+		assert_int_equal(m[i].closed, 1);
+		assert_int_equal(m[i].rcpt[1].result, RQ_SMTP_RCPT_FAILED);
+		assert_int_equal(m[i].rcpt[1].outcome.code, 450);
+		rq_smtp_destroy(m[i].s);
+	}
+	struct fsmtp_stats st;
+	fsmtp_get_stats(x.f, &st);
+	assert_int_equal(st.connections, NS);
+	assert_int_equal(st.messages, NS * NT);
+	free(m);
+	fx_end(&x);
+}
+
+/* quit while still connecting: the waiting transaction goes, then QUIT. */
+static void test_quit_while_connecting(void **state)
+{
+	struct fx x;
+	fx_start(&x, NULL);
+	fx_connect(&x);
+	txn_set(&x.r, "s@example.com", one, body1);
+	assert_int_equal(rq_smtp_send(x.r.s, &x.r.txn), 0);
+	rq_smtp_quit(x.r.s);
+	assert_false(rq_smtp_reusable(x.r.s));
+	wait_done(&x.r, 1);
+	assert_int_equal(x.r.txn.delivered, 1);
+	wait_closed(&x.r);
+	assert_outcome(&x.r.why, RQ_STAGE_QUIT, RQ_FAIL_NONE, 221);
+	fx_end(&x);
+}
+
 int main(void)
 {
+	signal(SIGPIPE, SIG_IGN); /* as relayqd does (see smtp.h) */
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_plain_delivery),
 		cmocka_unit_test(test_null_sender_and_quit),
@@ -848,6 +952,8 @@ int main(void)
 		cmocka_unit_test(test_refused),
 		cmocka_unit_test(test_ipv6),
 		cmocka_unit_test(test_destroy_in_callbacks),
+		cmocka_unit_test(test_many_sessions),
+		cmocka_unit_test(test_quit_while_connecting),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -425,8 +425,58 @@ static void test_auth_required_by_server(void **state)
 	fx_end(&x);
 }
 
+/* Faults at every stage of a TLS + AUTH session: done and closed exactly
+ * once, results for every recipient, no secret anywhere, no leak. */
+static void test_tls_fault_matrix(void **state)
+{
+	static const char *const stages[] = {"starttls", "ehlo", "auth", "mail", "rcpt",
+					     "data", "dot", "quit"};
+	static const char *const actions[] = {
+		"stall", "drop", "close", "raw garbage\\r\\n", "reply 421 4.3.2 bye",
+		"reply 500 5.5.1 no", "reply 250 2.0.0 odd", "lines=200",
+	};
+	for (size_t si = 0; si < sizeof(stages) / sizeof(stages[0]); si++)
+	for (size_t ai = 0; ai < sizeof(actions) / sizeof(actions[0]); ai++) {
+		char sc[256];
+		snprintf(sc, sizeof(sc), "starttls on\nauth PLAIN LOGIN\n%s %s", stages[si],
+			 actions[ai]);
+		/* ehlo: the fault hits the second EHLO (after STARTTLS) */
+		if (strcmp(stages[si], "ehlo") == 0)
+			snprintf(sc, sizeof(sc), "starttls on\nauth PLAIN LOGIN\nehlo conn=1 times=1\nehlo %s",
+				 actions[ai]);
+		struct fx x;
+		fx_init(&x, sc, NULL);
+		short_timeouts(&x.r.opts, 150);
+		x.r.opts.tls = RQ_TLS_REQUIRED;
+		x.r.opts.auth_user = FSMTP_TEST_USER;
+		x.r.opts.auth_password = FSMTP_TEST_PASS;
+		fx_connect(&x, "mx.test");
+		txn_set(&x.r, "s@example.com", two, body1);
+		assert_int_equal(rq_smtp_send(x.r.s, &x.r.txn), 0);
+		wait_done(&x.r, 1);
+		assert_int_equal(x.r.txn.delivered + x.r.txn.failed + x.r.txn.not_tried, 2);
+		for (int i = 0; i < 2; i++) {
+			const struct rq_smtp_rcpt *rc = &x.r.rcpts[i];
+			if (rc->result == RQ_SMTP_RCPT_FAILED && rc->outcome.fail == RQ_FAIL_NONE &&
+			    rc->outcome.code < 400)
+				fail_msg("%s: failed with %d", sc, rc->outcome.code);
+			if (rc->result == RQ_SMTP_RCPT_DELIVERED && rc->outcome.code != 250)
+				fail_msg("%s: delivered with %d", sc, rc->outcome.code);
+		}
+		if (x.r.nclosed == 0) {
+			rq_smtp_quit(x.r.s);
+			wait_closed(&x.r);
+		}
+		event_base_loop(x.r.base, EVLOOP_NONBLOCK);
+		assert_int_equal(x.r.nclosed, 1);
+		assert_false(trace_has_secret(&x.r));
+		fx_end(&x);
+	}
+}
+
 int main(void)
 {
+	signal(SIGPIPE, SIG_IGN); /* as relayqd does (see smtp.h) */
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_required_ok),
 		cmocka_unit_test(test_required_large_body),
@@ -442,6 +492,7 @@ int main(void)
 		cmocka_unit_test(test_auth_535),
 		cmocka_unit_test(test_auth_refused_in_plaintext),
 		cmocka_unit_test(test_auth_required_by_server),
+		cmocka_unit_test(test_tls_fault_matrix),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
