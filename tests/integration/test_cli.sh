@@ -245,9 +245,14 @@ cp "$TMP/tailj.out" "$TMP/out"
 json_lines_check "[(e['type'], e['rcpt'], e['code']) for e in d] == [('delivered', 'one@example.net', 250), ('failed', 'two@example.net', 550)] and d[1]['id'] == '$ID1'" "tail --json events"
 
 kill -INT "$TAIL" "$TAILJ"
-wait "$TAIL"; T1=$?
-wait "$TAILJ"; T2=$?
-[ "$T1" -eq 0 ] && [ "$T2" -eq 0 ] && ok || bad "tail exit status on SIGINT: $T1 $T2"
+gone() { ! kill -0 "$1" 2>/dev/null; }
+if wait_for 10 gone "$TAIL" && wait_for 10 gone "$TAILJ"; then
+	wait "$TAIL"; T1=$?
+	wait "$TAILJ"; T2=$?
+	[ "$T1" -eq 0 ] && [ "$T2" -eq 0 ] && ok || bad "tail exit status on SIGINT: $T1 $T2"
+else
+	bad "tail did not exit on SIGINT"
+fi
 [ ! -s "$TMP/tail.err" ] && [ ! -s "$TMP/tailj.err" ] && ok || bad "tail wrote to stderr: $(cat "$TMP/tail.err" "$TMP/tailj.err")"
 
 # tail ends when its reader goes away (SIGPIPE / EPIPE), quietly.
@@ -263,8 +268,7 @@ tail_in_pipe() {  # a reading tail whose parent is the subshell $PIPE
 }
 wait_for 10 tail_in_pipe && ok || bad "tail in a pipe did not start"
 rcli FCALL relayq_hold 1 "$P" "$K1" >/dev/null
-pipe_done() { ! kill -0 "$PIPE" 2>/dev/null; }
-if wait_for 10 pipe_done; then
+if wait_for 10 gone "$PIPE"; then
 	wait "$PIPE"; PS=$?
 	[ "$PS" -eq 0 ] && ok || bad "tail | head: tail exit status $PS"
 	grep -q '"type":"held"' "$TMP/head.out" && ok || bad "tail | head got: $(cat "$TMP/head.out")"
