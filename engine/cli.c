@@ -203,11 +203,12 @@ static const char *const main_usage =
 	"\n"
 	"Options (also accepted after the command):\n"
 	"  -c, --config FILE            read redis and queue from relayqd's config\n"
-	"      --redis URL              redis://[user:password@]host:port/db or\n"
-	"                               unix:/path (default $RELAYQ_REDIS, else\n"
+	"      --redis URL              redis://[user@]host:port/db or unix:/path\n"
+	"                               (default $RELAYQ_REDIS, else\n"
 	"                               " DEFAULT_REDIS ")\n"
 	"      --redis-password-file F  Redis password from a file (first line);\n"
-	"                               or $RELAYQ_REDIS_PASSWORD\n"
+	"                               or $RELAYQ_REDIS_PASSWORD, or in the URL of\n"
+	"                               $RELAYQ_REDIS (never on the command line)\n"
 	"      --queue NAME             queue name (default \"" DEFAULT_QUEUE "\")\n"
 	"      --help                   this help; COMMAND --help for a command\n"
 	"      --version                print the version\n"
@@ -574,6 +575,12 @@ static int cli_resolve(struct cli *cli)
 		char shown[200];
 		redact_raw(url, shown, sizeof(shown));
 		errorf("invalid Redis URL '%s': %s", shown, err);
+		return EXIT_USAGE;
+	}
+	if (cli->t.password && url == cli->redis_url) {
+		/* Other users see the command line (ps, /proc). */
+		errorf("--redis %s: a password does not belong on the command line; "
+				"use RELAYQ_REDIS_PASSWORD or --redis-password-file", cli->t.shown);
 		return EXIT_USAGE;
 	}
 	if (cli->password_file) {

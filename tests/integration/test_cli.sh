@@ -379,9 +379,16 @@ expect_rc 1 "unreachable Redis (socket)"
 expect_err "relayq: cannot connect to Redis at unix:$TMP/nowhere.sock" "unreachable Redis (socket)"
 PORT=$(free_port)
 SECRET=Pw-$RANDOM-s3cr3t
-run --redis "redis://app:$SECRET@127.0.0.1:$PORT/3" --queue "$Q" stats
+RELAYQ_REDIS="redis://app:$SECRET@127.0.0.1:$PORT/3" run --queue "$Q" stats
 expect_rc 1 "unreachable Redis (TCP, password in URL)"
-expect_err "cannot connect to Redis at redis://app:***@127.0.0.1:$PORT/3" "password redacted"
+expect_err "relayq: cannot connect to Redis at redis://app:***@127.0.0.1:$PORT/3: Connection refused" "password redacted"
+grep -q "$SECRET" "$TMP/out" "$TMP/err" && bad "the password appears in the output" || ok
+run --redis "redis://app:$SECRET@127.0.0.1:$PORT/3" --queue "$Q" stats
+expect_rc 2 "a password on the command line"
+expect_err "--redis redis://app:***@127.0.0.1:$PORT/3: a password does not belong on the command line" "a password on the command line"
+grep -q "$SECRET" "$TMP/out" "$TMP/err" && bad "the password appears in the output" || ok
+RELAYQ_REDIS_PASSWORD=$SECRET run --redis "unix:$TMP/nowhere.sock" --queue "$Q" stats
+expect_rc 1 "unreachable Redis, password from the environment"
 grep -q "$SECRET" "$TMP/out" "$TMP/err" && bad "the password appears in the output" || ok
 RELAYQ_REDIS="redis://:$SECRET@127.0.0.1:$PORT" run --queue "$Q" list
 expect_err "redis://:***@127.0.0.1:$PORT/0" "password from RELAYQ_REDIS redacted"
@@ -406,8 +413,14 @@ json_check "d['ready'] == 0" "stats with a password"
 printf '%s\n' "$SECRET" >"$TMP/pw"
 run --redis "unix:$AUTH_SOCK" --redis-password-file "$TMP/pw" --queue "$Q" stats
 expect_rc 0 "password from --redis-password-file"
-run --redis "redis://default:$SECRET@127.0.0.1:$APORT/0" --queue "$Q" stats
-expect_rc 0 "password in the URL"
+RELAYQ_REDIS="redis://default:$SECRET@127.0.0.1:$APORT/0" run --queue "$Q" stats
+expect_rc 0 "password in the URL of RELAYQ_REDIS"
+RELAYQ_REDIS_PASSWORD=$SECRET run --redis "redis://default@127.0.0.1:$APORT" --queue "$Q" stats
+expect_rc 0 "user in --redis, password from the environment"
+RELAYQ_REDIS="redis://default:wrong-$SECRET@127.0.0.1:$APORT/0" run --queue "$Q" stats
+expect_rc 1 "wrong password in the URL"
+expect_err "relayq: Redis at redis://default:***@127.0.0.1:$APORT/0 refused authentication" "wrong password in the URL"
+grep -q "$SECRET" "$TMP/out" "$TMP/err" && bad "the wrong password appears in the output" || ok
 printf 'wrong-%s\n' "$SECRET" >"$TMP/pw"
 run --redis "unix:$AUTH_SOCK" --redis-password-file "$TMP/pw" --queue "$Q" stats
 expect_rc 1 "wrong password"
