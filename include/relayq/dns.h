@@ -145,8 +145,9 @@ void rq_dns_destroy(struct rq_dns *dns);
  * Starts an MX lookup of domain (a name, optionally with a trailing dot, or
  * an address literal). cb(res, arg) runs later, exactly once, unless the
  * request is cancelled or the resolver destroyed first. Returns the
- * request handle, valid until the callback starts, or NULL on out of
- * memory (no callback then). domain is copied.
+ * request handle, valid until the callback starts, or NULL (no callback
+ * then) when out of memory, dns or cb is NULL, or dns is being destroyed.
+ * domain is copied.
  */
 struct rq_dns_req *rq_dns_lookup_mx(struct rq_dns *dns, const char *domain,
 				    rq_dns_cb cb, void *arg);
