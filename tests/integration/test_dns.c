@@ -65,7 +65,7 @@ static void dnsmasq_start_opt(struct dnsmasq *d, const char *tag, const char *co
 		snprintf(d->log, sizeof(d->log), "%s/dnsmasq-%s-%d.log", tmpdir, tag, d->port);
 		char port_arg[32];
 		snprintf(port_arg, sizeof(port_arg), "--port=%d", d->port);
-		const char *argv[80];
+		const char *argv[160];
 		int n = 0;
 		argv[n++] = "dnsmasq";
 		argv[n++] = "--keep-in-foreground";
@@ -86,7 +86,7 @@ static void dnsmasq_start_opt(struct dnsmasq *d, const char *tag, const char *co
 			for (int i = 0; zone_args[i]; i++)
 				argv[n++] = zone_args[i];
 		}
-		for (int i = 0; extra && extra[i] && n < 78; i++)
+		for (int i = 0; extra && extra[i] && n < 158; i++)
 			argv[n++] = extra[i];
 		argv[n] = NULL;
 		if (th_spawn(&d->proc, (char *const *)argv, d->log) < 0)
@@ -637,6 +637,50 @@ static void ttls_from_an_authoritative_zone(void **state)
 	dnsmasq_stop(&d);
 }
 
+/*
+ * 40 MX records do not fit a 512-byte UDP answer: dnsmasq truncates, c-ares
+ * asks again over TCP. The result keeps the RQ_DNS_HOSTS_MAX lowest
+ * preferences, in order.
+ */
+static void large_mx_set_over_tcp_fallback(void **state)
+{
+	(void)state;
+	enum { N = 40 };
+	static char args[2 * N][96];
+	const char *argv[2 * N + 1];
+	for (int i = 0; i < N; i++) {
+		/* preferences 200, 195, ... : listed in reverse */
+		snprintf(args[2 * i], sizeof(args[0]), "--mx-host=big.test,host%02d.big.test,%d",
+			 i, 200 - 5 * i);
+		snprintf(args[2 * i + 1], sizeof(args[0]), "--host-record=host%02d.big.test,127.0.1.%d",
+			 i, i + 1);
+		argv[2 * i] = args[2 * i];
+		argv[2 * i + 1] = args[2 * i + 1];
+	}
+	argv[2 * N] = NULL;
+	struct dnsmasq d;
+	dnsmasq_start(&d, "big", argv);
+	struct event_base *base = event_base_new();
+	struct rq_dns_opts o = {.servers = d.servers, .no_ipv6 = true};
+	struct rq_dns *dns = make_dns(base, &o);
+	struct rq_dns_result *r = lookup(base, dns, "big.test", true);
+	assert_int_equal(r->status, RQ_DNS_OK);
+	assert_int_equal(r->nhosts, RQ_DNS_HOSTS_MAX);
+	for (size_t i = 0; i < r->nhosts; i++) {
+		int k = N - 1 - (int)i;  /* the lowest preference is the last listed */
+		char want[64];
+		snprintf(want, sizeof(want), "host%02d.big.test", k);
+		assert_string_equal(r->hosts[i].name, want);
+		assert_int_equal(r->hosts[i].preference, 200 - 5 * k);
+		assert_int_equal(r->hosts[i].naddrs, 1);
+	}
+	rq_dns_result_free(r);
+	assert_true(logged_by_child(&d, "query[MX] big.test"));
+	rq_dns_destroy(dns);
+	event_base_free(base);
+	dnsmasq_stop(&d);
+}
+
 struct cache_probe {
 	struct event_base *base;
 	struct rq_dns *dns;
@@ -937,6 +981,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(host_lookups_and_literals, setup, teardown),
 		cmocka_unit_test(family_options),
 		cmocka_unit_test(ttls_from_an_authoritative_zone),
+		cmocka_unit_test(large_mx_set_over_tcp_fallback),
 		cmocka_unit_test(cache_survives_server_until_ttl),
 		cmocka_unit_test(cache_cap),
 		cmocka_unit_test(cancel_and_destroy_in_flight),
