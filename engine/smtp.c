@@ -338,6 +338,8 @@ struct rq_smtp {
 	bool too_many;
 	bool mail_ok;
 	bool sent_any;           /* a command of this txn went out */
+	bool batch_sent;         /* pipelined: MAIL..DATA already written */
+	unsigned auth_mech;      /* RQ_SMTP_AUTH_PLAIN or _LOGIN, chosen */
 	struct rq_outcome mail_out;
 	struct rq_outcome last_rcpt_fail;
 	uint64_t body_size;
@@ -345,6 +347,7 @@ struct rq_smtp {
 };
 
 static void run_state(struct rq_smtp *s);
+static void to_state(struct rq_smtp *s, enum rq_smtp_state st);
 static void out_drain_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg);
 static void conn_fail(struct rq_smtp *s, const struct rq_outcome *o);
 static void txn_finish(struct rq_smtp *s, const struct rq_outcome *o, bool aborted);
@@ -436,15 +439,6 @@ static void set_state(struct rq_smtp *s, enum rq_smtp_state st)
 	arm(s->deadline, d);
 }
 
-/* Restarts the current stage's timeout and deadline (next reply of a run). */
-static void restart_stage(struct rq_smtp *s)
-{
-	int t, d;
-	state_timeouts(s, s->st, &t, &d);
-	arm(s->timer, t);
-	arm(s->deadline, d);
-}
-
 static void trace(struct rq_smtp *s, char dir, const char *line, size_t len)
 {
 	if (s->cb.trace && !s->dead)
@@ -505,7 +499,7 @@ static void close_bev(struct rq_smtp *s)
 static void report_closed(struct rq_smtp *s, const struct rq_outcome *why)
 {
 	close_bev(s);
-	set_state(s, RQ_SMTP_ST_CLOSED);
+	to_state(s, RQ_SMTP_ST_CLOSED);
 	if (s->closed_done)
 		return;
 	s->closed_done = true;
@@ -579,7 +573,7 @@ static void conn_fail(struct rq_smtp *s, const struct rq_outcome *how)
 		if (stage_of(st) != RQ_STAGE_AUTH && s->hi + 1 < s->nhosts) {
 			s->hi++;
 			s->plain_retry = false;
-			set_state(s, RQ_SMTP_ST_INIT);
+			to_state(s, RQ_SMTP_ST_INIT);
 			event_active(s->kick, EV_TIMEOUT, 1);
 			return;
 		}
@@ -738,7 +732,7 @@ static void tls_start(struct rq_smtp *s, enum rq_smtp_state st)
 	s->bev = tb;
 	s->ssl = ssl;
 	setup_bev(s);
-	set_state(s, st);
+	to_state(s, st);
 }
 
 static void tls_done(struct rq_smtp *s)
@@ -761,7 +755,7 @@ static void tls_failed(struct rq_smtp *s, unsigned long ossl_err, const char *fa
 			       "peer", s->peer_addr, "error", text, NULL);
 		close_bev(s);
 		s->plain_retry = true;
-		set_state(s, RQ_SMTP_ST_INIT);
+		to_state(s, RQ_SMTP_ST_INIT);
 		event_active(s->kick, EV_TIMEOUT, 1);
 		return;
 	}
@@ -771,7 +765,7 @@ static void tls_failed(struct rq_smtp *s, unsigned long ossl_err, const char *fa
 }
 
 /* ------------------------------------------------------------------------
- * Commands: one function sends the command of a state
+ * Commands: one function enters a state and writes its command
  */
 
 static void b64(const unsigned char *in, size_t n, char *out)
@@ -779,51 +773,37 @@ static void b64(const unsigned char *in, size_t n, char *out)
 	EVP_EncodeBlock((unsigned char *)out, in, (int)n);
 }
 
-static void send_auth(struct rq_smtp *s)
+/* AUTH PLAIN with its initial response (RFC 4616), or AUTH LOGIN. */
+static void put_auth(struct rq_smtp *s)
 {
-	unsigned allowed = s->caps.auth & s->o.auth_mechs;
-	struct rq_outcome o;
-	if (!s->tls_active && !s->o.auth_plaintext_ok) {
-		outcome_synth(&o, RQ_STAGE_AUTH, 454, "4.7.0",
-			      "relayq: refusing to send credentials over an unencrypted connection");
-		conn_fail(s, &o);
+	if (s->auth_mech != RQ_SMTP_AUTH_PLAIN) {
+		send_cmd(s, NULL, "AUTH LOGIN");
 		return;
 	}
-	if (!(s->caps.flags & RQ_SMTP_CAP_AUTH) || !allowed) {
-		outcome_synth(&o, RQ_STAGE_AUTH, 454, "4.7.0",
-			      "relayq: the server offers no AUTH mechanism we may use");
-		conn_fail(s, &o);
-		return;
-	}
-	if (allowed & RQ_SMTP_AUTH_PLAIN) {
-		size_t ul = strlen(s->user), pl = strlen(s->pass);
-		size_t n = ul + pl + 2;
-		unsigned char *raw = malloc(n);
-		char *enc = malloc(4 * ((n + 2) / 3) + 1);
-		if (!raw || !enc) {
-			free(raw);
-			free(enc);
-			fail_here(s, RQ_FAIL_PROTOCOL, "out of memory");
-			return;
-		}
-		raw[0] = '\0';
-		memcpy(raw + 1, s->user, ul);
-		raw[1 + ul] = '\0';
-		memcpy(raw + 2 + ul, s->pass, pl);
-		b64(raw, n, enc);
-		set_state(s, RQ_SMTP_ST_AUTH);
-		send_cmd(s, "AUTH PLAIN <secret>", "AUTH PLAIN %s", enc);
-		OPENSSL_cleanse(raw, n);
-		OPENSSL_cleanse(enc, strlen(enc));
+	size_t ul = strlen(s->user), pl = strlen(s->pass);
+	size_t n = ul + pl + 2;
+	unsigned char *raw = malloc(n);
+	char *enc = malloc(4 * ((n + 2) / 3) + 1);
+	if (!raw || !enc) {
 		free(raw);
 		free(enc);
+		fail_here(s, RQ_FAIL_PROTOCOL, "out of memory");
 		return;
 	}
-	set_state(s, RQ_SMTP_ST_AUTH);
-	send_cmd(s, NULL, "AUTH LOGIN");
+	raw[0] = '\0';
+	memcpy(raw + 1, s->user, ul);
+	raw[1 + ul] = '\0';
+	memcpy(raw + 2 + ul, s->pass, pl);
+	b64(raw, n, enc);
+	send_cmd(s, "AUTH PLAIN <secret>", "AUTH PLAIN %s", enc);
+	OPENSSL_cleanse(raw, n);
+	OPENSSL_cleanse(enc, strlen(enc));
+	free(raw);
+	free(enc);
 }
 
-static void send_login_step(struct rq_smtp *s, const char *secret, enum rq_smtp_state next)
+/* One AUTH LOGIN answer: base64 of the user name or the password. */
+static void put_secret(struct rq_smtp *s, const char *secret)
 {
 	size_t n = strlen(secret);
 	char *enc = malloc(4 * ((n + 2) / 3) + 1);
@@ -832,53 +812,13 @@ static void send_login_step(struct rq_smtp *s, const char *secret, enum rq_smtp_
 		return;
 	}
 	b64((const unsigned char *)secret, n, enc);
-	set_state(s, next);
 	send_cmd(s, "<secret>", "%s", enc);
 	OPENSSL_cleanse(enc, strlen(enc));
 	free(enc);
 }
 
-/* After EHLO/HELO: STARTTLS, AUTH, or ready. */
-static void after_hello(struct rq_smtp *s)
-{
-	if (!s->tls_active && !s->plain_retry &&
-	    (s->o.tls == RQ_TLS_OPPORTUNISTIC || s->o.tls == RQ_TLS_REQUIRED)) {
-		if (s->caps.flags & RQ_SMTP_CAP_STARTTLS) {
-			set_state(s, RQ_SMTP_ST_STARTTLS);
-			send_cmd(s, NULL, "STARTTLS");
-			return;
-		}
-		if (s->o.tls == RQ_TLS_REQUIRED) {
-			struct rq_outcome o;
-			rq_outcome_set(&o, RQ_STAGE_STARTTLS, RQ_FAIL_TLS, 0, NULL,
-				       "TLS required but the server does not offer STARTTLS");
-			conn_fail(s, &o);
-			return;
-		}
-	}
-	if (s->user && !s->authed) {
-		send_auth(s);
-		return;
-	}
-	s->ready_once = true;
-	s->have_best = false;
-	set_state(s, RQ_SMTP_ST_READY);
-	if (s->cb.ready && !s->dead)
-		s->cb.ready(s, s->cb.arg);
-	if (s->dead || s->st != RQ_SMTP_ST_READY)
-		return;
-	go_ready(s);
-}
-
-static void send_ehlo(struct rq_smtp *s)
-{
-	rq_smtp_caps_reset(&s->caps);
-	set_state(s, RQ_SMTP_ST_EHLO);
-	send_cmd(s, NULL, "EHLO %s", s->helo);
-}
-
 /* MAIL FROM with its parameters. */
-static void send_mail(struct rq_smtp *s)
+static void put_mail(struct rq_smtp *s)
 {
 	struct rq_smtp_txn *t = s->txn;
 	char params[96] = "";
@@ -893,11 +833,142 @@ static void send_mail(struct rq_smtp *s)
 	send_cmd(s, NULL, "MAIL FROM:<%.*s>%s", (int)t->from_len, t->from, params);
 }
 
-static void send_rcpt(struct rq_smtp *s, size_t idx)
+static void put_rcpt(struct rq_smtp *s, size_t idx)
 {
 	struct rq_smtp_rcpt *r = &s->txn->rcpts[idx];
 	s->rst[idx] = R_WAIT;
 	send_cmd(s, NULL, "RCPT TO:<%.*s>", (int)r->len, r->addr);
+}
+
+/* PIPELINING: MAIL, every RCPT and DATA in one write. */
+static void put_batch(struct rq_smtp *s)
+{
+	put_mail(s);
+	for (size_t k = 0; k < s->nsend; k++)
+		put_rcpt(s, s->order[k]);
+	s->si = s->nsend;
+	send_cmd(s, NULL, "DATA");
+	s->batch_sent = true;
+}
+
+/*
+ * Enters a state and writes its command: the only place commands are
+ * written. With PIPELINING a transaction's commands all go out when it
+ * starts (in RSET or MAIL), so MAIL, RCPT and DATA then add nothing; in
+ * lock-step each RCPT state entered sends the next recipient.
+ */
+static void to_state(struct rq_smtp *s, enum rq_smtp_state st)
+{
+	set_state(s, st);
+	switch (st) {
+	case RQ_SMTP_ST_EHLO:
+		rq_smtp_caps_reset(&s->caps);
+		send_cmd(s, NULL, "EHLO %s", s->helo);
+		break;
+	case RQ_SMTP_ST_HELO:
+		send_cmd(s, NULL, "HELO %s", s->helo);
+		break;
+	case RQ_SMTP_ST_STARTTLS:
+		send_cmd(s, NULL, "STARTTLS");
+		break;
+	case RQ_SMTP_ST_AUTH:
+		put_auth(s);
+		break;
+	case RQ_SMTP_ST_AUTH_USER:
+		put_secret(s, s->user);
+		break;
+	case RQ_SMTP_ST_AUTH_PASS:
+		put_secret(s, s->pass);
+		break;
+	case RQ_SMTP_ST_RSET:
+		send_cmd(s, NULL, "RSET");
+		if (s->txn_running && s->pipelined)
+			put_batch(s);
+		break;
+	case RQ_SMTP_ST_MAIL:
+		if (s->batch_sent)
+			break;
+		if (s->pipelined)
+			put_batch(s);
+		else
+			put_mail(s);
+		break;
+	case RQ_SMTP_ST_RCPT:
+		if (!s->batch_sent)
+			put_rcpt(s, s->order[s->si++]);
+		break;
+	case RQ_SMTP_ST_DATA:
+		if (!s->batch_sent)
+			send_cmd(s, NULL, "DATA");
+		break;
+	case RQ_SMTP_ST_BODY:
+		if (rq_data_append(bufferevent_get_output(s->bev), s->txn->body,
+				   s->txn->body_len) != 0)
+			fail_here(s, RQ_FAIL_PROTOCOL, "out of memory while queueing the body");
+		break;
+	case RQ_SMTP_ST_ABORT_DOT:
+		send_cmd(s, NULL, ".");
+		break;
+	case RQ_SMTP_ST_QUIT:
+		send_cmd(s, NULL, "QUIT");
+		break;
+	default:
+		/* nothing to send: connecting, greeting, TLS, ready, dot, closed */
+		break;
+	}
+}
+
+/* AUTH: only over TLS (unless allowed), with a mechanism both sides know. */
+static void start_auth(struct rq_smtp *s)
+{
+	unsigned allowed = s->caps.auth & s->o.auth_mechs;
+	struct rq_outcome o;
+	if (!s->tls_active && !s->o.auth_plaintext_ok) {
+		outcome_synth(&o, RQ_STAGE_AUTH, 454, "4.7.0",
+			      "relayq: refusing to send credentials over an unencrypted connection");
+		conn_fail(s, &o);
+		return;
+	}
+	if (!(s->caps.flags & RQ_SMTP_CAP_AUTH) ||
+	    !(allowed & (RQ_SMTP_AUTH_PLAIN | RQ_SMTP_AUTH_LOGIN))) {
+		outcome_synth(&o, RQ_STAGE_AUTH, 454, "4.7.0",
+			      "relayq: the server offers no AUTH mechanism we may use");
+		conn_fail(s, &o);
+		return;
+	}
+	s->auth_mech = (allowed & RQ_SMTP_AUTH_PLAIN) ? RQ_SMTP_AUTH_PLAIN : RQ_SMTP_AUTH_LOGIN;
+	to_state(s, RQ_SMTP_ST_AUTH);
+}
+
+/* After EHLO/HELO: STARTTLS, AUTH, or ready. */
+static void after_hello(struct rq_smtp *s)
+{
+	if (!s->tls_active && !s->plain_retry &&
+	    (s->o.tls == RQ_TLS_OPPORTUNISTIC || s->o.tls == RQ_TLS_REQUIRED)) {
+		if (s->caps.flags & RQ_SMTP_CAP_STARTTLS) {
+			to_state(s, RQ_SMTP_ST_STARTTLS);
+			return;
+		}
+		if (s->o.tls == RQ_TLS_REQUIRED) {
+			struct rq_outcome o;
+			rq_outcome_set(&o, RQ_STAGE_STARTTLS, RQ_FAIL_TLS, 0, NULL,
+				       "TLS required but the server does not offer STARTTLS");
+			conn_fail(s, &o);
+			return;
+		}
+	}
+	if (s->user && !s->authed) {
+		start_auth(s);
+		return;
+	}
+	s->ready_once = true;
+	s->have_best = false;
+	to_state(s, RQ_SMTP_ST_READY);
+	if (s->cb.ready && !s->dead)
+		s->cb.ready(s, s->cb.arg);
+	if (s->dead || s->st != RQ_SMTP_ST_READY)
+		return;
+	go_ready(s);
 }
 
 /* Prepares and sends a transaction (from READY). */
@@ -909,6 +980,7 @@ static void txn_start(struct rq_smtp *s)
 
 	s->txn_running = true;
 	s->sent_any = false;
+	s->batch_sent = false;
 	s->nsend = s->si = s->ri = s->accepted = 0;
 	s->too_many = false;
 	s->mail_ok = false;
@@ -993,19 +1065,9 @@ static void txn_start(struct rq_smtp *s)
 	s->probe_rset = s->need_rset;
 	if (s->need_rset) {
 		s->need_rset = false;
-		set_state(s, RQ_SMTP_ST_RSET);
-		send_cmd(s, NULL, "RSET");
-		if (!s->pipelined)
-			return;
+		to_state(s, RQ_SMTP_ST_RSET);
 	} else {
-		set_state(s, RQ_SMTP_ST_MAIL);
-	}
-	send_mail(s);
-	if (s->pipelined) {
-		for (size_t k = 0; k < s->nsend; k++)
-			send_rcpt(s, s->order[k]);
-		s->si = s->nsend;
-		send_cmd(s, NULL, "DATA");
+		to_state(s, RQ_SMTP_ST_MAIL);
 	}
 }
 
@@ -1013,15 +1075,13 @@ static void txn_start(struct rq_smtp *s)
 static void go_ready(struct rq_smtp *s)
 {
 	if (s->st != RQ_SMTP_ST_READY)
-		set_state(s, RQ_SMTP_ST_READY);
+		to_state(s, RQ_SMTP_ST_READY);
 	if (s->txn && !s->txn_running) {
 		txn_start(s);
 		return;
 	}
-	if (s->quit_requested || (s->o.max_txns && s->ntxn >= s->o.max_txns)) {
-		set_state(s, RQ_SMTP_ST_QUIT);
-		send_cmd(s, NULL, "QUIT");
-	}
+	if (s->quit_requested || (s->o.max_txns && s->ntxn >= s->o.max_txns))
+		to_state(s, RQ_SMTP_ST_QUIT);
 	/* else idle: the READY timer is idle_ms */
 }
 
@@ -1051,8 +1111,7 @@ static void txn_finish(struct rq_smtp *s, const struct rq_outcome *o, bool abort
 		/* end the half-open transaction now */
 		s->need_rset = false;
 		s->probe_rset = false;
-		set_state(s, RQ_SMTP_ST_RSET);
-		send_cmd(s, NULL, "RSET");
+		to_state(s, RQ_SMTP_ST_RSET);
 		return;
 	}
 	if (s->st != RQ_SMTP_ST_CLOSED && s->st != RQ_SMTP_ST_QUIT)
@@ -1092,18 +1151,7 @@ static void after_rcpts(struct rq_smtp *s)
 		txn_no_delivery(s, &s->last_rcpt_fail);
 		return;
 	}
-	set_state(s, RQ_SMTP_ST_DATA);
-	send_cmd(s, NULL, "DATA");
-}
-
-static void send_body(struct rq_smtp *s)
-{
-	struct rq_smtp_txn *t = s->txn;
-	set_state(s, RQ_SMTP_ST_BODY);
-	if (rq_data_append(bufferevent_get_output(s->bev), t->body, t->body_len) != 0) {
-		fail_here(s, RQ_FAIL_PROTOCOL, "out of memory while queueing the body");
-		return;
-	}
+	to_state(s, RQ_SMTP_ST_DATA);
 }
 
 /* ------------------------------------------------------------------------
@@ -1158,7 +1206,7 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			conn_fail(s, o);
 			return;
 		}
-		send_ehlo(s);
+		to_state(s, RQ_SMTP_ST_EHLO);
 		return;
 
 	case RQ_SMTP_ST_EHLO:
@@ -1168,8 +1216,7 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 		}
 		rq_smtp_caps_reset(&s->caps);
 		if (o->code >= 500) {
-			set_state(s, RQ_SMTP_ST_HELO);
-			send_cmd(s, NULL, "HELO %s", s->helo);
+			to_state(s, RQ_SMTP_ST_HELO);
 			return;
 		}
 		conn_fail(s, o);
@@ -1211,8 +1258,8 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			after_hello(s);
 			return;
 		}
-		if (o->code == 334 && !(s->caps.auth & s->o.auth_mechs & RQ_SMTP_AUTH_PLAIN)) {
-			send_login_step(s, s->user, RQ_SMTP_ST_AUTH_USER);
+		if (o->code == 334 && s->auth_mech == RQ_SMTP_AUTH_LOGIN) {
+			to_state(s, RQ_SMTP_ST_AUTH_USER);
 			return;
 		}
 		conn_fail(s, o);
@@ -1220,7 +1267,7 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 
 	case RQ_SMTP_ST_AUTH_USER:
 		if (o->code == 334) {
-			send_login_step(s, s->pass, RQ_SMTP_ST_AUTH_PASS);
+			to_state(s, RQ_SMTP_ST_AUTH_PASS);
 			return;
 		}
 		conn_fail(s, o);
@@ -1246,24 +1293,17 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			return;
 		}
 		s->probe_rset = false;
-		set_state(s, RQ_SMTP_ST_MAIL);
-		if (!s->pipelined)
-			send_mail(s);
+		to_state(s, RQ_SMTP_ST_MAIL);
 		return;
 
 	case RQ_SMTP_ST_MAIL:
 		s->mail_ok = r2(o);
 		s->mail_out = *o;
-		if (!s->pipelined) {
-			if (!s->mail_ok) {
-				txn_no_delivery(s, o);
-				return;
-			}
-			set_state(s, RQ_SMTP_ST_RCPT);
-			send_rcpt(s, s->order[s->si++]);
+		if (!s->pipelined && !s->mail_ok) {
+			txn_no_delivery(s, o);
 			return;
 		}
-		set_state(s, RQ_SMTP_ST_RCPT);
+		to_state(s, RQ_SMTP_ST_RCPT);
 		return;
 
 	case RQ_SMTP_ST_RCPT: {
@@ -1287,10 +1327,8 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			s->last_rcpt_fail = *o;
 		}
 		if (s->pipelined) {
-			if (s->ri >= s->nsend)
-				set_state(s, RQ_SMTP_ST_DATA);
-			else
-				restart_stage(s); /* next RCPT reply */
+			/* the next RCPT reply (timers restarted), or DATA's */
+			to_state(s, s->ri >= s->nsend ? RQ_SMTP_ST_DATA : RQ_SMTP_ST_RCPT);
 			return;
 		}
 		if (s->too_many) {
@@ -1299,8 +1337,7 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			return;
 		}
 		if (s->si < s->nsend) {
-			send_rcpt(s, s->order[s->si++]);
-			restart_stage(s);
+			to_state(s, RQ_SMTP_ST_RCPT);
 			return;
 		}
 		after_rcpts(s);
@@ -1311,11 +1348,10 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 		if (o->code == 354) {
 			if (!s->mail_ok || s->accepted == 0) {
 				/* pipelined and nothing to send: end the data at once */
-				set_state(s, RQ_SMTP_ST_ABORT_DOT);
-				send_cmd(s, NULL, ".");
+				to_state(s, RQ_SMTP_ST_ABORT_DOT);
 				return;
 			}
-			send_body(s);
+			to_state(s, RQ_SMTP_ST_BODY);
 			return;
 		}
 		if (!s->mail_ok) {
@@ -1355,7 +1391,7 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			t->rcpts[i].result = r2(o) ? RQ_SMTP_RCPT_DELIVERED : RQ_SMTP_RCPT_FAILED;
 			t->rcpts[i].outcome = *o;
 		}
-		set_state(s, RQ_SMTP_ST_READY);
+		to_state(s, RQ_SMTP_ST_READY);
 		txn_finish(s, o, false);
 		return;
 
@@ -1464,7 +1500,7 @@ static void bev_write_cb(struct bufferevent *bev, void *arg)
 	struct rq_smtp *s = arg;
 	enter(s);
 	if (s->st == RQ_SMTP_ST_BODY) {
-		set_state(s, RQ_SMTP_ST_DOT);
+		to_state(s, RQ_SMTP_ST_DOT);
 		process_input(s); /* a reply may have arrived already */
 	}
 	leave(s);
@@ -1480,13 +1516,13 @@ static void bev_event_cb(struct bufferevent *bev, short what, void *arg)
 			if (s->o.tls == RQ_TLS_IMPLICIT && !s->plain_retry)
 				tls_start(s, RQ_SMTP_ST_TLS_IMPLICIT);
 			else
-				set_state(s, RQ_SMTP_ST_GREETING);
+				to_state(s, RQ_SMTP_ST_GREETING);
 		} else if (s->st == RQ_SMTP_ST_TLS_IMPLICIT) {
 			tls_done(s);
-			set_state(s, RQ_SMTP_ST_GREETING);
+			to_state(s, RQ_SMTP_ST_GREETING);
 		} else if (s->st == RQ_SMTP_ST_TLS) {
 			tls_done(s);
-			send_ehlo(s);
+			to_state(s, RQ_SMTP_ST_EHLO);
 		}
 		if (!s->dead)
 			process_input(s);
@@ -1527,8 +1563,7 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg)
 	enter(s);
 	if (s->st == RQ_SMTP_ST_READY) {
 		if (!s->txn) {
-			set_state(s, RQ_SMTP_ST_QUIT);
-			send_cmd(s, NULL, "QUIT");
+			to_state(s, RQ_SMTP_ST_QUIT);
 		}
 	} else if (s->st != RQ_SMTP_ST_CLOSED && s->st != RQ_SMTP_ST_INIT) {
 		fail_here(s, RQ_FAIL_TIMEOUT, "timeout after %d ms in state %s",
@@ -1560,12 +1595,12 @@ static void host_start(struct rq_smtp *s)
 	rq_reply_parser_init(&s->rp);
 	s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
 	if (!s->bev) {
-		set_state(s, RQ_SMTP_ST_CONNECTING);
+		to_state(s, RQ_SMTP_ST_CONNECTING);
 		fail_here(s, RQ_FAIL_REFUSED, "cannot create a socket");
 		return;
 	}
 	setup_bev(s);
-	set_state(s, RQ_SMTP_ST_CONNECTING);
+	to_state(s, RQ_SMTP_ST_CONNECTING);
 	if (bufferevent_socket_connect(s->bev, (const struct sockaddr *)&h->addr,
 				       (int)h->addrlen) != 0) {
 		int err = EVUTIL_SOCKET_ERROR();
