@@ -5,7 +5,11 @@
  *
  * Usage: bench_queue (--port N | --socket PATH) [--quick] [--messages N]
  *        [--size OCTETS] [--pipeline N] [--batch N] [--depth N]
- *        [--functions lua/redis/relayq.lua]
+ *        [--functions lua/redis/relayq.lua] [--enqueue-only --queue NAME]
+ * --enqueue-only enqueues the messages into queue NAME (key relayq:{NAME})
+ * and leaves them there for a delivery daemon; it prints
+ * enqueue_start_ns / enqueue_end_ns (CLOCK_REALTIME, before the first call
+ * is sent and after the last reply) and enqueue_msgs_per_s.
  * It depends on hiredis only (not on the engine library), so it builds even
  * while engine modules are being changed.
  * Prints name=value lines, then a table.
@@ -31,7 +35,16 @@ struct opts {
 	long batch;      /* messages per claim / settle FCALL */
 	long depth;      /* claim FCALLs per network round trip */
 	const char *functions;
+	bool enqueue_only;
+	const char *queue;
 };
+
+static long long now_real_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 static double now_s(void)
 {
@@ -76,7 +89,8 @@ static long parse_long(const char *s, const char *name)
 static void usage(void)
 {
 	fputs("usage: bench_queue (--port N | --socket PATH) [--quick] [--messages N] [--size OCTETS]\n"
-	      "                   [--pipeline N] [--batch N] [--depth N] [--functions FILE]\n", stderr);
+	      "                   [--pipeline N] [--batch N] [--depth N] [--functions FILE]\n"
+	      "                   [--enqueue-only --queue NAME]\n", stderr);
 	exit(2);
 }
 
@@ -89,6 +103,10 @@ static void parse(int argc, char **argv, struct opts *o)
 		const char *v = i + 1 < argc ? argv[i + 1] : NULL;
 		if (strcmp(a, "--quick") == 0) {
 			o->messages = 10000;
+			continue;
+		}
+		if (strcmp(a, "--enqueue-only") == 0) {
+			o->enqueue_only = true;
 			continue;
 		}
 		if (!v)
@@ -109,11 +127,13 @@ static void parse(int argc, char **argv, struct opts *o)
 			o->depth = parse_long(v, a);
 		else if (strcmp(a, "--functions") == 0)
 			o->functions = v;
+		else if (strcmp(a, "--queue") == 0)
+			o->queue = v;
 		else
 			usage();
 		i++;
 	}
-	if (!o->port && !o->socket)
+	if ((!o->port && !o->socket) || (o->enqueue_only && !o->queue))
 		usage();
 }
 
@@ -259,9 +279,24 @@ int main(int argc, char **argv)
 		die("FUNCTION LOAD: %s", r ? r->str : c->errstr);
 	freeReplyObject(r);
 
-	char key[96];
-	snprintf(key, sizeof(key), "relayq:{bench-%ld}", (long)getpid());
+	char key[160];
+	if (o.queue)
+		snprintf(key, sizeof(key), "relayq:{%.64s}", o.queue);
+	else
+		snprintf(key, sizeof(key), "relayq:{bench-%ld}", (long)getpid());
 	char *body = make_body(o.size);
+
+	if (o.enqueue_only) {
+		long long t0 = now_real_ns();
+		double te = bench_enqueue(c, key, &o, body);
+		long long t1 = now_real_ns();
+		printf("enqueue_start_ns=%lld\n", t0);
+		printf("enqueue_end_ns=%lld\n", t1);
+		printf("enqueue_msgs_per_s=%.0f\n", (double)o.messages / te);
+		redisFree(c);
+		free(body);
+		return 0;
+	}
 
 	double te = bench_enqueue(c, key, &o, body);
 	if (stat_of(c, key, "ready") != o.messages)
