@@ -43,6 +43,7 @@ struct rq_dest {
 	struct sess *sessions;
 	size_t nsess, nready;
 	unsigned unready_fails;        /* sessions closed before ready, in a row */
+	bool ever_ready;               /* a connection got ready (slow start) */
 	struct rq_dest_job *wait_head, *wait_tail;
 	size_t nwait;
 	int per_destination;
@@ -258,9 +259,12 @@ static void on_ready(struct rq_smtp *s, void *arg)
 		x->d->nready++;
 	}
 	x->d->unready_fails = 0;
+	x->d->ever_ready = true;
 	if (rq_log_enabled(RQ_LOG_DEBUG))
 		rq_log(RQ_LOG_DEBUG, "smtp_ready", "dest", x->d->key, "host",
 		       rq_smtp_peer_addr(s), "tls", rq_smtp_tls_info(s), NULL);
+	/* the destination answers: open the connections that waited */
+	pump(x->d);
 }
 
 static void on_closed(struct rq_smtp *s, const struct rq_outcome *why, void *arg)
@@ -488,8 +492,10 @@ static void pump(struct rq_dest *d)
 		int limit = d->per_destination > 0 ? d->per_destination : ds->o.per_destination;
 		if (d->nsess >= (size_t)limit)
 			break;
-		/* after failures: one connection attempt at a time */
-		if ((d->unready_fails > 0 || d->h.failures > 0) && connecting > 0)
+		/* first contact and after failures: one connection attempt
+		 * at a time */
+		if ((!d->ever_ready || d->unready_fails > 0 || d->h.failures > 0) &&
+		    connecting > 0)
 			break;
 		/* no more connections than jobs waiting for one */
 		if (connecting >= d->nwait)
