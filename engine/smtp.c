@@ -1720,6 +1720,12 @@ int rq_smtp_connect(struct rq_smtp *s, const struct rq_smtp_host *hosts, size_t 
 {
 	if (!s || s->connect_requested || !hosts || n == 0)
 		return -1;
+	for (size_t i = 0; i < n; i++) {
+		sa_family_t f = hosts[i].addr.ss_family;
+		if (!((f == AF_INET && hosts[i].addrlen == sizeof(struct sockaddr_in)) ||
+		      (f == AF_INET6 && hosts[i].addrlen == sizeof(struct sockaddr_in6))))
+			return -1;
+	}
 	s->hosts = calloc(n, sizeof(*hosts));
 	if (!s->hosts)
 		return -1;

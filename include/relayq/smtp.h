@@ -311,7 +311,8 @@ struct rq_smtp *rq_smtp_create(struct event_base *base, const struct rq_smtp_opt
 
 /*
  * Starts connecting to hosts[0], moving on to the next as described at the
- * top. The list is copied. Returns 0, or -1 when called twice or with n = 0.
+ * top. The list is copied. Returns 0, or -1 when called twice, with n = 0
+ * or with an address that is neither IPv4 nor IPv6 (family and addrlen).
  * Results come through the callbacks.
  */
 int rq_smtp_connect(struct rq_smtp *s, const struct rq_smtp_host *hosts, size_t n);

@@ -5,6 +5,10 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <event2/event.h>
+#include <openssl/ssl.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "relayq/smtp.h"
@@ -203,6 +207,96 @@ static void test_host_set_and_names(void **state)
 	assert_false(o.auth_plaintext_ok);
 }
 
+/* Random bytes never crash the parser; its output stays in range. */
+static void test_random_lines(void **state)
+{
+	unsigned seed = 12345;
+	char line[300];
+	struct rq_smtp_caps c;
+	rq_smtp_caps_reset(&c);
+	for (int i = 0; i < 200000; i++) {
+		size_t n = (size_t)(rand_r(&seed) % sizeof(line));
+		for (size_t k = 0; k < n; k++) {
+			int r = rand_r(&seed) % 8;
+			/* mostly keyword-ish text, some raw bytes */
+			line[k] = r == 0 ? (char)(rand_r(&seed) % 256)
+				: r == 1 ? ' ' : r == 2 ? '=' : (char)("SIZEAUTHPLAINLOGIN0123456789-"[rand_r(&seed) % 29]);
+		}
+		rq_smtp_caps_line(&c, line, n);
+		if (i % 1000 == 999) {
+			assert_true((c.flags & ~0x1ffu) == 0);
+			assert_true((c.auth & ~0x1fu) == 0);
+			rq_smtp_caps_reset(&c);
+		}
+	}
+	char buf[64];
+	rq_smtp_caps_describe(&c, buf, sizeof(buf)); /* truncates safely */
+	assert_true(strlen(buf) < sizeof(buf));
+}
+
+/* The TLS context: a CA file that does not exist is an error, the test CA
+ * loads; verification without a name to verify is refused. */
+static void test_tls_ctx(void **state)
+{
+	char err[256] = "", ca[512];
+	struct rq_tls_ctx_opts to = {.ca_file = "/nonexistent/ca.pem"};
+	assert_null(rq_tls_ctx_create(&to, err, sizeof(err)));
+	assert_true(strlen(err) > 0);
+	snprintf(ca, sizeof(ca), "%s/tests/fixtures/tls/ca.pem", RQ_SOURCE_ROOT);
+	to.ca_file = ca;
+	struct rq_tls_ctx *t = rq_tls_ctx_create(&to, err, sizeof(err));
+	assert_non_null(t);
+	SSL *ssl = rq_tls_ssl_new(t, NULL, true, err, sizeof(err));
+	assert_null(ssl);
+	assert_non_null(strstr(err, "no host name"));
+	ssl = rq_tls_ssl_new(t, "mx.test", true, err, sizeof(err));
+	assert_non_null(ssl);
+	char d[64];
+	rq_tls_describe(ssl, d, sizeof(d));
+	assert_string_equal(d, "");   /* no handshake yet */
+	assert_false(rq_tls_verified(ssl));
+	SSL_free(ssl);
+	ssl = rq_tls_ssl_new(t, "127.0.0.1", true, err, sizeof(err)); /* IP literal */
+	assert_non_null(ssl);
+	SSL_free(ssl);
+	rq_tls_ctx_destroy(t);
+	rq_tls_ctx_destroy(NULL);
+}
+
+/* rq_smtp_create refuses bad options; connect refuses bad addresses. */
+static void test_create_checks(void **state)
+{
+	char err[256];
+	struct rq_smtp_opts o;
+	struct event_base *base = event_base_new();
+	rq_smtp_opts_init(&o);
+	assert_null(rq_smtp_create(base, &o, NULL, err, sizeof(err)));  /* no helo */
+	o.helo_name = "bad\r\nname";
+	assert_null(rq_smtp_create(base, &o, NULL, err, sizeof(err)));
+	o.helo_name = "client.test";
+	o.tls = RQ_TLS_REQUIRED;  /* no tls_ctx */
+	assert_null(rq_smtp_create(base, &o, NULL, err, sizeof(err)));
+	assert_non_null(strstr(err, "TLS"));
+	o.tls = RQ_TLS_NONE;
+	o.auth_user = "u";        /* no password */
+	assert_null(rq_smtp_create(base, &o, NULL, err, sizeof(err)));
+	o.auth_password = "p";
+	struct rq_smtp *s = rq_smtp_create(base, &o, NULL, err, sizeof(err));
+	assert_non_null(s);
+	assert_int_equal(rq_smtp_state(s), RQ_SMTP_ST_INIT);
+	assert_false(rq_smtp_reusable(s));
+	struct rq_smtp_host h;
+	memset(&h, 0, sizeof(h));
+	assert_int_equal(rq_smtp_connect(s, &h, 1), -1);   /* no family */
+	assert_int_equal(rq_smtp_connect(s, &h, 0), -1);
+	struct rq_smtp_txn t;
+	memset(&t, 0, sizeof(t));
+	assert_int_equal(rq_smtp_send(s, &t), -1);        /* not connecting */
+	rq_smtp_destroy(s);
+	rq_smtp_destroy(NULL);
+	event_base_free(base);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -214,6 +308,9 @@ int main(void)
 		cmocka_unit_test(test_line_forms),
 		cmocka_unit_test(test_too_many),
 		cmocka_unit_test(test_host_set_and_names),
+		cmocka_unit_test(test_random_lines),
+		cmocka_unit_test(test_tls_ctx),
+		cmocka_unit_test(test_create_checks),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
