@@ -725,6 +725,24 @@ static void test_next_host_greeting(void **state)
 	fx_end(&x);
 }
 
+/* Next host on a timeout (the first server never greets) and on a lost
+ * connection (the second closes at EHLO). */
+static void test_next_host_timeout_lost(void **state)
+{
+	struct fx x;
+	fx_start(&x, "greeting conn=1 stall\nehlo conn=2 drop");
+	short_timeouts(&x.r.opts, 300);
+	struct rq_smtp_host h[3];
+	for (int i = 0; i < 3; i++)
+		assert_int_equal(rq_smtp_host_set(&h[i], "127.0.0.1", fsmtp_port(x.f), NULL), 0);
+	run_connect_hosts(&x.r, h, 3);
+	txn_set(&x.r, "s@example.com", one, body1);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 1);
+	assert_int_equal(rq_smtp_host_index(x.r.s), 2);
+	fx_end(&x);
+}
+
 /* Every host failed: one outcome, the most relevant (a reply beats a
  * refused connection even when the refusal came last). */
 static void test_all_hosts_failed(void **state)
@@ -948,6 +966,7 @@ int main(void)
 		cmocka_unit_test(test_idle_quit),
 		cmocka_unit_test(test_next_host_refused),
 		cmocka_unit_test(test_next_host_greeting),
+		cmocka_unit_test(test_next_host_timeout_lost),
 		cmocka_unit_test(test_all_hosts_failed),
 		cmocka_unit_test(test_refused),
 		cmocka_unit_test(test_ipv6),

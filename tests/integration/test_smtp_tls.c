@@ -8,6 +8,10 @@
 
 #include "fakesmtp.h"
 
+#include <unistd.h>
+
+#include "relayq/log.h"
+
 static const char *const two[] = {"a@example.net", "b@example.net", NULL};
 static const char *body1 = "Subject: tls\r\n\r\nsecret body\r\n";
 
@@ -374,8 +378,28 @@ static void auth_535(unsigned mechs)
 
 static void test_auth_535(void **state)
 {
+	/* with debug logging on: no secret in the logs either */
+	char path[] = "/tmp/rq-smtp-log-XXXXXX";
+	int fd = mkstemp(path);
+	assert_true(fd >= 0);
+	FILE *logf = fdopen(fd, "w+");
+	rq_log_init(RQ_LOG_DEBUG, RQ_LOG_LOGFMT, logf);
 	auth_535(RQ_SMTP_AUTH_PLAIN);
 	auth_535(RQ_SMTP_AUTH_LOGIN);
+	auth_ok("PLAIN LOGIN", RQ_SMTP_AUTH_PLAIN, "PLAIN");
+	auth_ok("PLAIN LOGIN", RQ_SMTP_AUTH_LOGIN, "LOGIN");
+	fflush(logf);
+	rq_log_init(RQ_LOG_INFO, RQ_LOG_LOGFMT, NULL);
+	fclose(logf);
+	size_t n = 0;
+	char *log = th_read_file(path, &n);
+	unlink(path);
+	assert_non_null(log);
+	assert_non_null(strstr(log, "smtp_state"));   /* the log was written */
+	assert_null(strstr(log, FSMTP_TEST_PASS));
+	assert_null(strstr(log, "AHJlbGF5cS10ZXN0AHMzY3JldC1wYXNz"));
+	assert_null(strstr(log, "czNjcmV0LXBhc3M="));
+	free(log);
 }
 
 /* AUTH is never sent over plain text unless allowed explicitly. */
