@@ -87,7 +87,7 @@ struct rq_runner {
 	struct rq_runner_opts o;
 	int64_t offset;            /* Redis time - local time, ms */
 	/* claims */
-	bool want_claim, claiming, stopping, stopped_sent;
+	bool want_claim, claiming, stopping, stopped_sent, stop_armed;
 	int claim_count;
 	struct event *claim_retry_ev;
 	struct event *renew_ev;
@@ -1024,8 +1024,15 @@ static void check_stopped(struct rq_runner *r)
 {
 	if (!r->stopping || r->stopped_sent)
 		return;
-	if (r->ninflight || r->claiming || r->ob.nmsgs || r->settles_pending ||
-	    r->commands_pending)
+	if (r->ninflight)
+		return;
+	/* only Redis is waited for now: bounded */
+	if (!r->stop_armed) {
+		r->stop_armed = true;
+		struct timeval tv = {RQ_RUNNER_STOP_WAIT_MS / 1000, 0};
+		evtimer_add(r->stop_ev, &tv);
+	}
+	if (r->claiming || r->ob.nmsgs || r->settles_pending || r->commands_pending)
 		return;
 	send_stopped(r);
 }
@@ -1036,7 +1043,7 @@ static void on_stop_wait(evutil_socket_t fd, short what, void *arg)
 	char a[24], b[24];
 	snprintf(a, sizeof(a), "%zu", r->ninflight);
 	snprintf(b, sizeof(b), "%zu", r->settles_pending + r->commands_pending);
-	rq_log(RQ_LOG_WARN, "stop_incomplete", "queue", r->queue_name, "inflight", a,
+	rq_log(RQ_LOG_WARN, "stop_incomplete", "queue", r->queue_name, "unsettled", a,
 	       "redis_commands", b, "reason",
 	       "Redis did not answer in time; leases will expire and the messages come back",
 	       NULL);
@@ -1049,8 +1056,6 @@ void rq_runner_stop(struct rq_runner *r)
 		return;
 	r->stopping = true;
 	event_del(r->claim_retry_ev);
-	struct timeval tv = {RQ_RUNNER_STOP_WAIT_MS / 1000, 0};
-	evtimer_add(r->stop_ev, &tv);
 	flush_settles(r);
 	check_stopped(r);
 }

@@ -29,7 +29,8 @@ struct rq_dests;
 struct rq_runner;
 
 #define RQ_RUNNER_SETTLE_MAX 200     /* messages per settle call */
-#define RQ_RUNNER_STOP_WAIT_MS 10000 /* wait for settle replies at stop */
+#define RQ_RUNNER_STOP_WAIT_MS 10000 /* wait for Redis replies at stop, once
+					 every message is handed back */
 
 struct rq_runner_opts {
 	const char *redis;            /* URL (overrides cfg->redis); copied */
