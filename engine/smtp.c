@@ -1007,9 +1007,14 @@ static void txn_start(struct rq_smtp *s)
 		txn_fail_all(s, &o);
 		return;
 	}
-	s->body_size = rq_data_encode(t->body, t->body_len, NULL, 0);
-	if (s->body_size >= 3)
-		s->body_size -= 3; /* the final ".\r\n" */
+	/* SIZE= (RFC 1870): the message as it will be sent, line endings
+	 * normalised (dot-stuffing counted too: a slight overestimate) */
+	s->body_size = t->body_len;
+	if (s->caps.flags & RQ_SMTP_CAP_SIZE) {
+		s->body_size = rq_data_encode(t->body, t->body_len, NULL, 0);
+		if (s->body_size >= 3)
+			s->body_size -= 3; /* the final ".\r\n" */
+	}
 	if (s->caps.size_max && s->body_size > s->caps.size_max) {
 		outcome_synth(&o, RQ_STAGE_MAIL, 552, "5.3.4", "");
 		snprintf(o.text, sizeof(o.text),

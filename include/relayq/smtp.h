@@ -47,6 +47,17 @@
  * offering no usable mechanism is a failure (synthetic 454 4.7.0, stage
  * auth), not a silent unauthenticated session.
  *
+ * Stages in outcomes: "connect" (TCP), "greeting", "ehlo"/"helo",
+ * "starttls" (the command, and TLS required but not offered), "tls" (the
+ * handshake and verification), "auth", "rset", "mail", "rcpt", "data" (the
+ * DATA command and sending the body), "dot" (waiting for the reply to the
+ * final "." -- a failure here means the server may have the message).
+ * Classes: a reply (fail NONE, code set), or timeout / refused (connect
+ * failed, also unreachable) / lost / tls / protocol. Synthetic replies made
+ * by relayq (synthetic = true): 552 5.3.4 larger than SIZE, 553 5.1.7 and
+ * 5.1.3 invalid addresses, 553 5.6.7 SMTPUTF8 missing, 454 4.7.0 AUTH
+ * impossible or refused in plain text, 554 5.5.1 no recipients.
+ *
  * Reading: reply lines are taken from the input with a bound; a line longer
  * than RQ_REPLY_LINE_MAX is a protocol error as soon as the buffer passes
  * that bound, and so is a reply of more than RQ_REPLY_LINES_MAX lines.
