@@ -2,10 +2,12 @@
 #include "relayq/config.h"
 #include "relayq/dest.h"
 #include "relayq/log.h"
+#include "relayq/metrics.h"
 #include "relayq/policy_lua.h"
 #include "relayq/queue.h"
 #include "relayq/runner.h"
 
+#include <event2/buffer.h>
 #include <event2/event.h>
 #include <signal.h>
 #include <stdio.h>
@@ -21,6 +23,7 @@ struct daemon {
 	const char *queue;            /* override: --queue */
 	struct rq_config *cfg;
 	struct rq_dests *dests;
+	struct rq_metrics *metrics;
 	struct rq_runner *runners[RQ_CONFIG_QUEUES_MAX];
 	size_t nrunners;
 	struct event *sig_term, *sig_int, *sig_hup;
@@ -208,6 +211,69 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
 	       domains, NULL);
 }
 
+/* ---- metrics ---- */
+
+static void fill_metrics(struct evbuffer *out, void *arg)
+{
+	struct daemon *dm = arg;
+	struct rq_runner_stats st[RQ_CONFIG_QUEUES_MAX];
+	char labels[RQ_CONFIG_QUEUES_MAX][128];
+	for (size_t i = 0; i < dm->nrunners; i++) {
+		rq_runner_get_stats(dm->runners[i], &st[i]);
+		snprintf(labels[i], sizeof(labels[i]), "queue=\"%s\"",
+			 rq_runner_queue(dm->runners[i]));
+	}
+#define PER_QUEUE(name, type, help, field) do { \
+		rq_metrics_head(out, name, type, help); \
+		for (size_t i = 0; i < dm->nrunners; i++) \
+			rq_metrics_sample(out, name, labels[i], (uint64_t)(st[i].field)); \
+	} while (0)
+	PER_QUEUE("relayq_redis_up", "gauge", "1 when the Redis command connection is ready",
+		  redis_ready);
+	PER_QUEUE("relayq_claims_total", "counter", "claim calls", claims);
+	PER_QUEUE("relayq_claimed_total", "counter", "messages claimed", claimed);
+	PER_QUEUE("relayq_settles_total", "counter", "settle calls", settles);
+	PER_QUEUE("relayq_settled_total", "counter", "messages settled", settled);
+	PER_QUEUE("relayq_settle_lost_total", "counter",
+		  "settles refused because the lease was no longer held", lost);
+	PER_QUEUE("relayq_inflight_messages", "gauge", "messages claimed, not yet settled",
+		  inflight);
+	PER_QUEUE("relayq_bounces_total", "counter", "delivery status notifications queued",
+		  bounces);
+#undef PER_QUEUE
+	static const char *const outcomes[] = {"delivered", "deferred", "failed", "expired",
+					       "dropped", "held"};
+	rq_metrics_head(out, "relayq_recipients_total", "counter",
+			"recipient outcomes by kind");
+	for (size_t i = 0; i < dm->nrunners; i++) {
+		const uint64_t v[] = {st[i].delivered, st[i].deferred, st[i].failed,
+				      st[i].expired, st[i].dropped, st[i].held};
+		for (size_t k = 0; k < 6; k++) {
+			char l[200];
+			snprintf(l, sizeof(l), "%s,outcome=\"%s\"", labels[i], outcomes[k]);
+			rq_metrics_sample(out, "relayq_recipients_total", l, v[k]);
+		}
+	}
+	struct rq_dests_stats ds;
+	rq_dests_stats(dm->dests, &ds);
+	rq_metrics_head(out, "relayq_destinations", "gauge", "destinations known");
+	rq_metrics_sample(out, "relayq_destinations", NULL, ds.dests);
+	rq_metrics_head(out, "relayq_destinations_suspended", "gauge",
+			"destinations suspended after connection failures");
+	rq_metrics_sample(out, "relayq_destinations_suspended", NULL, ds.suspended);
+	rq_metrics_head(out, "relayq_smtp_connections", "gauge", "SMTP connections open or opening");
+	rq_metrics_sample(out, "relayq_smtp_connections", NULL, ds.sessions);
+	rq_metrics_head(out, "relayq_smtp_connections_busy", "gauge",
+			"SMTP connections running a transaction");
+	rq_metrics_sample(out, "relayq_smtp_connections_busy", NULL, ds.busy);
+	rq_metrics_head(out, "relayq_jobs_waiting", "gauge", "transactions waiting for a connection");
+	rq_metrics_sample(out, "relayq_jobs_waiting", NULL, ds.waiting);
+	rq_metrics_head(out, "relayq_smtp_connects_total", "counter", "SMTP sessions started");
+	rq_metrics_sample(out, "relayq_smtp_connects_total", NULL, ds.connects);
+	rq_metrics_head(out, "relayq_smtp_transactions_total", "counter", "SMTP transactions sent");
+	rq_metrics_sample(out, "relayq_smtp_transactions_total", NULL, ds.txns);
+}
+
 /* ---- start ---- */
 
 static int start(struct daemon *dm)
@@ -276,6 +342,14 @@ static int start(struct daemon *dm)
 		}
 		dm->nrunners++;
 	}
+	if (cfg->metrics) {
+		dm->metrics = rq_metrics_create(dm->base, cfg->metrics, fill_metrics, dm, err,
+						sizeof(err));
+		if (!dm->metrics) {
+			rq_log(RQ_LOG_ERROR, "start_failed", "error", err, NULL);
+			return -1;
+		}
+	}
 	char relay[300] = "";
 	if (cfg->relay_host)
 		snprintf(relay, sizeof(relay), cfg->relay_mx ? "%s:%d" : "[%s]:%d",
@@ -292,7 +366,7 @@ static int start(struct daemon *dm)
 	       rq_runner_redis_redacted(dm->runners[0]), "queue", qlist, "mode",
 	       cfg->relay_host ? "relay" : "mx", "relay", relay, "tls", tls_name(cfg),
 	       "auth", cfg->auth ? "on" : "off", "connections", conns,
-	       "per_destination", perd, NULL);
+	       "per_destination", perd, "metrics", cfg->metrics ? cfg->metrics : "", NULL);
 	return 0;
 }
 
@@ -379,6 +453,7 @@ int main(int argc, char **argv)
 	if (rc == 0)
 		rq_log(RQ_LOG_INFO, "stopped", NULL);
 out:
+	rq_metrics_destroy(dm.metrics);
 	for (size_t i = 0; i < dm.nrunners; i++)
 		rq_runner_destroy(dm.runners[i]);
 	rq_dests_destroy(dm.dests);

@@ -172,7 +172,7 @@ static void log_rcpt(struct rq_runner *r, const struct rmsg *m, const struct rrc
 		snprintf(code, sizeof(code), "%d", rc->o.code);
 	fmt_i64(attempt, sizeof(attempt), m->qm->attempts + 1);
 	int64_t now = rnow(r);
-	if (rc->st == RC_DEFERRED) {
+	if (rc->st == RC_DEFERRED && strcmp(event, "deferred") == 0) {
 		fmt_i64(next, sizeof(next), rc->next);
 		rq_duration_format((double)(rc->next - now) / 1000.0, after, sizeof(after));
 	}
@@ -1069,6 +1069,11 @@ void rq_runner_set_config(struct rq_runner *r, const struct rq_config *cfg)
 	r->cfg = cfg;
 }
 
+const char *rq_runner_queue(const struct rq_runner *r)
+{
+	return r->queue_name;
+}
+
 const char *rq_runner_redis_redacted(const struct rq_runner *r)
 {
 	return rq_queue_url_redacted(r->q);
@@ -1078,6 +1083,7 @@ void rq_runner_get_stats(const struct rq_runner *r, struct rq_runner_stats *st)
 {
 	*st = r->st;
 	st->inflight = r->ninflight;
+	st->redis_ready = r->qstate == RQ_QUEUE_READY;
 }
 
 struct rq_runner *rq_runner_create(struct event_base *base,

@@ -66,6 +66,9 @@ void rq_runner_stop(struct rq_runner *r);
  * no-op. Not from inside one of its callbacks. */
 void rq_runner_destroy(struct rq_runner *r);
 
+/* The queue's name. */
+const char *rq_runner_queue(const struct rq_runner *r);
+
 /* The redacted Redis URL (for the start line). */
 const char *rq_runner_redis_redacted(const struct rq_runner *r);
 
@@ -76,6 +79,7 @@ struct rq_runner_stats {
 	uint64_t delivered, deferred, failed, expired, dropped, held;
 	uint64_t bounces;             /* DSNs enqueued */
 	size_t inflight;              /* messages claimed, not yet settled */
+	bool redis_ready;             /* the command connection is READY */
 };
 void rq_runner_get_stats(const struct rq_runner *r, struct rq_runner_stats *st);
 
