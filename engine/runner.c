@@ -23,6 +23,8 @@
 #define CLAIM_RETRY_MS 1000
 #define RESENDS_MAX 3          /* not_tried decisions per message */
 #define HINT_MAX 600
+#define RECOVER_MIN_MS 5000    /* lease sweep: lease / 2, within these */
+#define RECOVER_MAX_MS 60000
 
 enum rc_state {
 	RC_PENDING = 0,            /* no result (yet): stays pending */
@@ -91,6 +93,7 @@ struct rq_runner {
 	int claim_count;
 	struct event *claim_retry_ev;
 	struct event *renew_ev;
+	struct event *recover_ev;  /* sweep for leases of crashed runners */
 	struct event *flush_ev;
 	struct event *stop_ev;     /* stop wait bound */
 	struct event *stopped_ev;  /* deferred stopped callback */
@@ -991,11 +994,33 @@ static void recover_cb(struct rq_queue *q, enum rq_queue_status st, const char *
 		rq_log(RQ_LOG_INFO, "recovered", "queue", r->queue_name, "messages", cnt, NULL);
 		if (n >= 10000 && !r->stopping && rq_queue_recover(q, recover_cb, r) == 0)
 			r->commands_pending++;
+		r->want_claim = true;
+		maybe_claim(r);
 	} else if (st != RQ_QUEUE_OK && st != RQ_QUEUE_ECANCEL) {
 		rq_log(RQ_LOG_WARN, "recover_failed", "queue", r->queue_name, "error",
 		       err ? err : "", NULL);
 	}
 	check_stopped(r);
+}
+
+/* Expired leases (a crashed runner's) go back to ready: claim takes them
+ * too, but only when something else wakes us, so sweep now and then. */
+static void on_recover(evutil_socket_t fd, short what, void *arg)
+{
+	struct rq_runner *r = arg;
+	if (!r->stopping && rq_queue_recover(r->q, recover_cb, r) == 0)
+		r->commands_pending++;
+}
+
+static void arm_recover(struct rq_runner *r)
+{
+	int64_t ms = lease_ms(r) / 2;
+	if (ms < RECOVER_MIN_MS)
+		ms = RECOVER_MIN_MS;
+	if (ms > RECOVER_MAX_MS)
+		ms = RECOVER_MAX_MS;
+	struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+	event_add(r->recover_ev, &tv);
 }
 
 /* ------------------------------------------------------------------------
@@ -1016,6 +1041,7 @@ static void send_stopped(struct rq_runner *r)
 	r->stopped_sent = true;
 	event_del(r->stop_ev);
 	event_del(r->renew_ev);
+	event_del(r->recover_ev);
 	event_del(r->claim_retry_ev);
 	event_active(r->stopped_ev, EV_WRITE, 0);
 }
@@ -1105,10 +1131,12 @@ struct rq_runner *rq_runner_create(struct event_base *base,
 	r->queue_name = strdup(opts->queue ? opts->queue : "default");
 	r->claim_retry_ev = evtimer_new(base, on_claim_retry, r);
 	r->renew_ev = evtimer_new(base, on_renew, r);
+	r->recover_ev = event_new(base, -1, EV_PERSIST, on_recover, r);
 	r->flush_ev = event_new(base, -1, 0, on_flush, r);
 	r->stop_ev = evtimer_new(base, on_stop_wait, r);
 	r->stopped_ev = event_new(base, -1, 0, on_stopped_ev, r);
-	if (!r->queue_name || !r->claim_retry_ev || !r->renew_ev || !r->flush_ev ||
+	if (!r->queue_name || !r->claim_retry_ev || !r->renew_ev || !r->recover_ev ||
+	    !r->flush_ev ||
 	    !r->stop_ev || !r->stopped_ev) {
 		snprintf(err, errlen, "out of memory");
 		goto fail;
@@ -1128,6 +1156,7 @@ struct rq_runner *rq_runner_create(struct event_base *base,
 	if (rq_queue_recover(r->q, recover_cb, r) == 0)
 		r->commands_pending++;
 	arm_renew(r);
+	arm_recover(r);
 	maybe_claim(r);
 	return r;
 fail:
@@ -1163,6 +1192,8 @@ void rq_runner_destroy(struct rq_runner *r)
 		event_free(r->claim_retry_ev);
 	if (r->renew_ev)
 		event_free(r->renew_ev);
+	if (r->recover_ev)
+		event_free(r->recover_ev);
 	if (r->flush_ev)
 		event_free(r->flush_ev);
 	if (r->stop_ev)

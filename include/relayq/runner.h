@@ -14,7 +14,9 @@
  * time, reconnect) or when the last claim came back full, and only while
  * fewer than 2 x batch messages are in flight, so memory stays flat
  * whatever the queue length. Leases of messages in flight are renewed
- * together every lease / 3. Expired leases are recovered at start.
+ * together every lease / 3. Expired leases (of a crashed runner) are
+ * recovered at start and by a sweep every lease / 2 (5 s to 60 s): claim
+ * takes them back too, but only when something else wakes the runner.
  *
  * Everything runs on the caller's event loop; callbacks come from it.
  */
