@@ -827,4 +827,60 @@ static inline char *dt_line_value(const char *text, const char *key)
 	return NULL;
 }
 
+/* ---- bulk runs ---- */
+
+struct dt_tokens {
+	const char *tag;
+	size_t n;
+	unsigned *count;           /* n counters */
+	size_t total, foreign;
+};
+
+static inline void dt_token_one(const char *env, const char *content, size_t len, void *arg)
+{
+	struct dt_tokens *k = arg;
+	char pre[64];
+	snprintf(pre, sizeof(pre), "X-Token: %s-", k->tag);
+	k->total++;
+	const char *p = memmem(content, len, pre, strlen(pre));
+	if (!p) {
+		k->foreign++;
+		return;
+	}
+	size_t i = strtoul(p + strlen(pre), NULL, 10);
+	if (i < k->n)
+		k->count[i]++;
+	else
+		k->foreign++;
+}
+
+/*
+ * Counts, per token of a dt_enqueue_bulk run, the messages the fixture
+ * recorded. Fills missing (tokens never delivered), dups (deliveries beyond
+ * the first) and returns the number of messages recorded.
+ */
+static inline size_t dt_token_check(struct dt *t, const char *tag, size_t n, size_t *missing,
+				    size_t *dups, size_t *first_missing)
+{
+	struct dt_tokens k = {tag, n, calloc(n, sizeof(unsigned)), 0, 0};
+	assert_non_null(k.count);
+	dt_each_message(t, dt_token_one, &k);
+	*missing = 0;
+	*dups = 0;
+	*first_missing = n;
+	for (size_t i = 0; i < n; i++) {
+		if (k.count[i] == 0) {
+			if (*missing == 0)
+				*first_missing = i;
+			(*missing)++;
+		} else {
+			*dups += k.count[i] - 1;
+		}
+	}
+	free(k.count);
+	if (k.foreign)
+		DT_FAIL(t, "%zu recorded messages carry no token of this run", k.foreign);
+	return k.total;
+}
+
 #endif
