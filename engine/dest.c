@@ -50,6 +50,7 @@ struct rq_dest {
 	unsigned max_txns;
 	int64_t last_used;
 	bool starved;
+	size_t done_pending;           /* jobs completed, callback not yet run */
 	struct rq_dest *next;
 };
 
@@ -148,6 +149,7 @@ static void pump_starved(struct rq_dests *ds);
 static void complete(struct rq_dest_job *job)
 {
 	struct rq_dests *ds = job->dest->ds;
+	job->dest->done_pending++;
 	job->next_ = NULL;
 	job->queued_ = false;
 	if (ds->done_tail)
@@ -739,6 +741,7 @@ static void on_done_ev(evutil_socket_t fd, short what, void *arg)
 		if (!ds->done_head)
 			ds->done_tail = NULL;
 		job->next_ = NULL;
+		job->dest->done_pending--;
 		job->done(job, job->arg);
 	}
 	if (ds->draining && !ds->drained_sent) {
@@ -769,7 +772,7 @@ static void on_sweep(evutil_socket_t fd, short what, void *arg)
 	struct rq_dest **pp = &ds->dests;
 	while (*pp) {
 		struct rq_dest *d = *pp;
-		if (!d->sessions && !d->wait_head && !d->req && !d->starved &&
+		if (!d->sessions && !d->wait_head && !d->req && !d->starved && !d->done_pending &&
 		    !rq_dest_health_suspended(&d->h, now) && d->h.failures == 0 &&
 		    now - d->last_used > UNUSED_MS) {
 			*pp = d->next;
