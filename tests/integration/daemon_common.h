@@ -680,6 +680,21 @@ static inline bool dt_find_event(struct dt *t, const char *id, const char *rcpt,
 	return found;
 }
 
+/* The first event of a type for (id, rcpt) with this reply code (0: any). */
+static inline bool dt_find_event_code(struct dt *t, const char *id, const char *rcpt,
+				      const char *type, int code, struct dt_event *out)
+{
+	struct dt_event ev[32];
+	size_t n = dt_events(t, id, ev, 32);
+	for (size_t i = 0; i < n; i++)
+		if (!strcmp(ev[i].type, type) && (!rcpt || !strcmp(ev[i].rcpt, rcpt)) &&
+		    (code == 0 || atoi(ev[i].code) == code)) {
+			*out = ev[i];
+			return true;
+		}
+	return false;
+}
+
 static inline size_t dt_count_events(struct dt *t, const char *id, const char *rcpt, const char *type)
 {
 	struct dt_event ev[32];
