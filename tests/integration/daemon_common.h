@@ -618,6 +618,7 @@ struct dt_event {
 	char enh[16];
 	char text[512];
 	char stage[16];
+	char meta[256];
 	long long attempt;
 	long long next;
 	int64_t ms;                /* stream id time */
@@ -653,6 +654,8 @@ static inline size_t dt_events(struct dt *t, const char *id, struct dt_event *ou
 				snprintf(ev.text, sizeof(ev.text), "%s", v);
 			else if (!strcmp(key, "stage"))
 				snprintf(ev.stage, sizeof(ev.stage), "%s", v);
+			else if (!strcmp(key, "meta"))
+				snprintf(ev.meta, sizeof(ev.meta), "%s", v);
 			else if (!strcmp(key, "attempt"))
 				ev.attempt = atoll(v);
 			else if (!strcmp(key, "next"))

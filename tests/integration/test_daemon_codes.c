@@ -378,12 +378,25 @@ static void test_2xx_delivered(void **state)
 	dt_smtp_start(t, NULL);
 	dt_config(t, "  lease = \"30s\",", BACKOFF_1S);
 	dt_daemon_start(t, 0);
-	char *id = dt_enqueue1(t, "ok@example.net", BODY);
+	/* with the app's meta, which the event carries */
+	redisReply *rep = dt_cmd(t, "FCALL relayq_enqueue 1 %s %s %s", t->prefix,
+		"{\"from\":\"sender@example.com\",\"to\":[\"ok@example.net\"],"
+		"\"meta\":{\"app\":\"e2e\",\"n\":7}}", BODY);
+	if (rep->type != REDIS_REPLY_STRING)
+		DT_FAIL(t, "enqueue: %s", rep->type == REDIS_REPLY_ERROR ? rep->str : "?");
+	char *id = strdup(rep->str);
+	freeReplyObject(rep);
 	DT_WAIT(t, dt_cond_gone, id, 30000, "message not delivered");
 	check_delivered(t, id, "ok@example.net", 1);
 	struct dt_event ev;
 	assert_true(dt_find_event(t, id, "ok@example.net", "delivered", &ev));
 	assert_int_equal(atoi(ev.code), 250);
+	struct rq_json *meta = rq_json_parse(ev.meta, strlen(ev.meta), 0, NULL, 0);
+	if (!meta || !rq_json_get_str(meta, "app") || strcmp(rq_json_get_str(meta, "app"), "e2e") ||
+	    dt_json_int(meta, "n") != 7)
+		DT_FAIL(t, "the delivered event's meta is \"%s\", want the app's {app=e2e, n=7}",
+			ev.meta);
+	rq_json_free(meta);
 	check_recorded_once(t, "ok@example.net", BODY);
 	assert_int_equal(dt_stat(t, "delivered"), 1);
 	assert_true(dt_cond_queue_empty(t, NULL));
