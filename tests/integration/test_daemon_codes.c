@@ -311,6 +311,14 @@ static void check_dead(struct dt *t, const char *id, const struct perm *p)
 	if (!hint || !(strstr(hint, kb->meaning) || strstr(hint, kb->fix)))
 		DT_FAIL(t, "%s: hint \"%s\" is not the knowledge base's for %d %s (\"%s\" / \"%s\")",
 			id, hint ? hint : "(none)", p->code, p->enh, kb->meaning, kb->fix);
+	/* the operator's view, `relayq show ID`, shows the hint too */
+	char *out = NULL;
+	int rc = dt_sh(&out, "'%s' show '%s' --redis '%s' --queue '%s' 2>&1", dt_relayq_bin(), id,
+		       t->redis.url, t->queue);
+	if (rc != 0 || !strstr(out, hint) || !strstr(out, p->text))
+		DT_FAIL(t, "relayq show %s (exit %d) lacks the reply or the hint \"%s\":\n%s", id, rc,
+			hint, out);
+	free(out);
 	rq_json_free(e);
 
 	struct dt_event ev;
