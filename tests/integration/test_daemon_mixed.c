@@ -8,6 +8,8 @@
  *   a relay that refuses connections: the messages' attempts are not
  *       burnt while refused (attempts stays 0), the destination is
  *       suspended, and delivery resumes by itself once a server listens
+ *   421 / 554 greetings and a greeting timeout: deferred against the
+ *       destination (attempts 0), delivered once a session works
  */
 #include "daemon_common.h"
 
@@ -284,12 +286,57 @@ static void test_refused_then_resumed(void **state)
 		free(ids[i]);
 }
 
+/* Session-level failures (421 and 554 greetings, a greeting that never
+ * comes) count against the destination: the message is deferred without
+ * burning attempts and delivered once a session works. */
+static void test_greeting_failures(void **state)
+{
+	struct dt *t = *state;
+	const char *rules[] = {
+		"greeting conn=1 reply 421 4.3.2 Too busy, come back later",
+		"greeting conn=2 reply 554 5.3.2 No SMTP service here",
+		"greeting conn=3 stall",
+		NULL,
+	};
+	dt_smtp_start(t, rules);
+	dt_config(t, "  lease = \"30s\",\n  timeouts = { greeting = \"1s\" },", BACKOFF_1S);
+	dt_daemon_start(t, 0);
+	char *id = dt_enqueue1(t, "g@example.net", BODY);
+	DT_WAIT(t, dt_cond_gone, id, 60000, "not delivered after three failed sessions");
+	assert_true(dt_smtp_stat(t, "connections") >= 4);
+	struct dt_event evs[32];
+	size_t n = dt_events(t, id, evs, 32), deferred = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (!strcmp(evs[i].type, "failed"))
+			DT_FAIL(t, "a greeting failure failed the message: %s %s", evs[i].code,
+				evs[i].text);
+		if (!strcmp(evs[i].type, "deferred")) {
+			deferred++;
+			if (evs[i].attempt != 0)
+				DT_FAIL(t, "a session failure (%s %s) burnt an attempt (attempt %lld)",
+					evs[i].code, evs[i].text, evs[i].attempt);
+		}
+	}
+	if (deferred < 3)
+		DT_FAIL(t, "%zu deferred events for three failed sessions", deferred);
+	struct dt_event ev;
+	assert_true(dt_find_event_code(t, id, "g@example.net", "deferred", 421, &ev));
+	assert_true(dt_find_event_code(t, id, "g@example.net", "deferred", 554, &ev));
+	assert_true(dt_find_event(t, id, "g@example.net", "delivered", &ev));
+	assert_int_equal(ev.attempt, 1);
+	assert_int_equal(recorded(t, "g@example.net"), 1);
+	dt_daemon_stop(t, 0);
+	dt_smtp_stop(t);
+	free(id);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup_teardown(test_mixed_flushed, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_mixed_retried, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_refused_then_resumed, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_greeting_failures, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
