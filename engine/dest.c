@@ -573,7 +573,8 @@ static void lookup_done(struct rq_dns_result *res, void *arg)
 	free(d->hosts);
 	d->hosts = hosts;
 	d->nhosts = n;
-	d->hosts_expiry = res->ttl ? now_ms(ds) + (int64_t)res->ttl * 1000 : 0;
+	/* literals never expire; a TTL of 0 is good for this connection only */
+	d->hosts_expiry = res->literal ? 0 : now_ms(ds) + (int64_t)(res->ttl ? res->ttl : 1) * 1000;
 	rq_dns_result_free(res);
 	if (!n) {
 		struct rq_outcome o;

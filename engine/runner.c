@@ -21,7 +21,9 @@
 #include <sys/time.h>
 
 #define CLAIM_RETRY_MS 1000
-#define RESENDS_MAX 3          /* not_tried decisions per message */
+#define RESENDS_MAX 1          /* immediate resends per message after a
+				  not_tried decision (a 452 to the first
+				  recipient); then the backoff */
 #define HINT_MAX 600
 #define RECOVER_MIN_MS 5000    /* lease sweep: lease / 2, within these */
 #define RECOVER_MAX_MS 60000
