@@ -319,6 +319,11 @@ static void check_dead(struct dt *t, const char *id, const struct perm *p)
 		DT_FAIL(t, "relayq show %s (exit %d) lacks the reply or the hint \"%s\":\n%s", id, rc,
 			hint, out);
 	free(out);
+	/* and redis-cli, as an operator would type it */
+	rc = dt_sh(&out, "redis-cli -s '%s' HGETALL '%s:rcpt:%s' 2>&1", t->redis.sock, t->prefix, id);
+	if (rc != 0 || !strstr(out, p->rcpt) || !strstr(out, "\"hint\"") || !strstr(out, p->text))
+		DT_FAIL(t, "redis-cli HGETALL %s:rcpt:%s (exit %d):\n%s", t->prefix, id, rc, out);
+	free(out);
 	rq_json_free(e);
 
 	struct dt_event ev;
