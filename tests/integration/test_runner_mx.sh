@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# relayqd delivering by MX (no relay) with dnsmasq as the DNS server and the
+# fakesmtpd fixture as every MX host (RELAYQ_DNS_SERVERS, RELAYQ_MX_PORT):
+# one message to recipients in five domains is delivered per domain, split
+# by recipients_per_transaction (and a per-domain override), a null MX and
+# an NXDOMAIN recipient fail for good with their hints, and with
+# bounce = true one DSN goes back to the sender (once, even when the
+# failure is settled again).
+#
+# Env: RELAYQD_BIN, RELAYQ_BIN, RQ_BUILD_ROOT (tests/fakesmtpd),
+# RQ_SOURCE_ROOT.
+set -u
+
+D=${RELAYQD_BIN:?RELAYQD_BIN must name the relayqd binary}
+B=${RELAYQ_BIN:?RELAYQ_BIN must name the relayq binary}
+ROOT=${RQ_SOURCE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}
+FAKE=${RQ_BUILD_ROOT:-$(dirname "$D")}/tests/fakesmtpd
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/relayq-mx-test.XXXXXX")
+chmod 755 "$TMP"
+PIDS=()
+passed=0
+failed=0
+
+cleanup() {
+	for p in "${PIDS[@]}"; do
+		kill -9 "$p" 2>/dev/null && wait "$p" 2>/dev/null
+	done
+	rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+ok() { passed=$((passed + 1)); }
+bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
+
+wait_for() {  # secs, command...
+	local secs=$1; shift
+	local end=$((SECONDS + secs))
+	while ((SECONDS <= end)); do
+		"$@" >/dev/null 2>&1 && return 0
+		sleep 0.05
+	done
+	"$@" >/dev/null 2>&1
+}
+
+command -v dnsmasq >/dev/null || { echo "dnsmasq is not installed" >&2; exit 77; }
+[ -x "$FAKE" ] || { echo "no fakesmtpd at $FAKE" >&2; exit 1; }
+
+SOCK=$TMP/redis.sock
+redis-server --port 0 --unixsocket "$SOCK" --unixsocketperm 700 --save '' \
+	--appendonly no --dir "$TMP" --daemonize no >>"$TMP/redis.log" 2>&1 &
+PIDS+=($!)
+rcli() { redis-cli -s "$SOCK" "$@"; }
+wait_for 10 rcli ping || { echo "redis-server did not start" >&2; exit 1; }
+rcli -x FUNCTION LOAD REPLACE <"$ROOT/lua/redis/relayq.lua" >/dev/null ||
+	{ echo "cannot load the Functions library" >&2; exit 1; }
+export RELAYQ_REDIS="unix:$SOCK"
+
+# a port free for both UDP and TCP
+DNSPORT=$(python3 -c '
+import socket
+while True:
+    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", p)); print(p); break
+    except OSError:
+        pass
+    finally:
+        u.close(); t.close()')
+dnsmasq --keep-in-foreground --port="$DNSPORT" --listen-address=127.0.0.1 --bind-interfaces \
+	--no-resolv --no-hosts --conf-file=/dev/null --local=/test/ --pid-file="$TMP/dnsmasq.pid" \
+	--mx-host=example.test,mx1.example.test,10 --mx-host=other.test,mx1.example.test,10 \
+	--mx-host=sender.test,mx1.example.test,10 --host-record=mx1.example.test,127.0.0.1 \
+	--mx-host=nullmx.test,.,0 >"$TMP/dnsmasq.log" 2>&1 &
+PIDS+=($!)
+wait_for 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$DNSPORT" || { echo "dnsmasq did not start" >&2; cat "$TMP/dnsmasq.log" >&2; exit 1; }
+
+mkdir -p "$TMP/rec"
+"$FAKE" --listen 127.0.0.1:0 --record "$TMP/rec" >"$TMP/fake.log" 2>&1 &
+PIDS+=($!)
+wait_for 10 grep -q '^ready ' "$TMP/fake.log" || { echo "fakesmtpd did not start" >&2; exit 1; }
+FAKE_PORT=$(sed -n 's/^ready //p' "$TMP/fake.log" | head -1)
+
+Q=mx-$$-$RANDOM
+cat >"$TMP/c.lua" <<EOF
+relayq.config {
+  redis = "unix:$SOCK",
+  queue = "$Q",
+  tls = "none",
+  helo = "relayq.test",
+  bounce = true,
+  recipients_per_transaction = 2,
+}
+relayq.on_domain("other.test", { recipients_per_transaction = 1 })
+EOF
+printf 'Subject: multi\r\nMessage-ID: <m1@sender.test>\r\n\r\nbody\r\n' >"$TMP/m.eml"
+ID=$("$B" --queue "$Q" enqueue --from a@sender.test --to a@example.test --to b@example.test \
+	--to c@example.test --to d@other.test --to e@other.test --to f@nullmx.test \
+	--to g@nx.test "$TMP/m.eml")
+[ -n "$ID" ] || { echo "enqueue failed" >&2; exit 1; }
+
+RELAYQ_DNS_SERVERS=127.0.0.1:$DNSPORT RELAYQ_MX_PORT=$FAKE_PORT "$D" -c "$TMP/c.lua" >"$TMP/d.log" 2>&1 &
+DPID=$!
+PIDS+=($DPID)
+stat() { local v; v=$(rcli HGET "relayq:{$Q}:stats" "$1"); echo "${v:-0}"; }
+stat_ge() { [ "$(stat "$1")" -ge "$2" ]; }
+# 5 recipients + the bounce delivered
+wait_for 30 stat_ge delivered 6 && ok || bad "delivered $(stat delivered), want 5 + the bounce"
+state=$(rcli HGET "relayq:{$Q}:msg:$ID" state)
+[ "$state" = dead ] && ok || bad "message $state, want dead (2 recipients failed)"
+show=$(rcli FCALL relayq_show 1 "relayq:{$Q}" "$ID")
+echo "$show" | grep -q '"to":"f@nullmx.test","s":"failed","code":556,"enh":"5.1.10"' && ok ||
+	bad "null MX recipient: $show"
+echo "$show" | grep -q '"to":"g@nx.test","s":"failed","code":550,"enh":"5.1.2"' && ok ||
+	bad "NXDOMAIN recipient: $show"
+[ "$(echo "$show" | grep -o '"hint":"[^"]' | wc -l)" -eq 2 ] && ok || bad "hints missing: $show"
+[ "$(echo "$show" | grep -o '"s":"delivered"' | wc -l)" -eq 5 ] && ok || bad "delivered recipients: $show"
+
+# transactions: example.test 2 (2 + 1 recipients), other.test 2 (1 + 1), the bounce
+envs=$(cat "$TMP"/rec/msg-*.env)
+n=$(ls "$TMP"/rec/msg-*.env | wc -l)
+[ "$n" -eq 5 ] && ok || bad "$n messages at the MX, want 5: $envs"
+for f in "$TMP"/rec/msg-*.env; do
+	if grep -q 'RCPT TO:<[de]@other.test>' "$f"; then
+		[ "$(grep -c '^RCPT' "$f")" -eq 1 ] || bad "other.test: more than 1 recipient per transaction: $(cat "$f")"
+	elif grep -q 'RCPT TO:<[abc]@example.test>' "$f"; then
+		[ "$(grep -c '^RCPT' "$f")" -le 2 ] || bad "example.test: more than 2 recipients per transaction: $(cat "$f")"
+		grep -q 'RCPT TO:<[de]@other.test>' "$f" && bad "domains mixed in one transaction: $(cat "$f")"
+	fi
+done
+ok
+for r in a@example.test b@example.test c@example.test d@other.test e@other.test; do
+	[ "$(echo "$envs" | grep -c "^RCPT TO:<$r>")" -eq 1 ] || bad "$r delivered $(echo "$envs" | grep -c "^RCPT TO:<$r>") times"
+done
+ok
+
+# the bounce: null sender, to the sender, a multipart/report naming both
+bounce=$(grep -l '^MAIL FROM:<>' "$TMP"/rec/msg-*.env | head -1)
+if [ -n "$bounce" ]; then
+	ok
+	grep -q '^RCPT TO:<a@sender.test>' "$bounce" && ok || bad "bounce not to the sender: $(cat "$bounce")"
+	eml=${bounce%.env}.eml
+	grep -qi 'multipart/report' "$eml" && grep -q 'f@nullmx.test' "$eml" && grep -q 'g@nx.test' "$eml" &&
+		ok || bad "bounce content: $(head -c 2000 "$eml")"
+	grep -q 'Message-ID: <m1@sender.test>' "$eml" && ok || bad "bounce lacks the original header"
+else
+	bad "no bounce at the MX"
+fi
+[ "$(stat enqueued)" -eq 2 ] && ok || bad "enqueued $(stat enqueued), want the message and one bounce"
+grep -q 'event=bounce_queued' "$TMP/d.log" && ok || bad "no bounce_queued log line"
+grep -q "event=failed .*id=$ID rcpt=f@nullmx.test .*code=556 .*stage=dns" "$TMP/d.log" && ok ||
+	bad "no failed log line for the null MX recipient"
+
+# the same bounce key again (a retried settle) returns the first bounce: no second DSN
+key="bounce:$ID:1"
+again=$(rcli FCALL relayq_enqueue 1 "relayq:{$Q}" "{\"from\":\"\",\"to\":[\"a@sender.test\"],\"key\":\"$key\"}" "x")
+[ "$(stat enqueued)" -eq 2 ] && ok || bad "the bounce key $key did not dedupe ($again)"
+
+kill -TERM "$DPID"
+wait_for 30 bash -c "! kill -0 $DPID"
+wait "$DPID"
+rc=$?
+[ $rc -eq 0 ] && ok || bad "relayqd exit $rc"
+grep -qE 'ERROR: (Address|Leak|Undefined)Sanitizer|runtime error:' "$TMP/d.log" && bad "sanitizer report" || ok
+
+echo "test_runner_mx: $passed passed, $failed failed"
+[ $failed -eq 0 ]
