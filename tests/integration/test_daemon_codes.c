@@ -13,6 +13,8 @@
  *       against the destination, include/relayq/policy.h), delivered later
  *   550, 552, 553, 554 at RCPT and 554 at end of data: dead set with the
  *       reply and the knowledge-base hint, never retried
+ *   451 every time with max_attempts 2: expired after attempt 2, dead with
+ *       the last temporary reply
  *   2xx: delivered byte for byte (dot-stuffing), keys removed, event
  *   a message with recipients in two domains: both delivered and settled
  *   relayqd exits 0 on SIGTERM, no sanitizer report
@@ -446,6 +448,39 @@ static void test_two_domains(void **state)
 	free(id);
 }
 
+/* A recipient that keeps getting 4xx expires after max_attempts: dead,
+ * with the last temporary reply. */
+static void test_expired_after_max_attempts(void **state)
+{
+	struct dt *t = *state;
+	const char *rules[] = {"rcpt addr=never@example.net reply 451 4.2.0 Still busy", NULL};
+	dt_smtp_start(t, rules);
+	dt_config(t, "  lease = \"30s\",",
+		  BACKOFF_1S "relayq.expire { max_age = \"5d\", max_attempts = 2 }\n");
+	dt_daemon_start(t, 0);
+	char *id = dt_enqueue1(t, "never@example.net", BODY);
+	DT_WAIT(t, dt_cond_dead, id, 30000, "not dead after max_attempts");
+	assert_int_equal(dt_count_events(t, id, "never@example.net", "deferred"), 1);
+	struct dt_event ev;
+	if (!dt_find_event(t, id, "never@example.net", "expired", &ev))
+		DT_FAIL(t, "no expired event");
+	assert_int_equal(atoi(ev.code), 451);
+	assert_non_null(strstr(ev.text, "Still busy"));
+	assert_int_equal(ev.attempt, 2);
+	struct rq_json *m = dt_show(t, id);
+	assert_string_equal(rq_json_get_str(m, "state"), "dead");
+	assert_int_equal(dt_json_int(m, "attempts"), 2);
+	const struct rq_json *r = dt_show_rcpt(m, "never@example.net");
+	assert_string_equal(rq_json_get_str(r, "s"), "expired");
+	assert_int_equal(dt_json_int(r, "code"), 451);
+	rq_json_free(m);
+	assert_int_equal(dt_stat(t, "expired"), 1);
+	assert_int_equal(dt_count_in_transcripts(t, "C: RCPT TO:<never@example.net>"), 2);
+	dt_daemon_stop(t, 0);
+	dt_smtp_stop(t);
+	free(id);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -455,6 +490,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_4xx_retried_when_due, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_421_retried, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_5xx_dead, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_expired_after_max_attempts, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
