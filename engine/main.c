@@ -21,7 +21,8 @@ struct daemon {
 	const char *path;
 	const char *redis;            /* override: --redis, else RELAYQ_REDIS */
 	const char *queue;            /* override: --queue */
-	struct rq_config *cfg;
+	struct rq_config *boot;       /* the config started with: what runs */
+	struct rq_config *cfg;        /* the policy in use (boot or a reload) */
 	struct rq_dests *dests;
 	struct rq_metrics *metrics;
 	struct rq_runner *runners[RQ_CONFIG_QUEUES_MAX];
@@ -194,13 +195,14 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
 		return;
 	}
 	log_diag(&diag, "reload_problem");
-	warn_restart(dm->cfg, n);
+	/* against what runs: the connection settings of the start */
+	warn_restart(dm->boot, n);
 	for (size_t i = 0; i < dm->nrunners; i++)
 		rq_runner_set_config(dm->runners[i], n);
-	rq_log_init((enum rq_log_level)n->log_level, (enum rq_log_format)dm->cfg->log_format,
+	rq_log_init((enum rq_log_level)n->log_level, (enum rq_log_format)dm->boot->log_format,
 		    NULL);
-	/* keep what needs a restart visible in the running config */
-	rq_config_destroy(dm->cfg);
+	if (dm->cfg != dm->boot)
+		rq_config_destroy(dm->cfg);
 	dm->cfg = n;
 	struct rq_policy_lua_stats st;
 	rq_policy_lua_stats(n->lua, &st);
@@ -427,7 +429,7 @@ int main(int argc, char **argv)
 	}
 	struct rq_config_diag diag;
 	rq_config_diag_init(&diag, config);
-	dm.cfg = rq_config_load(config, &diag);
+	dm.boot = dm.cfg = rq_config_load(config, &diag);
 	if (!dm.cfg) {
 		rq_config_diag_print(&diag, stderr);
 		return 1;
@@ -465,6 +467,8 @@ out:
 		event_free(dm.sig_hup);
 	if (dm.base)
 		event_base_free(dm.base);
-	rq_config_destroy(dm.cfg);
+	if (dm.cfg != dm.boot)
+		rq_config_destroy(dm.cfg);
+	rq_config_destroy(dm.boot);
 	return rc;
 }
