@@ -16,6 +16,7 @@
  *   451 every time with max_attempts 2: expired after attempt 2, dead with
  *       the last temporary reply
  *   2xx: delivered byte for byte (dot-stuffing), keys removed, event
+ *   relayqd --redis URL --queue NAME override the config file
  *   a message with recipients in two domains: both delivered and settled
  *   relayqd exits 0 on SIGTERM, no sanitizer report
  */
@@ -481,6 +482,35 @@ static void test_expired_after_max_attempts(void **state)
 	free(id);
 }
 
+/* relayqd -c FILE --redis URL --queue NAME: the options beat the file. */
+static void test_options_override_config(void **state)
+{
+	struct dt *t = *state;
+	dt_smtp_start(t, NULL);
+	char *text = NULL;
+	assert_true(asprintf(&text,
+		"relayq.config {\n"
+		"  redis = \"unix:%s/no-such-redis.sock\",\n"
+		"  queue = \"not-this-one\",\n"
+		"  relay = \"[127.0.0.1]:%d\",\n"
+		"  tls = \"none\",\n"
+		"  helo = \"relayq.test\",\n"
+		"}\n" BACKOFF_1S, t->tmp, t->smtp_port) > 0);
+	dt_write_file(t->cfg, text);
+	free(text);
+	const char *argv[] = {dt_relayqd_bin(), "-c", t->cfg, "--redis", t->redis.url,
+			      "--queue", t->queue, NULL};
+	assert_int_equal(th_spawn(&t->d[0], (char *const *)argv, t->dlog[0]), 0);
+	t->druns[0]++;
+	char *id = dt_enqueue1(t, "opt@example.net", BODY);
+	DT_WAIT(t, dt_cond_gone, id, 30000, "not delivered with --redis/--queue");
+	check_delivered(t, id, "opt@example.net", 1);
+	check_recorded_once(t, "opt@example.net", BODY);
+	dt_daemon_stop(t, 0);
+	dt_smtp_stop(t);
+	free(id);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -491,6 +521,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_421_retried, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_5xx_dead, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_expired_after_max_attempts, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_options_override_config, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
