@@ -16,9 +16,20 @@
 -- `relay` to deliver by MX.
 
 relayq.config {
-  -- Redis: "redis://host[:port][/db]" or "unix:/path/to/redis.sock".
-  -- Default "redis://127.0.0.1:6379/0". scripts/run sets RELAYQ_REDIS.
+  -- Redis: "redis://[user:password@]host[:port][/db]" or
+  -- "unix:/path/to/redis.sock[?db=N]". Default "redis://127.0.0.1:6379/0".
+  -- scripts/run sets RELAYQ_REDIS. In a user or password, '@', '/', '?',
+  -- '#', '%' (and ':' in a user) must be %-encoded (%40 %2F %3F %23 %25);
+  -- a password in the URL works but --check warns: whoever reads this file
+  -- reads it. Prefer one of the two keys below.
   redis = relayq.getenv("RELAYQ_REDIS", "redis://127.0.0.1:6379/0"),
+
+  -- Redis password from a file (its first line; keep it mode 0600) or from
+  -- an environment variable; at most one password source (URL or these).
+  -- redis_user is the Redis ACL user (needs a password; not also in the URL).
+  -- redis_password_file = "/etc/relayq/redis.pw",
+  -- redis_password_env = "RELAYQ_REDIS_PASSWORD",
+  -- redis_user = "relayq",
 
   -- Queue name, or a list of names: { "mail", "bulk" }. Default "default".
   queue = relayq.getenv("RELAYQ_QUEUE", "default"),

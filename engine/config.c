@@ -13,6 +13,7 @@
 
 #include "relayq/log.h"
 #include "relayq/policy_lua.h"
+#include "relayq/queue.h"
 
 /* Where relayq.config / backoff / expire were called, to refuse a second
  * call; and the password sources until the auth table is complete. Kept
@@ -158,7 +159,10 @@ void rq_config_destroy(struct rq_config *cfg)
 	struct config_private *p = priv(cfg);
 	rq_policy_lua_destroy(cfg->lua);
 	free(cfg->path);
-	free(cfg->redis);
+	free_secret(cfg->redis);
+	free(cfg->redis_user);
+	free(cfg->redis_password_file);
+	free(cfg->redis_password_env);
 	for (size_t i = 0; i < cfg->nqueues; i++)
 		free(cfg->queues[i]);
 	free(cfg->relay_host);
@@ -389,37 +393,6 @@ static int parse_hostport(const char *s, bool port_required, char **host,
 	}
 	*host = strndup(h, hlen);
 	return *host ? 0 : -1;
-}
-
-static bool redis_url_ok(const char *s)
-{
-	if (strncmp(s, "unix:", 5) == 0)
-		return s[5] == '/' && s[6] != '\0';
-	if (strncmp(s, "redis://", 8) != 0)
-		return false;
-	const char *p = s + 8;
-	const char *slash = strchr(p, '/');
-	char hp[300];
-	size_t n = slash ? (size_t)(slash - p) : strlen(p);
-	if (n == 0 || n >= sizeof(hp))
-		return false;
-	memcpy(hp, p, n);
-	hp[n] = '\0';
-	char *host = NULL;
-	int port = 6379;
-	bool br;
-	if (parse_hostport(hp, false, &host, &port, &br) < 0)
-		return false;
-	free(host);
-	if (slash) {
-		const char *db = slash + 1;
-		if (*db == '\0' || strlen(db) > 5)
-			return false;
-		for (; *db; db++)
-			if (!isdigit((unsigned char)*db))
-				return false;
-	}
-	return true;
 }
 
 static bool queue_name_ok(const char *s, size_t len)
@@ -711,19 +684,36 @@ static int apply_config(struct rq_config *cfg, const char *key,
 	}
 	if (strcmp(key, "redis") == 0) {
 		char *s = NULL;
+		char why[160], shown[200];
+		struct rq_queue_url u;
 		if (get_str(v, key, 1024, line, diag, &s) < 0)
 			return -1;
-		if (!redis_url_ok(s)) {
+		if (rq_queue_url_parse(s, &u, why, sizeof(why)) != 0) {
+			rq_queue_redact_url(s, shown, sizeof(shown));
 			rq_config_diag_add(diag, line, false,
-					   "redis: \"%.80s\" is not redis://host[:port][/db] "
-					   "or unix:/path", s);
+					   "redis: \"%.80s\" is not a Redis URL (%s); expected "
+					   "redis://[user:password@]host[:port][/db] or "
+					   "unix:/path[?db=N]", shown, why);
+			explicit_bzero(s, strlen(s));
 			free(s);
 			return -1;
 		}
-		free(cfg->redis);
+		if (u.has_password)
+			rq_config_diag_add(diag, line, true,
+					   "redis: a password in the URL is visible to whoever "
+					   "reads this file (consider redis_password_file or "
+					   "redis_password_env)");
+		rq_queue_url_wipe(&u);
+		free_secret(cfg->redis);
 		cfg->redis = s;
 		return 0;
 	}
+	if (strcmp(key, "redis_user") == 0)
+		return get_str(v, key, RQ_QUEUE_URL_USER_MAX, line, diag, &cfg->redis_user);
+	if (strcmp(key, "redis_password_file") == 0)
+		return get_str(v, key, 4096, line, diag, &cfg->redis_password_file);
+	if (strcmp(key, "redis_password_env") == 0)
+		return get_str(v, key, 255, line, diag, &cfg->redis_password_env);
 	if (strcmp(key, "relay") == 0) {
 		char *s = NULL, *host = NULL;
 		int port = 25;
@@ -953,6 +943,66 @@ cleanup:
 	return out;
 }
 
+/* The Redis password sources: at most one; a user needs one; the file
+ * readable, the variable set. */
+static void end_redis(struct rq_config *cfg, int line, struct rq_config_diag *diag)
+{
+	struct rq_queue_url u;
+	bool url_pw = false, url_user = false;
+	if (cfg->redis && rq_queue_url_parse(cfg->redis, &u, NULL, 0) == 0) {
+		url_pw = u.has_password;
+		url_user = u.user[0] != '\0';
+		rq_queue_url_wipe(&u);
+	}
+	int sources = url_pw + (cfg->redis_password_file != NULL) +
+		      (cfg->redis_password_env != NULL);
+	if (sources > 1)
+		rq_config_diag_add(diag, line, false,
+				   "redis: give the password once: in the redis URL, "
+				   "redis_password_file or redis_password_env");
+	if (cfg->redis_user && url_user)
+		rq_config_diag_add(diag, line, false,
+				   "redis_user: the redis URL has a user already");
+	if ((cfg->redis_user || url_user) && sources == 0)
+		rq_config_diag_add(diag, line, false,
+				   "redis_user: a Redis user needs a password (redis URL, "
+				   "redis_password_file or redis_password_env)");
+	if (cfg->redis_password_file) {
+		int fd = open(cfg->redis_password_file, O_RDONLY | O_CLOEXEC);
+		struct stat st;
+		if (fd < 0) {
+			rq_config_diag_add(diag, line, false,
+					   "redis_password_file: cannot open %s: %s",
+					   cfg->redis_password_file, strerror(errno));
+		} else {
+			if (fstat(fd, &st) != 0)
+				rq_config_diag_add(diag, line, false,
+						   "redis_password_file: cannot stat %s: %s",
+						   cfg->redis_password_file, strerror(errno));
+			else if (!S_ISREG(st.st_mode))
+				rq_config_diag_add(diag, line, false,
+						   "redis_password_file: %s is not a file",
+						   cfg->redis_password_file);
+			else if (st.st_size == 0)
+				rq_config_diag_add(diag, line, false,
+						   "redis_password_file: %s is empty",
+						   cfg->redis_password_file);
+			else if (st.st_mode & 0077)
+				rq_config_diag_add(diag, line, true,
+						   "redis_password_file: %s is readable by "
+						   "group or others", cfg->redis_password_file);
+			close(fd);
+		}
+	}
+	if (cfg->redis_password_env) {
+		const char *e = getenv(cfg->redis_password_env);
+		if (!e || !*e)
+			rq_config_diag_add(diag, line, false,
+					   "redis_password_env: %s is not set",
+					   cfg->redis_password_env);
+	}
+}
+
 static void end_config(struct rq_config *cfg, int line, struct rq_config_diag *diag)
 {
 	struct config_private *p = priv(cfg);
@@ -961,6 +1011,7 @@ static void end_config(struct rq_config *cfg, int line, struct rq_config_diag *d
 		if (cfg->queues[0])
 			cfg->nqueues = 1;
 	}
+	end_redis(cfg, line, diag);
 	if (cfg->per_destination > cfg->connections)
 		rq_config_diag_add(diag, line, true,
 				   "per_destination (%d) is more than connections (%d)",

@@ -100,6 +100,8 @@ struct link {
 	struct event *retry_ev;
 	int backoff_ms;
 	int64_t phase_ms;           /* start of CONNECTING / SETUP */
+	struct event *ping_ev;      /* subscriber: liveness probe timer */
+	int64_t ping_sent_ms;       /* subscriber: probe unanswered since, -1 */
 	bool drop_pending;          /* drop at the next drop_ev */
 };
 
@@ -130,6 +132,7 @@ struct rq_queue {
 	char channel[RQ_QUEUE_NAME_MAX + 24];
 
 	int timeout_ms, backoff_min, backoff_max;
+	int sub_ping_ms;            /* <= 0: no liveness probe */
 	void (*on_wake)(struct rq_queue *, enum rq_queue_wake, void *);
 	void (*on_state)(struct rq_queue *, enum rq_queue_conn_state,
 			 const char *, void *);
@@ -246,34 +249,10 @@ static void keep_fns_init(void)
 	redisReaderFree(r);
 }
 
-/* ---- URL ---- */
-
-void rq_queue_redact_url(const char *url, char *out, size_t outlen)
-{
-	if (outlen == 0)
-		return;
-	out[0] = '\0';
-	if (!url)
-		return;
-	const char *scheme_end = strstr(url, "://");
-	const char *auth = scheme_end ? scheme_end + 3 : NULL;
-	const char *at = NULL;
-	if (auth) {
-		const char *end = auth + strcspn(auth, "/?#");
-		for (const char *p = auth; p < end; p++)
-			if (*p == '@')
-				at = p;
-	}
-	if (!at) {
-		snprintf(out, outlen, "%s", url);
-		return;
-	}
-	const char *colon = memchr(auth, ':', (size_t)(at - auth));
-	if (colon)
-		snprintf(out, outlen, "%.*s***%s", (int)(colon + 1 - url), url, at);
-	else
-		snprintf(out, outlen, "%.*s***%s", (int)(auth - url), url, at);
-}
+/* ---- URL ----
+ *
+ * One parser for every URL relayq takes (queue.h documents the rules). It
+ * never resolves names and never writes any part of the URL into err. */
 
 static int hexval(char c)
 {
@@ -286,30 +265,30 @@ static int hexval(char c)
 	return -1;
 }
 
-/* %-decodes [s, s+n) into a new string; NULL on a bad escape, a NUL or no
- * memory. */
-static char *pct_decode(const char *s, size_t n)
+/* %-decodes [s, s+n) into out (NUL-ended, outlen with the NUL). -1 on a bad
+ * escape, %00 or too long; -2 when it needs more than outlen. */
+static int pct_decode(const char *s, size_t n, char *out, size_t outlen)
 {
-	char *out = malloc(n + 1);
 	size_t k = 0;
-	if (!out)
-		return NULL;
 	for (size_t i = 0; i < n; i++) {
 		int c = (unsigned char)s[i];
 		if (c == '%') {
-			int a = i + 2 < n ? hexval(s[i + 1]) : -1;
-			int b = i + 2 < n ? hexval(s[i + 2]) : -1;
-			c = (a < 0 || b < 0) ? 0 : a * 16 + b;
+			if (i + 2 >= n)
+				return -1;
+			int a = hexval(s[i + 1]), b = hexval(s[i + 2]);
+			if (a < 0 || b < 0)
+				return -1;
+			c = a * 16 + b;
 			i += 2;
 		}
-		if (c == 0) {
-			free(out);
-			return NULL;
-		}
+		if (c == 0)
+			return -1;
+		if (k + 1 >= outlen)
+			return -2;
 		out[k++] = (char)c;
 	}
 	out[k] = '\0';
-	return out;
+	return 0;
 }
 
 static bool parse_uint(const char *s, size_t n, long max, long *out)
@@ -328,33 +307,204 @@ static bool parse_uint(const char *s, size_t n, long max, long *out)
 	return true;
 }
 
-static int parse_unix(struct rq_queue *q, const char *rest, char *err, size_t errlen)
+static int url_fail(struct rq_queue_url *u, char *err, size_t errlen,
+		    const char *msg)
+{
+	rq_queue_url_wipe(u);
+	if (errlen > 0)
+		snprintf(err, errlen, "redis URL: %s", msg);
+	return -1;
+}
+
+static int url_unix(const char *rest, struct rq_queue_url *u, char *err, size_t errlen)
 {
 	if (strncmp(rest, "//", 2) == 0)
 		rest += 2;
-	size_t plen = strcspn(rest, "?");
-	if (plen == 0 || rest[0] != '/') {
-		snprintf(err, errlen, "redis URL unix: needs an absolute socket path");
-		return -1;
-	}
-	if (plen >= sizeof(q->path)) {
-		snprintf(err, errlen, "redis unix socket path is over %zu bytes",
-			 sizeof(q->path) - 1);
-		return -1;
-	}
-	memcpy(q->path, rest, plen);
-	q->path[plen] = '\0';
-	q->is_unix = true;
+	size_t plen = strcspn(rest, "?#");
+	if (plen == 0 || rest[0] != '/')
+		return url_fail(u, err, errlen, "unix: needs an absolute socket path (unix:/path)");
+	if (plen >= sizeof(u->path))
+		return url_fail(u, err, errlen, "the unix socket path is too long");
+	memcpy(u->path, rest, plen);
+	u->path[plen] = '\0';
+	u->is_unix = true;
 	const char *query = rest + plen;
 	if (*query == '\0')
 		return 0;
 	long db;
-	if (strncmp(query, "?db=", 4) != 0 || !parse_uint(query + 4, strlen(query + 4), 1000000, &db)) {
-		snprintf(err, errlen, "redis URL unix: accepts only ?db=<number> after the path");
-		return -1;
-	}
-	q->db = (int)db;
+	if (strncmp(query, "?db=", 4) != 0 ||
+	    !parse_uint(query + 4, strlen(query + 4), RQ_QUEUE_URL_DB_MAX, &db))
+		return url_fail(u, err, errlen,
+				"unix: accepts only ?db=<number> after the path");
+	u->db = (int)db;
 	return 0;
+}
+
+static bool reg_name_ok(const char *h, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)h[i];
+		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+		      (c >= '0' && c <= '9') || c == '.' || c == '-' || c == '_'))
+			return false;
+	}
+	return n > 0;
+}
+
+static bool v6_ok(const char *h, size_t n)
+{
+	char tmp[INET6_ADDRSTRLEN];
+	unsigned char buf[sizeof(struct in6_addr)];
+	if (n == 0 || n >= sizeof(tmp))
+		return false;
+	memcpy(tmp, h, n);
+	tmp[n] = '\0';
+	return inet_pton(AF_INET6, tmp, buf) == 1;
+}
+
+int rq_queue_url_parse(const char *url, struct rq_queue_url *u, char *err,
+		       size_t errlen)
+{
+	if (errlen > 0)
+		err[0] = '\0';
+	if (!u)
+		return -1;
+	memset(u, 0, sizeof(*u));
+	u->port = 6379;
+	if (!url || !*url)
+		return url_fail(u, err, errlen, "empty");
+	for (const unsigned char *p = (const unsigned char *)url; *p; p++)
+		if (*p <= ' ' || *p == 0x7f)
+			return url_fail(u, err, errlen,
+					"space or control character (write it %-encoded)");
+	if (strlen(url) > RQ_QUEUE_URL_MAX)
+		return url_fail(u, err, errlen, "too long");
+	if (strncmp(url, "unix:", 5) == 0)
+		return url_unix(url + 5, u, err, errlen);
+	if (strncmp(url, "rediss://", 9) == 0)
+		return url_fail(u, err, errlen, "TLS (rediss://) is not supported");
+	if (strncmp(url, "redis://", 8) != 0)
+		return url_fail(u, err, errlen,
+				"must start with redis:// or unix:");
+	const char *auth = url + 8;
+	const char *end = auth + strcspn(auth, "/?#");
+	const char *at = memchr(auth, '@', (size_t)(end - auth));
+	if (at && memchr(at + 1, '@', (size_t)(end - at - 1)))
+		return url_fail(u, err, errlen,
+				"more than one '@' (write an '@' in the user or password as %40)");
+	if (!at && strchr(end, '@'))
+		return url_fail(u, err, errlen,
+				"'@' after a '/', '?' or '#' (write those characters in the "
+				"user or password as %2F, %3F, %23)");
+	if (at) {
+		const char *colon = memchr(auth, ':', (size_t)(at - auth));
+		const char *pw = colon ? colon + 1 : auth;
+		if (colon && colon > auth) {
+			int r = pct_decode(auth, (size_t)(colon - auth), u->user, sizeof(u->user));
+			if (r != 0)
+				return url_fail(u, err, errlen, r == -2 ? "user name too long"
+						: "bad %-escape in the user name");
+			for (const unsigned char *p = (const unsigned char *)u->user; *p; p++)
+				if (*p < 0x20 || *p == 0x7f)
+					return url_fail(u, err, errlen,
+							"control character in the user name");
+		}
+		if (at > pw) {
+			int r = pct_decode(pw, (size_t)(at - pw), u->password,
+					   sizeof(u->password));
+			if (r != 0)
+				return url_fail(u, err, errlen, r == -2 ? "password too long"
+						: "bad %-escape in the password");
+			u->has_password = true;
+		}
+		auth = at + 1;
+	}
+	const char *hend;
+	if (*auth == '[') {
+		const char *rb = memchr(auth, ']', (size_t)(end - auth));
+		if (!rb)
+			return url_fail(u, err, errlen, "unclosed [ in the host");
+		if (!v6_ok(auth + 1, (size_t)(rb - auth - 1)))
+			return url_fail(u, err, errlen, "not an IPv6 address inside [ ]");
+		memcpy(u->host, auth + 1, (size_t)(rb - auth - 1));
+		u->host[rb - auth - 1] = '\0';
+		hend = rb + 1;
+		if (hend < end && *hend != ':')
+			return url_fail(u, err, errlen, "unexpected text after ]");
+	} else {
+		hend = memchr(auth, ':', (size_t)(end - auth));
+		if (!hend)
+			hend = end;
+		size_t n = (size_t)(hend - auth);
+		if (n == 0)
+			return url_fail(u, err, errlen, "no host");
+		if (n >= sizeof(u->host))
+			return url_fail(u, err, errlen, "host name too long");
+		if (!reg_name_ok(auth, n))
+			return url_fail(u, err, errlen,
+					"the host must be a name, an IPv4 address or [IPv6]");
+		memcpy(u->host, auth, n);
+		u->host[n] = '\0';
+	}
+	if (hend < end) {
+		long v;
+		if (!parse_uint(hend + 1, (size_t)(end - hend - 1), 65535, &v) || v == 0)
+			return url_fail(u, err, errlen, "the port must be 1-65535");
+		u->port = (int)v;
+	}
+	if (*end == '/' && end[1] != '\0') {
+		long db;
+		if (!parse_uint(end + 1, strlen(end + 1), RQ_QUEUE_URL_DB_MAX, &db))
+			return url_fail(u, err, errlen,
+					"the path must be a database number");
+		u->db = (int)db;
+	} else if (*end != '\0' && strcmp(end, "/") != 0) {
+		return url_fail(u, err, errlen,
+				"only /<db> may follow the host (no query, no fragment)");
+	}
+	return 0;
+}
+
+void rq_queue_url_wipe(struct rq_queue_url *u)
+{
+	if (u)
+		explicit_bzero(u->password, sizeof(u->password));
+}
+
+void rq_queue_redact_url(const char *url, char *out, size_t outlen)
+{
+	struct rq_queue_url u;
+	if (outlen == 0)
+		return;
+	out[0] = '\0';
+	if (!url)
+		return;
+	if (rq_queue_url_parse(url, &u, NULL, 0) != 0) {
+		/* nothing of an unparsed URL is shown but a known scheme */
+		const char *schemes[] = {"redis://", "rediss://", "unix:"};
+		const char *s = "";
+		for (size_t i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++)
+			if (strncmp(url, schemes[i], strlen(schemes[i])) == 0)
+				s = schemes[i];
+		snprintf(out, outlen, "%s...", s);
+		return;
+	}
+	bool has_pw = u.has_password;
+	rq_queue_url_wipe(&u);
+	const char *auth = url + 8;
+	const char *end = auth + strcspn(auth, "/?#");
+	const char *at = u.is_unix ? NULL : memchr(auth, '@', (size_t)(end - auth));
+	if (!at) {
+		snprintf(out, outlen, "%s", url);
+		return;
+	}
+	/* the user as written (validated: printable), never the password */
+	const char *colon = memchr(auth, ':', (size_t)(at - auth));
+	if (colon)
+		snprintf(out, outlen, "redis://%.*s%s%s", (int)(colon - auth), auth,
+			 has_pw ? ":***" : ":", at);
+	else
+		snprintf(out, outlen, "redis://%s%s", has_pw ? "***" : "", at);
 }
 
 static int resolve_host(struct rq_queue *q, const char *host, char *err, size_t errlen)
@@ -381,101 +531,6 @@ static int resolve_host(struct rq_queue *q, const char *host, char *err, size_t 
 	}
 	freeaddrinfo(res);
 	return 0;
-}
-
-/* redis://[user:password@]host[:port][/db] */
-static int parse_tcp(struct rq_queue *q, const char *url, char **url_pw,
-		     char *err, size_t errlen)
-{
-	const char *auth = url + strlen("redis://");
-	const char *end = auth + strcspn(auth, "/?#");
-	const char *at = NULL;
-	char host[256];
-	int rc = -1;
-
-	for (const char *p = auth; p < end; p++)
-		if (*p == '@')
-			at = p;
-	if (at) {
-		const char *colon = memchr(auth, ':', (size_t)(at - auth));
-		const char *pw = colon ? colon + 1 : auth;
-		if (colon && colon > auth) {
-			q->user = pct_decode(auth, (size_t)(colon - auth));
-			if (!q->user) {
-				snprintf(err, errlen, "redis URL: bad %%-escape in the user name");
-				goto cleanup;
-			}
-		}
-		if (at > pw) {
-			*url_pw = pct_decode(pw, (size_t)(at - pw));
-			if (!*url_pw) {
-				snprintf(err, errlen, "redis URL: bad %%-escape in the password");
-				goto cleanup;
-			}
-		}
-		auth = at + 1;
-	}
-	const char *hend, *port = NULL;
-	if (*auth == '[') {
-		const char *rb = memchr(auth, ']', (size_t)(end - auth));
-		if (!rb) {
-			snprintf(err, errlen, "redis URL: unclosed [ in the host");
-			goto cleanup;
-		}
-		if ((size_t)(rb - auth - 1) >= sizeof(host)) {
-			snprintf(err, errlen, "redis URL: host too long");
-			goto cleanup;
-		}
-		memcpy(host, auth + 1, (size_t)(rb - auth - 1));
-		host[rb - auth - 1] = '\0';
-		hend = rb + 1;
-		if (hend < end && *hend != ':') {
-			snprintf(err, errlen, "redis URL: junk after ]");
-			goto cleanup;
-		}
-	} else {
-		hend = memchr(auth, ':', (size_t)(end - auth));
-		if (!hend)
-			hend = end;
-		if ((size_t)(hend - auth) >= sizeof(host)) {
-			snprintf(err, errlen, "redis URL: host too long");
-			goto cleanup;
-		}
-		memcpy(host, auth, (size_t)(hend - auth));
-		host[hend - auth] = '\0';
-	}
-	if (host[0] == '\0') {
-		snprintf(err, errlen, "redis URL: no host");
-		goto cleanup;
-	}
-	if (hend < end && *hend == ':')
-		port = hend + 1;
-	long v = 6379;
-	if (port && !parse_uint(port, (size_t)(end - port), 65535, &v)) {
-		snprintf(err, errlen, "redis URL: bad port");
-		goto cleanup;
-	}
-	if (v == 0) {
-		snprintf(err, errlen, "redis URL: bad port");
-		goto cleanup;
-	}
-	q->port = (int)v;
-	if (*end == '/' && end[1] != '\0') {
-		long db;
-		if (!parse_uint(end + 1, strlen(end + 1), 1000000, &db)) {
-			snprintf(err, errlen, "redis URL: the path must be a database number");
-			goto cleanup;
-		}
-		q->db = (int)db;
-	} else if (*end != '\0' && strcmp(end, "/") != 0) {
-		snprintf(err, errlen, "redis URL: unexpected text after the host");
-		goto cleanup;
-	}
-	if (resolve_host(q, host, err, errlen) != 0)
-		goto cleanup;
-	rc = 0;
-cleanup:
-	return rc;
 }
 
 static char *read_password_file(const char *path, char *err, size_t errlen)
@@ -587,6 +642,9 @@ static void conn_gone(struct conn *cn, const char *reason)
 		notify_down(q);
 	} else {
 		q->st.subscribed = false;
+		l->ping_sent_ms = -1;
+		if (l->ping_ev)
+			evtimer_del(l->ping_ev);
 		if (!q->err[0])
 			set_err(q, "%s", reason);
 	}
@@ -709,6 +767,9 @@ static int64_t link_deadline(const struct link *l, const struct rq_queue *q)
 		if (c && c->sent)
 			return c->sent_ms + q->timeout_ms;
 	}
+	if (l->kind == LINK_SUB && l->state == RQ_QUEUE_READY && l->conn &&
+	    !l->conn->dropping && l->ping_sent_ms >= 0)
+		return l->ping_sent_ms + q->timeout_ms;
 	return -1;
 }
 
@@ -734,7 +795,8 @@ static void wd_cb(evutil_socket_t fd, short what, void *arg)
 		if (d >= 0 && d <= now) {
 			char why[128];
 			snprintf(why, sizeof(why), "redis %s timed out after %d ms",
-				 ls[i]->state == RQ_QUEUE_READY ? "command" :
+				 ls[i]->state == RQ_QUEUE_READY ?
+				 (ls[i]->kind == LINK_SUB ? "subscriber ping" : "command") :
 				 ls[i]->state == RQ_QUEUE_SETUP ? "connection setup" : "connect",
 				 q->timeout_ms);
 			q->st.watchdog_drops++;
@@ -748,8 +810,10 @@ static void wd_cb(evutil_socket_t fd, short what, void *arg)
 
 static bool is_transient(const char *s, bool *notfound)
 {
-	static const char *const prefixes[] = {"LOADING", "NOAUTH", "READONLY",
-					       "MASTERDOWN", "TRYAGAIN"};
+	/* "BUSY " with its space: BUSYKEY and BUSYGROUP are not transient */
+	static const char *const prefixes[] = {"LOADING ", "BUSY ", "NOAUTH ",
+					       "READONLY ", "MASTERDOWN ", "TRYAGAIN ",
+					       "CLUSTERDOWN "};
 	*notfound = false;
 	for (size_t i = 0; i < sizeof(prefixes) / sizeof(prefixes[0]); i++)
 		if (strncmp(s, prefixes[i], strlen(prefixes[i])) == 0)
@@ -921,6 +985,38 @@ static void wake(struct rq_queue *q, enum rq_queue_wake why)
 	leave(q);
 }
 
+static void ping_arm(struct rq_queue *q)
+{
+	if (q->sub_ping_ms <= 0 || !q->subl.ping_ev)
+		return;
+	struct timeval tv = ms_tv(q->sub_ping_ms);
+	evtimer_add(q->subl.ping_ev, &tv);
+}
+
+/* The liveness probe of the subscriber connection. Not a PING: hiredis 0.14
+ * hands the reply of a PING sent in subscribed mode to no callback. A
+ * SUBSCRIBE of the channel we are on changes nothing in Redis and its
+ * answer comes back to on_sub. */
+static void ping_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rq_queue *q = arg;
+	struct link *l = &q->subl;
+	if (q->destroying || l->state != RQ_QUEUE_READY || !l->conn || l->conn->dropping)
+		return;
+	if (l->ping_sent_ms < 0) {
+		if (redisAsyncCommand(l->conn->ac, on_sub, NULL, "SUBSCRIBE %s",
+				      q->channel) != REDIS_OK) {
+			drop_later(l, "redis: cannot send the subscriber ping");
+			return;
+		}
+		l->ping_sent_ms = mono_ms();
+		q->st.sub_pings++;
+		evtimer_del(q->wd_ev);
+		wd_arm(q);
+	}
+	ping_arm(q);
+}
+
 static void on_sub(redisAsyncContext *ac, void *reply, void *priv)
 {
 	struct conn *cn;
@@ -928,6 +1024,7 @@ static void on_sub(redisAsyncContext *ac, void *reply, void *priv)
 	redisReply *r = reply;
 	if (!q || !r)
 		return;
+	q->subl.ping_sent_ms = -1;   /* anything heard: the link is alive */
 	if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
 	    r->element[0]->type != REDIS_REPLY_STRING) {
 		if (r->type == REDIS_REPLY_ERROR)
@@ -936,7 +1033,10 @@ static void on_sub(redisAsyncContext *ac, void *reply, void *priv)
 	}
 	const char *type = r->element[0]->str;
 	if (strcmp(type, "subscribe") == 0) {
+		if (q->subl.state == RQ_QUEUE_READY)
+			return;   /* the answer to a liveness probe */
 		q->subl.state = RQ_QUEUE_READY;
+		ping_arm(q);
 		q->subl.backoff_ms = q->backoff_min;
 		q->st.subscribed = true;
 		wake(q, RQ_QUEUE_WAKE_CONNECT);
@@ -1206,6 +1306,8 @@ static int settle_parse(const redisReply *r, size_t n, enum rq_queue_settled *re
 			res[i] = RQ_QUEUE_SETTLE_HELD;
 		else if (strcmp(e->str, "lost") == 0)
 			res[i] = RQ_QUEUE_SETTLE_LOST;
+		else if (strcmp(e->str, "invalid") == 0)
+			res[i] = RQ_QUEUE_SETTLE_INVALID;
 		else
 			return -1;
 	}
@@ -1618,6 +1720,9 @@ struct rq_queue *rq_queue_create(struct event_base *base,
 	struct rq_queue *q = NULL;
 	char *url_pw = NULL;
 	char red[512];
+	struct rq_queue_url u;
+
+	memset(&u, 0, sizeof(u));
 
 	if (!base || !opts || !opts->url) {
 		snprintf(err, errlen, "redis URL missing");
@@ -1650,16 +1755,26 @@ struct rq_queue *rq_queue_create(struct event_base *base,
 		snprintf(err, errlen, "out of memory");
 		goto fail;
 	}
-	if (strncmp(opts->url, "unix:", 5) == 0) {
-		if (parse_unix(q, opts->url + 5, err, errlen) != 0)
-			goto fail;
-	} else if (strncmp(opts->url, "redis://", 8) == 0) {
-		if (parse_tcp(q, opts->url, &url_pw, err, errlen) != 0)
-			goto fail;
+	if (rq_queue_url_parse(opts->url, &u, err, errlen) != 0)
+		goto fail;
+	q->db = u.db;
+	if (u.is_unix) {
+		q->is_unix = true;
+		snprintf(q->path, sizeof(q->path), "%s", u.path);
 	} else {
-		snprintf(err, errlen, "redis URL must start with redis:// or unix: (got %s)", red);
+		q->port = u.port;
+		if (resolve_host(q, u.host, err, errlen) != 0)
+			goto fail;
+	}
+	if (u.user[0] && !(q->user = strdup(u.user))) {
+		snprintf(err, errlen, "out of memory");
 		goto fail;
 	}
+	if (u.has_password && !(url_pw = strdup(u.password))) {
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	rq_queue_url_wipe(&u);
 	int sources = (url_pw != NULL) + (opts->password_env != NULL) + (opts->password_file != NULL);
 	if (sources > 1) {
 		snprintf(err, errlen, "redis password given more than once (URL, password_env, password_file)");
@@ -1705,6 +1820,9 @@ struct rq_queue *rq_queue_create(struct event_base *base,
 	q->cmdl.kind = LINK_CMD;
 	q->subl.kind = LINK_SUB;
 	q->cmdl.backoff_ms = q->subl.backoff_ms = q->backoff_min;
+	q->cmdl.ping_sent_ms = q->subl.ping_sent_ms = -1;
+	q->sub_ping_ms = opts->sub_ping_ms == 0 ? RQ_QUEUE_SUB_PING_MS : opts->sub_ping_ms;
+	q->subl.ping_ev = evtimer_new(base, ping_cb, q);
 	q->cmdl.retry_ev = evtimer_new(base, retry_cb, &q->cmdl);
 	q->subl.retry_ev = evtimer_new(base, retry_cb, &q->subl);
 	q->wd_ev = evtimer_new(base, wd_cb, q);
@@ -1712,7 +1830,7 @@ struct rq_queue *rq_queue_create(struct event_base *base,
 	q->notify_ev = evtimer_new(base, notify_cb, q);
 	q->drop_ev = evtimer_new(base, drop_cb, q);
 	if (!q->cmdl.retry_ev || !q->subl.retry_ev || !q->wd_ev || !q->wake_ev ||
-	    !q->notify_ev || !q->drop_ev) {
+	    !q->notify_ev || !q->drop_ev || !q->subl.ping_ev) {
 		snprintf(err, errlen, "out of memory");
 		goto fail;
 	}
@@ -1720,6 +1838,7 @@ struct rq_queue *rq_queue_create(struct event_base *base,
 	link_connect(&q->subl);
 	return q;
 fail:
+	rq_queue_url_wipe(&u);
 	free_secret(url_pw);
 	if (q)
 		destroy_now(q);
@@ -1732,6 +1851,9 @@ static void link_close(struct link *l)
 	if (l->retry_ev)
 		event_free(l->retry_ev);
 	l->retry_ev = NULL;
+	if (l->ping_ev)
+		event_free(l->ping_ev);
+	l->ping_ev = NULL;
 	if (!cn)
 		return;
 	l->conn = NULL;

@@ -17,8 +17,15 @@
  * "2h", "5d", "1h30m").
  *
  * relayq.config keys and defaults:
- *   redis         "redis://127.0.0.1:6379/0"  (redis://host:port[/db] or
- *                 unix:/path)
+ *   redis         "redis://127.0.0.1:6379/0"  (any URL rq_queue_url_parse
+ *                 takes, queue.h: redis://[user:password@]host[:port][/db]
+ *                 or unix:/path[?db=N]; a password in it is warned about)
+ *   redis_password_file  a file whose first line is the Redis password
+ *                 (checked readable; warned when group/other can read it)
+ *   redis_password_env   an environment variable holding it (must be set)
+ *                 At most one password source: the URL or one of these.
+ *   redis_user    the Redis ACL user (not also in the URL; needs a
+ *                 password source)
  *   queue         "default"  (a name, or a list of names: [A-Za-z0-9_.:-],
  *                 1-64 bytes)
  *   relay         absent = deliver by MX. "[host]:port" (no MX lookup) or
@@ -102,6 +109,13 @@ struct rq_config_domain {
 struct rq_config {
 	char *path;                /* the file it came from, or NULL */
 	char *redis;
+	/* The Redis password sources besides the URL, for rq_queue_opts
+	 * (user, password_file, password_env); NULL when not set. The file is
+	 * not read here: the queue client reads it (and the variable) when it
+	 * is created. */
+	char *redis_user;
+	char *redis_password_file;
+	char *redis_password_env;
 	char *queues[RQ_CONFIG_QUEUES_MAX];
 	size_t nqueues;
 	char *relay_host;          /* NULL = MX delivery */

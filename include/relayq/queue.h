@@ -27,9 +27,23 @@
  * - hiredis 0.14 has no command timeouts: a watchdog drops the connection
  *   when the oldest command in flight (or the connect / setup) is older than
  *   cmd_timeout_ms, and the commands are retried on the next connection.
- * - Redis errors LOADING, NOAUTH, READONLY, MASTERDOWN, TRYAGAIN and
- *   "Function not found" are treated as transient: the connection is dropped
- *   and the command retried (the last one at most 3 times, then reported).
+ * - Redis errors LOADING, BUSY, NOAUTH, READONLY, MASTERDOWN, TRYAGAIN,
+ *   CLUSTERDOWN and "Function not found" are treated as transient: the
+ *   connection is dropped and the command retried ("Function not found" at
+ *   most 3 times, then reported). BUSY (another client's script or function
+ *   running past busy-reply-threshold; our command did not run) is retried
+ *   after the reconnect backoff, as long as it lasts.
+ * - Both connections use TCP keepalive. The subscriber connection, which
+ *   otherwise only reads, sends a liveness probe every
+ *   RQ_QUEUE_SUB_PING_MS once subscribed (a SUBSCRIBE of its channel again:
+ *   hiredis 0.14 hands the answer of a PING sent in subscribed mode to no
+ *   callback); when no answer comes within cmd_timeout_ms the connection is
+ *   dropped and resubscribed (followed by a RQ_QUEUE_WAKE_CONNECT), so a
+ *   half-open connection does not lose wake-ups for long.
+ * - Secrets: our copies of the password are wiped (explicit_bzero) when
+ *   freed. hiredis 0.14 formats the AUTH command into its output buffer and
+ *   frees that buffer without wiping it; we cannot reach it, so a copy of
+ *   the password may remain in freed heap memory.
  *
  * The process must ignore SIGPIPE (hiredis writes to a socket Redis may
  * have closed).
@@ -58,6 +72,7 @@ struct rq_queue;
 #define RQ_QUEUE_BACKOFF_MAX_DEFAULT_MS 5000
 #define RQ_QUEUE_NAME_MAX 200      /* bytes of a queue name */
 #define RQ_QUEUE_ID_MAX 32         /* bytes of a message id (contract) */
+#define RQ_QUEUE_SUB_PING_MS 30000 /* subscriber liveness PING interval */
 
 /* Status given to every command callback. */
 enum rq_queue_status {
@@ -84,9 +99,9 @@ enum rq_queue_conn_state {
 };
 
 struct rq_queue_opts {
-	/* "redis://[user:password@]host[:port][/db]" (host an IP literal, or a
-	 * name resolved once, blocking, by rq_queue_create; IPv6 in brackets;
-	 * user and password may be %-encoded) or "unix:/path[?db=N]". */
+	/* A Redis URL (see "Redis URLs" below): "redis://[user:password@]host
+	 * [:port][/db]" (host an IP literal, or a name resolved once, blocking,
+	 * by rq_queue_create) or "unix:/path[?db=N]". */
 	const char *url;
 	const char *queue;          /* queue name q: keys relayq:{q}:* */
 	/* Password sources besides the URL; at most one of the three may be
@@ -109,6 +124,9 @@ struct rq_queue_opts {
 	void (*on_state)(struct rq_queue *q, enum rq_queue_conn_state st,
 			 const char *err, void *arg);
 	void *arg;                  /* passed to on_wake and on_state */
+	/* Subscriber liveness probe interval; 0 = RQ_QUEUE_SUB_PING_MS, < 0 =
+	 * none. An unanswered probe drops the connection after cmd_timeout_ms. */
+	int sub_ping_ms;
 };
 
 /*
@@ -134,8 +152,63 @@ void rq_queue_destroy(struct rq_queue *q);
  * the queue. */
 const char *rq_queue_url_redacted(const struct rq_queue *q);
 
-/* Writes url to out (NUL-ended, truncated to outlen) with any password
- * replaced by "***". */
+/*
+ * ---- Redis URLs ----
+ *
+ * Every URL relayq takes (relayqd's config "redis", rq_queue_opts.url, the
+ * CLI's --redis / RELAYQ_REDIS) goes through rq_queue_url_parse:
+ *
+ *   redis://[[user]:password@]host[:port][/db]
+ *   redis://password@host[:port][/db]      (no ':': the whole userinfo is
+ *                                           the password, as redis-cli)
+ *   unix:/path/to/socket[?db=N]   unix:///path/to/socket[?db=N]
+ *
+ * host: a name of A-Z a-z 0-9 . - _, an IPv4 address, or an IPv6 address in
+ * brackets. port 1-65535 (default 6379), db 0-RQ_QUEUE_URL_DB_MAX (default
+ * 0). rediss:// (TLS), query strings and fragments are refused.
+ *
+ * Special characters in the user and password follow RFC 3986: the
+ * authority ends at the first '/', '?' or '#', and it may hold one '@'. So
+ * '@', '/', '?', '#' and '%' in a user or password MUST be %-encoded (%40,
+ * %2F, %3F, %23, %25), and so must ':' in a user (':' in a password may be
+ * written as it is: the password is everything after the user's ':'). Any
+ * byte may be %-encoded, except %00. Spaces and control characters must be
+ * %-encoded too (%20). Refused, with a hint, rather than guessed: a second
+ * '@' in the authority, and an '@' after the authority (e.g. a '#' or '/'
+ * in a password that was not encoded).
+ *
+ * Error texts never contain any part of the URL (so never the password).
+ */
+#define RQ_QUEUE_URL_MAX 4096           /* bytes of a URL */
+#define RQ_QUEUE_URL_USER_MAX 255       /* decoded bytes */
+#define RQ_QUEUE_URL_PASSWORD_MAX 1024  /* decoded bytes */
+#define RQ_QUEUE_URL_DB_MAX 1000000
+
+struct rq_queue_url {
+	bool is_unix;
+	char host[256];             /* TCP: name or address, no brackets */
+	int port;                   /* TCP: 6379 when not given */
+	int db;
+	char path[108];             /* unix: the socket path */
+	char user[RQ_QUEUE_URL_USER_MAX + 1];          /* decoded; "" none */
+	bool has_password;
+	/* decoded; secret: wipe with rq_queue_url_wipe() after use */
+	char password[RQ_QUEUE_URL_PASSWORD_MAX + 1];
+};
+
+/* Parses url into *out (no name resolution). Returns 0, or -1 with a reason
+ * in err (err may be NULL when errlen is 0; the reason never holds any of
+ * the URL). On failure *out holds no password. */
+int rq_queue_url_parse(const char *url, struct rq_queue_url *out, char *err,
+		       size_t errlen);
+
+/* Wipes the password in u (explicit_bzero). NULL is a no-op. */
+void rq_queue_url_wipe(struct rq_queue_url *u);
+
+/* Writes url to out (NUL-ended, truncated to outlen) for messages: a URL
+ * that parses is copied with the password replaced by "***"; one that does
+ * not parse is shown as its scheme followed by "..." (or just "..."), so a
+ * password never gets through whatever the input looks like. */
 void rq_queue_redact_url(const char *url, char *out, size_t outlen);
 
 /* The queue's key prefix "relayq:{q}". */
@@ -155,6 +228,7 @@ struct rq_queue_stats {
 	uint64_t sent;                   /* commands written (retries count) */
 	uint64_t retried;                /* commands sent again */
 	uint64_t wakes;                  /* on_wake calls */
+	uint64_t sub_pings;              /* subscriber liveness probes sent */
 	size_t queued;                   /* commands waiting to be sent */
 	size_t inflight;                 /* commands sent, reply not yet in */
 };
@@ -279,6 +353,9 @@ enum rq_queue_settled {
 	RQ_QUEUE_SETTLE_SCHEDULED,
 	RQ_QUEUE_SETTLE_HELD,
 	RQ_QUEUE_SETTLE_LOST,       /* lease not held: nothing written */
+	RQ_QUEUE_SETTLE_INVALID,    /* the entry was refused by relayq_settle
+				       (malformed outcome): nothing written
+				       for that message */
 };
 
 /* res: one status per message, in order (n of them), valid during the call;

@@ -282,8 +282,11 @@ static void wrong_types_and_ranges(void **state)
 		{"queue = 'no spaces'", "is not a queue name"},
 		{"queue = { 'a', 3 }", "queue: expected a string"},
 		{"queue = { 'a', 'a' }", "listed twice"},
-		{"redis = 'http://x'", "redis: \"http://x\" is not"},
-		{"redis = 'redis://host:99999'", "is not redis://"},
+		{"redis = 'http://x'", "redis: \"...\" is not a Redis URL (redis URL: must start"},
+		{"redis = 'redis://host:99999'", "redis: \"redis://...\" is not a Redis URL"},
+		{"redis_user = ''", "redis_user: must be 1 to 255 bytes"},
+		{"redis_password_file = 5", "redis_password_file: expected a string"},
+		{"redis_password_env = 'A\\nB'", "redis_password_env: control character"},
 		{"log_format = 'xml'", "log_format"},
 		{"log_level = 'loud'", "log_level"},
 		{"events_cap = -1", "events_cap: -1 is out of range"},
@@ -370,6 +373,111 @@ static void auth_sources(void **state)
 	assert_non_null(c);
 	assert_true(has_problem(&d, 1, true, "readable by group or others"));
 	rq_config_destroy(c);
+}
+
+/* Text rq_config_check prints for a config file (stdout + stderr). */
+static char *check_text(const char *text, int *rc)
+{
+	const char *path = write_file("check.lua", text);
+	char *out = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&out, &len);
+	assert_non_null(f);
+	*rc = rq_config_check(path, f, f);
+	fclose(f);
+	return out;
+}
+
+static void redis_url_and_password_sources(void **state)
+{
+	(void)state;
+	struct rq_config_diag d;
+	int rc;
+	/* The URL may carry a user and a password (%-encoded): accepted with
+	 * a warning that never shows the password. */
+	char *out = check_text("relayq.config {\n"
+			       "  redis = 'redis://app:s3cr%40t:x@127.0.0.1:6379/0' }\n", &rc);
+	assert_int_equal(rc, 0);
+	assert_non_null(strstr(out, "a password in the URL"));
+	assert_null(strstr(out, "s3cr"));
+	free(out);
+	/* Broken URLs: the message never holds the password, whatever its
+	 * shape (no "://", unencoded '#', '?', second '@'). */
+	const char *bad[] = {
+		"redis:/:s3cretpw@127.0.0.1",
+		"redis://:s3cret#pw@127.0.0.1",
+		"redis://:s3cret?pw@127.0.0.1",
+		"redis://:s3cret@pw@127.0.0.1",
+		"redis://:s3cretpw@127.0.0.1:99999",
+		"redis://:s3cretpw@127.0.0.1/x",
+		"redis://:%zzs3cretpw@127.0.0.1",
+		"s3cretpw",
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char text[300];
+		snprintf(text, sizeof(text), "relayq.config { redis = '%s' }\n", bad[i]);
+		out = check_text(text, &rc);
+		if (rc != 1 || !strstr(out, "is not a Redis URL") || strstr(out, "s3cret"))
+			fail_msg("URL %s: rc %d, output %s", bad[i], rc, out);
+		free(out);
+	}
+
+	/* The password from a file or an environment variable. */
+	char pw[512];
+	snprintf(pw, sizeof(pw), "%s", write_file("redis.pw", "from-file\n"));
+	chmod(pw, 0600);
+	char text[800];
+	snprintf(text, sizeof(text), "relayq.config {\n redis = 'redis://127.0.0.1',\n"
+		 " redis_user = 'app', redis_password_file = '%s' }\n", pw);
+	struct rq_config *c = load(text, &d);
+	if (!c)
+		dump(&d);
+	assert_non_null(c);
+	assert_int_equal(d.warnings, 0);
+	assert_string_equal(c->redis_user, "app");
+	assert_string_equal(c->redis_password_file, pw);
+	assert_null(c->redis_password_env);
+	rq_config_destroy(c);
+
+	setenv("RQ_TEST_REDIS_PW", "from-env", 1);
+	c = load("relayq.config { redis_password_env = 'RQ_TEST_REDIS_PW' }\n", &d);
+	assert_non_null(c);
+	assert_string_equal(c->redis_password_env, "RQ_TEST_REDIS_PW");
+	assert_null(c->redis_user);
+	assert_null(c->redis_password_file);
+	rq_config_destroy(c);
+
+	/* Mistakes. */
+	c = load("relayq.config {\n redis_password_env = 'RQ_TEST_UNSET_Z' }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 1, false, "redis_password_env: RQ_TEST_UNSET_Z is not set"));
+	c = load("relayq.config {\n redis_password_file = '/nonexistent/pw' }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 1, false, "redis_password_file: cannot open /nonexistent/pw"));
+	c = load("relayq.config {\n redis = 'redis://:p@127.0.0.1',\n"
+		 " redis_password_env = 'RQ_TEST_REDIS_PW' }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 1, false, "give the password once"));
+	snprintf(text, sizeof(text), "relayq.config {\n redis_password_file = '%s',\n"
+		 " redis_password_env = 'RQ_TEST_REDIS_PW' }\n", pw);
+	c = load(text, &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 1, false, "give the password once"));
+	c = load("relayq.config {\n redis_user = 'app' }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 1, false, "a Redis user needs a password"));
+	c = load("relayq.config {\n redis = 'redis://u:p@127.0.0.1', redis_user = 'app' }\n", &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 1, false, "the redis URL has a user already"));
+	/* a password file others can read is a warning */
+	chmod(pw, 0644);
+	snprintf(text, sizeof(text), "relayq.config { redis_password_file = '%s' }\n", pw);
+	c = load(text, &d);
+	assert_non_null(c);
+	assert_true(has_problem(&d, 1, true, "redis_password_file: "));
+	assert_true(has_problem(&d, 1, true, "readable by group or others"));
+	rq_config_destroy(c);
+	unsetenv("RQ_TEST_REDIS_PW");
 }
 
 static void domains(void **state)
@@ -571,6 +679,7 @@ int main(void)
 		cmocka_unit_test(unknown_key_has_its_line),
 		cmocka_unit_test(wrong_types_and_ranges),
 		cmocka_unit_test(auth_sources),
+		cmocka_unit_test(redis_url_and_password_sources),
 		cmocka_unit_test(domains),
 		cmocka_unit_test(lua_errors_and_env),
 		cmocka_unit_test(check_output),
