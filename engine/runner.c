@@ -189,11 +189,18 @@ static void log_rcpt(struct rq_runner *r, const struct rmsg *m, const struct rrc
 		snprintf(text, sizeof(text), "%s: %s", rq_fail_name(rc->o.fail), rc->o.text);
 	else
 		snprintf(text, sizeof(text), "%s", rc->has_outcome ? rc->o.text : "");
-	rq_log(lvl, event, "queue", r->queue_name, "id", m->qm->id, "rcpt", rc->addr,
-	       "host", host ? host : "", "code", code, "enhanced", rc->o.enhanced,
-	       "text", text, "stage", stage, "attempt", attempt,
-	       "next", next, "after", after, "rule", rule ? rule : "",
-	       "reason", reason ? reason : "", "delay", delay, NULL);
+	if (next[0])
+		rq_log(lvl, event, "queue", r->queue_name, "id", m->qm->id, "rcpt", rc->addr,
+		       "host", host ? host : "", "code", code, "enhanced", rc->o.enhanced,
+		       "text", text, "stage", stage, "attempt", attempt,
+		       "next", next, "after", after, "rule", rule ? rule : "",
+		       "reason", reason ? reason : "", "delay", delay, NULL);
+	else
+		rq_log(lvl, event, "queue", r->queue_name, "id", m->qm->id, "rcpt", rc->addr,
+		       "host", host ? host : "", "code", code, "enhanced", rc->o.enhanced,
+		       "text", text, "stage", stage, "attempt", attempt,
+		       "rule", rule ? rule : "", "reason", reason ? reason : "",
+		       "delay", delay, NULL);
 }
 
 /* ------------------------------------------------------------------------
