@@ -30,6 +30,7 @@
 #include "relayq/config.h"
 #include "relayq/fnlib.h"
 #include "relayq/json.h"
+#include "relayq/queue.h"
 
 #define EXIT_OPERATION 1
 #define EXIT_USAGE 2
@@ -61,8 +62,11 @@ struct cli {
 	const char *redis_url;     /* --redis */
 	const char *queue;         /* --queue */
 	const char *password_file; /* --redis-password-file */
-	char *config_redis;        /* from -c */
+	char *config_redis;        /* from -c (may hold a password: wiped) */
 	char *config_queue;
+	char *config_user;         /* -c: redis_user */
+	char *config_password_file;    /* -c: redis_password_file */
+	char *config_password_env;     /* -c: redis_password_env */
 	struct target t;
 	char qname[QUEUE_MAX + 1];
 	char prefix[QUEUE_MAX + 16];   /* relayq:{<queue>} */
@@ -85,8 +89,10 @@ static void errorf(const char *fmt, ...)
 }
 
 /* Copies untrusted text for a terminal: control bytes become escapes
- * (\r, \n, \t, \xNN); at most max display characters (0: no limit), "..."
- * when cut. Returns a malloc'd string (never NULL: aborts on OOM). */
+ * (\r, \n, \t, \xNN), and so do the UTF-8 encoded C1 controls U+0080 to
+ * U+009F (bytes C2 80 .. C2 9F, shown as \xc2\xNN: some terminals act on
+ * them as on ESC sequences); at most max display characters (0: no
+ * limit), "..." when cut. Returns a malloc'd string (never NULL: aborts on OOM). */
 static char *clean(const char *s, size_t len, size_t max)
 {
 	char *out = malloc(len * 4 + 4);
@@ -101,6 +107,13 @@ static char *clean(const char *s, size_t len, size_t max)
 			memcpy(out + n, "...", 3);
 			n += 3;
 			break;
+		}
+		if (c == 0xc2 && i + 1 < len && (unsigned char)s[i + 1] >= 0x80 &&
+		    (unsigned char)s[i + 1] <= 0x9f) {
+			n += (size_t)sprintf(out + n, "\\xc2\\x%02x", (unsigned char)s[i + 1]);
+			shown += 8;
+			i++;
+			continue;
 		}
 		if (c < 0x20 || c == 0x7f) {
 			const char *e = c == '\r' ? "\\r" : c == '\n' ? "\\n" : c == '\t' ? "\\t" : NULL;
@@ -295,198 +308,61 @@ static void target_clear(struct target *t)
 	memset(t, 0, sizeof(*t));
 }
 
-/* Decodes %XX in place; false when malformed. */
-static bool percent_decode(char *s)
+/* t->shown: the target without its password. */
+static void target_show(struct target *t)
 {
-	char *o = s;
-	for (char *p = s; *p; p++) {
-		if (*p == '%') {
-			if (!isxdigit((unsigned char)p[1]) || !isxdigit((unsigned char)p[2]))
-				return false;
-			char hex[3] = {p[1], p[2], 0};
-			*o++ = (char)strtol(hex, NULL, 16);
-			p += 2;
-		} else {
-			*o++ = *p;
-		}
-	}
-	*o = '\0';
-	return true;
-}
-
-static bool parse_uint(const char *s, size_t len, long max, long *out)
-{
-	if (len == 0 || len > 10)
-		return false;
-	long v = 0;
-	for (size_t i = 0; i < len; i++) {
-		if (!isdigit((unsigned char)s[i]))
-			return false;
-		v = v * 10 + (s[i] - '0');
-	}
-	if (v > max)
-		return false;
-	*out = v;
-	return true;
-}
-
-/* A URL for messages when it does not parse: never show what could be a
- * password (anything before the last '@'). */
-static void redact_raw(const char *url, char *out, size_t len)
-{
-	const char *at = strrchr(url, '@');
-	char *c = clean_str(at ? at + 1 : url, 80);
-	snprintf(out, len, "%s%s", at ? "***@" : "", c);
-	free(c);
-}
-
-/* Parses redis://[user:password@]host[:port][/db] or unix:/path[?db=N]. */
-static int target_parse(struct target *t, const char *url, char *err, size_t errlen)
-{
-	char *copy = NULL;
-	int rc = -1;
-	memset(t, 0, sizeof(*t));
-	t->port = 6379;
-	if (strncmp(url, "unix:", 5) == 0) {
-		const char *p = url + 5;
-		if (strncmp(p, "//", 2) == 0)
-			p += 2;
-		const char *q = strchr(p, '?');
-		size_t plen = q ? (size_t)(q - p) : strlen(p);
-		if (plen == 0 || p[0] != '/' || plen >= sizeof(t->path)) {
-			snprintf(err, errlen, "expected unix:/path/to/socket");
-			goto cleanup;
-		}
-		if (q) {
-			long db;
-			if (strncmp(q, "?db=", 4) != 0 || !parse_uint(q + 4, strlen(q + 4), 100000, &db)) {
-				snprintf(err, errlen, "expected unix:/path or unix:/path?db=N");
-				goto cleanup;
-			}
-			t->db = (int)db;
-		}
-		t->unix_socket = true;
-		memcpy(t->path, p, plen);
-		t->path[plen] = '\0';
+	if (t->unix_socket) {
 		char *c = clean_str(t->path, 200);
 		if (t->db)
 			snprintf(t->shown, sizeof(t->shown), "unix:%s?db=%d", c, t->db);
 		else
 			snprintf(t->shown, sizeof(t->shown), "unix:%s", c);
 		free(c);
-		rc = 0;
-		goto cleanup;
+		return;
 	}
-	if (strncmp(url, "rediss://", 9) == 0) {
-		snprintf(err, errlen, "TLS (rediss://) is not supported by this build");
+	char *user = clean_str(t->user, 100);
+	bool v6 = strchr(t->host, ':') != NULL;
+	snprintf(t->shown, sizeof(t->shown), "redis://%s%s%s%s%s%s:%d/%d",
+			user, t->password ? ":***" : "",
+			(t->user[0] || t->password) ? "@" : "",
+			v6 ? "[" : "", t->host, v6 ? "]" : "", t->port, t->db);
+	free(user);
+}
+
+/* A URL for messages when it does not parse: queue.h's redaction, which
+ * shows nothing that could be a password. */
+static void redact_raw(const char *url, char *out, size_t len)
+{
+	char red[1200];
+	rq_queue_redact_url(url, red, sizeof(red));
+	char *c = clean_str(red, 120);
+	snprintf(out, len, "%s", c);
+	free(c);
+}
+
+/* Parses a Redis URL with the parser relayqd uses (rq_queue_url_parse:
+ * redis://[user:password@]host[:port][/db] or unix:/path[?db=N]). */
+static int target_parse(struct target *t, const char *url, char *err, size_t errlen)
+{
+	struct rq_queue_url u;
+	int rc = -1;
+	memset(t, 0, sizeof(*t));
+	if (rq_queue_url_parse(url, &u, err, errlen) != 0)
 		goto cleanup;
-	}
-	if (strncmp(url, "redis://", 8) != 0) {
-		snprintf(err, errlen, "expected redis://[user:password@]host:port/db or unix:/path");
-		goto cleanup;
-	}
-	copy = strdup(url + 8);
-	if (!copy) {
+	t->unix_socket = u.is_unix;
+	t->port = u.port;
+	t->db = u.db;
+	snprintf(t->path, sizeof(t->path), "%s", u.path);
+	snprintf(t->host, sizeof(t->host), "%s", u.host);
+	snprintf(t->user, sizeof(t->user), "%s", u.user);
+	if (u.has_password && !(t->password = strdup(u.password))) {
 		snprintf(err, errlen, "out of memory");
 		goto cleanup;
 	}
-	char *auth = copy;
-	char *hostpart = copy;
-	char *slash = strchr(copy, '/');
-	char *at = strrchr(copy, '@');
-	if (slash && at && at > slash)
-		at = NULL;          /* '@' in the path: not userinfo */
-	if (at) {
-		*at = '\0';
-		hostpart = at + 1;
-		char *colon = strchr(auth, ':');
-		if (colon) {
-			*colon = '\0';
-			if (!percent_decode(colon + 1)) {
-				snprintf(err, errlen, "bad %%-escape in the password");
-				goto cleanup;
-			}
-			if (colon[1]) {
-				t->password = strdup(colon + 1);
-				if (!t->password) {
-					snprintf(err, errlen, "out of memory");
-					goto cleanup;
-				}
-			}
-		}
-		if (!percent_decode(auth) || strlen(auth) >= sizeof(t->user)) {
-			snprintf(err, errlen, "bad user name");
-			goto cleanup;
-		}
-		strcpy(t->user, auth);
-	}
-	slash = strchr(hostpart, '/');
-	if (slash) {
-		*slash = '\0';
-		long db = 0;
-		if (slash[1] && !parse_uint(slash + 1, strlen(slash + 1), 100000, &db)) {
-			snprintf(err, errlen, "the database after '/' must be a number");
-			goto cleanup;
-		}
-		t->db = (int)db;
-	}
-	char *portstr = NULL;
-	if (hostpart[0] == '[') {
-		char *close = strchr(hostpart, ']');
-		if (!close) {
-			snprintf(err, errlen, "unterminated [IPv6] host");
-			goto cleanup;
-		}
-		*close = '\0';
-		if (close[1] == ':')
-			portstr = close + 2;
-		else if (close[1]) {
-			snprintf(err, errlen, "unexpected text after ]");
-			goto cleanup;
-		}
-		hostpart++;
-	} else {
-		char *colon = strchr(hostpart, ':');
-		if (colon) {
-			*colon = '\0';
-			portstr = colon + 1;
-		}
-	}
-	if (!hostpart[0] || strlen(hostpart) >= sizeof(t->host)) {
-		snprintf(err, errlen, "missing host");
-		goto cleanup;
-	}
-	for (const char *h = hostpart; *h; h++) {
-		if (!isalnum((unsigned char)*h) && !strchr(".-_:", *h)) {
-			snprintf(err, errlen, "invalid character in the host");
-			goto cleanup;
-		}
-	}
-	strcpy(t->host, hostpart);
-	if (portstr) {
-		long port;
-		if (!parse_uint(portstr, strlen(portstr), 65535, &port) || port == 0) {
-			snprintf(err, errlen, "the port must be 1-65535");
-			goto cleanup;
-		}
-		t->port = (int)port;
-	}
-	bool v6 = strchr(t->host, ':') != NULL;
-	snprintf(t->shown, sizeof(t->shown), "redis://%s%s%s%s%s%s:%d/%d",
-			t->user, t->password ? ":***" : "",
-			(t->user[0] || t->password) ? "@" : "",
-			v6 ? "[" : "", t->host, v6 ? "]" : "", t->port, t->db);
+	target_show(t);
 	rc = 0;
 cleanup:
-	free(copy);
-	if (rc < 0) {
-		char *pw = t->password;
-		t->password = NULL;
-		if (pw) {
-			explicit_bzero(pw, strlen(pw));
-			free(pw);
-		}
-	}
+	rq_queue_url_wipe(&u);
 	return rc;
 }
 
@@ -549,6 +425,14 @@ static int load_config(struct cli *cli)
 		goto cleanup;
 	if (cfg->nqueues > 0 && !(cli->config_queue = strdup(cfg->queues[0])))
 		goto cleanup;
+	if (cfg->redis_user && !(cli->config_user = strdup(cfg->redis_user)))
+		goto cleanup;
+	if (cfg->redis_password_file &&
+	    !(cli->config_password_file = strdup(cfg->redis_password_file)))
+		goto cleanup;
+	if (cfg->redis_password_env &&
+	    !(cli->config_password_env = strdup(cfg->redis_password_env)))
+		goto cleanup;
 	rc = 0;
 cleanup:
 	if (rc < 0)
@@ -583,8 +467,31 @@ static int cli_resolve(struct cli *cli)
 				"use RELAYQ_REDIS_PASSWORD or --redis-password-file", cli->t.shown);
 		return EXIT_USAGE;
 	}
-	if (cli->password_file) {
-		char *pw = read_password_file(cli->password_file);
+	/* the user and password sources of relayqd's config (-c), when the
+	 * URL comes from it too */
+	bool cfg_target = url == cli->config_redis && url;
+	if (cfg_target && cli->config_user && !cli->t.user[0]) {
+		snprintf(cli->t.user, sizeof(cli->t.user), "%s", cli->config_user);
+		target_show(&cli->t);
+	}
+	const char *pw_file = cli->password_file;
+	if (!pw_file && cfg_target && !cli->t.password)
+		pw_file = cli->config_password_file;
+	if (!pw_file && cfg_target && !cli->t.password && cli->config_password_env) {
+		const char *env = getenv(cli->config_password_env);
+		if (!env || !*env) {
+			errorf("redis_password_env of %s: %s is not set", cli->config_path,
+					cli->config_password_env);
+			return EXIT_OPERATION;
+		}
+		if (!(cli->t.password = strdup(env))) {
+			errorf("out of memory");
+			return EXIT_OPERATION;
+		}
+		target_show(&cli->t);
+	}
+	if (pw_file) {
+		char *pw = read_password_file(pw_file);
 		if (!pw)
 			return EXIT_OPERATION;
 		if (cli->t.password) {
@@ -592,6 +499,7 @@ static int cli_resolve(struct cli *cli)
 			free(cli->t.password);
 		}
 		cli->t.password = pw;
+		target_show(&cli->t);
 	} else if (!cli->t.password) {
 		const char *env = getenv("RELAYQ_REDIS_PASSWORD");
 		if (env && *env && !(cli->t.password = strdup(env))) {
@@ -779,9 +687,15 @@ static void cli_close(struct cli *cli)
 		redisFree(cli->rc);
 	cli->rc = NULL;
 	target_clear(&cli->t);
+	if (cli->config_redis)
+		explicit_bzero(cli->config_redis, strlen(cli->config_redis));
 	free(cli->config_redis);
 	free(cli->config_queue);
+	free(cli->config_user);
+	free(cli->config_password_file);
+	free(cli->config_password_env);
 	cli->config_redis = cli->config_queue = NULL;
+	cli->config_user = cli->config_password_file = cli->config_password_env = NULL;
 }
 
 /* Redis time in ms; 0 after printing an error. */

@@ -398,9 +398,10 @@ int rq_queue_url_parse(const char *url, struct rq_queue_url *u, char *err,
 				"user or password as %2F, %3F, %23)");
 	if (at) {
 		const char *colon = memchr(auth, ':', (size_t)(at - auth));
-		const char *pw = colon ? colon + 1 : auth;
-		if (colon && colon > auth) {
-			int r = pct_decode(auth, (size_t)(colon - auth), u->user, sizeof(u->user));
+		const char *uend = colon ? colon : at;
+		const char *pw = colon ? colon + 1 : at;
+		if (uend > auth) {
+			int r = pct_decode(auth, (size_t)(uend - auth), u->user, sizeof(u->user));
 			if (r != 0)
 				return url_fail(u, err, errlen, r == -2 ? "user name too long"
 						: "bad %-escape in the user name");
@@ -498,13 +499,15 @@ void rq_queue_redact_url(const char *url, char *out, size_t outlen)
 		snprintf(out, outlen, "%s", url);
 		return;
 	}
-	/* the user as written (validated: printable), never the password */
+	/* the user as written (validated: printable), never the password; a
+	 * userinfo without ':' is a user, but is hidden too: redis-cli takes
+	 * it for a password */
 	const char *colon = memchr(auth, ':', (size_t)(at - auth));
 	if (colon)
 		snprintf(out, outlen, "redis://%.*s%s%s", (int)(colon - auth), auth,
 			 has_pw ? ":***" : ":", at);
 	else
-		snprintf(out, outlen, "redis://%s%s", has_pw ? "***" : "", at);
+		snprintf(out, outlen, "redis://%s%s", at > auth ? "***" : "", at);
 }
 
 static int resolve_host(struct rq_queue *q, const char *host, char *err, size_t errlen)
@@ -1812,7 +1815,8 @@ struct rq_queue *rq_queue_create(struct event_base *base,
 		}
 	}
 	if (q->user && !q->password) {
-		snprintf(err, errlen, "redis user given without a password");
+		snprintf(err, errlen, "redis user given without a password (a password "
+			 "alone goes in the URL as redis://:password@host)");
 		goto fail;
 	}
 

@@ -158,9 +158,8 @@ const char *rq_queue_url_redacted(const struct rq_queue *q);
  * Every URL relayq takes (relayqd's config "redis", rq_queue_opts.url, the
  * CLI's --redis / RELAYQ_REDIS) goes through rq_queue_url_parse:
  *
- *   redis://[[user]:password@]host[:port][/db]
- *   redis://password@host[:port][/db]      (no ':': the whole userinfo is
- *                                           the password, as redis-cli)
+ *   redis://[user[:password]@]host[:port][/db]
+ *   redis://:password@host[:port][/db]     (a password without a user)
  *   unix:/path/to/socket[?db=N]   unix:///path/to/socket[?db=N]
  *
  * host: a name of A-Z a-z 0-9 . - _, an IPv4 address, or an IPv6 address in
@@ -176,6 +175,11 @@ const char *rq_queue_url_redacted(const struct rq_queue *q);
  * %-encoded too (%20). Refused, with a hint, rather than guessed: a second
  * '@' in the authority, and an '@' after the authority (e.g. a '#' or '/'
  * in a password that was not encoded).
+ *
+ * A userinfo without ':' is a user name (RFC 3986; redis-cli would take
+ * it for a password: rq_queue_create then refuses "a user without a
+ * password" unless password_env / password_file give one, and the
+ * redaction hides such a userinfo too).
  *
  * Error texts never contain any part of the URL (so never the password).
  */
