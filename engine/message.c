@@ -7,20 +7,37 @@
 
 /*
  * Envelope addresses (RFC 5321 4.1.2, 4.5.3.1; RFC 6531 for UTF-8) and the
- * DATA writer (RFC 5321 4.5.2 transparency, 4.5.3.1.6 line length).
+ * DATA writer (RFC 5321 4.5.2 transparency, 4.5.3.1.6 line length; RFC 5322
+ * 2.1 header section, 2.2.3 folding).
  *
- * Line length: a body line longer than RQ_LINE_MAX (998) octets is broken
- * by inserting CRLF after every 998 octets of the line, as Postfix's smtp
- * client does with smtp_line_length_limit = 998 (and, like it, without
- * folding whitespace: a receiver sees two lines). The count is of body
+ * The content handed in (called body in the API) is a whole message: header
+ * section, empty line, body. Header section: from the start of the content
+ * up to and including its first empty line (a line ending at the very start
+ * of the content, or right after another line ending; each of the two may
+ * be CRLF or a bare LF). Everything after it is the body; content without
+ * an empty line is all header section.
+ *
+ * Line endings: CRLF and a bare LF end a line everywhere; each goes out as
+ * CRLF. A bare CR (a CR not followed by LF) ends a line in the body (it
+ * goes out as CRLF) but not in the header section, where it is replaced by
+ * a space: apps' header-injection filters often reject LF only, and a CR
+ * that became CRLF would start a header field of its own ("Subject:
+ * hi\rBcc: x"). An empty body becomes ".\r\n" alone (a message of no
+ * lines); any other body that does not end with a line ending gets CRLF
+ * before ".\r\n".
+ *
+ * Line length: a line longer than RQ_LINE_MAX (998) octets is broken by
+ * inserting CRLF SP, as Postfix's smtp client does with
+ * smtp_line_length_limit = 998 ("by inserting <CR><LF><SPACE>", postconf(5)).
+ * The SP counts in the new wire line, so every wire line holds at most 998
+ * octets (a long line is broken after 998 octets, then after every 997
+ * more). In the header section the rest thus becomes a folded continuation
+ * of the same field (RFC 5322 2.2.3), never a field of its own; in the body
+ * a receiver sees a new line starting with SP. The count is of content
  * octets: a dot added for transparency is not counted (RFC 5321 4.5.3.1.6:
- * "not counting the leading dot duplicated for transparency"). A piece that
- * starts a new wire line after a break is dot-stuffed like any other line,
- * so a break never lets a "." line end the data early.
- *
- * Line endings: CRLF is kept, a bare LF or a bare CR becomes CRLF. An empty
- * body becomes ".\r\n" alone (a message of no lines); any other body that
- * does not end with a line ending gets CRLF before ".\r\n".
+ * "not counting the leading dot duplicated for transparency"). A
+ * continuation starts with SP, so it never needs dot-stuffing and a break
+ * never lets a "." line end the data early.
  */
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -246,9 +263,11 @@ struct sink {
 
 static int scan(struct sink *s, const char *body, size_t len)
 {
-	size_t start = 0;  /* first body byte not yet handed to the sink */
-	size_t col = 0;    /* body octets on the current wire line */
-	bool bol = true;   /* at the start of a wire line */
+	size_t start = 0;   /* first body byte not yet handed to the sink */
+	size_t col = 0;     /* octets on the current wire line (a continuation's
+			       SP counts, a stuffed dot does not); 0 only at the
+			       start of a line, never after a break */
+	bool header = true; /* in the header section */
 
 #define FLUSH(end) do { \
 		if ((end) > start && s->run(s, body + start, (end) - start) < 0) \
@@ -262,39 +281,43 @@ static int scan(struct sink *s, const char *body, size_t len)
 
 	for (size_t i = 0; i < len; i++) {
 		char c = body[i];
-		if (c == '\r') {
-			if (i + 1 < len && body[i + 1] == '\n') {
+		if (c == '\r' || c == '\n') {
+			bool eol = true;
+			if (c == '\n') {
+				FLUSH(i); /* bare LF: add the CR before it */
+				PUT("\r");
+			} else if (i + 1 < len && body[i + 1] == '\n') {
 				i++; /* CRLF: kept as is */
-			} else {
-				FLUSH(i + 1); /* bare CR: add the LF */
+			} else if (!header) {
+				FLUSH(i + 1); /* bare CR in the body: add the LF */
 				PUT("\n");
+			} else {
+				eol = false; /* bare CR in the header section: a space */
 			}
-			col = 0;
-			bol = true;
-			continue;
-		}
-		if (c == '\n') {
-			FLUSH(i); /* bare LF: add the CR before it */
-			PUT("\r");
-			col = 0;
-			bol = true;
-			continue;
+			if (eol) {
+				if (col == 0)
+					header = false; /* an empty line */
+				col = 0;
+				continue;
+			}
 		}
 		if (col == RQ_LINE_MAX) {
 			FLUSH(i);
-			PUT("\r\n");
-			col = 0;
-			bol = true;
+			PUT("\r\n "); /* a continuation line: the SP is octet 1 */
+			col = 1;
 		}
-		if (bol && c == '.') {
+		if (c == '\r') {
+			FLUSH(i);
+			PUT(" ");
+			start = i + 1;
+		} else if (col == 0 && c == '.') {
 			FLUSH(i);
 			PUT(".");
 		}
-		bol = false;
 		col++;
 	}
 	FLUSH(len);
-	if (!bol)
+	if (col > 0)
 		PUT("\r\n");
 	PUT(".\r\n");
 	return 0;

@@ -205,76 +205,295 @@ static void dot_stuffing_and_line_endings(void **state)
 	EXPECT(".starts\r\nbody\r\n", "..starts\r\nbody\r\n.\r\n");
 	EXPECT("a\n.\nb", "a\r\n..\r\nb\r\n.\r\n");          /* "\n.\n" */
 	EXPECT("\n.\n", "\r\n..\r\n.\r\n");
-	EXPECT("a\rb", "a\r\nb\r\n.\r\n");                   /* bare CR */
-	EXPECT("a\r.\r", "a\r\n..\r\n.\r\n");
-	EXPECT("a\r\r\nb", "a\r\n\r\nb\r\n.\r\n");           /* CR then CRLF */
-	EXPECT("a\n\rb", "a\r\n\r\nb\r\n.\r\n");             /* LF then CR */
 	EXPECT("a\r\nb\r\n", "a\r\nb\r\n.\r\n");             /* CRLF kept */
 	EXPECT("no final newline", "no final newline\r\n.\r\n");
 	EXPECT("x.y\r\n a.\r\n", "x.y\r\n a.\r\n.\r\n");     /* dots not at line start */
 	EXPECT("\r\n", "\r\n.\r\n");
 	EXPECT("\n", "\r\n.\r\n");
-	EXPECT("\r", "\r\n.\r\n");
 	EXPECT("caf\xc3\xa9\n", "caf\xc3\xa9\r\n.\r\n");     /* 8-bit passes */
 	EXPECT("a\0b\n", "a\0b\r\n.\r\n");                    /* NUL passes as data */
+	/* in the body (after the first empty line) a bare CR ends a line */
+	EXPECT("S: x\r\n\r\na\rb", "S: x\r\n\r\na\r\nb\r\n.\r\n");
+	EXPECT("S: x\r\n\r\na\r.\r", "S: x\r\n\r\na\r\n..\r\n.\r\n");
+	EXPECT("S: x\r\n\r\na\r\r\nb", "S: x\r\n\r\na\r\n\r\nb\r\n.\r\n"); /* CR, CRLF */
+	EXPECT("S: x\r\n\r\na\n\rb", "S: x\r\n\r\na\r\n\r\nb\r\n.\r\n");   /* LF, CR */
+	EXPECT("S: x\r\n\r\n\r", "S: x\r\n\r\n\r\n.\r\n");
+	EXPECT("\r\n\r", "\r\n\r\n.\r\n");   /* no header section: all body */
+}
+
+/* A bare CR in the header section is a space, never a line ending. */
+static void header_bare_cr(void **state)
+{
+	(void)state;
+	/* the reviewer's case: a CR smuggled past an app's LF-only filter */
+	EXPECT("Subject: hi\rBcc: x", "Subject: hi Bcc: x\r\n.\r\n");
+	EXPECT("From: a@example.com\r\nSubject: hi\rBcc: x\r\n\r\nbody\r\n",
+	       "From: a@example.com\r\nSubject: hi Bcc: x\r\n\r\nbody\r\n.\r\n");
+	EXPECT("Subject: hi\rBcc: x\n\nbody\rmore\n",
+	       "Subject: hi Bcc: x\r\n\r\nbody\r\nmore\r\n.\r\n");
+	EXPECT("Subject: a\r\rb", "Subject: a  b\r\n.\r\n");
+	EXPECT("Subject: a\r\r\nTo: b", "Subject: a \r\nTo: b\r\n.\r\n");  /* CR, CRLF */
+	EXPECT("Subject: x\r", "Subject: x \r\n.\r\n");                     /* at the end */
+	EXPECT("\r", " \r\n.\r\n");
+	EXPECT("\rX: 1\r\n\r\nb\r", " X: 1\r\n\r\nb\r\n.\r\n");
+	/* a CR at the start of a header line does not make it an empty line:
+	 * the header section goes on */
+	EXPECT("A: 1\r\n\rB: 2\r\n\r\nc\rd", "A: 1\r\n B: 2\r\n\r\nc\r\nd\r\n.\r\n");
+	EXPECT("A: 1\r\n\r\r\nB: 2\rC", "A: 1\r\n \r\nB: 2 C\r\n.\r\n");
+	/* neither does a line of white space */
+	EXPECT("A: 1\r\n \r\nB\rC", "A: 1\r\n \r\nB C\r\n.\r\n");
+	/* a bare LF is a line ending in the header section too (documented) */
+	EXPECT("Subject: hi\nBcc: x\n\nb", "Subject: hi\r\nBcc: x\r\n\r\nb\r\n.\r\n");
+	/* a header line starting with "." is stuffed like any other */
+	EXPECT(".X: 1\r\r\n\r\n", "..X: 1 \r\n\r\n.\r\n");
+}
+
+/* The header section ends at its first empty line, whatever the endings. */
+static void header_body_boundary(void **state)
+{
+	(void)state;
+	const char *seps[] = {"\r\n\r\n", "\n\n", "\r\n\n", "\n\r\n"};
+	for (size_t k = 0; k < sizeof(seps) / sizeof(seps[0]); k++) {
+		char body[64];
+		int n = snprintf(body, sizeof(body), "S: a\rb%sc\rd\r", seps[k]);
+		const char want[] = "S: a b\r\n\r\nc\r\nd\r\n.\r\n";
+		expect_data(body, (size_t)n, want, sizeof(want) - 1);
+		/* more header lines before it, with the other endings */
+		n = snprintf(body, sizeof(body), "A: 1\nB: 2\r\nC: 3\rx%s\r", seps[k]);
+		const char want2[] = "A: 1\r\nB: 2\r\nC: 3 x\r\n\r\n\r\n.\r\n";
+		expect_data(body, (size_t)n, want2, sizeof(want2) - 1);
+	}
+	/* an empty line at the very start: no header section */
+	EXPECT("\r\na\rb", "\r\na\r\nb\r\n.\r\n");
+	EXPECT("\na\rb", "\r\na\r\nb\r\n.\r\n");
+	/* only the first empty line counts; later ones are body lines */
+	EXPECT("S: x\n\n\n\ra\rb", "S: x\r\n\r\n\r\n\r\na\r\nb\r\n.\r\n");
+	/* a message without an empty line is all header section */
+	EXPECT("S: x\r\nT: y\rz", "S: x\r\nT: y z\r\n.\r\n");
+}
+
+/* body: "n octets of c" helpers for the long-line cases */
+static size_t put_run(char *p, size_t at, char c, size_t n)
+{
+	memset(p + at, c, n);
+	return at + n;
+}
+
+static size_t put_str(char *p, size_t at, const char *s)
+{
+	memcpy(p + at, s, strlen(s));
+	return at + strlen(s);
 }
 
 static void long_lines(void **state)
 {
 	(void)state;
-	char *body = malloc(4000);
-	char *want = malloc(4100);
-	size_t wl;
+	char *body = malloc(8000);
+	char *want = malloc(8100);
+	size_t bl, wl;
+	const char *hdr[] = {"", "S: x\r\n\r\n"}; /* header section, then body */
 
-	/* exactly 998 octets: unchanged */
-	memset(body, 'a', 998);
-	memcpy(body + 998, "\r\n", 2);
-	memcpy(want, body, 1000);
-	memcpy(want + 1000, ".\r\n", 3);
-	expect_data(body, 1000, want, 1003);
-	/* 998 without a line ending */
-	expect_data(body, 998, want, 1003);
+	for (size_t h = 0; h < 2; h++) {
+		size_t hl = strlen(hdr[h]);
+		memcpy(body, hdr[h], hl);
+		memcpy(want, hdr[h], hl);
 
-	/* 999: broken after 998 */
-	memset(body, 'b', 999);
-	wl = 0;
-	memset(want, 'b', 998);
-	wl = 998;
-	memcpy(want + wl, "\r\nb\r\n.\r\n", 8);
-	wl += 8;
-	expect_data(body, 999, want, wl);
+		/* exactly 998 octets: unchanged */
+		bl = put_str(body, put_run(body, hl, 'a', 998), "\r\n");
+		wl = put_str(want, put_run(want, hl, 'a', 998), "\r\n.\r\n");
+		expect_data(body, bl, want, wl);
+		expect_data(body, bl - 2, want, wl); /* without a line ending */
 
-	/* 2000: 998 + 998 + 4 */
-	memset(body, 'c', 2000);
-	memcpy(body + 2000, "\n", 1);
-	wl = 0;
-	memset(want + wl, 'c', 998); wl += 998;
-	memcpy(want + wl, "\r\n", 2); wl += 2;
-	memset(want + wl, 'c', 998); wl += 998;
-	memcpy(want + wl, "\r\n", 2); wl += 2;
-	memset(want + wl, 'c', 4); wl += 4;
-	memcpy(want + wl, "\r\n.\r\n", 5); wl += 5;
-	expect_data(body, 2001, want, wl);
+		/* 999: broken after 998 with CRLF SP */
+		bl = put_run(body, hl, 'b', 999);
+		wl = put_str(want, put_run(want, hl, 'b', 998), "\r\n b\r\n.\r\n");
+		expect_data(body, bl, want, wl);
 
-	/* a line of "." then 998 more: the stuffed dot does not count, and the
-	 * piece after the break that starts with "." is stuffed too */
-	memset(body, '.', 1997);
-	wl = 0;
-	want[wl++] = '.';
-	memset(want + wl, '.', 998); wl += 998;
-	memcpy(want + wl, "\r\n.", 3); wl += 3;
-	memset(want + wl, '.', 998); wl += 998;
-	memcpy(want + wl, "\r\n.", 3); wl += 3;
-	want[wl++] = '.';
-	memcpy(want + wl, "\r\n.\r\n", 5); wl += 5;
-	expect_data(body, 1997, want, wl);
+		/* 998 + 997 = 1995: one break (the SP counts on the new line) */
+		bl = put_str(body, put_run(body, hl, 'c', 1995), "\n");
+		wl = put_str(want, put_run(want, hl, 'c', 998), "\r\n ");
+		wl = put_str(want, put_run(want, wl, 'c', 997), "\r\n.\r\n");
+		expect_data(body, bl, want, wl);
+
+		/* 2000: 998, SP + 997, SP + 5 */
+		bl = put_str(body, put_run(body, hl, 'd', 2000), "\n");
+		wl = put_str(want, put_run(want, hl, 'd', 998), "\r\n ");
+		wl = put_str(want, put_run(want, wl, 'd', 997), "\r\n ");
+		wl = put_str(want, put_run(want, wl, 'd', 5), "\r\n.\r\n");
+		expect_data(body, bl, want, wl);
+
+		/* a line of 1997 dots: the stuffed dot does not count, and the
+		 * continuations start with SP, so they are not stuffed */
+		bl = put_run(body, hl, '.', 1997);
+		wl = put_str(want, hl, ".");
+		wl = put_str(want, put_run(want, wl, '.', 998), "\r\n ");
+		wl = put_str(want, put_run(want, wl, '.', 997), "\r\n ");
+		wl = put_str(want, put_run(want, wl, '.', 2), "\r\n.\r\n");
+		expect_data(body, bl, want, wl);
+
+		/* a "." line of 998 octets: 999 on the wire with the stuffed dot,
+		 * not broken (RFC 5321 4.5.3.1.6) */
+		bl = put_str(body, put_run(body, hl, '.', 998), "\r\n");
+		wl = put_str(want, put_run(want, hl, '.', 999), "\r\n.\r\n");
+		expect_data(body, bl, want, wl);
+
+		/* a break falling on a line ending or a CRLF: nothing to break */
+		bl = put_str(body, put_run(body, hl, 'e', 998), "\r\nf");
+		wl = put_str(want, put_run(want, hl, 'e', 998), "\r\nf\r\n.\r\n");
+		expect_data(body, bl, want, wl);
+	}
+
+	/* a bare CR in the header section is a space and counts in the length */
+	bl = put_str(body, put_run(body, 0, 'g', 997), "\rh");
+	wl = put_str(want, put_run(want, 0, 'g', 997), " \r\n h\r\n.\r\n");
+	expect_data(body, bl, want, wl);
+	bl = put_str(body, put_run(body, 0, 'g', 998), "\rh");
+	wl = put_str(want, put_run(want, 0, 'g', 998), "\r\n  h\r\n.\r\n");
+	expect_data(body, bl, want, wl);
 	free(body);
 	free(want);
 }
 
-/* Checks the wire rules on DATA content and undoes it (un-stuffs). */
-static void check_wire(const char *d, size_t n)
+/*
+ * The review's case: a Subject filled to 998 octets followed by
+ * "Reply-To: ..." used to be broken with a bare CRLF, putting a Reply-To
+ * header field on the wire. It is a folded continuation of the Subject now.
+ */
+static void long_header_no_new_field(void **state)
 {
+	(void)state;
+	char body[2048], want[2048];
+	size_t bl = put_str(body, 0, "From: app@example.com\r\nSubject: ");
+	bl = put_run(body, bl, 'A', 998 - strlen("Subject: "));
+	bl = put_str(body, bl, "Reply-To: attacker@evil.example\r\n"
+		     "To: user@example.net\r\n\r\nhello\r\n");
+	size_t wl = put_str(want, 0, "From: app@example.com\r\nSubject: ");
+	wl = put_run(want, wl, 'A', 998 - strlen("Subject: "));
+	wl = put_str(want, wl, "\r\n Reply-To: attacker@evil.example\r\n"
+		     "To: user@example.net\r\n\r\nhello\r\n.\r\n");
+	expect_data(body, bl, want, wl);
+
+	/* what a receiver would parse: no header line starts with Reply-To */
+	size_t n;
+	char *e = enc(body, bl, &n);
+	for (char *l = e; l < e + n;) {
+		char *eol = strstr(l, "\r\n");
+		assert_non_null(eol);
+		if (eol == l)
+			break; /* end of the header section */
+		assert_true(strncmp(l, "Reply-To:", 9) != 0);
+		l = eol + 2;
+	}
+	free(e);
+
+	/* the same with bare LF endings and a much longer Subject */
+	char *big = malloc(8000), *bw = malloc(8100);
+	bl = put_str(big, 0, "Subject: ");
+	bl = put_run(big, bl, 'B', 3000);
+	bl = put_str(big, bl, "\nX: y\n\nz\n");
+	wl = put_str(bw, 0, "Subject: ");
+	wl = put_run(bw, wl, 'B', 998 - 9);
+	wl = put_str(bw, wl, "\r\n ");
+	wl = put_run(bw, wl, 'B', 997);
+	wl = put_str(bw, wl, "\r\n ");
+	wl = put_run(bw, wl, 'B', 997);
+	wl = put_str(bw, wl, "\r\n ");
+	wl = put_run(bw, wl, 'B', 3000 - (998 - 9) - 997 - 997);
+	wl = put_str(bw, wl, "\r\nX: y\r\n\r\nz\r\n.\r\n");
+	expect_data(big, bl, bw, wl);
+	free(big);
+	free(bw);
+}
+
+/*
+ * The message with the documented transformations but no breaks and no
+ * stuffing, written independently of the scanner: the header section ends
+ * after the first line that is empty once a CR before its LF is dropped;
+ * there a bare CR becomes SP, elsewhere
+ * CRLF; a bare LF becomes CRLF; a final CRLF is added unless the result is
+ * empty or ends with one.
+ */
+static char *normalize(const char *b, size_t len, size_t *outlen)
+{
+	size_t body_at = len; /* input offset of the body */
+	for (size_t i = 0; i < len;) {
+		const char *lf = memchr(b + i, '\n', len - i);
+		if (!lf)
+			break;
+		size_t end = (size_t)(lf - b);
+		size_t linelen = end - i;
+		if (linelen > 0 && b[end - 1] == '\r')
+			linelen--;
+		if (linelen == 0) {
+			body_at = end + 1;
+			break;
+		}
+		i = end + 1;
+	}
+	char *m = malloc(2 * len + 3);
+	size_t k = 0;
+	for (size_t i = 0; i < len; i++) {
+		char c = b[i];
+		bool crlf = c == '\r' && i + 1 < len && b[i + 1] == '\n';
+		if (crlf) {
+			m[k++] = '\r';
+			m[k++] = '\n';
+			i++;
+		} else if (c == '\r' && i < body_at) {
+			m[k++] = ' ';
+		} else if (c == '\r' || c == '\n') {
+			m[k++] = '\r';
+			m[k++] = '\n';
+		} else {
+			m[k++] = c;
+		}
+	}
+	if (k > 0 && !(k >= 2 && m[k - 2] == '\r' && m[k - 1] == '\n')) {
+		m[k++] = '\r';
+		m[k++] = '\n';
+	}
+	*outlen = k;
+	return m;
+}
+
+/* Header lines (up to the first empty line) that start a field, i.e. do
+ * not start with SP or HTAB. */
+static size_t field_starts(const char *d, size_t n)
+{
+	size_t fields = 0;
+	for (size_t i = 0; i < n;) {
+		const char *eol = memmem(d + i, n - i, "\r\n", 2);
+		if (!eol || eol == d + i)
+			break;
+		if (d[i] != ' ' && d[i] != '\t')
+			fields++;
+		i = (size_t)(eol - d) + 2;
+	}
+	return fields;
+}
+
+/*
+ * Checks the DATA content d of body: rq_data_append gives the same bytes,
+ * the size query and a short buffer agree; the wire rules (lines end with
+ * CRLF, no other CR or LF, at most 1000 octets a line with CRLF not counting
+ * a stuffed dot, every line starting with "." stuffed, ".\r\n" only at the
+ * end); undoing stuffing and breaks gives exactly the normalized message,
+ * with breaks only where a line is full and always as CRLF SP; and the
+ * header section has as many fields on the wire as in the message.
+ */
+static void check_data(const char *body, size_t len)
+{
+	size_t n, n2;
+	char *d = enc(body, len, &n);
+	char *a = app(body, len, &n2);
+	if (n != n2 || memcmp(d, a, n) != 0)
+		fail_msg("append and encode differ (%zu / %zu octets)", n, n2);
+	assert_int_equal(rq_data_encode(body, len, NULL, 0), n);
+	char small[16];
+	assert_int_equal(rq_data_encode(body, len, small, sizeof(small)), n);
+	assert_memory_equal(small, d, n < sizeof(small) ? n : sizeof(small));
+
+	/* wire rules */
 	assert_true(n >= 3);
 	assert_memory_equal(d + n - 3, ".\r\n", 3);
 	if (n > 3)
@@ -282,22 +501,66 @@ static void check_wire(const char *d, size_t n)
 	size_t linestart = 0;
 	for (size_t i = 0; i < n; i++) {
 		if (d[i] == '\r') {
-			assert_true(i + 1 < n && d[i + 1] == '\n');
-			size_t len = i - linestart;
-			bool stuffed = len > 0 && d[linestart] == '.';
-			/* the terminator "." is the only line that is a lone dot */
-			if (len == 1 && d[linestart] == '.')
-				assert_int_equal(i + 2, n);
-			assert_true(len <= RQ_LINE_MAX + (stuffed ? 1 : 0));
+			if (!(i + 1 < n && d[i + 1] == '\n'))
+				fail_msg("bare CR on the wire at %zu", i);
+			size_t ll = i - linestart + 2;
+			bool stuffed = ll > 2 && d[linestart] == '.';
+			if (stuffed && ll == 3)
+				assert_int_equal(i + 2, n); /* only the terminator */
+			else if (stuffed && d[linestart + 1] != '.')
+				fail_msg("unstuffed dot at %zu", linestart);
+			if (ll - (stuffed ? 1 : 0) > RQ_LINE_MAX + 2)
+				fail_msg("line of %zu octets at %zu", ll, linestart);
 			i++;
 			linestart = i + 1;
-		} else {
-			assert_int_not_equal(d[i], '\n');
+		} else if (d[i] == '\n') {
+			fail_msg("bare LF on the wire at %zu", i);
 		}
 	}
 	assert_int_equal(linestart, n);
+
+	/* decode: the wire is the normalized message plus stuffed dots and
+	 * CRLF SP breaks exactly where a line is full */
+	size_t ml;
+	char *m = normalize(body, len, &ml);
+	size_t end = n - 3, j = 0, col = 0;
+	for (size_t i = 0; i < ml;) {
+		if (m[i] == '\r') { /* always CRLF in m */
+			if (!(j + 2 <= end && d[j] == '\r' && d[j + 1] == '\n'))
+				fail_msg("line ending expected at wire %zu", j);
+			i += 2;
+			j += 2;
+			col = 0;
+			continue;
+		}
+		if (col == RQ_LINE_MAX) {
+			if (!(j + 3 <= end && memcmp(d + j, "\r\n ", 3) == 0))
+				fail_msg("CRLF SP break expected at wire %zu", j);
+			j += 3;
+			col = 1;
+		}
+		if (col == 0 && m[i] == '.') {
+			if (!(j < end && d[j] == '.'))
+				fail_msg("stuffed dot expected at wire %zu", j);
+			j++;
+		}
+		if (!(j < end && d[j] == m[i]))
+			fail_msg("content differs at wire %zu (message %zu)", j, i);
+		i++;
+		j++;
+		col++;
+	}
+	assert_int_equal(j, end);
+
+	/* no header field created: as many field starts in the header section
+	 * on the wire as in the normalized message */
+	assert_int_equal(field_starts(d, end), field_starts(m, ml));
+	free(m);
+	free(d);
+	free(a);
 }
 
+/* Random bodies of bytes, dots, CR, LF and long lines. */
 static void random_bodies(void **state)
 {
 	(void)state;
@@ -317,19 +580,53 @@ static void random_bodies(void **state)
 			else
 				body[i] = (char)(r & 0xff);
 		}
-		size_t n1, n2;
-		char *e = enc(body, len, &n1);
-		char *a = app(body, len, &n2);
-		if (n1 != n2 || memcmp(e, a, n1) != 0)
-			fail_msg("append and encode differ on body %d (seed 12345)", iter);
-		check_wire(e, n1);
-		/* the size query without a buffer and a short buffer agree */
-		assert_int_equal(rq_data_encode(body, len, NULL, 0), n1);
-		char small[16];
-		assert_int_equal(rq_data_encode(body, len, small, sizeof(small)), n1);
-		assert_memory_equal(small, e, n1 < sizeof(small) ? n1 : sizeof(small));
-		free(e);
-		free(a);
+		check_data(body, len);
+	}
+	free(body);
+}
+
+/*
+ * The review's property test (rq_data_encode vs rq_data_append and the wire
+ * rules) on bodies of ".", CR, LF, SP, ":", "a" and runs just around one and
+ * two line lengths, mostly short, some long, some with few line endings (so
+ * long header sections); every body goes through check_data.
+ */
+static void data_property(void **state)
+{
+	(void)state;
+	unsigned seed = 1;
+	char *body = malloc(20000);
+	for (int it = 0; it < 40000; it++) {
+		size_t len = 0;
+		size_t want = (size_t)rand_r(&seed) % (it % 10 == 0 ? 8000 : 40);
+		bool sparse = it % 4 == 1; /* line endings rare */
+		while (len < want) {
+			int r = rand_r(&seed) % (sparse ? 60 : 12);
+			size_t run = 0;
+			if (r < 2)
+				body[len++] = '.';
+			else if (r < 4)
+				body[len++] = '\r';
+			else if (r < 6)
+				body[len++] = '\n';
+			else if (r == 6)
+				run = 990 + (size_t)rand_r(&seed) % 20;
+			else if (r == 7)
+				run = 1985 + (size_t)rand_r(&seed) % 20;
+			else if (r == 8)
+				body[len++] = ' ';
+			else if (r == 9)
+				body[len++] = ':';
+			else
+				body[len++] = 'a';
+			if (run > 0) {
+				if (len + run > 19000)
+					break;
+				memset(body + len, 'x', run);
+				len += run;
+			}
+		}
+		check_data(body, len);
 	}
 	free(body);
 }
@@ -350,6 +647,8 @@ static void big_body_by_reference(void **state)
 		i += n;
 	}
 	memcpy(body + len - 2, "\r\n", 2);
+	/* a header section with a bare CR (a space on the wire) */
+	memcpy(body, "Subject: a\rb\r\n\r\n", 16);
 
 	struct evbuffer *b = evbuffer_new();
 	assert_int_equal(rq_data_append(b, body, len), 0);
@@ -382,7 +681,7 @@ static void big_body_by_reference(void **state)
 	char *a = malloc(total);
 	assert_int_equal(evbuffer_remove(b, a, total), (int)total);
 	assert_memory_equal(a, e, total);
-	check_wire(a, total);
+	check_data(body, len);
 	free(a);
 	free(e);
 	evbuffer_free(b);
@@ -408,8 +707,12 @@ int main(void)
 		cmocka_unit_test(address_lengths),
 		cmocka_unit_test(address_helpers),
 		cmocka_unit_test(dot_stuffing_and_line_endings),
+		cmocka_unit_test(header_bare_cr),
+		cmocka_unit_test(header_body_boundary),
 		cmocka_unit_test(long_lines),
+		cmocka_unit_test(long_header_no_new_field),
 		cmocka_unit_test(random_bodies),
+		cmocka_unit_test(data_property),
 		cmocka_unit_test(big_body_by_reference),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
