@@ -8,7 +8,7 @@
 -- its first write, so an error reply means nothing was written. Errors are
 -- raised with fail() and turned into "ERR relayq: <sentence>" by wrap().
 
-local VERSION = 1
+local VERSION = 2
 
 -- redis.call is not reachable while the library loads, only when a function runs.
 local function call(...)
@@ -220,7 +220,60 @@ end
 
 -- Addresses -----------------------------------------------------------------
 
--- Returns nil when the address is acceptable, else the reason.
+-- The rules are those of rq_addr_valid (engine/message.c), which the daemon
+-- applies before it sends an address: whatever passes here passes there and
+-- the other way round (tests/integration/test_functions.c checks both on one
+-- table of addresses). Only the error texts differ.
+
+-- Unquoted local part: RFC 5322 atext (and bytes >= 0x80 for SMTPUTF8)
+-- with single dots between atoms.
+local ATEXT_BAD = "[^A-Za-z0-9!#$%%&'*+/=?^_`{|}~%-.\128-\255]"
+-- Domain: labels of letters, digits, '-', '_' and bytes >= 0x80, and dots.
+local DOMAIN_BAD = '[^A-Za-z0-9_.%-\128-\255]'
+-- Address literal content: printable ASCII except [ ] \ (RFC 5321 dcontent).
+local LITERAL_BAD = '[^!-Z^-~]'
+
+local function check_local(lp)
+	if lp:sub(1, 1) == '"' then
+		return nil -- checked while splitting
+	end
+	if lp:find('@', 1, true) then return 'more than one @' end
+	if lp:find(' ', 1, true) then return 'space outside quotes' end
+	if lp:find('[<>]') then return 'angle bracket outside quotes' end
+	local c = lp:match(ATEXT_BAD)
+	if c then
+		return "character '" .. c .. "' not allowed in an unquoted local part"
+	end
+	if lp:sub(1, 1) == '.' then return 'local part starts with a dot' end
+	if lp:sub(-1) == '.' then return 'local part ends with a dot' end
+	if lp:find('..', 1, true) then return 'two dots in a row in the local part' end
+	return nil
+end
+
+local function check_domain(dom)
+	if dom:sub(1, 1) == '[' then
+		if #dom < 3 or dom:sub(-1) ~= ']' then return 'malformed address literal' end
+		if dom:sub(2, -2):find(LITERAL_BAD) then
+			return 'character not allowed in an address literal'
+		end
+		return nil
+	end
+	if dom:find(' ', 1, true) then return 'space outside quotes' end
+	if dom:find('[<>]') then return 'angle bracket outside quotes' end
+	local c = dom:match(DOMAIN_BAD)
+	if c then
+		return "character '" .. c .. "' not allowed in the domain"
+	end
+	if dom:sub(-1) == '.' then return 'domain ends with a dot' end
+	for label in (dom .. '.'):gmatch('([^.]*)%.') do
+		if label == '' then return 'empty label in the domain' end
+		if #label > 63 then return 'domain label over 63 octets' end
+	end
+	return nil
+end
+
+-- Returns nil and the local part and domain when the address is acceptable,
+-- else the reason.
 local function check_addr(a)
 	if a:find('[%z\1-\31\127]') then
 		if a:find('\r', 1, true) then return 'contains CR' end
@@ -258,17 +311,15 @@ local function check_addr(a)
 		end
 		lp = a:sub(1, at - 1)
 		dom = a:sub(at + 1)
-		if lp:find(' ', 1, true) then return 'space outside quotes' end
-		if lp:find('[<>]') then return 'angle bracket outside quotes' end
 	end
-	if dom:find(' ', 1, true) then return 'space outside quotes' end
-	if dom:find('[<>]') then return 'angle bracket outside quotes' end
 	if lp == '' then return 'empty local part' end
 	if dom == '' then return 'empty domain' end
 	if #lp > 64 then return 'local part over 64 octets' end
 	if #dom > 255 then return 'domain over 255 octets' end
 	if n > 254 then return 'address over 254 octets' end
-	return nil
+	local why = check_local(lp) or check_domain(dom)
+	if why then return why end
+	return nil, lp, dom
 end
 
 -- relayq_enqueue -------------------------------------------------------------
@@ -310,7 +361,12 @@ local function enqueue(keys, args)
 	local metatext
 	if env.meta ~= nil then
 		if not is_object(env.meta) then fail('meta must be a JSON object') end
-		metatext = cjson.encode(env.meta)
+		local eok, enc = pcall(cjson.encode, env.meta)
+		if not eok then
+			-- e.g. 1e400 decodes to inf, which JSON cannot hold.
+			fail('meta cannot be encoded: ' .. clean((tostring(enc):gsub('^[^:]*:%d+: ', ''))))
+		end
+		metatext = enc
 		if #metatext > MAX_META then fail('meta is over ' .. MAX_META .. ' octets') end
 	end
 	local cfg = config(P)
@@ -327,14 +383,16 @@ local function enqueue(keys, args)
 		if type(a) ~= 'string' then
 			fail(string.format('to[%d] must be a string', i - 1))
 		end
-		local why = check_addr(a)
+		local why, lp, dom = check_addr(a)
 		if why then
 			fail(string.format('invalid address in to[%d]: %s', i - 1, why))
 		end
-		if seen[a] then
+		-- Domains are case-insensitive, local parts are not (RFC 5321 2.4).
+		local norm = lp .. '@' .. dom:lower()
+		if seen[norm] then
 			fail(string.format('duplicate recipient in to[%d]', i - 1))
 		end
-		seen[a] = true
+		seen[norm] = true
 	end
 	if #body == 0 then fail('message is empty') end
 	if #body > cfg.max_message_size then
@@ -516,6 +574,71 @@ local function check_rcpt(r, where)
 	end
 end
 
+-- Checks one outcome (raising fail() when it is invalid) and reads its
+-- message. Returns false when the lease is not held (lost), else the plan
+-- for the message. ids_seen: ids named by the earlier outcomes of the batch.
+local function check_outcome(P, o, where, ids_seen)
+	if not is_object(o) then fail(where .. ' must be an object') end
+	if type(o.id) == 'string' and o.id ~= '' then
+		if ids_seen[o.id] then fail(where .. ': id ' .. clean(o.id) .. ' appears twice') end
+		ids_seen[o.id] = true
+	end
+	for k in pairs(o) do
+		if not OUT_FIELDS[k] then fail(where .. ' has an unknown field: ' .. clean(k)) end
+	end
+	if type(o.id) ~= 'string' or o.id == '' then fail(where .. '.id must be a non-empty string') end
+	if not is_int(o.lease) then fail(where .. '.lease must be an integer') end
+	local attempt = o.attempt
+	if attempt == nil then attempt = true end
+	if type(attempt) ~= 'boolean' then fail(where .. '.attempt must be true or false') end
+	local hold = o.hold
+	if hold == nil then hold = false end
+	if type(hold) ~= 'boolean' then fail(where .. '.hold must be true or false') end
+	if o.next ~= nil and not (is_int(o.next) and o.next >= 0) then
+		fail(where .. '.next must be a time in ms')
+	end
+	local rcpts = o.rcpts
+	if rcpts == nil then rcpts = {} end
+	if type(rcpts) ~= 'table' or not is_array(rcpts) then fail(where .. '.rcpts must be an array') end
+	for j, r in ipairs(rcpts) do
+		check_rcpt(r, string.format('%s.rcpts[%d]', where, j - 1))
+	end
+	local m = call('HMGET', P .. ':msg:' .. o.id, 'state', 'lease', 'to', 'pending',
+		'attempts', 'failed', 'meta')
+	local pok, pending = false, nil
+	if m[1] == 'inflight' and tonumber(m[2]) == o.lease then
+		pok, pending = pcall(cjson.decode, m[4] or m[3])
+		pok = pok and type(pending) == 'table'
+	end
+	if not pok then
+		-- Not held with this lease (or unreadable: its lease will
+		-- expire and claim parks it).
+		return false
+	end
+	local pset = {}
+	for _, r in ipairs(pending) do pset[r] = true end
+	local final, listed = {}, {}
+	for j, r in ipairs(rcpts) do
+		if not pset[r.to] then
+			fail(string.format('%s.rcpts[%d]: %s is not a pending recipient of %s',
+				where, j - 1, clean(r.to), clean(o.id)))
+		end
+		if listed[r.to] then
+			fail(string.format('%s.rcpts[%d]: %s is listed twice', where, j - 1, clean(r.to)))
+		end
+		listed[r.to] = true
+		if r.s ~= 'deferred' then final[r.to] = true end
+	end
+	local remaining = {}
+	for _, r in ipairs(pending) do
+		if not final[r] then remaining[#remaining + 1] = r end
+	end
+	if #remaining > 0 and not hold and o.next == nil then
+		fail(where .. '.next is required while recipients remain')
+	end
+	return {o = o, m = m, rcpts = rcpts, remaining = remaining, attempt = attempt, hold = hold}
+end
+
 local function settle(keys, args)
 	local P = prefix(keys)
 	if #args ~= 1 then
@@ -528,69 +651,29 @@ local function settle(keys, args)
 	end
 	if #outs > MAX_BATCH then fail('more than ' .. MAX_BATCH .. ' outcomes') end
 
-	-- Check everything and read every message before the first write.
+	-- Check every outcome and read every message before the first write.
+	-- An invalid outcome only costs its own message: nothing is written
+	-- for it (its lease expires and it is delivered again), the others
+	-- are applied.
 	local plan, ids_seen = {}, {}
+	local ninvalid, first_invalid = 0, nil
 	for i, o in ipairs(outs) do
 		local where = string.format('outcomes[%d]', i - 1)
-		if not is_object(o) then fail(where .. ' must be an object') end
-		for k in pairs(o) do
-			if not OUT_FIELDS[k] then fail(where .. ' has an unknown field: ' .. clean(k)) end
-		end
-		if type(o.id) ~= 'string' or o.id == '' then fail(where .. '.id must be a non-empty string') end
-		if ids_seen[o.id] then fail(where .. ': id ' .. clean(o.id) .. ' appears twice') end
-		ids_seen[o.id] = true
-		if not is_int(o.lease) then fail(where .. '.lease must be an integer') end
-		local attempt = o.attempt
-		if attempt == nil then attempt = true end
-		if type(attempt) ~= 'boolean' then fail(where .. '.attempt must be true or false') end
-		local hold = o.hold
-		if hold == nil then hold = false end
-		if type(hold) ~= 'boolean' then fail(where .. '.hold must be true or false') end
-		if o.next ~= nil and not (is_int(o.next) and o.next >= 0) then
-			fail(where .. '.next must be a time in ms')
-		end
-		local rcpts = o.rcpts
-		if rcpts == nil then rcpts = {} end
-		if type(rcpts) ~= 'table' or not is_array(rcpts) then fail(where .. '.rcpts must be an array') end
-		for j, r in ipairs(rcpts) do
-			check_rcpt(r, string.format('%s.rcpts[%d]', where, j - 1))
-		end
-		local m = call('HMGET', P .. ':msg:' .. o.id, 'state', 'lease', 'to', 'pending',
-			'attempts', 'failed', 'meta')
-		local pok, pending = false, nil
-		if m[1] == 'inflight' and tonumber(m[2]) == o.lease then
-			pok, pending = pcall(cjson.decode, m[4] or m[3])
-			pok = pok and type(pending) == 'table'
-		end
-		if not pok then
-			-- Not held with this lease (or unreadable: its lease will
-			-- expire and claim parks it).
-			plan[i] = false
+		local cok, p = pcall(check_outcome, P, o, where, ids_seen)
+		if cok then
+			plan[i] = p
+		elseif type(p) == 'table' and p.relayq then
+			plan[i] = 'invalid'
+			ninvalid = ninvalid + 1
+			first_invalid = first_invalid or p.relayq
 		else
-			local pset = {}
-			for _, r in ipairs(pending) do pset[r] = true end
-			local final, listed = {}, {}
-			for j, r in ipairs(rcpts) do
-				if not pset[r.to] then
-					fail(string.format('%s.rcpts[%d]: %s is not a pending recipient of %s',
-						where, j - 1, clean(r.to), clean(o.id)))
-				end
-				if listed[r.to] then
-					fail(string.format('%s.rcpts[%d]: %s is listed twice', where, j - 1, clean(r.to)))
-				end
-				listed[r.to] = true
-				if r.s ~= 'deferred' then final[r.to] = true end
-			end
-			local remaining = {}
-			for _, r in ipairs(pending) do
-				if not final[r] then remaining[#remaining + 1] = r end
-			end
-			if #remaining > 0 and not hold and o.next == nil then
-				fail(where .. '.next is required while recipients remain')
-			end
-			plan[i] = {o = o, m = m, rcpts = rcpts, remaining = remaining,
-				attempt = attempt, hold = hold}
+			error(p, 0)
 		end
+	end
+	if ninvalid > 0 then
+		-- One line per call, however many: the reason of the first.
+		redis.log(redis.LOG_WARNING, string.format('relayq: settle on %s: %d invalid outcome(s), first: %s',
+			clean(P), ninvalid, first_invalid))
 	end
 
 	-- Apply.
@@ -598,7 +681,9 @@ local function settle(keys, args)
 	local cap = events_cap(P)
 	local counts, res, unlease = {}, {}, {}
 	for i, p in ipairs(plan) do
-		if not p then
+		if p == 'invalid' then
+			res[i] = 'invalid'
+		elseif not p then
 			res[i] = 'lost'
 		else
 			local id, m = p.o.id, p.m

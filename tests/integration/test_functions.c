@@ -16,6 +16,7 @@
 
 #include "harness.h"
 #include "relayq/fnlib.h"
+#include "relayq/message.h"
 
 #define BODY "Subject: t\r\n\r\nhello\r\n"
 
@@ -249,6 +250,37 @@ static void same_snapshot(char *before, size_t blen, char *after, size_t alen, c
 	free(after);
 }
 
+/* Settles json and asserts the statuses (want: NULL-terminated). */
+static void settle_expect(struct q *q, const char *json, const char *const *want)
+{
+	size_t n = 0;
+	while (want[n])
+		n++;
+	redisReply *r = settle(q, json);
+	if (r->type != REDIS_REPLY_ARRAY)
+		fail_msg("settle %s: %s", json, r->type == REDIS_REPLY_ERROR ? r->str : "not an array");
+	if (r->elements != n)
+		fail_msg("settle %s: %zu statuses, want %zu", json, r->elements, n);
+	for (size_t i = 0; i < n; i++) {
+		if (strcmp(r->element[i]->str, want[i]) != 0)
+			fail_msg("settle %s: status %zu is %s, want %s", json, i, r->element[i]->str,
+				 want[i]);
+	}
+	freeReplyObject(r);
+}
+
+#define SETTLE_EXPECT(q, json, ...) settle_expect((q), (json), (const char *const[]){__VA_ARGS__, NULL})
+
+/* An outcome alone in a batch that must come back "invalid" and write nothing. */
+static void settle_invalid_alone(struct q *q, const char *json)
+{
+	size_t bl, al;
+	char *before = snapshot(q, &bl);
+	SETTLE_EXPECT(q, json, "invalid");
+	char *after = snapshot(q, &al);
+	same_snapshot(before, bl, after, al, json);
+}
+
 /* Asserts reply r is error text and that it wrote nothing (snap taken before). */
 #define REFUSED(q, call, text)                                                \
 	do {                                                                  \
@@ -406,6 +438,7 @@ static void enqueue_rejections(void **state)
 	memset(l64, 'l', 64);
 	l64[64] = '\0';
 	memset(d190, 'e', 190);
+	d190[60] = d190[121] = d190[182] = '.'; /* labels of at most 63 */
 	d190[190] = '\0';
 	snprintf(total255, sizeof(total255), "%s@%s", l64, d190);
 
@@ -494,6 +527,244 @@ static void enqueue_rejections(void **state)
 	freeReplyObject(r);
 	assert_int_equal(stat_of(q, "enqueued"), 3);
 	assert_int_equal(stat_of(q, "ready"), 3);
+}
+
+/* ---- addresses: the Lua rules agree with rq_addr_valid ---- */
+
+/* Appends s (len octets) as a JSON string to out (size >= 6 * len + 3). */
+static void json_str(char *out, const char *s, size_t len)
+{
+	size_t o = 0;
+	out[o++] = '"';
+	for (size_t i = 0; i < len; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c == '"' || c == '\\') {
+			out[o++] = '\\';
+			out[o++] = (char)c;
+		} else if (c < 0x20) {
+			o += (size_t)sprintf(out + o, "\\u%04x", c);
+		} else {
+			out[o++] = (char)c;
+		}
+	}
+	out[o++] = '"';
+	out[o] = '\0';
+}
+
+/* The address printable for a failure message. */
+static const char *shown(const char *s, size_t len)
+{
+	static char buf[2048];
+	size_t o = 0;
+	for (size_t i = 0; i < len && o + 5 < sizeof(buf); i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c < 0x20 || c >= 0x7f)
+			o += (size_t)snprintf(buf + o, sizeof(buf) - o, "\\x%02x", c);
+		else
+			buf[o++] = (char)c;
+	}
+	buf[o] = '\0';
+	return buf;
+}
+
+/*
+ * Enqueues addr as to[0] and as from; returns whether Lua accepted it in
+ * that role. A refusal must name the address (not another field); why,
+ * when given, is the exact reason expected for to[0].
+ */
+static bool lua_accepts(struct q *q, const char *addr, size_t len, bool as_from, const char *why)
+{
+	char jaddr[2100], env[2300];
+	assert_true(len < 300);
+	json_str(jaddr, addr, len);
+	if (as_from)
+		snprintf(env, sizeof(env), "{\"from\":%s,\"to\":[\"r@example.com\"]}", jaddr);
+	else
+		snprintf(env, sizeof(env), "{\"from\":\"\",\"to\":[%s]}", jaddr);
+	redisReply *r = enqueue_raw(q, env, BODY, strlen(BODY));
+	bool ok = r->type == REDIS_REPLY_STRING;
+	if (!ok) {
+		const char *want = as_from ? "ERR relayq: invalid address in from: "
+					   : "ERR relayq: invalid address in to[0]: ";
+		if (r->type != REDIS_REPLY_ERROR || strncmp(r->str, want, strlen(want)) != 0)
+			fail_msg("enqueue of %s: unexpected reply %s", shown(addr, len),
+				 r->type == REDIS_REPLY_ERROR ? r->str : "(not an error)");
+		if (why && !as_from && strcmp(r->str + strlen(want), why) != 0)
+			fail_msg("enqueue of %s: \"%s\", want reason \"%s\"", shown(addr, len), r->str, why);
+	}
+	freeReplyObject(r);
+	return ok;
+}
+
+/* Both sides on one address, as a recipient and as a sender. */
+static void addr_agree(struct q *q, const char *addr, size_t len, int expect, const char *why)
+{
+	char err[256];
+	for (int as_from = 0; as_from <= 1; as_from++) {
+		bool c_ok = rq_addr_valid(addr, len, as_from, err, sizeof(err));
+		bool lua_ok = lua_accepts(q, addr, len, as_from, why);
+		if (c_ok != lua_ok)
+			fail_msg("%s as %s: rq_addr_valid %s (%s), Lua %s", shown(addr, len),
+				 as_from ? "from" : "to", c_ok ? "accepts" : "rejects", err,
+				 lua_ok ? "accepts" : "rejects");
+		/* expect: 1 valid, 0 invalid, -1 only agreement is checked */
+		bool want = expect == 1 || (as_from && len == 0);
+		if (expect >= 0 && lua_ok != want)
+			fail_msg("%s as %s: both %s it", shown(addr, len), as_from ? "from" : "to",
+				 lua_ok ? "accept" : "reject");
+	}
+}
+
+struct addr_case {
+	const char *addr;
+	int valid;
+	const char *why; /* Lua's reason for to[0], when invalid */
+};
+
+static void addr_rules_match_c(void **state)
+{
+	struct q *q = *state;
+	static const struct addr_case cases[] = {
+		/* the review's ten */
+		{"a..b@x", 0, "two dots in a row in the local part"},
+		{"a@b@example.com", 0, "more than one @"},
+		{"a@example..com", 0, "empty label in the domain"},
+		{"a(b)@x", 0, "character '(' not allowed in an unquoted local part"},
+		{".a@x", 0, "local part starts with a dot"},
+		{"a@example.com.", 0, "domain ends with a dot"},
+		{"a,b@x", 0, "character ',' not allowed in an unquoted local part"},
+		{"a@exa$mple.com", 0, "character '$' not allowed in the domain"},
+		{"a@[1.2.3.4", 0, "malformed address literal"},
+		{"a:b@x", 0, "character ':' not allowed in an unquoted local part"},
+		/* more invalid ones */
+		{"a.@x", 0, "local part ends with a dot"},
+		{"a@.example.com", 0, "empty label in the domain"},
+		{"a@[]", 0, "malformed address literal"},
+		{"a@[1.2\\3]", 0, "character not allowed in an address literal"},
+		{"a@[1.2 3]", 0, "character not allowed in an address literal"},
+		{"a@[1.2.3.4]x", 0, "malformed address literal"},
+		{"a@x[1]", 0, "character '[' not allowed in the domain"},
+		{"a\"b@x", 0, "character '\"' not allowed in an unquoted local part"},
+		{"\"a\"b\"@x", 0, "quoted local part not followed by @"},
+		{"\"ab\\\"@x", 0, "unterminated quoted local part"},
+		{"\"a\"@b@x", 0, "more than one @"},
+		{"a@b c", 0, "space outside quotes"},
+		{"a b@c", 0, "space outside quotes"},
+		{"<a@b.c>", 0, "angle bracket outside quotes"},
+		{"a@b.c>", 0, "angle bracket outside quotes"},
+		{"ab.c", 0, "missing @"},
+		{"@b.c", 0, "empty local part"},
+		{"a@", 0, "empty domain"},
+		{"a@b\r", 0, "contains CR"},
+		{"a\n@b", 0, "contains LF"},
+		{"a\t@b", 0, "contains a control character"},
+		{"a\x7f@b", 0, "contains a control character"},
+		{"", 0, "missing @"}, /* valid only as the null sender */
+		/* valid ones */
+		{"user@example.com", 1, NULL},
+		{"first.last@sub.example.com", 1, NULL},
+		{"user+tag@example.com", 1, NULL},
+		{"UPPER@EXAMPLE.COM", 1, NULL},
+		{"!#$%&'*+-/=?^_`{|}~@example.com", 1, NULL},
+		{"a@b", 1, NULL},
+		{"a@ex_ample.com", 1, NULL},
+		{"a@-x.com", 1, NULL},
+		{"\"john doe\"@example.com", 1, NULL},
+		{"\"john doe@x\"@example.com", 1, NULL},
+		{"\"a\\\"b\"@example.com", 1, NULL},
+		{"\"a(b),c:d\"@example.com", 1, NULL},
+		{"\"\"@example.com", 1, NULL},
+		{"user@[192.0.2.1]", 1, NULL},
+		{"user@[IPv6:2001:db8::1]", 1, NULL},
+		{"user@[IPv6:::1]", 1, NULL},
+		{"\xc3\xbcser@ex\xc3\xa4mple.de", 1, NULL},
+		{"user@xn--bcher-kva.example", 1, NULL},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		addr_agree(q, cases[i].addr, strlen(cases[i].addr), cases[i].valid, cases[i].why);
+	addr_agree(q, "a\0b@x", 5, 0, "contains NUL");
+
+	/* lengths at and over each limit */
+	char l64[65], l65[66], lab63[64], lab64[65], buf[600];
+	memset(l64, 'l', 64);
+	l64[64] = '\0';
+	memset(l65, 'l', 65);
+	l65[65] = '\0';
+	memset(lab63, 'd', 63);
+	lab63[63] = '\0';
+	memset(lab64, 'd', 64);
+	lab64[64] = '\0';
+	/* 64 + 1 + 63 + 1 + 63 + 1 + 61 = 254 octets */
+	snprintf(buf, sizeof(buf), "%s@%s.%s.%.61s", l64, lab63, lab63, lab63);
+	assert_int_equal(strlen(buf), 254);
+	addr_agree(q, buf, strlen(buf), 1, NULL);
+	snprintf(buf, sizeof(buf), "%s@%s.%s.%.62s", l64, lab63, lab63, lab63);
+	addr_agree(q, buf, strlen(buf), 0, "address over 254 octets");
+	snprintf(buf, sizeof(buf), "%s@example.com", l65);
+	addr_agree(q, buf, strlen(buf), 0, "local part over 64 octets");
+	snprintf(buf, sizeof(buf), "a@%s.com", lab63);
+	addr_agree(q, buf, strlen(buf), 1, NULL);
+	snprintf(buf, sizeof(buf), "a@%s.com", lab64);
+	addr_agree(q, buf, strlen(buf), 0, "domain label over 63 octets");
+	snprintf(buf, sizeof(buf), "\"%.62s\"@x", l64);
+	addr_agree(q, buf, strlen(buf), 1, NULL);
+	snprintf(buf, sizeof(buf), "\"%.63s\"@x", l64);
+	addr_agree(q, buf, strlen(buf), 0, "local part over 64 octets");
+
+	/* every byte in every position that has its own rule */
+	static const char *const shapes[] = {
+		"a%cb@example.com", "%c@example.com", "a%c@example.com",
+		"\"a%cb\"@example.com", "ab@ex%cample.com", "ab@%cexample.com",
+		"ab@example.com%c", "a@[1%c2]", "a%c.b@example.com",
+	};
+	for (size_t k = 0; k < sizeof(shapes) / sizeof(shapes[0]); k++) {
+		for (int c = 0; c < 256; c++) {
+			const char *pos = strstr(shapes[k], "%c");
+			size_t pre = (size_t)(pos - shapes[k]);
+			size_t n = 0;
+			memcpy(buf, shapes[k], pre);
+			n = pre;
+			buf[n++] = (char)c;
+			strcpy(buf + n, pos + 2);
+			n += strlen(pos + 2);
+			addr_agree(q, buf, n, -1, NULL);
+		}
+	}
+}
+
+/* Recipients that differ only in the case of the domain are one recipient;
+ * the local part stays case-sensitive. */
+static void duplicate_recipient_domain_case(void **state)
+{
+	struct q *q = *state;
+	char id[40];
+	REFUSED(q, enqueue_raw(q, "{\"from\":\"\",\"to\":[\"a@x.com\",\"a@X.COM\"]}", BODY, strlen(BODY)),
+		"duplicate recipient in to[1]");
+	REFUSED(q, enqueue_raw(q, "{\"from\":\"\",\"to\":[\"b@x.com\",\"a@Example.Org\",\"a@example.ORG\"]}",
+			       BODY, strlen(BODY)),
+		"duplicate recipient in to[2]");
+	REFUSED(q, enqueue_raw(q, "{\"from\":\"\",\"to\":[\"\\\"a b\\\"@x.com\",\"\\\"a b\\\"@X.com\"]}",
+			       BODY, strlen(BODY)),
+		"duplicate recipient in to[1]");
+	/* the local part and non-ASCII octets are compared as they are */
+	enq(q, "{\"from\":\"\",\"to\":[\"a@x.com\",\"A@x.com\",\"a@\xc3\xa4.com\",\"a@\xc3\x84.com\"]}", BODY, id);
+	redisReply *r = claim(q, 1, 30000);
+	assert_int_equal(CL_N(r), 1);
+	assert_int_equal(M_RCPTS(CL_MSG(r, 0))->elements, 4);
+	assert_string_equal(M_RCPTS(CL_MSG(r, 0))->element[1]->str, "A@x.com");
+	freeReplyObject(r);
+}
+
+/* A meta that JSON cannot hold again (1e400 decodes to infinity). */
+static void meta_not_encodable(void **state)
+{
+	struct q *q = *state;
+	REFUSED(q, enqueue_raw(q, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"meta\":{\"n\":1e400}}", BODY, strlen(BODY)),
+		"meta cannot be encoded: Cannot serialise number: must not be NaN or Inf");
+	REFUSED(q, enqueue_raw(q, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"meta\":{\"x\":{\"n\":-1e999}}}", BODY,
+			       strlen(BODY)),
+		"meta cannot be encoded: Cannot serialise number: must not be NaN or Inf");
+	assert_int_equal(stat_of(q, "enqueued"), 0);
 }
 
 static void enqueue_accepts(void **state)
@@ -700,12 +971,11 @@ static void partial_delivery(void **state)
 	lease = M_LEASE(m);
 	freeReplyObject(r);
 	/* a recipient already delivered is not pending any more */
-	char json[1024], err[200];
+	char json[1024];
 	snprintf(json, sizeof(json),
 		 "[{\"id\":\"%s\",\"lease\":%lld,\"next\":0,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]}]",
 		 id, lease);
-	snprintf(err, sizeof(err), "outcomes[0].rcpts[0]: a@b.c is not a pending recipient of %s", id);
-	REFUSED(q, settle(q, json), err);
+	settle_invalid_alone(q, json);
 
 	assert_string_equal(settle1(q, id, lease,
 		"\"rcpts\":[{\"to\":\"b@b.c\",\"s\":\"failed\",\"code\":550,\"enh\":\"5.1.1\",\"text\":\"no such user\",\"stage\":\"rcpt\",\"hint\":\"bad-mailbox\"},"
@@ -1023,47 +1293,115 @@ static void settle_validation(void **state)
 	char id[40], json[1024];
 	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\",\"b@b.c\"]}", BODY, id);
 	long long lease = claim_one(q, 30000, NULL);
+	/* batch-level errors: nothing written for any message */
 	REFUSED(q, settle(q, "[{"), "outcomes are not valid JSON");
 	REFUSED(q, settle(q, "{\"id\":\"x\"}"), "outcomes must be a JSON array");
 	REFUSED(q, FC(q, "relayq_settle", "[]", "[]"), "relayq_settle takes 1 argument: the outcomes JSON array");
-	REFUSED(q, settle(q, "[1]"), "outcomes[0] must be an object");
-	REFUSED(q, settle(q, "[{\"lease\":1}]"), "outcomes[0].id must be a non-empty string");
-	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":\"1\"}]"), "outcomes[0].lease must be an integer");
-	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"nxt\":5}]"), "outcomes[0] has an unknown field: nxt");
-	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"hold\":1}]"), "outcomes[0].hold must be true or false");
-	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"attempt\":\"yes\"}]"), "outcomes[0].attempt must be true or false");
-	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"rcpts\":{\"to\":1}}]"), "outcomes[0].rcpts must be an array");
-	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"sent\"}]}]"),
-		"outcomes[0].rcpts[0].s must be delivered, deferred, failed, dropped or expired");
-	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"failed\",\"code\":5500}]}]"),
-		"outcomes[0].rcpts[0].code must be an integer from 0 to 999");
-	REFUSED(q, settle(q, "[{\"id\":\"x\",\"lease\":1},{\"id\":\"x\",\"lease\":1}]"), "outcomes[1]: id x appears twice");
-	/* errors that depend on the message: the valid first outcome is not applied either */
+	/* a malformed outcome is "invalid" on its own */
+	settle_invalid_alone(q, "[1]");
+	settle_invalid_alone(q, "[{\"lease\":1}]");
+	settle_invalid_alone(q, "[{\"id\":\"x\",\"lease\":\"1\"}]");
+	settle_invalid_alone(q, "[{\"id\":\"x\",\"lease\":1,\"nxt\":5}]");
+	settle_invalid_alone(q, "[{\"id\":\"x\",\"lease\":1,\"hold\":1}]");
+	settle_invalid_alone(q, "[{\"id\":\"x\",\"lease\":1,\"attempt\":\"yes\"}]");
+	settle_invalid_alone(q, "[{\"id\":\"x\",\"lease\":1,\"rcpts\":{\"to\":1}}]");
+	settle_invalid_alone(q, "[{\"id\":\"x\",\"lease\":1,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"sent\"}]}]");
+	settle_invalid_alone(q, "[{\"id\":\"x\",\"lease\":1,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"failed\",\"code\":5500}]}]");
+	/* errors that depend on the message (its lease is valid) */
 	snprintf(json, sizeof(json),
 		 "[{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]}]", id, lease);
-	REFUSED(q, settle(q, json), "outcomes[0].next is required while recipients remain");
+	settle_invalid_alone(q, json); /* next missing while b@b.c remains */
 	snprintf(json, sizeof(json),
 		 "[{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"},{\"to\":\"a@b.c\",\"s\":\"failed\"},"
 		 "{\"to\":\"b@b.c\",\"s\":\"delivered\"}]}]", id, lease);
-	REFUSED(q, settle(q, json), "outcomes[0].rcpts[1]: a@b.c is listed twice");
+	settle_invalid_alone(q, json); /* listed twice */
 	snprintf(json, sizeof(json),
-		 "[{\"id\":\"nope\",\"lease\":1,\"rcpts\":[]},"
-		 "{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"},{\"to\":\"b@b.c\",\"s\":\"failed\",\"code\":\"550\"}]}]",
-		 id, lease);
-	REFUSED(q, settle(q, json), "outcomes[1].rcpts[1].code must be an integer from 0 to 999");
+		 "[{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"z@b.c\",\"s\":\"delivered\"}],\"next\":0}]", id, lease);
+	settle_invalid_alone(q, json); /* not a recipient */
+	/* an invalid outcome with a lease that is not held is still "invalid" */
+	settle_invalid_alone(q, "[{\"id\":\"nope\",\"lease\":1,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"done\"}]}]");
+	/* a valid outcome with a lease that is not held is "lost" */
+	SETTLE_EXPECT(q, "[{\"id\":\"nope\",\"lease\":1,\"rcpts\":[{\"to\":\"x@b.c\",\"s\":\"delivered\"}]}]", "lost");
+	/* nothing above touched the message: same lease, both recipients,
+	 * no event, no counter */
+	assert_int_equal(stat_of(q, "inflight"), 1);
+	assert_int_equal(stat_of(q, "delivered"), 0);
+	redisReply *r = events(q);
+	assert_int_equal(r->elements, 0);
+	freeReplyObject(r);
 	/* attempt false does not burn an attempt; the unknown id is lost */
 	snprintf(json, sizeof(json),
 		 "[{\"id\":\"nope\",\"lease\":1},{\"id\":\"%s\",\"lease\":%lld,\"attempt\":false,\"next\":0}]", id, lease);
-	redisReply *r = settle(q, json);
-	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
-	assert_string_equal(r->element[0]->str, "lost");
-	assert_string_equal(r->element[1]->str, "scheduled");
-	freeReplyObject(r);
+	SETTLE_EXPECT(q, json, "lost", "scheduled");
 	r = claim(q, 10, 30000);
 	assert_int_equal(CL_N(r), 1);
 	assert_int_equal(M_ATT(CL_MSG(r, 0)), 0);
 	assert_int_equal(M_RCPTS(CL_MSG(r, 0))->elements, 2);
 	freeReplyObject(r);
+}
+
+/* One bad outcome costs only its own message: the others of the batch are
+ * applied, the bad one keeps its lease and can be settled again. */
+static void settle_invalid_isolated(void **state)
+{
+	struct q *q = *state;
+	char a[40], b[40], c[40], d[40], ids[4][40], json[2048];
+	long long leases[4];
+	enq1(q, "a@b.c", a);
+	enq(q, "{\"from\":\"\",\"to\":[\"b1@b.c\",\"b2@b.c\"]}", BODY, b);
+	enq1(q, "c@b.c", c);
+	enq1(q, "d@b.c", d);
+	redisReply *r = claim(q, 10, 30000);
+	assert_int_equal(CL_N(r), 4);
+	for (int i = 0; i < 4; i++) {
+		snprintf(ids[i], 40, "%s", M_ID(CL_MSG(r, i)));
+		leases[i] = M_LEASE(CL_MSG(r, i));
+	}
+	freeReplyObject(r);
+	assert_string_equal(ids[0], a);
+	assert_string_equal(ids[1], b);
+	assert_string_equal(ids[2], c);
+	assert_string_equal(ids[3], d);
+	/* a: delivered; b: b2 deferred without next (invalid); c: a recipient
+	 * that is not its own (invalid); d: failed; then a again (invalid:
+	 * an id twice) */
+	snprintf(json, sizeof(json),
+		 "[{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\",\"code\":250}]},"
+		 "{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"b1@b.c\",\"s\":\"delivered\"},{\"to\":\"b2@b.c\",\"s\":\"deferred\"}]},"
+		 "{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]},"
+		 "{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"d@b.c\",\"s\":\"failed\",\"code\":550}]},"
+		 "{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"failed\",\"code\":550}]}]",
+		 a, leases[0], b, leases[1], c, leases[2], d, leases[3], a, leases[0]);
+	SETTLE_EXPECT(q, json, "done", "invalid", "invalid", "done", "invalid");
+	/* a delivered once and gone, d dead; b and c untouched and still leased */
+	char suffix[64];
+	snprintf(suffix, sizeof(suffix), ":msg:%s", a);
+	assert_false(key_exists(q, suffix));
+	assert_int_equal(stat_of(q, "delivered"), 1);
+	assert_int_equal(stat_of(q, "failed"), 1);
+	assert_int_equal(stat_of(q, "dead"), 1);
+	assert_int_equal(stat_of(q, "inflight"), 2);
+	r = events(q);
+	assert_int_equal(r->elements, 2);
+	assert_string_equal(ev_field(r->element[0], "id"), a);
+	assert_string_equal(ev_field(r->element[1], "id"), d);
+	freeReplyObject(r);
+	char *s = show(q, b);
+	has(s, "\"state\":\"inflight\"");
+	has(s, "\"attempts\":0");
+	assert_null(strstr(s, "\"s\":\"delivered\""));
+	free(s);
+	snprintf(suffix, sizeof(suffix), ":rcpt:%s", b);
+	assert_false(key_exists(q, suffix));
+	/* the same leases still settle b and c once corrected */
+	snprintf(json, sizeof(json),
+		 "[{\"id\":\"%s\",\"lease\":%lld,\"next\":0,\"rcpts\":[{\"to\":\"b1@b.c\",\"s\":\"delivered\"},{\"to\":\"b2@b.c\",\"s\":\"deferred\"}]},"
+		 "{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"c@b.c\",\"s\":\"delivered\"}]}]",
+		 b, leases[1], c, leases[2]);
+	SETTLE_EXPECT(q, json, "scheduled", "done");
+	assert_int_equal(stat_of(q, "inflight"), 0);
+	assert_int_equal(stat_of(q, "delivered"), 3);
+	assert_int_equal(stat_of(q, "deferred"), 1);
 }
 
 static void config_validation(void **state)
@@ -1187,6 +1525,53 @@ static void show_and_list(void **state)
 	has(r->element[1]->str, "\"pending_count\":1");
 	has(r->element[1]->str, "\"rcpt_count\":2");
 	freeReplyObject(r);
+}
+
+/* The status of recipient to in the rcpts array of show's JSON (the keys of
+ * a recipient object come in any order; addresses here have no braces). */
+static void rcpt_status_is(const char *json, const char *to, const char *want)
+{
+	char pat[128], st[64];
+	const char *rc = strstr(json, "\"rcpts\":[");
+	assert_non_null(rc);
+	snprintf(pat, sizeof(pat), "\"to\":\"%s\"", to);
+	const char *p = strstr(rc, pat);
+	if (!p)
+		fail_msg("no recipient %s in %s", to, json);
+	const char *open = p;
+	while (*open != '{')
+		open--;
+	const char *close = strchr(p, '}');
+	assert_non_null(close);
+	snprintf(st, sizeof(st), "\"s\":\"%s\"", want);
+	char *obj = strndup(open, (size_t)(close - open + 1));
+	if (!strstr(obj, st))
+		fail_msg("recipient %s: %s, want s %s", to, obj, want);
+	free(obj);
+}
+
+/* show: a recipient without a P:rcpt entry is "pending" while it is in
+ * pending, "unknown" when it is not (only a stray write does that). */
+static void show_recipient_without_entry(void **state)
+{
+	struct q *q = *state;
+	char id[40];
+	enq(q, "{\"from\":\"\",\"to\":[\"a@b.c\",\"b@b.c\",\"c@b.c\"]}", BODY, id);
+	long long lease = claim_one(q, 30000, NULL);
+	assert_string_equal(settle1(q, id, lease, "\"next\":99999999999999,\"rcpts\":[{\"to\":\"a@b.c\",\"s\":\"delivered\"}]"),
+			    "scheduled");
+	char *s = show(q, id);
+	rcpt_status_is(s, "a@b.c", "delivered");
+	rcpt_status_is(s, "b@b.c", "pending");
+	rcpt_status_is(s, "c@b.c", "pending");
+	free(s);
+	/* stray write: c@b.c dropped from pending without an entry */
+	freeReplyObject(cmd(q, "HSET %s:msg:%s pending [\"b@b.c\"]", q->key, id));
+	s = show(q, id);
+	rcpt_status_is(s, "a@b.c", "delivered");
+	rcpt_status_is(s, "b@b.c", "pending");
+	rcpt_status_is(s, "c@b.c", "unknown");
+	free(s);
 }
 
 static void bad_keys_and_args(void **state)
@@ -1361,6 +1746,9 @@ int main(void)
 		cmocka_unit_test_setup_teardown(version_matches_embedded, setup, teardown),
 		cmocka_unit_test_setup_teardown(enqueue_rejections, setup, teardown),
 		cmocka_unit_test_setup_teardown(enqueue_accepts, setup, teardown),
+		cmocka_unit_test_setup_teardown(addr_rules_match_c, setup, teardown),
+		cmocka_unit_test_setup_teardown(duplicate_recipient_domain_case, setup, teardown),
+		cmocka_unit_test_setup_teardown(meta_not_encodable, setup, teardown),
 		cmocka_unit_test_setup_teardown(idempotency_key, setup, teardown),
 		cmocka_unit_test_setup_teardown(delay_schedules, setup, teardown),
 		cmocka_unit_test_setup_teardown(meta_round_trip, setup, teardown),
@@ -1374,8 +1762,10 @@ int main(void)
 		cmocka_unit_test_setup_teardown(delete_any_state, setup, teardown),
 		cmocka_unit_test_setup_teardown(flush_scheduled, setup, teardown),
 		cmocka_unit_test_setup_teardown(settle_validation, setup, teardown),
+		cmocka_unit_test_setup_teardown(settle_invalid_isolated, setup, teardown),
 		cmocka_unit_test_setup_teardown(config_validation, setup, teardown),
 		cmocka_unit_test_setup_teardown(show_and_list, setup, teardown),
+		cmocka_unit_test_setup_teardown(show_recipient_without_entry, setup, teardown),
 		cmocka_unit_test_setup_teardown(bad_keys_and_args, setup, teardown),
 		cmocka_unit_test_setup_teardown(wake_on_enqueue, setup, teardown),
 		cmocka_unit_test_setup_teardown(read_only_functions, setup, teardown),
