@@ -91,7 +91,7 @@ struct rq_runner {
 	struct rq_runner_opts o;
 	int64_t offset;            /* Redis time - local time, ms */
 	/* claims */
-	bool want_claim, claiming, stopping, stopped_sent, stop_armed;
+	bool want_claim, claiming, stopping, stopped_sent, stop_armed, down_logged;
 	int claim_count;
 	struct event *claim_retry_ev;
 	struct event *renew_ev;
@@ -106,6 +106,7 @@ struct rq_runner {
 	char (*ob_ids)[RQ_QUEUE_ID_MAX + 1];
 	size_t ob_cap;
 	size_t settles_pending, commands_pending;
+	size_t bounces_pending;    /* of commands_pending: DSN enqueues */
 	enum rq_queue_conn_state qstate;
 	struct rq_runner_stats st;
 };
@@ -284,6 +285,7 @@ static void bounce_cb(struct rq_queue *q, enum rq_queue_status st, const char *e
 {
 	struct rq_runner *r = arg;
 	r->commands_pending--;
+	r->bounces_pending--;
 	if (st == RQ_QUEUE_OK && reply && reply->type == REDIS_REPLY_STRING) {
 		r->st.bounces++;
 		rq_log(RQ_LOG_INFO, "bounce_queued", "queue", r->queue_name, "bounce_id",
@@ -358,6 +360,7 @@ static void send_bounce(struct rq_runner *r, struct rmsg *m)
 	if (rq_queue_command(r->q, 6, argv, lens, bounce_cb, r) < 0)
 		goto fail;
 	r->commands_pending++;
+	r->bounces_pending++;
 	goto out;
 fail:
 	rq_log(RQ_LOG_ERROR, "bounce_failed", "queue", r->queue_name, "id", qm->id,
@@ -939,8 +942,15 @@ static void on_state(struct rq_queue *q, enum rq_queue_conn_state st, const char
 	else if (st != RQ_QUEUE_READY && prev == RQ_QUEUE_READY)
 		rq_log(RQ_LOG_WARN, "redis_down", "queue", r->queue_name, "redis",
 		       rq_queue_url_redacted(q), "error", err ? err : "", NULL);
+	else if (st == RQ_QUEUE_DOWN && err && err[0] && !r->down_logged)
+		rq_log(RQ_LOG_WARN, "redis_unavailable", "queue", r->queue_name, "redis",
+		       rq_queue_url_redacted(q), "error", err, NULL);
 	else if (st == RQ_QUEUE_DOWN && err && err[0])
 		rq_log(RQ_LOG_DEBUG, "redis_retry", "queue", r->queue_name, "error", err, NULL);
+	/* one warning per outage; retries at debug */
+	r->down_logged = st != RQ_QUEUE_READY && (r->down_logged || (err && err[0]));
+	if (st != RQ_QUEUE_READY)
+		check_stopped(r);
 }
 
 /* ------------------------------------------------------------------------
@@ -1067,7 +1077,12 @@ static void check_stopped(struct rq_runner *r)
 		struct timeval tv = {RQ_RUNNER_STOP_WAIT_MS / 1000, 0};
 		evtimer_add(r->stop_ev, &tv);
 	}
-	if (r->claiming || r->ob.nmsgs || r->settles_pending || r->commands_pending)
+	if (r->ob.nmsgs || r->settles_pending)
+		return;
+	/* A claim, renew or recover is not worth waiting for while Redis is
+	 * away (never sent, or its leases expire); a bounce is. */
+	if ((r->claiming || r->commands_pending) &&
+	    (r->qstate == RQ_QUEUE_READY || r->bounces_pending))
 		return;
 	send_stopped(r);
 }
