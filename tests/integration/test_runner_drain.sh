@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # relayqd's runner against a real redis-server and Postfix's smtp-sink:
-# a 1,000-message drain over reused connections, 4xx retried / 5xx dead
+# a 1,000-message drain over reused connections (and /metrics), 4xx retried / 5xx dead
 # with a hint, SIGTERM in the middle of a run (exit 0, nothing lost),
 # --check, SIGHUP reload (good and broken file).
 #
@@ -135,10 +135,23 @@ stop_daemon() {  # log, what: SIGTERM, exit 0 within 30 s, no sanitizer report
 start_sink sink1
 P1=$SINK_PORT
 Q1=drain-$$-$RANDOM
-write_config "$TMP/c1.lua" "$Q1" "$SINK_PORT" 'per_destination = 4,' ''
+MPORT=$(free_port)
+write_config "$TMP/c1.lua" "$Q1" "$SINK_PORT" "per_destination = 4, metrics = \"127.0.0.1:$MPORT\"," ''
+
 enqueue "$Q1" 1000 example.net
 start_daemon "$TMP/c1.lua" "$TMP/d1.log"
 if wait_for 120 stat_ge "$Q1" delivered 1000; then ok; else bad "drain: delivered $(stat "$Q1" delivered) of 1000"; fi
+# /metrics: counters of this run
+metrics() { python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "http://127.0.0.1:$MPORT/metrics"; }
+if m=$(metrics); then
+	echo "$m" | grep -q "^relayq_recipients_total{queue=\"$Q1\",outcome=\"delivered\"} 1000\$" && ok ||
+		bad "metrics: delivered counter: $(echo "$m" | grep recipients_total)"
+	echo "$m" | grep -q "^relayq_redis_up{queue=\"$Q1\"} 1\$" && ok || bad "metrics: redis_up"
+	echo "$m" | grep -q "^relayq_inflight_messages{queue=\"$Q1\"} 0\$" && ok || bad "metrics: inflight"
+	echo "$m" | grep -q '^# TYPE relayq_smtp_transactions_total counter$' && ok || bad "metrics: TYPE line"
+else
+	bad "metrics: no answer on 127.0.0.1:$MPORT"
+fi
 stop_daemon "$TMP/d1.log" "drain"
 [ "$(count "$Q1" ready)" -eq 0 ] && [ "$(count "$Q1" inflight)" -eq 0 ] && [ "$(count "$Q1" scheduled)" -eq 0 ] && ok ||
 	bad "drain: queue not empty"
