@@ -3,7 +3,9 @@
  * from URL / env / file, ACL user), library check and load, wake-up on
  * enqueue and by the schedule timer, claim / renew / settle / recover round
  * trips, pipelining, reconnect across a redis-server restart, the watchdog
- * (SIGSTOP), and destroy with commands pending.
+ * (SIGSTOP), and destroy with commands pending; the URL parser and its
+ * redaction, BUSY retried, the subscriber's liveness probe, settle
+ * "invalid".
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -675,6 +677,128 @@ static void url_redaction_and_errors(void **state)
 	event_base_free(b);
 }
 
+/* The one URL parser: fields, the special-character rule, refusals whose
+ * messages never hold the password, and a redaction that never lets the
+ * password through. */
+static void url_parser_one_rule(void **state)
+{
+	struct rq_queue_url u;
+	char err[200];
+
+	assert_int_equal(rq_queue_url_parse("redis://app:s3cr%40t%2F%3F%23%25:x@[::1]:6380/3",
+					    &u, err, sizeof(err)), 0);
+	assert_false(u.is_unix);
+	assert_string_equal(u.host, "::1");
+	assert_int_equal(u.port, 6380);
+	assert_int_equal(u.db, 3);
+	assert_string_equal(u.user, "app");
+	assert_true(u.has_password);
+	assert_string_equal(u.password, "s3cr@t/?#%:x");
+	rq_queue_url_wipe(&u);
+	assert_string_equal(u.password, "");
+
+	assert_int_equal(rq_queue_url_parse("redis://:only@redis.example:1", &u, err, sizeof(err)), 0);
+	assert_string_equal(u.user, "");
+	assert_string_equal(u.password, "only");
+	assert_string_equal(u.host, "redis.example");
+	assert_int_equal(u.port, 1);
+	assert_int_equal(u.db, 0);
+	/* RFC 3986: no ':' in the userinfo: a user */
+	assert_int_equal(rq_queue_url_parse("redis://default@127.0.0.1/", &u, err, sizeof(err)), 0);
+	assert_string_equal(u.user, "default");
+	assert_false(u.has_password);
+	assert_int_equal(u.port, 6379);
+	assert_int_equal(rq_queue_url_parse("unix:///run/r.sock?db=7", &u, err, sizeof(err)), 0);
+	assert_true(u.is_unix);
+	assert_string_equal(u.path, "/run/r.sock");
+	assert_int_equal(u.db, 7);
+
+	/* refused, never echoing the password (which holds "s3cret") */
+	const char *bad[] = {
+		"redis://:s3cret#pw@127.0.0.1",      /* '#' not encoded */
+		"redis://:s3cret?pw@127.0.0.1",      /* '?' not encoded */
+		"redis://:s3cret/pw@127.0.0.1",      /* '/' not encoded */
+		"redis://:s3cret@pw@127.0.0.1",      /* '@' not encoded */
+		"redis:/:s3cretpw@127.0.0.1",        /* no "//" */
+		"redis//:s3cretpw@127.0.0.1",
+		"rediss://:s3cretpw@127.0.0.1",
+		"http://:s3cretpw@127.0.0.1",
+		"redis://:s3cretpw%@127.0.0.1",
+		"redis://:s3cret%00pw@127.0.0.1",
+		"redis://:s3cret pw@127.0.0.1",
+		"redis://:s3cretpw@127.0.0.1:0",
+		"redis://:s3cretpw@127.0.0.1:65536",
+		"redis://:s3cretpw@127.0.0.1/db",
+		"redis://:s3cretpw@127.0.0.1/1?x=1",
+		"redis://:s3cretpw@127.0.0.1#frag",
+		"redis://:s3cretpw@[::1",
+		"redis://:s3cretpw@[nothex]",
+		"redis://:s3cretpw@ho$t",
+		"redis://:s3cretpw@",
+		"redis://u%0a:s3cretpw@127.0.0.1",
+		"s3cretpw",
+		"unix:relative?db=1&p=s3cret",
+		"unix:/tmp/x.sock?db=s3cret",
+		"",
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		char red[300];
+		err[0] = '\0';
+		if (rq_queue_url_parse(bad[i], &u, err, sizeof(err)) == 0)
+			fail_msg("accepted %s", bad[i]);
+		assert_true(err[0] != '\0');
+		assert_null(strstr(err, "s3cret"));
+		assert_string_equal(u.password, "");
+		rq_queue_redact_url(bad[i], red, sizeof(red));
+		if (strstr(red, "s3cret") || strstr(red, "pw@"))
+			fail_msg("redaction of %s shows %s", bad[i], red);
+	}
+	/* the hints name the rule */
+	rq_queue_url_parse("redis://:s3cret#pw@127.0.0.1", &u, err, sizeof(err));
+	assert_non_null(strstr(err, "%23"));
+	rq_queue_url_parse("redis://:s3cret@pw@127.0.0.1", &u, err, sizeof(err));
+	assert_non_null(strstr(err, "%40"));
+
+	/* redaction: parsed URLs keep everything but the password; unparsed
+	 * ones show the scheme only */
+	char red[300];
+	rq_queue_redact_url("redis:/:s3cret@127.0.0.1", red, sizeof(red));
+	assert_string_equal(red, "...");
+	rq_queue_redact_url("redis://:s3cret#x@127.0.0.1", red, sizeof(red));
+	assert_string_equal(red, "redis://...");
+	rq_queue_redact_url("unix:/x?db=s3cret", red, sizeof(red));
+	assert_string_equal(red, "unix:...");
+	rq_queue_redact_url("redis://app:s3cr%40t@127.0.0.1:6380/2", red, sizeof(red));
+	assert_string_equal(red, "redis://app:***@127.0.0.1:6380/2");
+	rq_queue_redact_url("redis://:s3cret@127.0.0.1", red, sizeof(red));
+	assert_string_equal(red, "redis://:***@127.0.0.1");
+	rq_queue_redact_url("redis://app:@127.0.0.1", red, sizeof(red));
+	assert_string_equal(red, "redis://app:@127.0.0.1");
+	rq_queue_redact_url("unix:/run/redis.sock?db=1", red, sizeof(red));
+	assert_string_equal(red, "unix:/run/redis.sock?db=1");
+
+	/* rq_queue_create uses the same parser and never shows the password */
+	struct event_base *b = event_base_new();
+	struct ctx c = {0};
+	struct rq_queue_opts o = base_opts(&c, "redis://:s3cret#pw@127.0.0.1", "q");
+	assert_null(rq_queue_create(b, &o, err, sizeof(err)));
+	assert_non_null(strstr(err, "%23"));
+	assert_null(strstr(err, "s3cret"));
+	o = base_opts(&c, "redis:/:s3cretpw@127.0.0.1", "q");
+	assert_null(rq_queue_create(b, &o, err, sizeof(err)));
+	assert_null(strstr(err, "s3cret"));
+	o = base_opts(&c, "redis://s3cretpw@127.0.0.1", "q");
+	assert_null(rq_queue_create(b, &o, err, sizeof(err)));
+	assert_non_null(strstr(err, "without a password"));
+	assert_null(strstr(err, "s3cret"));
+	o = base_opts(&c, "redis://app:s3cr%23t@127.0.0.1:1/2", "q");
+	struct rq_queue *q = rq_queue_create(b, &o, err, sizeof(err));
+	assert_non_null(q);
+	assert_string_equal(rq_queue_url_redacted(q), "redis://app:***@127.0.0.1:1/2");
+	rq_queue_destroy(q);
+	event_base_free(b);
+}
+
 static void outcomes_json(void **state)
 {
 	struct rq_queue_outcomes o;
@@ -995,6 +1119,187 @@ static bool watchdog_fired(void *arg)
 	return st.watchdog_drops > 0;
 }
 
+/* relayq_settle answers "invalid" for an entry it refuses (the others are
+ * applied): RQ_QUEUE_SETTLE_INVALID, and nothing written for it. */
+static void settle_invalid_entry(void **state)
+{
+	struct th_redis rs;
+	th_redis_start(&rs, false);
+	redisContext *rc = th_redis_connect(&rs);
+	const char *qn = th_unique_queue("inv");
+	char *id1 = enqueue(rc, qn, ENV1, "one");
+	char *id2 = enqueue(rc, qn, "{\"from\":\"\",\"to\":[\"d@example.org\"]}", "two");
+	struct ctx c = {0};
+	struct rq_queue_opts o = base_opts(&c, rs.url, qn);
+	ctx_open_ready(&c, &o);
+	struct res cl = {0};
+	assert_int_equal(rq_queue_claim(c.q, 10, 60000, claim_cb, &cl), 0);
+	assert_true(run_until(c.base, res_done, &cl, 5000));
+	assert_int_equal(cl.st, RQ_QUEUE_OK);
+	assert_int_equal(cl.claim->count, 2);
+	const struct rq_queue_msg *m1 = &cl.claim->msgs[0], *m2 = &cl.claim->msgs[1];
+	assert_string_equal(m1->id, id1);
+	char json[600];
+	snprintf(json, sizeof(json),
+		 "[{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[],\"bogus\":1},"
+		 "{\"id\":\"%s\",\"lease\":%lld,\"rcpts\":[{\"to\":\"d@example.org\",\"s\":\"delivered\",\"code\":250}]}]",
+		 m1->id, (long long)m1->lease, m2->id, (long long)m2->lease);
+	struct res st = {0};
+	assert_int_equal(rq_queue_settle_json(c.q, json, strlen(json), 2, settle_cb, &st), 0);
+	assert_true(run_until(c.base, res_done, &st, 5000));
+	assert_int_equal(st.st, RQ_QUEUE_OK);
+	assert_int_equal(st.nsettled, 2);
+	assert_int_equal(st.settled[0], RQ_QUEUE_SETTLE_INVALID);
+	assert_int_equal(st.settled[1], RQ_QUEUE_SETTLE_DONE);
+	char prefix[256];
+	snprintf(prefix, sizeof(prefix), "relayq:{%s}", qn);
+	char *state1 = sync_str(rc, "HGET %s:msg:%s state", prefix, id1);
+	assert_non_null(state1);
+	assert_string_equal(state1, "inflight");   /* untouched: its lease runs out */
+	free(state1);
+	assert_int_equal(sync_int(rc, "EXISTS %s:msg:%s", prefix, id2), 0);
+	rq_queue_claim_free(cl.claim);
+	ctx_close(&c);
+	free(id1);
+	free(id2);
+	redisFree(rc);
+	th_redis_stop(&rs);
+}
+
+static bool busy_seen(void *arg)
+{
+	struct ctx *c = arg;
+	struct rq_queue_stats st;
+	rq_queue_get_stats(c->q, &st);
+	return st.retried >= 1 && strstr(rq_queue_last_error(c->q), "BUSY") != NULL;
+}
+
+/* Another client's script keeps Redis busy: our claim gets BUSY, which is
+ * not reported but retried; once the script is killed, the claim goes
+ * through. */
+static void busy_script_is_retried(void **state)
+{
+	struct th_redis rs;
+	th_redis_start(&rs, false);
+	redisContext *rc = th_redis_connect(&rs);
+	sync_ok(rc, "CONFIG SET lua-time-limit 50");
+	const char *qn = th_unique_queue("busy");
+	char *id = enqueue(rc, qn, ENV1, "busy body");
+	struct ctx c = {0};
+	struct rq_queue_opts o = base_opts(&c, rs.url, qn);
+	ctx_open_ready(&c, &o);
+
+	/* a script that never ends, sent without waiting for its reply */
+	redisContext *blocker = th_redis_connect(&rs);
+	assert_int_equal(redisAppendCommand(blocker, "EVAL %s 0", "while true do end"), REDIS_OK);
+	int done = 0;
+	while (!done)
+		assert_int_equal(redisBufferWrite(blocker, &done), REDIS_OK);
+	/* busy once another client is told so */
+	bool busy = false;
+	for (int i = 0; i < 200 && !busy; i++) {
+		redisReply *r = redisCommand(rc, "PING");
+		assert_non_null(r);
+		busy = r->type == REDIS_REPLY_ERROR && strncmp(r->str, "BUSY", 4) == 0;
+		freeReplyObject(r);
+	}
+	assert_true(busy);
+
+	struct res cl = {0};
+	assert_int_equal(rq_queue_claim(c.q, 10, 60000, claim_cb, &cl), 0);
+	assert_true(run_until(c.base, busy_seen, &c, 10000));
+	assert_int_equal(cl.calls, 0);      /* not reported: retried */
+
+	sync_ok(rc, "SCRIPT KILL");
+	assert_true(run_until(c.base, res_done, &cl, 10000));
+	assert_int_equal(cl.st, RQ_QUEUE_OK);
+	assert_int_equal(cl.claim->count, 1);
+	assert_string_equal(cl.claim->msgs[0].id, id);
+	rq_queue_claim_free(cl.claim);
+	redisReply *r = NULL;
+	redisGetReply(blocker, (void **)&r);   /* the killed script's error */
+	freeReplyObject(r);
+
+	ctx_close(&c);
+	free(id);
+	redisFree(blocker);
+	redisFree(rc);
+	th_redis_stop(&rs);
+}
+
+struct probe_wait {
+	struct ctx *c;
+	uint64_t pings;
+	int wakes_connect;
+};
+
+static bool probes_answered(void *arg)
+{
+	struct probe_wait *w = arg;
+	struct rq_queue_stats st;
+	rq_queue_get_stats(w->c->q, &st);
+	return st.sub_pings >= w->pings && st.subscribed;
+}
+
+static bool unsubscribed(void *arg)
+{
+	struct rq_queue_stats st;
+	rq_queue_get_stats(((struct ctx *)arg)->q, &st);
+	return !st.subscribed;
+}
+
+static bool resubscribed(void *arg)
+{
+	struct probe_wait *w = arg;
+	struct rq_queue_stats st;
+	rq_queue_get_stats(w->c->q, &st);
+	return st.subscribed && w->c->wakes[RQ_QUEUE_WAKE_CONNECT] > w->wakes_connect;
+}
+
+static bool publish_woke(void *arg)
+{
+	return ((struct ctx *)arg)->wakes[RQ_QUEUE_WAKE_PUBLISH] > 0;
+}
+
+/* The subscriber connection's liveness probe: answered probes change
+ * nothing (wake-ups still arrive); on a silent server the connection is
+ * dropped and, once Redis answers again, resubscribed with a CONNECT wake. */
+static void subscriber_probe(void **state)
+{
+	struct th_redis rs;
+	th_redis_start(&rs, false);
+	redisContext *rc = th_redis_connect(&rs);
+	const char *qn = th_unique_queue("probe");
+	struct ctx c = {0};
+	struct rq_queue_opts o = base_opts(&c, rs.url, qn);
+	o.sub_ping_ms = 50;
+	o.cmd_timeout_ms = 400;
+	ctx_open_ready(&c, &o);
+
+	struct probe_wait w = {&c, 5, 0};
+	assert_true(run_until(c.base, probes_answered, &w, 10000));
+	struct rq_queue_stats st;
+	rq_queue_get_stats(c.q, &st);
+	assert_int_equal(st.disconnects, 0);
+	assert_int_equal(st.watchdog_drops, 0);
+	char *id = enqueue(rc, qn, ENV1, "probe body");
+	assert_true(run_until(c.base, publish_woke, &c, 5000));
+	free(id);
+
+	kill(rs.proc.pid, SIGSTOP);
+	assert_true(run_until(c.base, unsubscribed, &c, 10000));
+	rq_queue_get_stats(c.q, &st);
+	assert_true(st.watchdog_drops >= 1);
+	assert_non_null(strstr(rq_queue_last_error(c.q), "subscriber ping timed out"));
+	w.wakes_connect = c.wakes[RQ_QUEUE_WAKE_CONNECT];
+	kill(rs.proc.pid, SIGCONT);
+	assert_true(run_until(c.base, resubscribed, &w, 10000));
+
+	ctx_close(&c);
+	redisFree(rc);
+	th_redis_stop(&rs);
+}
+
 static void watchdog_on_stopped_server(void **state)
 {
 	struct th_redis rs;
@@ -1149,6 +1454,10 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(url_redaction_and_errors),
 		cmocka_unit_test(outcomes_json),
+		cmocka_unit_test(url_parser_one_rule),
+		cmocka_unit_test(busy_script_is_retried),
+		cmocka_unit_test(settle_invalid_entry),
+		cmocka_unit_test(subscriber_probe),
 		cmocka_unit_test(unix_claim_renew_settle),
 		cmocka_unit_test(tcp_db_and_wake_on_enqueue),
 		cmocka_unit_test(password_sources),
