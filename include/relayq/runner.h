@@ -18,6 +18,30 @@
  * recovered at start and by a sweep every lease / 2 (5 s to 60 s): claim
  * takes them back too, but only when something else wakes the runner.
  *
+ * Decisions (rq_policy_lua_decide_config for every FAILED recipient):
+ * delivered -> DELIVERED; retry -> DEFERRED at now + after; fail -> FAILED
+ * (EXPIRED when expiry turned it) with the knowledge-base hint
+ * "meaning — fix"; drop -> DROPPED; hold -> the message is held; suspend
+ * -> DEFERRED and the destination suspended; next_host (every host
+ * failed) -> DEFERRED; not_tried -> sent again at once (once per message,
+ * then the backoff). Outcomes that count against the destination
+ * (policy.h) settle with attempt = false and are reported to dest.h;
+ * recipients of a suspended destination are deferred to the end of the
+ * suspension, also with attempt = false. A message's settle entry is
+ * written once all its jobs are done; its body is released then. With
+ * bounce = true, failed recipients of a message with a sender get one
+ * RFC 3464 DSN enqueued into the same queue, idempotency key
+ * "bounce:<id>:<attempt>".
+ *
+ * Log lines (logfmt or JSON, one per recipient and attempt): event =
+ * delivered | deferred | failed | expired | dropped | held, with queue, id,
+ * rcpt, host, code, enhanced, text, stage, attempt (this attempt's
+ * number), next (ms) and after (deferred only), rule, reason, delay
+ * (seconds since enqueue). Level info; failed / expired warn; decisions the
+ * policy marks loud (AUTH, configuration) error. Other events:
+ * settle_lost, settle_failed, claim_failed, bounce_queued, bounce_failed,
+ * recovered, redis_ready, redis_down, redis_unavailable, stop_incomplete.
+ *
  * Everything runs on the caller's event loop; callbacks come from it.
  */
 
