@@ -272,7 +272,8 @@ static void header_body_boundary(void **state)
 	EXPECT("S: x\r\nT: y\rz", "S: x\r\nT: y z\r\n.\r\n");
 }
 
-/* body: "n octets of c" helpers for the long-line cases */
+/* Write n octets c (put_run) or the string s (put_str) at p + at; both
+ * return the offset after what they wrote. */
 static size_t put_run(char *p, size_t at, char c, size_t n)
 {
 	memset(p + at, c, n);
@@ -285,6 +286,11 @@ static size_t put_str(char *p, size_t at, const char *s)
 	return at + strlen(s);
 }
 
+/*
+ * Long lines, in the header section and in the body alike: broken with
+ * CRLF SP after 998 octets, then after every 997 more (the SP counts on
+ * its line), as Postfix's smtp client does; 998 octets are untouched.
+ */
 static void long_lines(void **state)
 {
 	(void)state;
