@@ -879,6 +879,9 @@ static void claim_cb(struct rq_queue *q, enum rq_queue_status st, const char *er
 		rq_log(RQ_LOG_ERROR, "claim_failed", "queue", r->queue_name, "error",
 		       "out of memory; the leases will expire", NULL);
 		rq_queue_claim_free(claim);
+		struct timeval tv = {CLAIM_RETRY_MS / 1000, (CLAIM_RETRY_MS % 1000) * 1000};
+		evtimer_add(r->claim_retry_ev, &tv);
+		check_stopped(r);
 		return;
 	}
 	c->c = claim;
@@ -910,8 +913,11 @@ static void maybe_claim(struct rq_runner *r)
 	if (r->ninflight > 0 && free_slots < (size_t)(batch + 1) / 2)
 		return;
 	int count = free_slots < (size_t)batch ? (int)free_slots : batch;
-	if (rq_queue_claim(r->q, count, lease_ms(r), claim_cb, r) < 0)
+	if (rq_queue_claim(r->q, count, lease_ms(r), claim_cb, r) < 0) {
+		struct timeval tv = {CLAIM_RETRY_MS / 1000, (CLAIM_RETRY_MS % 1000) * 1000};
+		evtimer_add(r->claim_retry_ev, &tv);
 		return;
+	}
 	r->claiming = true;
 	r->claim_count = count;
 }
