@@ -251,13 +251,16 @@ static const char *stage_command(enum rq_stage st)
 	}
 }
 
-/* The original header: up to the first empty line, CRLF endings, bounded. */
+/* The original header: up to the first empty line, CRLF endings, bounded.
+ * Line endings are CRLF and bare LF, as in the DATA writer (message.h); a
+ * bare CR inside a line is shown as a space, as the writer sends it. */
 static void put_orig_headers(struct sbuf *b, const char *body, size_t len)
 {
 	size_t i = 0, out = 0;
 	while (i < len) {
 		size_t e = i;
-		while (e < len && body[e] != '\r' && body[e] != '\n')
+		while (e < len && body[e] != '\n' &&
+		       !(body[e] == '\r' && e + 1 < len && body[e + 1] == '\n'))
 			e++;
 		if (e == i)
 			break; /* the empty line: end of the header */
@@ -271,7 +274,9 @@ static void put_orig_headers(struct sbuf *b, const char *body, size_t len)
 		/* NUL and lone control bytes would confuse readers: '?' */
 		for (size_t k = i; k < e; k++) {
 			unsigned char c = (unsigned char)body[k];
-			if ((c < 0x20 && c != '\t') || c == 0x7f)
+			if (c == '\r')
+				sb_add(b, " ", 1);
+			else if ((c < 0x20 && c != '\t') || c == 0x7f)
 				sb_add(b, "?", 1);
 			else
 				sb_add(b, body + k, 1);

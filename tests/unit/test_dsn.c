@@ -303,7 +303,7 @@ static void no_header_injection(void **state)
 			fail_msg("unexpected top-level header line: %.40s", l);
 	}
 	/* no line in the report parts starts with an injected field; the
-	 * original header is shown as the wire had it (a bare CR ends a line
+	 * original header is shown as the wire had it (a bare CR is a space
 	 * there, as in the DATA writer), inside its own part only */
 	const char *hdrpart = strstr(m, "Content-Type: text/rfc822-headers");
 	assert_non_null(hdrpart);
@@ -312,6 +312,9 @@ static void no_header_injection(void **state)
 	assert_null(strstr(before, "\r\nAction: delivered"));
 	free(before);
 	assert_int_equal(count(m, "\r\nFinal-Recipient:"), 1);
+	/* the bare CR of the original Subject is shown as the writer sends it */
+	assert_non_null(strstr(m, "\r\nSubject: hi Bcc: victim5@evil.test\r\n"));
+	assert_null(strstr(m, "\r\nBcc: victim5"));
 	assert_null(strstr(m, "\r\nContent-Type: text/html"));
 	assert_null(strstr(m, "\r\n\r\nContent-Type: text/html"));
 	struct parts ps;
