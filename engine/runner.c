@@ -694,7 +694,7 @@ static bool decide(struct rq_runner *r, struct rmsg *m, struct rrcpt *rc,
 		switch (rc->s) {
 		case RQ_QUEUE_RCPT_DELIVERED: r->st.delivered++; break;
 		case RQ_QUEUE_RCPT_DEFERRED:
-			if (m->hold)
+			if (d.action == RQ_POLICY_HOLD)
 				r->st.held++;
 			else
 				r->st.deferred++;
