@@ -430,6 +430,72 @@ run --redis "unix:$AUTH_SOCK" --redis-password-file "$TMP/nopw" --queue "$Q" sta
 expect_rc 1 "missing password file"
 expect_err "cannot read --redis-password-file" "missing password file"
 
+# One URL rule for relayq and relayqd (rq_queue_url_parse): special characters
+# in a password are %-encoded; unencoded ones are refused, never guessed, and
+# no message shows the password.
+OPSPW='p#ss@w/rd?:x'
+redis-cli -s "$AUTH_SOCK" -a "$SECRET" --no-auth-warning ACL SETUSER ops on ">$OPSPW" '~*' '&*' '+@all' >/dev/null
+RELAYQ_REDIS="redis://ops:p%23ss%40w%2Frd%3F:x@127.0.0.1:$APORT/0" run --queue "$Q" stats
+expect_rc 0 "%-encoded '#', '@', '/', '?' and a ':' in the password"
+for url in "redis://ops:$OPSPW@127.0.0.1:$APORT/0" "redis://:pa#$SECRET@127.0.0.1:$APORT" \
+	"redis://:pa?$SECRET@127.0.0.1:$APORT" "redis:/:$SECRET@127.0.0.1:$APORT" \
+	"redis://:$SECRET@127.0.0.1:$APORT?db=1" "redis://:%zz$SECRET@127.0.0.1"; do
+	RELAYQ_REDIS=$url run --queue "$Q" stats
+	expect_rc 2 "URL refused: $url"
+	expect_err "invalid Redis URL" "URL refused: $url"
+	grep -qF -e "$SECRET" -e "ss@w" "$TMP/out" "$TMP/err" && bad "a password appears in the message for $url: $(ERR)" || ok
+done
+RELAYQ_REDIS="redis://:pa#$SECRET@127.0.0.1:$APORT" run --queue "$Q" stats
+expect_err "%23" "the refusal names the encoding"
+
+# -c: relayqd's redis_user / redis_password_file / redis_password_env.
+printf '%s\n' "$OPSPW" >"$TMP/opspw"
+chmod 600 "$TMP/opspw"
+printf 'relayq.config { redis = "redis://127.0.0.1:%s/0", queue = "%s",\n  redis_user = "ops", redis_password_file = "%s" }\n' \
+	"$APORT" "$Q" "$TMP/opspw" >"$TMP/auth-file.lua"
+run -c "$TMP/auth-file.lua" stats
+expect_rc 0 "-c with redis_user and redis_password_file"
+printf 'relayq.config { redis = "redis://127.0.0.1:%s/0", queue = "%s",\n  redis_password_env = "RQ_CLI_TEST_PW" }\n' \
+	"$APORT" "$Q" >"$TMP/auth-env.lua"
+RQ_CLI_TEST_PW=$SECRET run -c "$TMP/auth-env.lua" stats
+expect_rc 0 "-c with redis_password_env"
+RQ_CLI_TEST_PW=wrong-$SECRET run -c "$TMP/auth-env.lua" stats
+expect_rc 1 "-c with redis_password_env, wrong password"
+grep -qF "$SECRET" "$TMP/out" "$TMP/err" && bad "the password appears in the output" || ok
+if [ -n "${RELAYQD_BIN:-}" ]; then
+	# relayqd --check: the URL's password never printed
+	printf 'relayq.config { redis = "redis://:%s@127.0.0.1:%s/0" }\n' "$SECRET" "$APORT" >"$TMP/pw-url.lua"
+	"$RELAYQD_BIN" --check -c "$TMP/pw-url.lua" >"$TMP/out" 2>"$TMP/err"
+	RC=$?
+	expect_rc 0 "relayqd --check, password in the URL"
+	grep -qF "$SECRET" "$TMP/out" "$TMP/err" && bad "relayqd --check prints the password: $(ERR)" || ok
+	printf 'relayq.config { redis = "redis:/:%s@127.0.0.1" }\n' "$SECRET" >"$TMP/pw-url.lua"
+	"$RELAYQD_BIN" --check -c "$TMP/pw-url.lua" >"$TMP/out" 2>"$TMP/err"
+	RC=$?
+	expect_rc 1 "relayqd --check, broken URL with a password"
+	grep -qF "$SECRET" "$TMP/out" "$TMP/err" && bad "relayqd --check prints the password: $(ERR)" || ok
+fi
+
+# C1 controls (U+0080-U+009F, UTF-8 C2 80..C2 9F) in stored text reach the
+# terminal escaped, like the other control bytes.
+QC=$Q-c1
+run_in "$MSG" --queue "$QC" enqueue --from a@example.org --to b@example.org --meta '{"k":"a\u009b31mb\u0085c"}'
+expect_rc 0 "enqueue with C1 controls in --meta"
+IDC=$(OUT)
+rcli HSET "relayq:{$QC}:msg:$IDC" last_code 451 last_text $'greylisted \xc2\x9b2J now' >/dev/null
+run --queue "$QC" show "$IDC"
+expect_rc 0 "show with C1 controls"
+LC_ALL=C grep -q $'\xc2[\x80-\x9f]' "$TMP/out" && bad "show prints a C1 control: $(OUT | od -c | head)" || ok
+expect_out 'a\\xc2\\x9b31mb\\xc2\\x85c' "show escapes C1 in meta"
+expect_out 'greylisted \\xc2\\x9b2J now' "show escapes C1 in the reply"
+run --queue "$QC" list
+expect_rc 0 "list with C1 controls"
+LC_ALL=C grep -q $'\xc2[\x80-\x9f]' "$TMP/out" && bad "list prints a C1 control: $(OUT | od -c | head)" || ok
+expect_out 'greylisted \\xc2\\x9b2J now' "list escapes C1 in the reply"
+run --queue "$QC" show "$IDC" --json
+json_check "d['meta'] == {'k': 'a\u009b31mb\u0085c'}" "show --json keeps C1 in meta as data"
+rcli --scan --pattern "relayq:{$QC}:*" | while read -r k; do rcli DEL "$k" >/dev/null; done
+
 # Leave the shared server clean.
 rcli --scan --pattern "relayq:{$Q}:*" | while read -r k; do rcli DEL "$k" >/dev/null; done
 
