@@ -920,13 +920,25 @@ static void on_version(redisAsyncContext *ac, void *reply, void *priv)
 		setup_fail(q, cn->link, "FUNCTION LOAD of the relayq library", NULL);
 }
 
+/* AUTH, formatted in a buffer of ours that is wiped after hiredis copied
+ * it (hiredis' own output buffer we cannot wipe: see queue.h). */
 static int send_auth(struct rq_queue *q, redisAsyncContext *ac, redisCallbackFn *fn, void *priv)
 {
 	if (!q->password)
 		return REDIS_OK;
+	const char *argv[3] = {"AUTH"};
+	int argc = 1;
 	if (q->user)
-		return redisAsyncCommand(ac, fn, priv, "AUTH %s %s", q->user, q->password);
-	return redisAsyncCommand(ac, fn, priv, "AUTH %s", q->password);
+		argv[argc++] = q->user;
+	argv[argc++] = q->password;
+	char *buf = NULL;
+	int len = redisFormatCommandArgv(&buf, argc, argv, NULL);
+	if (len < 0)
+		return REDIS_ERR;
+	int rc = redisAsyncFormattedCommand(ac, fn, priv, buf, (size_t)len);
+	explicit_bzero(buf, (size_t)len);
+	redisFreeCommand(buf);
+	return rc;
 }
 
 static void on_sub(redisAsyncContext *ac, void *reply, void *priv);

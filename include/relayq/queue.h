@@ -40,10 +40,12 @@
  *   callback); when no answer comes within cmd_timeout_ms the connection is
  *   dropped and resubscribed (followed by a RQ_QUEUE_WAKE_CONNECT), so a
  *   half-open connection does not lose wake-ups for long.
- * - Secrets: our copies of the password are wiped (explicit_bzero) when
- *   freed. hiredis 0.14 formats the AUTH command into its output buffer and
- *   frees that buffer without wiping it; we cannot reach it, so a copy of
- *   the password may remain in freed heap memory.
+ * - Secrets: our copies of the password (the one kept for reconnects, the
+ *   parsed URL, the password file's line, the formatted AUTH command) are
+ *   wiped (explicit_bzero) when freed. hiredis 0.14 copies the AUTH command
+ *   into its output buffer and releases that buffer without wiping it; we
+ *   cannot reach it, so a copy may remain in freed heap memory. Copies the
+ *   caller keeps (opts->url, the environment) are the caller's.
  *
  * The process must ignore SIGPIPE (hiredis writes to a socket Redis may
  * have closed).
