@@ -153,7 +153,9 @@ static void warn_restart(const struct rq_config *o, const struct rq_config *n)
 	const char *changed[32];
 	size_t k = 0;
 #define CHK(cond, name) do { if ((cond) && k < 32) changed[k++] = (name); } while (0)
-	CHK(str_differs(o->redis, n->redis), "redis");
+	CHK(str_differs(o->redis, n->redis) || str_differs(o->redis_user, n->redis_user) ||
+	    str_differs(o->redis_password_file, n->redis_password_file) ||
+	    str_differs(o->redis_password_env, n->redis_password_env), "redis");
 	bool qd = o->nqueues != n->nqueues;
 	for (size_t i = 0; !qd && i < o->nqueues; i++)
 		qd = str_differs(o->queues[i], n->queues[i]);

@@ -492,18 +492,14 @@ static void submit_group(struct rmsg *m, const char *key, const size_t *idx, siz
 {
 	struct rq_runner *r = m->r;
 	const struct rq_config *cfg = r->cfg;
-	int per_txn = cfg ? cfg->recipients_per_transaction : 100;
-	int per_dest = 0;
-	unsigned mpc = 0;
-	if (!r->relay && cfg) {
-		const struct rq_config_domain *cd = rq_config_domain(cfg, key);
-		if (cd && cd->has_recipients_per_transaction)
-			per_txn = cd->recipients_per_transaction;
-		if (cd && cd->has_per_destination)
-			per_dest = cd->per_destination;
-		if (cd && cd->has_messages_per_connection)
-			mpc = (unsigned)cd->messages_per_connection;
-	}
+	/* in relay mode every domain shares the relay: the global limits */
+	struct rq_config_limits lim = {0, 0, 100};
+	if (cfg)
+		rq_config_limits(cfg, r->relay ? NULL : key, &lim);
+	int per_txn = lim.recipients_per_transaction;
+	int per_dest = r->relay ? 0 : lim.per_destination;
+	unsigned mpc = r->relay ? 0 : (unsigned)(lim.messages_per_connection > 0
+						 ? lim.messages_per_connection : 0);
 	if (per_txn < 1)
 		per_txn = 1;
 	for (size_t off = 0; off < n; off += (size_t)per_txn) {
@@ -1176,6 +1172,9 @@ struct rq_runner *rq_runner_create(struct event_base *base,
 		.url = opts->redis ? opts->redis : (cfg && cfg->redis ? cfg->redis
 					: "redis://127.0.0.1:6379/0"),
 		.queue = r->queue_name,
+		.user = cfg ? cfg->redis_user : NULL,
+		.password_file = cfg ? cfg->redis_password_file : NULL,
+		.password_env = cfg ? cfg->redis_password_env : NULL,
 		.on_wake = on_wake,
 		.on_state = on_state,
 		.arg = r,
