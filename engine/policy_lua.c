@@ -1896,11 +1896,11 @@ enum call_err { ERR_RUNTIME = 0, ERR_BUDGET, ERR_MEMORY, ERR_RESULT };
  * pay too: a failed allocation with the budget gone is a budget error). */
 static enum call_err err_kind(const struct rq_policy_lua *pl, int st)
 {
-	if (pl->mem_hit)
-		return ERR_MEMORY;
+	if (st == LUA_ERRMEM)
+		return pl->budget_hit && !pl->mem_hit ? ERR_BUDGET : ERR_MEMORY;
 	if (pl->budget_hit)
 		return ERR_BUDGET;
-	return st == LUA_ERRMEM ? ERR_MEMORY : ERR_RUNTIME;
+	return pl->mem_hit ? ERR_MEMORY : ERR_RUNTIME;
 }
 
 struct call {

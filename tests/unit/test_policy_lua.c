@@ -501,6 +501,262 @@ static void many_calls_stay_flat(void **state)
 	unload(&p);
 }
 
+/* Loads src expecting a load error whose message contains what. */
+static void load_fails(const char *src, const char *what, int line)
+{
+	struct rq_config *cfg = rq_config_create();
+	struct rq_config_diag diag;
+	rq_config_diag_init(&diag, "bad.lua");
+	struct rq_policy_lua *pl = rq_policy_lua_load_buffer("bad.lua", src, strlen(src),
+							     cfg, NULL, &diag);
+	assert_null(pl);
+	assert_true(diag.errors >= 1);
+	assert_non_null(strstr(diag.items[0].msg, what));
+	assert_int_equal(diag.items[0].line, line);
+	rq_config_destroy(cfg);
+}
+
+static void finalizers_refused(void **state)
+{
+	(void)state;
+	/* A looping __gc would hang the load's final collection, any later
+	 * one and the close: Lua runs finalizers with hooks off. */
+	load_fails("relayq.on(550, function(r) return nil end)\n"
+		   "setmetatable({}, {__gc = function() while true do end end})\n",
+		   "__gc metamethods are not allowed", 2);
+	/* __gc = false would mark the object too (and could become a
+	 * function later). */
+	load_fails("local t = setmetatable({}, {__gc = false})\n", "__gc", 1);
+
+	struct pol p;
+	load(&p,
+	     /* __gc added to a metatable after setmetatable: Lua never
+	      * finalizes the object (checked at the close, in unload). */
+	     "local mt = {}\n"
+	     "local kept = setmetatable({}, mt)\n"
+	     "mt.__gc = function() while true do end end\n"
+	     "local dflt = setmetatable({}, {__index = function(t, k) return k .. '!' end})\n"
+	     "relayq.on(550, function(r)\n"
+	     "  local m = {}\n"
+	     "  local x = setmetatable({}, m)\n"
+	     "  m.__gc = function() while true do end end\n"
+	     "  x = nil\n"
+	     "  collectgarbage() collectgarbage()\n"
+	     "  return relayq.fail { reason = dflt.ok .. tostring(kept ~= nil) }\n"
+	     "end)\n"
+	     "relayq.on(551, function(r)\n"
+	     "  setmetatable({}, {__gc = function() while true do end end})\n"
+	     "  collectgarbage()\n"
+	     "  return relayq.retry { after = '10m' }\n"
+	     "end)\n"
+	     /* to-be-closed variables run with the hook on. */
+	     "relayq.on(552, function(r)\n"
+	     "  local x <close> = setmetatable({}, {__close = function() while true do end end})\n"
+	     "  return relayq.drop()\n"
+	     "end)\n"
+	     "relayq.on(553, function(r)\n"
+	     "  local x <close> = setmetatable({}, {__close = function()\n"
+	     "    while true do pcall(function() while true do end end) end end})\n"
+	     "  while true do end\n"
+	     "end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	assert_string_equal(d.rule, "lua:550");
+	assert_string_equal(d.reason, "ok!true");
+	decide(&p, &(struct ask){.code = 551, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:5xx");
+	assert_int_equal(d.action, RQ_POLICY_FAIL);
+	assert_non_null(strstr(d.reason, "lua:551 error:"));
+	assert_non_null(strstr(d.reason, "__gc metamethods are not allowed"));
+	decide(&p, &(struct ask){.code = 552, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:5xx");
+	assert_non_null(strstr(d.reason, "instruction budget exceeded"));
+	decide(&p, &(struct ask){.code = 553, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:5xx");
+	assert_non_null(strstr(d.reason, "instruction budget exceeded"));
+	struct rq_policy_lua_stats st;
+	stats(&p, &st);
+	assert_int_equal(st.errors, 3);
+	assert_int_equal(st.runtime_errors, 1);
+	assert_int_equal(st.budget_errors, 2);
+	fflush(logout);
+	assert_non_null(strstr(logbuf, "rule=lua:551 kind=runtime"));
+	/* Still usable after the failures. */
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	assert_string_equal(d.reason, "ok!true");
+	unload(&p);
+}
+
+static void patterns_bounded(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p,
+	     "local a = ('a'):rep(3000)\n"
+	     "relayq.on(550, function(r) a:find('.-.-.-.-.-b') return relayq.drop() end)\n"
+	     "relayq.on(551, function(r) string.match(a, '(.-)(.-)(.-)(.-)b') return relayq.drop() end)\n"
+	     "relayq.on(552, function(r) for x in a:gmatch('.-.-.-b') do end return relayq.drop() end)\n"
+	     "relayq.on(553, function(r) a:gsub('.-.-.-b', 'x') return relayq.drop() end)\n"
+	     "relayq.on(554, function(r) pcall(string.find, a, '.-.-.-.-.-b') return relayq.drop() end)\n"
+	     /* Ordinary uses are unchanged. */
+	     "relayq.on(450, function(r)\n"
+	     "  local t = {}\n"
+	     "  t[#t + 1] = tostring(r.text:find('greylist', 1, true))\n"
+	     "  t[#t + 1] = r.text:match('(%d+%.%d+%.%d+)')\n"
+	     "  local user, dom = r.recipient:match('^(.-)@(.+)$')\n"
+	     "  t[#t + 1] = user .. '/' .. dom\n"
+	     "  t[#t + 1] = (r.text:gsub('%s+', '_'))\n"
+	     "  local n = 0 for w in r.text:gmatch('%a+') do n = n + 1 end\n"
+	     "  t[#t + 1] = n\n"
+	     "  t[#t + 1] = r.text:find('[%d.]+%s') .. ',' .. tostring(r.text:find('x$'))\n"
+	     "  t[#t + 1] = ('k=v; k2=v2'):gsub('(%w+)=(%w+)', '%2=%1')\n"
+	     "  t[#t + 1] = ('%bxy'):len() .. ('(a(b)c)'):match('%b()')\n"
+	     /* A long subject, a match near the start: one start at a time. */
+	     "  local big = ('x'):rep(60000) .. ' tail'\n"
+	     "  t[#t + 1] = #big:match('(.*) tail')\n"
+	     "  t[#t + 1] = select(2, big:gsub('x', 'y'))\n"
+	     "  t[#t + 1] = tostring(big:find('(%d)'))\n"
+	     "  return relayq.fail { reason = table.concat(t, ';') }\n"
+	     "end)\n");
+	struct rq_decision d;
+	static const char *const fn[] = {"string.find", "string.match", "string.gmatch",
+					 "string.gsub", NULL};
+	for (int code = 550; code <= 554; code++) {
+		decide(&p, &(struct ask){.code = code, .text = "x"}, &d);
+		assert_string_equal(d.rule, "builtin:5xx");
+		assert_non_null(strstr(d.reason, "instruction budget exceeded"));
+		/* In a pcall, the error caught is the next instruction's. */
+		if (fn[code - 550])
+			assert_non_null(strstr(d.reason, fn[code - 550]));
+	}
+	decide(&p, &(struct ask){.code = 450, .enhanced = "4.7.1",
+				 .text = "greylisted 4.7.1 come back in 300 s"}, &d);
+	assert_string_equal(d.rule, "lua:450");
+	assert_string_equal(d.reason,
+		"1;4.7.1;user/example.com;greylisted_4.7.1_come_back_in_300_s;5;12,nil;"
+		"v=k; v2=k2;4(a(b)c);60000;60000;nil");
+	struct rq_policy_lua_stats st;
+	stats(&p, &st);
+	assert_int_equal(st.errors, 5);
+	assert_int_equal(st.budget_errors, 5);
+	unload(&p);
+}
+
+static void library_work_bounded(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p,
+	     "local big = {} for i = 1, 1000 do big[i] = i end\n"
+	     "relayq.on(550, function() local s = string.rep('', math.maxinteger)\n"
+	     "  return relayq.fail { reason = 'rep:' .. #s .. ':' .. ('ab'):rep(3, ',') } end)\n"
+	     "relayq.on(551, function() table.move({}, 1, math.maxinteger - 1, 2) end)\n"
+	     "relayq.on(552, function()\n"
+	     "  local t = setmetatable({}, {__index = table.concat})\n"
+	     "  table.concat(t, '', 1, 1 << 40) end)\n"
+	     "relayq.on(553, function() table.unpack({}, 1, 1 << 40) end)\n"
+	     "relayq.on(554, function() local s = ('\\u{e9}'):rep(500000)\n"
+	     "  while true do utf8.len(s) end end)\n"
+	     "relayq.on(555, function() local s = ('1'):rep(1000000)\n"
+	     "  while true do local x = s + 0 end end)\n"
+	     "relayq.on(556, function() local s = (' '):rep(4000000)\n"
+	     "  while true do load(s) end end)\n"
+	     "relayq.on(557, function() local s = ('f'):rep(1000000)\n"
+	     "  while true do tonumber(s, 16) end end)\n"
+	     "relayq.on(558, function() local t = setmetatable({}, {__len = function() return 1 << 50 end})\n"
+	     "  table.insert(t, 1, 'x') end)\n"
+	     "relayq.on(559, function() local s = ('x'):rep(8000000)\n"
+	     "  while true do local y = s .. 'y' end end)\n"
+	     /* Ordinary uses still work. */
+	     "relayq.on(450, function()\n"
+	     "  local t = {}\n"
+	     "  for i = 1, 100 do t[i] = (i * 37) % 101 end\n"
+	     "  table.sort(t) table.sort(t, function(x, y) return x > y end)\n"
+	     "  table.insert(t, 1, 0) table.remove(t)\n"
+	     "  local m = table.move({1, 2, 3}, 1, 3, 1, {})\n"
+	     "  return relayq.fail { reason = t[1] .. ',' .. t[2] .. ',' .. #t .. ',' ..\n"
+	     "    table.concat(m, '') .. ',' .. utf8.len('h\\u{e9}') .. ',' ..\n"
+	     "    select('#', table.unpack(big)) .. ',' .. tonumber('ff', 16) .. ',' ..\n"
+	     "    string.format('%5.1f|%s', 2.25, 'x') .. ',' .. ('10' + 1) }\n"
+	     "end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	assert_string_equal(d.reason, "rep:0:ab,ab,ab");
+	for (int code = 551; code <= 559; code++) {
+		decide(&p, &(struct ask){.code = code, .text = "x"}, &d);
+		assert_string_equal(d.rule, "builtin:5xx");
+		assert_non_null(strstr(d.reason, "instruction budget exceeded"));
+	}
+	decide(&p, &(struct ask){.code = 450, .text = "x"}, &d);
+	assert_string_equal(d.rule, "lua:450");
+	assert_string_equal(d.reason, "0,100,100,123,2,1000,255,  2.2|x,11");
+	struct rq_policy_lua_stats st;
+	stats(&p, &st);
+	assert_int_equal(st.errors, 9);
+	assert_int_equal(st.budget_errors, 9);
+	unload(&p);
+}
+
+static void libraries_read_only(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p,
+	     "local S = string\n"
+	     "local SMT = getmetatable('')\n"
+	     "G = 'global-ok'\n"
+	     "function string.shout(s) return s:upper() .. '!' end\n"
+	     "relayq.on(550, function() string.find = function() return 1 end end)\n"
+	     "relayq.on(551, function() getmetatable('').__index = function() while true do end end end)\n"
+	     "relayq.on(552, function() relayq.retry = function() return relayq.drop() end end)\n"
+	     "relayq.on(553, function() math.floor = nil end)\n"
+	     "relayq.on(554, function() rawset(string, 'find', print) end)\n"
+	     "relayq.on(555, function() string = nil end)\n"
+	     "relayq.on(556, function() setmetatable(table, nil) end)\n"
+	     "relayq.on(557, function() X = 1 end)\n"
+	     "relayq.on(558, function() rawset(_G, 'math', {}) end)\n"
+	     "relayq.on(559, function() local f, s = pairs(table) if s then s.concat = nil end\n"
+	     "  for k, v in pairs(_G) do if type(v) == 'table' then pcall(rawset, v, 'find', 1) end end end)\n"
+	     /* References taken at load are the file's own: changing them
+	      * does not reach the others. */
+	     "relayq.on(560, function() S.find = function() return 99 end\n"
+	     "  SMT.__index = function() while true do end end end)\n"
+	     "relayq.on(450, function(r)\n"
+	     "  local s = 'abc'\n"
+	     "  local ok = s:find('b') == 2 and string.find(s, 'c') == 3 and math.floor(2.5) == 2\n"
+	     "    and table.concat({1, 2}, ',') == '1,2' and G == 'global-ok'\n"
+	     "    and s:shout() == 'ABC!' and ('x'):rep(3) == 'xxx' and ('5' * 2) == 10\n"
+	     "  local n = 0 for k, v in pairs(string) do n = n + 1 end\n"
+	     "  local g = 0 for k, v in pairs(_G) do g = g + 1 end\n"
+	     "  if ok and n > 10 and g > 10 then return relayq.retry { after = 77 } end\n"
+	     "  return relayq.fail { reason = 'poisoned' }\n"
+	     "end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 450, .text = "x"}, &d);
+	assert_string_equal(d.rule, "lua:450");
+	assert_true(d.after == 77);
+	for (int code = 550; code <= 560; code++) {
+		decide(&p, &(struct ask){.code = code, .text = "x"}, &d);
+		assert_string_equal(d.rule, "builtin:5xx");
+		if (code == 550)
+			assert_non_null(strstr(d.reason, "string is read-only: cannot set string.find"));
+		if (code == 557)
+			assert_non_null(strstr(d.reason, "cannot set global 'X'"));
+		if (code == 554 || code == 558)
+			assert_non_null(strstr(d.reason, "read-only"));
+		/* Every other handler still gets the real libraries. */
+		decide(&p, &(struct ask){.code = 450, .text = "x"}, &d);
+		assert_string_equal(d.rule, "lua:450");
+		assert_true(d.after == 77);
+	}
+	struct rq_policy_lua_stats st;
+	stats(&p, &st);
+	/* 559 and 560 only touch their own tables. */
+	assert_int_equal(st.errors, 9);
+	assert_int_equal(st.runtime_errors, 9);
+	unload(&p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -515,6 +771,10 @@ int main(void)
 		cmocka_unit_test(expiry_still_applies_to_lua_retries),
 		cmocka_unit_test(reload_with_syntax_error_keeps_old_policy),
 		cmocka_unit_test(many_calls_stay_flat),
+		cmocka_unit_test(finalizers_refused),
+		cmocka_unit_test(patterns_bounded),
+		cmocka_unit_test(library_work_bounded),
+		cmocka_unit_test(libraries_read_only),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
