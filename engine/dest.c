@@ -471,8 +471,12 @@ static void pump(struct rq_dest *d)
 	if (ds->draining || !d->wait_head)
 		return;
 	int64_t now = now_ms(ds);
-	if (rq_dest_health_suspended(&d->h, now))
+	if (rq_dest_health_suspended(&d->h, now)) {
+		/* e.g. the rest of a transaction that ended after the
+		 * suspension began: nothing would wake it up here */
+		flush_waiting(d, RQ_DEST_RCPT_SUSPENDED, NULL, d->h.suspended_until);
 		return;
+	}
 	while (d->wait_head) {
 		struct sess *idle = NULL;
 		size_t connecting = 0;
