@@ -10,6 +10,9 @@
  *       suspended, and delivery resumes by itself once a server listens
  *   421 / 554 greetings and a greeting timeout: deferred against the
  *       destination (attempts 0), delivered once a session works
+ *   tls = "required" to a server without STARTTLS: deferred against the
+ *       destination, nothing sent in plain text, delivered over verified
+ *       TLS once the server offers it
  */
 #include "daemon_common.h"
 
@@ -330,6 +333,52 @@ static void test_greeting_failures(void **state)
 	free(id);
 }
 
+/* tls = "required" to a server without STARTTLS: deferred against the
+ * destination (attempts 0), never sent in plain text; delivered over TLS
+ * (verified with the test CA) once the server offers it. */
+static void test_tls_required(void **state)
+{
+	struct dt *t = *state;
+	int port = th_free_port();
+	dt_smtp_start_argv(t, port, NULL);
+	char keys[1024];
+	snprintf(keys, sizeof(keys),
+		 "  lease = \"30s\",\n  tls = \"required\",\n"
+		 "  tls_ca_file = \"%s/tests/fixtures/tls/ca.pem\",",
+		 th_source_root());
+	/* dt_config writes tls = "none" first; a second tls key is an error,
+	 * so write the file by hand */
+	char *text = NULL;
+	assert_true(asprintf(&text,
+		"relayq.config {\n  redis = \"%s\",\n  queue = \"%s\",\n"
+		"  relay = \"[127.0.0.1]:%d\",\n  helo = \"relayq.test\",\n%s\n}\n%s",
+		t->redis.url, t->queue, port, keys, BACKOFF_1S) > 0);
+	dt_write_file(t->cfg, text);
+	free(text);
+	char *id = dt_enqueue1(t, "tls@example.net", BODY);
+	struct refused r = {&id, 1, false, ""};
+	dt_daemon_start(t, 0);
+	DT_WAIT(t, cond_refused_twice, &r, 40000,
+		"not deferred twice while the server offered no STARTTLS");
+	if (r.burnt)
+		DT_FAIL(t, "attempts went above 0 while TLS was unavailable (a destination failure)");
+	assert_int_equal(dt_count_in_transcripts(t, "C: MAIL FROM"), 0);
+	assert_int_equal(dt_smtp_stat(t, "messages"), 0);
+
+	dt_smtp_stop(t);
+	const char *args[] = {"--starttls", NULL};
+	dt_smtp_start_argv(t, port, args);
+	DT_WAIT(t, dt_cond_gone, id, 40000, "not delivered once the server offered STARTTLS");
+	assert_true(dt_smtp_stat(t, "tls") >= 1);
+	assert_int_equal(recorded(t, "tls@example.net"), 1);
+	struct dt_event ev;
+	assert_true(dt_find_event(t, id, "tls@example.net", "delivered", &ev));
+	assert_int_equal(ev.attempt, 1);
+	dt_daemon_stop(t, 0);
+	dt_smtp_stop(t);
+	free(id);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -337,6 +386,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_mixed_retried, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_refused_then_resumed, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_greeting_failures, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_tls_required, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
