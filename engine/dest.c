@@ -445,7 +445,18 @@ static void txn_done(struct rq_smtp_txn *txn, void *arg)
 		complete(job);
 	}
 	pump(d);
-	check_drained(d->ds);
+	/* at the connection limit, an idle connection makes room for a
+	 * destination that waits for one */
+	struct rq_dests *ds = d->ds;
+	if (!x->job && ds->nsess >= (size_t)ds->o.connections) {
+		for (struct rq_dest *o = ds->dests; o; o = o->next) {
+			if (o != d && o->starved) {
+				rq_smtp_quit(x->s);
+				break;
+			}
+		}
+	}
+	check_drained(ds);
 }
 
 /* Quits one idle session of another destination to make room. */
