@@ -5,6 +5,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <event2/event.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1524,13 +1525,70 @@ struct rq_dns_req *rq_dns_lookup_mx(struct rq_dns *dns, const char *domain,
 	return req;
 }
 
+/*
+ * A host named in the hosts file (e.g. "localhost" for a relay) is answered
+ * from there, as the system resolver would; the file is local and small.
+ * Only for host lookups: MX lookups always ask DNS. true when answered.
+ */
+static bool answer_from_hosts_file(struct rq_dns_req *req)
+{
+	struct rq_dns *dns = req->dns;
+	struct rq_dns_addr found[16];
+	size_t n = 0;
+	if (!dns->ch_ok)
+		return false;
+	for (int pass = 0; pass < 2; pass++) {
+		int fi = dns->o.prefer_ipv6 ? 1 - pass : pass;
+		if ((fi == 0 && dns->o.no_ipv4) || (fi == 1 && dns->o.no_ipv6))
+			continue;
+		struct hostent *he = NULL;
+		if (ares_gethostbyname_file(dns->ch, req->name, fi == 0 ? AF_INET : AF_INET6,
+					    &he) != ARES_SUCCESS || !he)
+			continue;
+		for (char **a = he->h_addr_list; a && *a && n < 16; a++) {
+			struct rq_dns_addr *d = &found[n];
+			memset(d, 0, sizeof(*d));
+			if (he->h_addrtype == AF_INET && he->h_length == 4) {
+				struct sockaddr_in *sin = (struct sockaddr_in *)&d->sa;
+				sin->sin_family = AF_INET;
+				memcpy(&sin->sin_addr, *a, 4);
+				d->len = sizeof(*sin);
+				n++;
+			} else if (he->h_addrtype == AF_INET6 && he->h_length == 16) {
+				struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&d->sa;
+				sin6->sin6_family = AF_INET6;
+				memcpy(&sin6->sin6_addr, *a, 16);
+				d->len = sizeof(*sin6);
+				n++;
+			}
+		}
+		ares_free_hostent(he);
+	}
+	if (n == 0)
+		return false;
+	struct rq_dns_result *res = result_alloc(1, n);
+	if (!res) {
+		req_done(req, NULL);
+		return true;
+	}
+	res->status = RQ_DNS_OK;
+	res->outcome.stage = RQ_STAGE_DNS;
+	res->nhosts = 1;
+	res->hosts[0].addrs = result_addrs(res, 1);
+	memcpy(res->hosts[0].addrs, found, n * sizeof(found[0]));
+	res->hosts[0].naddrs = n;
+	memcpy(res->hosts[0].name, req->name, sizeof(res->hosts[0].name));
+	req_done(req, res);
+	return true;
+}
+
 struct rq_dns_req *rq_dns_lookup_host(struct rq_dns *dns, const char *host,
 				      rq_dns_cb cb, void *arg)
 {
 	struct rq_dns_req *req = req_new(dns, REQ_HOST, cb, arg);
 	if (!req)
 		return NULL;
-	if (answer_locally(req, host ? host : ""))
+	if (answer_locally(req, host ? host : "") || answer_from_hosts_file(req))
 		return req;
 	req->hosts = calloc(1, sizeof(*req->hosts));
 	if (!req->hosts) {

@@ -554,6 +554,23 @@ static void host_lookups_and_literals(void **state)
 	}
 	rq_dns_stats(f->dns, &after);
 	assert_int_equal(after.queries, before.queries);
+
+	/* a relay host in the hosts file ("localhost", as Debian's /etc/hosts
+	 * has it) is answered from there, without DNS; an MX lookup of the same
+	 * name still asks DNS */
+	r = lookup(f->base, f->dns, "localhost", false);
+	assert_int_equal(r->status, RQ_DNS_OK);
+	assert_int_equal(r->nhosts, 1);
+	assert_true(r->hosts[0].naddrs >= 1);
+	bool loopback = false;
+	for (size_t k = 0; k < r->hosts[0].naddrs; k++) {
+		addr_text(&r->hosts[0], k, buf, sizeof(buf));
+		loopback = loopback || strcmp(buf, "127.0.0.1") == 0 || strcmp(buf, "::1") == 0;
+	}
+	assert_true(loopback);
+	rq_dns_result_free(r);
+	rq_dns_stats(f->dns, &after);
+	assert_int_equal(after.queries, before.queries);
 }
 
 static void family_options(void **state)
