@@ -414,7 +414,8 @@ static int load_config(struct cli *cli)
 {
 	struct rq_config_diag diag;
 	rq_config_diag_init(&diag, cli->config_path);
-	struct rq_config *cfg = rq_config_load(cli->config_path, &diag);
+	struct rq_config *cfg = rq_config_load_flags(cli->config_path,
+						     RQ_CONFIG_LOAD_NO_SMTP_SECRET, &diag);
 	if (!cfg) {
 		rq_config_diag_print(&diag, stderr);
 		errorf("cannot load config %s", cli->config_path);

@@ -1029,7 +1029,9 @@ static void end_config(struct rq_config *cfg, int line, struct rq_config_diag *d
 				   "password_env, password");
 		return;
 	}
-	if (p->password_file) {
+	if (cfg->load_flags & RQ_CONFIG_LOAD_NO_SMTP_SECRET) {
+		/* not needed by this caller: neither read nor required */
+	} else if (p->password_file) {
 		free_secret(cfg->auth_password);
 		cfg->auth_password = read_secret(p->password_file, aline, diag);
 	} else if (p->password_env) {
@@ -1077,11 +1079,18 @@ void rq_config_section_end(struct rq_config *cfg, enum rq_config_section sec,
 
 struct rq_config *rq_config_load(const char *path, struct rq_config_diag *diag)
 {
+	return rq_config_load_flags(path, 0, diag);
+}
+
+struct rq_config *rq_config_load_flags(const char *path, unsigned flags,
+				       struct rq_config_diag *diag)
+{
 	struct rq_config *cfg = rq_config_create();
 	if (!cfg) {
 		rq_config_diag_add(diag, 0, false, "out of memory");
 		return NULL;
 	}
+	cfg->load_flags = flags;
 	size_t errors = diag->errors;
 	cfg->path = strdup(path);
 	cfg->lua = rq_policy_lua_load(path, cfg, NULL, diag);

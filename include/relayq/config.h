@@ -145,6 +145,7 @@ struct rq_config {
 	struct rq_config_domain *domains;
 	size_t ndomains;
 	struct rq_policy_lua *lua; /* owned; NULL = built-in policy only */
+	unsigned load_flags;        /* RQ_CONFIG_LOAD_* it was loaded with */
 };
 
 /* Problems found while loading, each with the file's line (0 = none). */
@@ -184,6 +185,18 @@ void rq_config_destroy(struct rq_config *cfg);
  * any error (all of them in diag; warnings are kept in diag too).
  */
 struct rq_config *rq_config_load(const char *path, struct rq_config_diag *diag);
+
+/* Flags of rq_config_load_flags. */
+enum {
+	/* The caller never sends mail (the relayq CLI): the SMTP AUTH password
+	 * is neither read nor required, so an operator who may read the
+	 * config but not the relay's secret can still use `relayq -c`. */
+	RQ_CONFIG_LOAD_NO_SMTP_SECRET = 1u << 0,
+};
+
+/* rq_config_load with flags (RQ_CONFIG_LOAD_*). */
+struct rq_config *rq_config_load_flags(const char *path, unsigned flags,
+				       struct rq_config_diag *diag);
 
 /*
  * Reload: loads path and, only when it loads cleanly, destroys *cur and

@@ -354,6 +354,18 @@ static void auth_sources(void **state)
 	assert_null(c);
 	assert_true(has_problem(&d, 2, false, "cannot open /nonexistent/pw"));
 
+	/* The CLI never sends mail: it loads the same file without the SMTP
+	 * secret (neither read nor required), and gets everything else. */
+	const char *cli_path = write_file("cli.lua",
+		"relayq.config {\n queue = 'q1',\n auth = { user = 'u', password_file = '/nonexistent/pw' } }\n");
+	rq_config_diag_init(&d, cli_path);
+	c = rq_config_load_flags(cli_path, RQ_CONFIG_LOAD_NO_SMTP_SECRET, &d);
+	assert_non_null(c);
+	assert_int_equal(d.errors, 0);
+	assert_string_equal(c->queues[0], "q1");
+	assert_null(c->auth_password);
+	rq_config_destroy(c);
+
 	/* AUTH over plaintext only when allowed. */
 	c = load("relayq.config { tls = 'none',\n auth = { user = 'u', password_env = 'RQ_TEST_PW' } }\n", &d);
 	assert_null(c);
