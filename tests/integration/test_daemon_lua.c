@@ -7,6 +7,7 @@
  *   a 421 turned into a permanent failure
  *   an enhanced-code rule ("5.7.1") beating a code rule (550)
  *   a per-domain rule (on_domain) beating the global one
+ *   a rule reading the message (msg.meta) that holds it
  *   handlers that raise, loop forever, allocate without end: the built-in
  *       decision applies and the daemon keeps delivering
  *   SIGHUP with a syntax error keeps the old policy (the error is reported
@@ -24,7 +25,8 @@ struct decision {
 	char enh[16];
 	char text[128];
 	char domain[64];
-	char action[16];           /* retry / fail / drop */
+	char meta[64];             /* the message's meta JSON, or "" */
+	char action[16];           /* retry / fail / drop / hold */
 	long long after_s;         /* retry: seconds (0: not checked) */
 };
 
@@ -83,6 +85,7 @@ static void record(const char *policy, int code, const char *enh, const char *te
 	snprintf(d->domain, sizeof(d->domain), "%s", domain);
 	snprintf(d->action, sizeof(d->action), "%s", action);
 	d->after_s = after_s;
+	d->meta[0] = '\0';
 }
 
 /* The message was retried: scheduled after_s after the deferral. */
@@ -165,10 +168,12 @@ static void test_rules(void **state)
 		 451, "4.3.0", "Try later", "retry", 3600},
 	};
 	enum { N = sizeof(cases) / sizeof(cases[0]) };
-	const char *rules[N + 1];
+	const char *rules[N + 3];
 	for (size_t i = 0; i < N; i++)
 		rules[i] = cases[i].rule;
-	rules[N] = NULL;
+	rules[N] = "rcpt addr=vip@example.net reply 452 4.3.1 Insufficient system storage";
+	rules[N + 1] = "rcpt addr=plain452@example.net reply 452 4.3.1 Insufficient system storage";
+	rules[N + 2] = NULL;
 	dt_smtp_start(t, rules);
 	dt_config(t, "  lease = \"30s\",",
 		BACKOFF_1H
@@ -187,7 +192,10 @@ static void test_rules(void **state)
 		"  local t, i = {}, 0\n"
 		"  while true do i = i + 1; t[i] = string.rep(\"x\", 4096) .. i end\n"
 		"end)\n"
-		"relayq.on(451, function(r) error(\"451 handler raised\") end)\n");
+		"relayq.on(451, function(r) error(\"451 handler raised\") end)\n"
+		"relayq.on(452, function(r, msg)\n"
+		"  if msg.meta and msg.meta.vip then return relayq.hold() end\n"
+		"end)\n");
 	char policy[600];
 	keep_policy(t, "rules", policy, sizeof(policy));
 	char *ids[N];
@@ -211,6 +219,28 @@ static void test_rules(void **state)
 		record(policy, cases[i].code, cases[i].enh, cases[i].text,
 		       strchr(cases[i].rcpt, '@') + 1, cases[i].action, cases[i].after_s);
 	}
+	/* a rule that reads the message: the app's meta decides a hold */
+	redisReply *rep = dt_cmd(t, "FCALL relayq_enqueue 1 %s %s %s", t->prefix,
+		"{\"from\":\"sender@example.com\",\"to\":[\"vip@example.net\"],"
+		"\"meta\":{\"vip\":true}}", "Subject: vip\r\n\r\nbody\r\n");
+	assert_int_equal(rep->type, REDIS_REPLY_STRING);
+	char *vip = strdup(rep->str);
+	freeReplyObject(rep);
+	char *plain = dt_enqueue1(t, "plain452@example.net", "Subject: p\r\n\r\nbody\r\n");
+	DT_WAIT(t, dt_cond_settled, vip, 30000, "vip message not settled");
+	DT_WAIT(t, dt_cond_settled, plain, 30000, "plain 452 message not settled");
+	if (!dt_in_zset(t, "held", vip))
+		DT_FAIL(t, "the meta rule did not hold the vip message");
+	struct dt_event hev;
+	if (!dt_find_event(t, vip, NULL, "held", &hev))
+		DT_FAIL(t, "no held event for the vip message");
+	check_retry(t, plain, "plain452@example.net", 452, 3600);
+	record(policy, 452, "4.3.1", "Insufficient system storage", "example.net", "hold", 0);
+	snprintf(decisions[ndecisions - 1].meta, sizeof(decisions[0].meta), "{\"vip\":true}");
+	record(policy, 452, "4.3.1", "Insufficient system storage", "example.net", "retry", 3600);
+	free(vip);
+	free(plain);
+
 	/* after the broken handlers, it still delivers */
 	char *ok2 = dt_enqueue1(t, "ok2@example.net", "Subject: ok2\r\n\r\nbody\r\n");
 	DT_WAIT(t, dt_cond_gone, ok2, 30000, "ok2 not delivered after the broken handlers");
@@ -349,16 +379,17 @@ static void test_reload(void **state)
 static void test_explain_agrees(void **state)
 {
 	(void)state;
-	if (ndecisions < 11)
+	if (ndecisions < 13)
 		fail_msg("only %zu daemon decisions were recorded (earlier cases failed)", ndecisions);
 	for (size_t i = 0; i < ndecisions; i++) {
 		const struct decision *d = &decisions[i];
 		char *out = NULL;
 		int rc = dt_sh(&out,
 			       "'%s' explain -c '%s' --code %d --enhanced '%s' --text '%s' "
-			       "--stage rcpt --domain '%s' --rcpt 'x@%s' 2>&1",
+			       "--stage rcpt --domain '%s' --rcpt 'x@%s' %s%s%s 2>&1",
 			       dt_relayq_bin(), d->policy, d->code, d->enh, d->text, d->domain,
-			       d->domain);
+			       d->domain, d->meta[0] ? "--meta '" : "", d->meta,
+			       d->meta[0] ? "'" : "");
 		if (rc != 0)
 			fail_msg("relayq explain (%d %s %s): exit %d: %s", d->code, d->enh, d->text, rc,
 				 out);
