@@ -5,7 +5,8 @@
 # by recipients_per_transaction (and a per-domain override), a null MX and
 # an NXDOMAIN recipient fail for good with their hints, and with
 # bounce = true one DSN goes back to the sender (once, even when the
-# failure is settled again).
+# failure is settled again); one connection in all is shared by two
+# domains without waiting for the idle timeout.
 #
 # Env: RELAYQD_BIN, RELAYQ_BIN, RQ_BUILD_ROOT (tests/fakesmtpd),
 # RQ_SOURCE_ROOT.
@@ -155,6 +156,36 @@ grep -q "event=failed .*id=$ID rcpt=f@nullmx.test .*code=556 .*stage=dns" "$TMP/
 key="bounce:$ID:1"
 again=$(rcli FCALL relayq_enqueue 1 "relayq:{$Q}" "{\"from\":\"\",\"to\":[\"a@sender.test\"],\"key\":\"$key\"}" "x")
 [ "$(stat enqueued)" -eq 2 ] && ok || bad "the bounce key $key did not dedupe ($again)"
+
+# ---- connections = 1 shared by two domains: the idle connection of one
+# makes room for the other (no wait for the 60 s idle timeout) ----
+Q2=lim-$$-$RANDOM
+cat >"$TMP/c2.lua" <<EOF
+relayq.config {
+  redis = "unix:$SOCK",
+  queue = "$Q2",
+  tls = "none",
+  helo = "relayq.test",
+  connections = 1,
+  timeouts = { idle = "60s" },
+}
+EOF
+for i in 1 2 3 4 5; do
+	"$B" --queue "$Q2" enqueue --from a@sender.test --to "x$i@example.test" "$TMP/m.eml" >/dev/null
+	"$B" --queue "$Q2" enqueue --from a@sender.test --to "y$i@other.test" "$TMP/m.eml" >/dev/null
+done
+RELAYQ_DNS_SERVERS=127.0.0.1:$DNSPORT RELAYQ_MX_PORT=$FAKE_PORT "$D" -c "$TMP/c2.lua" >"$TMP/d2.log" 2>&1 &
+D2=$!
+PIDS+=($D2)
+stat2_ge() { local v; v=$(rcli HGET "relayq:{$Q2}:stats" delivered); [ "${v:-0}" -ge "$1" ]; }
+wait_for 30 stat2_ge 10 && ok ||
+	bad "connections = 1: $(rcli HGET "relayq:{$Q2}:stats" delivered) of 10 delivered in 30 s (waiting for the idle timeout?)"
+kill -TERM "$D2"
+wait_for 30 bash -c "! kill -0 $D2"
+wait "$D2"
+rc=$?
+[ $rc -eq 0 ] && ok || bad "relayqd (connections = 1) exit $rc"
+grep -qE 'ERROR: (Address|Leak|Undefined)Sanitizer|runtime error:' "$TMP/d2.log" && bad "sanitizer report (connections = 1)" || ok
 
 kill -TERM "$DPID"
 wait_for 30 bash -c "! kill -0 $DPID"
