@@ -317,7 +317,9 @@ static void send_bounce(struct rq_runner *r, struct rmsg *m)
 		if (!m->rc[i].bounce)
 			continue;
 		dr[k].addr = m->rc[i].addr;
-		dr[k].remote_mta = m->rc[i].host[0] ? m->rc[i].host : NULL;
+		/* no remote MTA for a DNS failure (host is the domain then) */
+		dr[k].remote_mta = m->rc[i].host[0] && m->rc[i].o.stage != RQ_STAGE_DNS
+				   ? m->rc[i].host : NULL;
 		dr[k].outcome = m->rc[i].o;
 		k++;
 	}
@@ -412,14 +414,12 @@ static void finish_msg(struct rmsg *m)
 	if (r->cfg && r->cfg->bounce)
 		send_bounce(r, m);
 	int64_t next = -1;
-	size_t listed = 0;
 	for (size_t i = 0; i < m->n; i++) {
 		struct rrcpt *rc = &m->rc[i];
 		if (rc->st == RC_PENDING && (next < 0 || now < next))
 			next = now;
 		else if (rc->st == RC_DEFERRED && (next < 0 || rc->next < next))
 			next = rc->next;
-		listed += rc->st != RC_PENDING;
 	}
 	if (m->hold && next < 0)
 		next = now;
@@ -464,7 +464,6 @@ static void finish_msg(struct rmsg *m)
 		rq_log(RQ_LOG_ERROR, "settle_failed", "queue", r->queue_name, "id", qm->id,
 		       "error", "out of memory; the lease will expire", NULL);
 	}
-	(void)listed;
 	/* the message's memory goes now */
 	rq_queue_msg_release(m->c->c, m->idx);
 	free(m->rc);
