@@ -62,6 +62,7 @@ enum conn_state {
 };
 
 struct conn {
+	struct conn *prev, *next;  /* all open connections */
 	struct bufferevent *bev;
 	enum conn_state state;
 	bool data_start;  /* nothing of the message read yet */
@@ -80,6 +81,7 @@ struct opts {
 
 static struct opts O;
 static struct event_base *base;
+static struct conn *conns;
 static long count;
 static int64_t first_ns, last_ns;
 
@@ -145,6 +147,12 @@ static void message_done(void)
 
 static void conn_free(struct conn *c)
 {
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
 	bufferevent_free(c->bev);
 	free(c);
 }
@@ -258,6 +266,10 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	c->bev = bufferevent_socket_new(base, fd, BEV_OPT_CLOSE_ON_FREE);
 	if (!c->bev)
 		die("bufferevent_socket_new failed");
+	c->next = conns;
+	if (conns)
+		conns->prev = c;
+	conns = c;
 	bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
 	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
 	reply(c, "220 sink.test ESMTP bench_sink\r\n");
@@ -514,6 +526,8 @@ int main(int argc, char **argv)
 		free(lat_ms);
 		free(body);
 	}
+	while (conns)
+		conn_free(conns);
 	event_free(sigterm);
 	event_free(sigint);
 	evconnlistener_free(l);
