@@ -160,7 +160,11 @@ static inline void dt_teardown(struct dt *t)
 	t->c = NULL;
 	th_redis_stop(&t->redis);
 	if (t->tmp) {
-		th_rmrf(t->tmp);
+		/* DT_KEEP=1 keeps the logs and records for a post-mortem */
+		if (getenv("DT_KEEP"))
+			fprintf(stderr, "kept %s\n", t->tmp);
+		else
+			th_rmrf(t->tmp);
 		free(t->tmp);
 	}
 	t->tmp = NULL;

@@ -17,6 +17,8 @@
  *       the last temporary reply
  *   2xx: delivered byte for byte (dot-stuffing), keys removed, event
  *   relayqd --redis URL --queue NAME override the config file
+ *   back-to-back enqueues to an idle daemon are all picked up (no lost
+ *       wake-up)
  *   a message with recipients in two domains: both delivered and settled
  *   relayqd exits 0 on SIGTERM, no sanitizer report
  */
@@ -511,6 +513,35 @@ static void test_options_override_config(void **state)
 	free(id);
 }
 
+/* Messages enqueued one right after another while the daemon is idle or
+ * busy claiming: every one is picked up by itself (no lost wake-up: an
+ * enqueue that lands while a claim is on its way must not be forgotten). */
+static void test_back_to_back_enqueues(void **state)
+{
+	struct dt *t = *state;
+	dt_smtp_start(t, NULL);
+	dt_config(t, "  lease = \"30s\",", BACKOFF_1S);
+	dt_daemon_start(t, 0);
+	for (int round = 0; round < 150; round++) {
+		char a[64], b[64];
+		snprintf(a, sizeof(a), "a%d@example.net", round);
+		snprintf(b, sizeof(b), "b%d@example.net", round);
+		char *ia = dt_enqueue1(t, a, BODY);
+		if (round % 3)
+			dt_sleep_ms(round % 7);
+		char *ib = dt_enqueue1(t, b, BODY);
+		DT_WAIT(t, dt_cond_gone, ia, 15000, "round %d: first message not delivered", round);
+		DT_WAIT(t, dt_cond_gone, ib, 15000,
+			"round %d: the second of two back-to-back messages was never picked up "
+			"(a lost wake-up)", round);
+		free(ia);
+		free(ib);
+	}
+	assert_int_equal(dt_stat(t, "delivered"), 300);
+	dt_daemon_stop(t, 0);
+	dt_smtp_stop(t);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -522,6 +553,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_5xx_dead, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_expired_after_max_attempts, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_options_override_config, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_back_to_back_enqueues, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
