@@ -201,6 +201,14 @@ static void test_rules(void **state)
 	char *ids[N];
 	for (size_t i = 0; i < N; i++)
 		ids[i] = dt_enqueue1(t, cases[i].rcpt, "Subject: lua\r\n\r\nbody\r\n");
+	/* a rule that reads the message: the app's meta decides a hold */
+	redisReply *rep = dt_cmd(t, "FCALL relayq_enqueue 1 %s %s %s", t->prefix,
+		"{\"from\":\"sender@example.com\",\"to\":[\"vip@example.net\"],"
+		"\"meta\":{\"vip\":true}}", "Subject: vip\r\n\r\nbody\r\n");
+	assert_int_equal(rep->type, REDIS_REPLY_STRING);
+	char *vip = strdup(rep->str);
+	freeReplyObject(rep);
+	char *plain = dt_enqueue1(t, "plain452@example.net", "Subject: p\r\n\r\nbody\r\n");
 	char *ok1 = dt_enqueue1(t, "ok1@example.net", "Subject: ok1\r\n\r\nbody\r\n");
 	dt_daemon_start(t, 0);
 
@@ -219,14 +227,7 @@ static void test_rules(void **state)
 		record(policy, cases[i].code, cases[i].enh, cases[i].text,
 		       strchr(cases[i].rcpt, '@') + 1, cases[i].action, cases[i].after_s);
 	}
-	/* a rule that reads the message: the app's meta decides a hold */
-	redisReply *rep = dt_cmd(t, "FCALL relayq_enqueue 1 %s %s %s", t->prefix,
-		"{\"from\":\"sender@example.com\",\"to\":[\"vip@example.net\"],"
-		"\"meta\":{\"vip\":true}}", "Subject: vip\r\n\r\nbody\r\n");
-	assert_int_equal(rep->type, REDIS_REPLY_STRING);
-	char *vip = strdup(rep->str);
-	freeReplyObject(rep);
-	char *plain = dt_enqueue1(t, "plain452@example.net", "Subject: p\r\n\r\nbody\r\n");
+	/* the meta rule */
 	DT_WAIT(t, dt_cond_settled, vip, 30000, "vip message not settled");
 	DT_WAIT(t, dt_cond_settled, plain, 30000, "plain 452 message not settled");
 	if (!dt_in_zset(t, "held", vip))
