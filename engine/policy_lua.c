@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -22,12 +23,25 @@
  * lua_pcall of a C function (so an allocation failure while building
  * arguments is an error, never a panic); the count hook stays installed
  * for the life of the state, and its budget is reset before each entry.
+ *
+ * Nothing a script does may run outside that budget:
+ * - finalizers run with hooks off: setmetatable refuses __gc (objects are
+ *   marked for finalization only by setmetatable, and scripts reach no
+ *   other way to set a metatable); __close runs with the hook on;
+ * - C library functions are wrapped and pay for their work ("bounded C
+ *   work"); allocations pay in lalloc;
+ * - single instructions that work on long operands without allocating
+ *   (== / < on long strings, calls with many varargs) are caught by a
+ *   wall-clock limit checked in the hook (HOOK_EVERY is small so one
+ *   hook interval stays short).
+ * After load, freeze() makes the libraries, the string metatable and the
+ * globals read-only so one handler cannot change what the others see.
  */
 
 #define RULES_KEY "relayq.rules"          /* registry: selector -> fn */
 #define DRULES_KEY "relayq.domain_rules"  /* registry: domain -> {selector -> fn} */
 #define ACTION_MT "relayq.action"
-#define HOOK_EVERY 1000
+#define HOOK_EVERY 100
 #define SEL_MAX 24
 #define MAX_RULES 1024
 #define MAX_KEYS 256
@@ -63,8 +77,10 @@ struct rq_policy_lua {
 	lua_State *L;
 	size_t mem_used, mem_cap, mem_peak;
 	unsigned long steps, budget;
+	double deadline, seconds;    /* monotonic clock; the limit armed */
 	size_t alloc_acc;            /* bytes allocated not yet charged */
 	bool mem_hit, budget_hit;
+	bool budget_alloc_failed;    /* the last failed allocation: budget, not cap */
 	struct rq_policy_lua_limits limits;
 	struct rules global;
 	struct dom_rules *doms;
@@ -98,6 +114,7 @@ static void *lalloc(void *ud, void *ptr, size_t osize, size_t nsize)
 		size_t grow = nsize - old;
 		if (grow > pl->mem_cap || pl->mem_used + grow > pl->mem_cap) {
 			pl->mem_hit = true;
+			pl->budget_alloc_failed = false;
 			return NULL;
 		}
 		/* Allocation pays steps: work proportional to bytes (copies,
@@ -110,6 +127,7 @@ static void *lalloc(void *ud, void *ptr, size_t osize, size_t nsize)
 			pl->alloc_acc %= ALLOC_BYTES_PER_STEP;
 			if (pl->steps > pl->budget) {
 				pl->budget_hit = true;
+				pl->budget_alloc_failed = true;
 				if (pl->L)
 					lua_sethook(pl->L, hook, LUA_MASKCOUNT, 1);
 				return NULL;
@@ -150,14 +168,38 @@ static int budget_error(lua_State *L, int level, const char *what)
 	return lua_error(L);
 }
 
+static double now(void)
+{
+	struct timespec ts;
+#ifdef CLOCK_MONOTONIC_COARSE
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+#else
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/*
+ * Every HOOK_EVERY instructions. Besides the budget, a wall-clock limit
+ * as a backstop: some single instructions do work proportional to their
+ * operands without allocating (== and < on two long strings), so a loop
+ * of them could take minutes within the instruction budget.
+ */
 static void hook(lua_State *L, lua_Debug *ar)
 {
 	(void)ar;
 	struct rq_policy_lua *pl = owner(L);
 	pl->steps += HOOK_EVERY;
-	if (pl->steps <= pl->budget && !pl->budget_hit)
+	if (pl->steps > pl->budget || pl->budget_hit)
+		budget_error(L, 0, NULL);
+	if (now() <= pl->deadline)
 		return;
-	budget_error(L, 0, NULL);
+	pl->budget_hit = true;
+	lua_sethook(L, hook, LUA_MASKCOUNT, 1);
+	luaL_where(L, 0);
+	lua_pushfstring(L, "time limit exceeded (%f s)", pl->seconds);
+	lua_concat(L, 2);
+	lua_error(L);
 }
 
 /*
@@ -179,13 +221,16 @@ static double budget_left(lua_State *L)
 	return pl->steps >= pl->budget ? 0 : (double)(pl->budget - pl->steps);
 }
 
-static void arm(struct rq_policy_lua *pl, unsigned long budget)
+static void arm(struct rq_policy_lua *pl, unsigned long budget, double seconds)
 {
+	pl->seconds = seconds;
+	pl->deadline = now() + seconds;
 	pl->steps = 0;
 	pl->alloc_acc = 0;
 	pl->budget = budget;
 	pl->budget_hit = false;
 	pl->mem_hit = false;
+	pl->budget_alloc_failed = false;
 	lua_sethook(pl->L, hook, LUA_MASKCOUNT, HOOK_EVERY);
 }
 
@@ -1731,13 +1776,17 @@ struct rq_policy_lua *rq_policy_lua_load_buffer(const char *name,
 		limits->instructions : RQ_POLICY_LUA_INSTRUCTIONS;
 	pl->limits.load_instructions = limits && limits->load_instructions ?
 		limits->load_instructions : RQ_POLICY_LUA_LOAD_INSTRUCTIONS;
+	pl->limits.seconds = limits && limits->seconds > 0 ? limits->seconds :
+		RQ_POLICY_LUA_SECONDS;
+	pl->limits.load_seconds = limits && limits->load_seconds > 0 ?
+		limits->load_seconds : RQ_POLICY_LUA_LOAD_SECONDS;
 	pl->mem_cap = pl->limits.memory;
 	pl->budget = ULONG_MAX;  /* until the first arm() */
 	pl->L = lua_newstate(lalloc, pl);
 	if (!pl->L)
 		goto fail;
 	lua_atpanic(pl->L, panic);
-	arm(pl, pl->limits.load_instructions);
+	arm(pl, pl->limits.load_instructions, pl->limits.load_seconds);
 	lua_pushcfunction(pl->L, setup);
 	if (lua_pcall(pl->L, 0, 0, 0) != LUA_OK) {
 		rq_config_diag_add(diag, 0, false, "cannot set up the Lua sandbox");
@@ -1755,7 +1804,7 @@ struct rq_policy_lua *rq_policy_lua_load_buffer(const char *name,
 	pl->src = src;
 	pl->srclen = len;
 	struct run_ctx ctx = {src, len, chunkname};
-	arm(pl, pl->limits.load_instructions);
+	arm(pl, pl->limits.load_instructions, pl->limits.load_seconds);
 	lua_pushcfunction(pl->L, run_file);
 	lua_pushlightuserdata(pl->L, &ctx);
 	int st = lua_pcall(pl->L, 1, 0, 0);
@@ -1772,7 +1821,7 @@ struct rq_policy_lua *rq_policy_lua_load_buffer(const char *name,
 	if (diag->errors > errors)
 		goto fail;
 	/* Library tables and globals become read-only for the handlers. */
-	arm(pl, pl->limits.load_instructions);
+	arm(pl, pl->limits.load_instructions, pl->limits.load_seconds);
 	lua_pushcfunction(pl->L, freeze);
 	if (lua_pcall(pl->L, 0, 0, 0) != LUA_OK) {
 		rq_config_diag_add(diag, 0, false, "cannot freeze the Lua globals "
@@ -1781,7 +1830,7 @@ struct rq_policy_lua *rq_policy_lua_load_buffer(const char *name,
 	}
 	lua_settop(pl->L, 0);
 	/* Handlers never run against the load's leftovers. */
-	arm(pl, pl->limits.load_instructions);
+	arm(pl, pl->limits.load_instructions, pl->limits.load_seconds);
 	lua_gc(pl->L, LUA_GCCOLLECT);
 	return pl;
 fail:
@@ -1829,7 +1878,7 @@ void rq_policy_lua_destroy(struct rq_policy_lua *pl)
 		return;
 	if (pl->L) {
 		/* Finalizers run at close: keep them on a budget. */
-		arm(pl, pl->limits.instructions);
+		arm(pl, pl->limits.instructions, pl->limits.seconds);
 		lua_close(pl->L);
 	}
 	free(pl->global.v);
@@ -1897,7 +1946,7 @@ enum call_err { ERR_RUNTIME = 0, ERR_BUDGET, ERR_MEMORY, ERR_RESULT };
 static enum call_err err_kind(const struct rq_policy_lua *pl, int st)
 {
 	if (st == LUA_ERRMEM)
-		return pl->budget_hit && !pl->mem_hit ? ERR_BUDGET : ERR_MEMORY;
+		return pl->budget_alloc_failed ? ERR_BUDGET : ERR_MEMORY;
 	if (pl->budget_hit)
 		return ERR_BUDGET;
 	return pl->mem_hit ? ERR_MEMORY : ERR_RUNTIME;
@@ -2040,7 +2089,7 @@ static int call_handler(lua_State *L)
 		lua_setfield(L, -2, "meta");
 	}
 
-	arm(pl, pl->limits.instructions);
+	arm(pl, pl->limits.instructions, pl->limits.seconds);
 	int st = lua_pcall(L, 2, 1, 1);
 	if (st != LUA_OK) {
 		c->result = CALL_ERROR;
@@ -2181,7 +2230,7 @@ void rq_policy_lua_decide(struct rq_policy_lua *pl,
 	c.msg = msg;
 	lua_State *L = pl->L;
 	pl->st.calls++;
-	arm(pl, pl->limits.instructions);
+	arm(pl, pl->limits.instructions, pl->limits.seconds);
 	lua_pushcfunction(L, call_handler);
 	lua_pushlightuserdata(L, &c);
 	int st = lua_pcall(L, 1, 0, 0);
@@ -2200,7 +2249,7 @@ void rq_policy_lua_decide(struct rq_policy_lua *pl,
 	if (c.result == CALL_ERROR) {
 		/* A failed handler may leave much garbage (a runaway loop):
 		 * collect now, on a fresh budget. Errors are rare. */
-		arm(pl, pl->limits.instructions);
+		arm(pl, pl->limits.instructions, pl->limits.seconds);
 		lua_pushcfunction(L, collect);
 		lua_pcall(L, 0, 0, 0);
 		lua_settop(L, 0);

@@ -33,14 +33,31 @@
  *
  * Sandbox: base functions without dofile, loadfile and print (print logs
  * at info), load only of text chunks in the sandbox, collectgarbage
- * ("count") only; string (without string.dump), table, math, utf8, and
- * os.time, os.clock, os.date (read-only clock). No io, os.execute /
- * getenv / exit / remove, require / package, debug, coroutine.
- * relayq.getenv(name [, default]) reads the environment at load time only.
- * Every call has an instruction budget and the state a memory cap; a
- * handler that errors, runs out of budget or memory, or returns something
- * else than an action gets the built-in decision; the error is counted and
+ * ("count", "collect", "step"); string (without string.dump), table, math,
+ * utf8, and os.time, os.clock, os.date (read-only clock). No io,
+ * os.execute / getenv / exit / remove, require / package, debug,
+ * coroutine. relayq.getenv(name [, default]) reads the environment at
+ * load time only. setmetatable refuses a metatable with a __gc field
+ * (Lua runs finalizers with hooks off, out of any budget).
+ *
+ * Every call has an instruction budget and a wall-clock limit (a
+ * backstop), and the state a memory cap. The library functions written
+ * in C pay from the same budget for the work they do: allocations,
+ * string arguments read, table elements visited, and for
+ * string.find / match / gmatch / gsub an upper bound of the pattern
+ * matcher's backtracking, so a pattern that could run too long on its
+ * subject fails with the budget error before it runs. A handler that
+ * errors, runs out of budget, time or memory, or returns something else
+ * than an action gets the built-in decision; the error is counted and
  * logged with a traceback once per rule per loaded state.
+ *
+ * Once the file has run, the handlers share one state but cannot change
+ * it for each other: string, table, math, utf8, os and relayq are
+ * read-only (assigning a field, rawset or setmetatable on them fails;
+ * pairs works, next / rawget see them empty), "" has a fresh protected
+ * metatable, and the globals are read-only (assigning a global in a
+ * handler is an error: keep state in a local of the file). The file
+ * itself may still add to the libraries and set globals while it loads.
  */
 
 #include <stdbool.h>
@@ -51,15 +68,20 @@
 
 struct rq_policy_lua;
 
+/* 0 in a field: its default. */
 struct rq_policy_lua_limits {
 	size_t memory;               /* bytes the state may hold */
 	unsigned long instructions;  /* per handler call */
 	unsigned long load_instructions; /* running the file */
+	double seconds;              /* wall clock per handler call (a backstop) */
+	double load_seconds;         /* running the file */
 };
 
 #define RQ_POLICY_LUA_MEMORY ((size_t)32 << 20)
 #define RQ_POLICY_LUA_INSTRUCTIONS 1000000UL
 #define RQ_POLICY_LUA_LOAD_INSTRUCTIONS 10000000UL
+#define RQ_POLICY_LUA_SECONDS 1.0
+#define RQ_POLICY_LUA_LOAD_SECONDS 10.0
 
 /*
  * Runs a config file (path) or a buffer (name is used in messages) in a new

@@ -54,16 +54,22 @@ struct pol {
 	struct rq_config_diag diag;
 };
 
-static void load(struct pol *p, const char *src)
+static void load_limits(struct pol *p, const char *src,
+			const struct rq_policy_lua_limits *lim)
 {
 	p->cfg = rq_config_create();
 	assert_non_null(p->cfg);
 	rq_config_diag_init(&p->diag, "test.lua");
 	p->cfg->lua = rq_policy_lua_load_buffer("test.lua", src, strlen(src), p->cfg,
-						NULL, &p->diag);
+						lim, &p->diag);
 	if (!p->cfg->lua)
 		rq_config_diag_print(&p->diag, stderr);
 	assert_non_null(p->cfg->lua);
+}
+
+static void load(struct pol *p, const char *src)
+{
+	load_limits(p, src, NULL);
 }
 
 static void unload(struct pol *p)
@@ -646,7 +652,9 @@ static void library_work_bounded(void **state)
 {
 	(void)state;
 	struct pol p;
-	load(&p,
+	/* The budget must stop these, not the time limit (slow machines). */
+	struct rq_policy_lua_limits lim = {.seconds = 60, .instructions = 200000};
+	load_limits(&p,
 	     "local big = {} for i = 1, 1000 do big[i] = i end\n"
 	     "relayq.on(550, function() local s = string.rep('', math.maxinteger)\n"
 	     "  return relayq.fail { reason = 'rep:' .. #s .. ':' .. ('ab'):rep(3, ',') } end)\n"
@@ -665,7 +673,7 @@ static void library_work_bounded(void **state)
 	     "  while true do tonumber(s, 16) end end)\n"
 	     "relayq.on(558, function() local t = setmetatable({}, {__len = function() return 1 << 50 end})\n"
 	     "  table.insert(t, 1, 'x') end)\n"
-	     "relayq.on(559, function() local s = ('x'):rep(8000000)\n"
+	     "relayq.on(559, function() local s = ('x'):rep(1000000)\n"
 	     "  while true do local y = s .. 'y' end end)\n"
 	     /* Ordinary uses still work. */
 	     "relayq.on(450, function()\n"
@@ -678,7 +686,7 @@ static void library_work_bounded(void **state)
 	     "    table.concat(m, '') .. ',' .. utf8.len('h\\u{e9}') .. ',' ..\n"
 	     "    select('#', table.unpack(big)) .. ',' .. tonumber('ff', 16) .. ',' ..\n"
 	     "    string.format('%5.1f|%s', 2.25, 'x') .. ',' .. ('10' + 1) }\n"
-	     "end)\n");
+	     "end)\n", &lim);
 	struct rq_decision d;
 	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
 	assert_string_equal(d.reason, "rep:0:ab,ab,ab");
@@ -757,6 +765,34 @@ static void libraries_read_only(void **state)
 	unload(&p);
 }
 
+static void time_limit_backstop(void **state)
+{
+	(void)state;
+	/* == on two long strings is one instruction doing a long memcmp:
+	 * the instruction budget alone would allow minutes of it. */
+	const char *src =
+		"relayq.on(550, function(r)\n"
+		"  local a = ('x'):rep(1000000)\n"
+		"  local b = ('x'):rep(999999) .. 'y'\n"
+		"  local n = 0\n"
+		"  while true do if a == b or a > b then n = n + 1 end end\n"
+		"end)\n"
+		"relayq.on(551, function(r) return relayq.drop() end)\n";
+	struct rq_policy_lua_limits lim = {.seconds = 0.2};
+	struct pol p;
+	load_limits(&p, src, &lim);
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:5xx");
+	assert_non_null(strstr(d.reason, "time limit exceeded"));
+	struct rq_policy_lua_stats st;
+	stats(&p, &st);
+	assert_int_equal(st.budget_errors, 1);
+	decide(&p, &(struct ask){.code = 551, .text = "x"}, &d);
+	assert_string_equal(d.rule, "lua:551");
+	unload(&p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -775,6 +811,7 @@ int main(void)
 		cmocka_unit_test(patterns_bounded),
 		cmocka_unit_test(library_work_bounded),
 		cmocka_unit_test(libraries_read_only),
+		cmocka_unit_test(time_limit_backstop),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
