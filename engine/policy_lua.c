@@ -835,8 +835,12 @@ static int l_action(lua_State *L)
 
 /* ---- sandbox ---- */
 
+/* Each line logged costs PRINT_STEPS, so a loop cannot flood the log. */
+#define PRINT_STEPS 1000
+
 static int l_print(lua_State *L)
 {
+	charge(L, PRINT_STEPS, "print");
 	luaL_Buffer b;
 	int n = lua_gettop(L);
 	luaL_buffinit(L, &b);
@@ -1109,18 +1113,21 @@ static double pattern_cost(const char *s, size_t n, const char *p, size_t plen,
 		const char *e = class_end(p, end);
 		if (!e)
 			return cost;
+		/* Testing a character against [set] reads the set. */
+		double width = (double)(e - p);
 		char q = e < end ? *e : '\0';
 		if (q == '*' || q == '+' || q == '-') {
 			double r = (double)max_run(s, n, p, e) + 1;
-			*scan += (double)n;
-			cost += mult * r;
+			*scan += (double)n * width;
+			cost += mult * r * width;
 			mult *= r;
 			p = e + 1;
 		} else if (q == '?') {
-			cost += mult;
+			cost += mult * width;
 			mult *= 2;
 			p = e + 1;
 		} else {
+			cost += mult * width;
 			p = e;
 		}
 	}
@@ -1233,10 +1240,16 @@ static void charge_pattern(lua_State *L, enum wrap_kind kind)
 	double scan;
 	/* gmatch has no anchor: a leading '^' is a plain character. */
 	double per = pattern_cost(s, n, p, m, kind == W_GSUB, &anchored, &scan);
-	double tries = anchored ? 1 : (double)n + 1;
+	/* After an empty match the same position is tried again. */
+	double tries = anchored ? 1 : 2 * ((double)n + 1);
+	/* A replacement string is read once per match ("%1%1..." with
+	 * empty captures reads without producing anything). */
+	double repl = kind == W_GSUB && lua_type(L, 3) == LUA_TSTRING ?
+		tries * (double)lua_rawlen(L, 3) : 0;
 	char msg[200];
 	too_complex(L, kind, tries * per, n, msg, sizeof(msg));
-	charge(L, 1 + scan / SCAN_BYTES_PER_STEP + tries * per / MATCH_PER_STEP, msg);
+	charge(L, 1 + (scan + repl) / SCAN_BYTES_PER_STEP + tries * per / MATCH_PER_STEP,
+	       msg);
 }
 
 /* The number of elements from i to j (0 when j < i). */

@@ -604,6 +604,13 @@ static void patterns_bounded(void **state)
 	     "relayq.on(552, function(r) for x in a:gmatch('.-.-.-b') do end return relayq.drop() end)\n"
 	     "relayq.on(553, function(r) a:gsub('.-.-.-b', 'x') return relayq.drop() end)\n"
 	     "relayq.on(554, function(r) pcall(string.find, a, '.-.-.-.-.-b') return relayq.drop() end)\n"
+	     /* One item reading a long set at every step, anchored. */
+	     "relayq.on(555, function(r) local set = '[' .. ('b'):rep(60000) .. 'a]*$'\n"
+	     "  local s = a:rep(20) while true do s:find('^' .. set) end end)\n"
+	     /* A replacement read at every match, producing nothing. */
+	     "relayq.on(556, function(r) local rep = ('%1'):rep(500000)\n"
+	     "  while true do a:gsub('()', rep) end end)\n"
+	     "relayq.on(557, function(r) while true do print('flood') end end)\n"
 	     /* Ordinary uses are unchanged. */
 	     "relayq.on(450, function(r)\n"
 	     "  local t = {}\n"
@@ -626,8 +633,9 @@ static void patterns_bounded(void **state)
 	     "end)\n");
 	struct rq_decision d;
 	static const char *const fn[] = {"string.find", "string.match", "string.gmatch",
-					 "string.gsub", NULL};
-	for (int code = 550; code <= 554; code++) {
+					 "string.gsub", NULL, "string.find", "string.gsub",
+					 "print"};
+	for (int code = 550; code <= 557; code++) {
 		decide(&p, &(struct ask){.code = code, .text = "x"}, &d);
 		assert_string_equal(d.rule, "builtin:5xx");
 		assert_non_null(strstr(d.reason, "instruction budget exceeded"));
@@ -643,8 +651,13 @@ static void patterns_bounded(void **state)
 		"v=k; v2=k2;4(a(b)c);60000;60000;nil");
 	struct rq_policy_lua_stats st;
 	stats(&p, &st);
-	assert_int_equal(st.errors, 5);
-	assert_int_equal(st.budget_errors, 5);
+	assert_int_equal(st.errors, 8);
+	assert_int_equal(st.budget_errors, 8);
+	fflush(logout);
+	size_t lines = 0;
+	for (const char *q = logbuf; (q = strstr(q, "text=flood")); q++)
+		lines++;
+	assert_true(lines <= RQ_POLICY_LUA_INSTRUCTIONS / 1000);
 	unload(&p);
 }
 
