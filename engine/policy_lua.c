@@ -1049,6 +1049,7 @@ static size_t max_run(const char *s, size_t n, const char *p, const char *ep)
 }
 
 #define COST_HUGE 1e30
+#define RUN_SCAN_MAX 4e6  /* class tests spent finding runs, per call */
 
 /*
  * An upper bound of the matcher's steps for ONE start position of pattern
@@ -1117,8 +1118,13 @@ static double pattern_cost(const char *s, size_t n, const char *p, size_t plen,
 		double width = (double)(e - p);
 		char q = e < end ? *e : '\0';
 		if (q == '*' || q == '+' || q == '-') {
-			double r = (double)max_run(s, n, p, e) + 1;
-			*scan += (double)n * width;
+			/* The longest run, unless finding it costs too much
+			 * itself: then the whole subject. */
+			double r = (double)n + 1;
+			if (*scan + (double)n * width <= RUN_SCAN_MAX) {
+				r = (double)max_run(s, n, p, e) + 1;
+				*scan += (double)n * width;
+			}
 			cost += mult * r * width;
 			mult *= r;
 			p = e + 1;
