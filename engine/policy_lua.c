@@ -1586,6 +1586,10 @@ static int freeze(lua_State *L)
 		lua_pushnil(L);
 		lua_rawset(L, g);
 	}
+	/* A metatable the file gave the globals (a "strict" __index) now
+	 * serves the hidden table. */
+	if (lua_getmetatable(L, g))
+		lua_setmetatable(L, back);
 	lua_pushcfunction(L, l_global_write);
 	make_proxy(L, g, back);
 

@@ -806,6 +806,25 @@ static void time_limit_backstop(void **state)
 	unload(&p);
 }
 
+static void strict_globals_kept(void **state)
+{
+	(void)state;
+	struct pol p;
+	load(&p,
+	     "setmetatable(_G, { __index = function(t, k) error('undefined global ' .. k, 2) end })\n"
+	     "limit = 3\n"
+	     "relayq.on(550, function(r) return relayq.retry { after = limit } end)\n"
+	     "relayq.on(551, function(r) return relayq.retry { after = limt } end)\n");
+	struct rq_decision d;
+	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
+	assert_string_equal(d.rule, "lua:550");
+	assert_true(d.after == 3);
+	decide(&p, &(struct ask){.code = 551, .text = "x"}, &d);
+	assert_string_equal(d.rule, "builtin:5xx");
+	assert_non_null(strstr(d.reason, "undefined global limt"));
+	unload(&p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -825,6 +844,7 @@ int main(void)
 		cmocka_unit_test(library_work_bounded),
 		cmocka_unit_test(libraries_read_only),
 		cmocka_unit_test(time_limit_backstop),
+		cmocka_unit_test(strict_globals_kept),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
