@@ -240,6 +240,8 @@ static void fill_metrics(struct evbuffer *out, void *arg)
 	PER_QUEUE("relayq_settled_total", "counter", "messages settled", settled);
 	PER_QUEUE("relayq_settle_lost_total", "counter",
 		  "settles refused because the lease was no longer held", lost);
+	PER_QUEUE("relayq_settle_invalid_total", "counter",
+		  "outcomes Redis refused as invalid (a bug; see the logs)", invalid);
 	PER_QUEUE("relayq_inflight_messages", "gauge", "messages claimed, not yet settled",
 		  inflight);
 	PER_QUEUE("relayq_bounces_total", "counter", "delivery status notifications queued",

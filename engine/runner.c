@@ -92,6 +92,10 @@ struct rq_runner {
 	int64_t offset;            /* Redis time - local time, ms */
 	/* claims */
 	bool want_claim, claiming, stopping, stopped_sent, stop_armed, down_logged;
+	/* Wakes seen, and the count when the running claim was sent: a wake
+	 * that arrives while a claim is in flight (the publish may overtake the
+	 * claim's reply on the other connection) must not be lost. */
+	uint64_t wakes, claim_wakes;
 	int claim_count;
 	struct event *claim_retry_ev;
 	struct event *renew_ev;
@@ -226,12 +230,20 @@ static void settle_cb(struct rq_queue *q, enum rq_queue_status st, const char *e
 	} else {
 		r->st.settled += n;
 		for (size_t i = 0; i < n && i < ctx->n; i++) {
-			if (res[i] != RQ_QUEUE_SETTLE_LOST)
-				continue;
-			r->st.lost++;
-			rq_log(RQ_LOG_WARN, "settle_lost", "queue", r->queue_name, "id",
-			       ctx->ids[i], "reason",
-			       "lease no longer held: the message was taken back", NULL);
+			if (res[i] == RQ_QUEUE_SETTLE_LOST) {
+				r->st.lost++;
+				rq_log(RQ_LOG_WARN, "settle_lost", "queue", r->queue_name, "id",
+				       ctx->ids[i], "reason",
+				       "lease no longer held: the message was taken back", NULL);
+			} else if (res[i] == RQ_QUEUE_SETTLE_INVALID) {
+				/* our bug: nothing was written for it; the lease
+				 * expires and the message is tried again */
+				r->st.invalid++;
+				rq_log(RQ_LOG_ERROR, "settle_invalid", "queue", r->queue_name,
+				       "id", ctx->ids[i], "reason",
+				       "Redis refused the outcome (see the Redis log); the message "
+				       "is tried again when its lease expires", NULL);
+			}
 		}
 	}
 	free(ctx->ids);
@@ -856,7 +868,8 @@ static void claim_cb(struct rq_queue *q, enum rq_queue_status st, const char *er
 	r->st.claims++;
 	r->st.claimed += claim->count;
 	if (claim->count < (size_t)r->claim_count &&
-	    !(claim->next_due >= 0 && claim->next_due <= claim->now))
+	    !(claim->next_due >= 0 && claim->next_due <= claim->now) &&
+	    r->wakes == r->claim_wakes)
 		r->want_claim = false;
 	if (claim->count == 0) {
 		rq_queue_claim_free(claim);
@@ -915,6 +928,7 @@ static void maybe_claim(struct rq_runner *r)
 	}
 	r->claiming = true;
 	r->claim_count = count;
+	r->claim_wakes = r->wakes;
 }
 
 static void on_claim_retry(evutil_socket_t fd, short what, void *arg)
@@ -927,6 +941,7 @@ static void on_claim_retry(evutil_socket_t fd, short what, void *arg)
 static void on_wake(struct rq_queue *q, enum rq_queue_wake why, void *arg)
 {
 	struct rq_runner *r = arg;
+	r->wakes++;
 	r->want_claim = true;
 	maybe_claim(r);
 }

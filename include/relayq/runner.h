@@ -102,6 +102,7 @@ struct rq_runner_stats {
 	uint64_t claims, claimed;     /* claim calls, messages claimed */
 	uint64_t settles, settled;    /* settle calls, messages settled */
 	uint64_t lost;                /* settles answered "lost" */
+	uint64_t invalid;             /* settles answered "invalid" (a bug: logged) */
 	uint64_t delivered, deferred, failed, expired, dropped, held;
 	uint64_t bounces;             /* DSNs enqueued */
 	size_t inflight;              /* messages claimed, not yet settled */

@@ -88,6 +88,32 @@ bool th_alive(struct th_proc *p)
 	return true;
 }
 
+static char proc_state(pid_t pid)
+{
+	char path[64], buf[512];
+	snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return '?';
+	size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	const char *paren = strrchr(buf, ')');  /* the name may hold spaces */
+	return paren && paren[1] == ' ' ? paren[2] : '?';
+}
+
+void th_pause(pid_t pid)
+{
+	kill(pid, SIGSTOP);
+	for (int i = 0; i < 2000; i++) {
+		char st = proc_state(pid);
+		if (st == 'T' || st == 't' || st == '?')
+			return;
+		sleep_ms(1);
+	}
+	die("process %ld did not stop", (long)pid);
+}
+
 char *th_mkdtemp(const char *tag)
 {
 	const char *base = getenv("TMPDIR");

@@ -22,6 +22,9 @@ int th_spawn(struct th_proc *p, char *const argv[], const char *log_path);
 int th_stop(struct th_proc *p, int sig);
 /* True while the process runs (reaps it when it ended). */
 bool th_alive(struct th_proc *p);
+/* Sends SIGSTOP and returns once the process is really stopped (kill(2)
+ * returns before a process running on another core has stopped). */
+void th_pause(pid_t pid);
 
 /* A fresh temporary folder (under $TMPDIR or /tmp), removed by th_rmrf. */
 char *th_mkdtemp(const char *tag);

@@ -1067,7 +1067,7 @@ static void reconnect_across_restart(void **state)
 	rc = th_redis_connect(&rs);
 	char *id4 = enqueue(rc, qn, ENV1, "in flight");
 	redisFree(rc);
-	kill(rs.proc.pid, SIGSTOP);
+	th_pause(rs.proc.pid);
 	struct res cl2 = {0};
 	assert_int_equal(rq_queue_claim(c.q, 10, 60000, claim_cb, &cl2), 0);
 	assert_true(run_until(c.base, inflight_some, &c, 5000));
@@ -1085,7 +1085,7 @@ static void reconnect_across_restart(void **state)
 	/* 3. many pipelined commands caught by the crash: each completes once */
 	enum { NP = 200, ND = 100 };
 	struct res *many = calloc(NP + ND, sizeof(*many));
-	kill(rs.proc.pid, SIGSTOP);
+	th_pause(rs.proc.pid);
 	for (int i = 0; i < NP; i++)
 		assert_int_equal(rq_queue_recover(c.q, count_cb, &many[i]), 0);
 	assert_true(run_until(c.base, inflight_some, &c, 5000));
@@ -1286,7 +1286,7 @@ static void subscriber_probe(void **state)
 	assert_true(run_until(c.base, publish_woke, &c, 5000));
 	free(id);
 
-	kill(rs.proc.pid, SIGSTOP);
+	th_pause(rs.proc.pid);
 	assert_true(run_until(c.base, unsubscribed, &c, 10000));
 	rq_queue_get_stats(c.q, &st);
 	assert_true(st.watchdog_drops >= 1);
@@ -1315,7 +1315,7 @@ static void watchdog_on_stopped_server(void **state)
 	o.cmd_timeout_ms = 300;
 	ctx_open_ready(&c, &o);
 
-	kill(rs.proc.pid, SIGSTOP);
+	th_pause(rs.proc.pid);
 	struct res cl = {0};
 	assert_int_equal(rq_queue_claim(c.q, 10, 60000, claim_cb, &cl), 0);
 	assert_true(run_until(c.base, watchdog_fired, &c, 10000));
@@ -1353,7 +1353,7 @@ static void destroy_with_pending(void **state)
 
 	/* 1. commands in flight on a stopped server, and queued ones */
 	ctx_open_ready(&c, &o);
-	kill(rs.proc.pid, SIGSTOP);
+	th_pause(rs.proc.pid);
 	struct res r[5];
 	memset(r, 0, sizeof(r));
 	assert_int_equal(rq_queue_claim(c.q, 5, 1000, claim_cb, &r[0]), 0);
