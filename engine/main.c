@@ -15,6 +15,7 @@
 #include <string.h>
 
 #define SHUTDOWN_GRACE_MS 10000   /* running transactions may finish */
+#define LOG_FLUSH_MS 50           /* buffered log lines are at most this late */
 
 struct daemon {
 	struct event_base *base;
@@ -28,6 +29,7 @@ struct daemon {
 	struct rq_runner *runners[RQ_CONFIG_QUEUES_MAX];
 	size_t nrunners;
 	struct event *sig_term, *sig_int, *sig_hup;
+	struct event *log_flush;      /* writes buffered log lines */
 	int phase;                    /* 0 running, 1 draining, 2 closing */
 	size_t stopped;
 	bool drained;
@@ -376,6 +378,24 @@ static int start(struct daemon *dm)
 	return 0;
 }
 
+static void on_log_flush(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	(void)arg;
+	rq_log_flush();
+}
+
+/* The first line after a flush: write the block soon. */
+static void on_log_pending(void *arg)
+{
+	struct daemon *dm = arg;
+	if (!evtimer_pending(dm->log_flush, NULL)) {
+		struct timeval tv = {0, LOG_FLUSH_MS * 1000};
+		evtimer_add(dm->log_flush, &tv);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	const char *config = NULL, *redis = NULL, *queue = NULL;
@@ -445,6 +465,12 @@ int main(int argc, char **argv)
 	dm.base = event_base_new();
 	if (!dm.base)
 		goto out;
+	/* Info lines are written in blocks, at most LOG_FLUSH_MS late;
+	 * warnings and errors at once. */
+	dm.log_flush = evtimer_new(dm.base, on_log_flush, &dm);
+	if (!dm.log_flush)
+		goto out;
+	rq_log_set_buffered(on_log_pending, &dm);
 	dm.sig_term = evsignal_new(dm.base, SIGTERM, on_stop_signal, &dm);
 	dm.sig_int = evsignal_new(dm.base, SIGINT, on_stop_signal, &dm);
 	dm.sig_hup = evsignal_new(dm.base, SIGHUP, on_hup, &dm);
@@ -459,6 +485,9 @@ int main(int argc, char **argv)
 	if (rc == 0)
 		rq_log(RQ_LOG_INFO, "stopped", NULL);
 out:
+	rq_log_set_buffered(NULL, NULL);  /* writes what is left */
+	if (dm.log_flush)
+		event_free(dm.log_flush);
 	rq_metrics_destroy(dm.metrics);
 	for (size_t i = 0; i < dm.nrunners; i++)
 		rq_runner_destroy(dm.runners[i]);

@@ -11,6 +11,7 @@
 #include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
@@ -1518,6 +1519,13 @@ static void bev_event_cb(struct bufferevent *bev, short what, void *arg)
 	enter(s);
 	if (what & BEV_EVENT_CONNECTED) {
 		if (s->st == RQ_SMTP_ST_CONNECTING) {
+			/* Commands and the end of data are small writes that wait
+			 * for a reply: Nagle's algorithm would hold them for the
+			 * peer's delayed ACK. */
+			int one = 1;
+			evutil_socket_t fd = bufferevent_getfd(s->bev);
+			if (fd >= 0)
+				(void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 			if (s->o.tls == RQ_TLS_IMPLICIT && !s->plain_retry)
 				tls_start(s, RQ_SMTP_ST_TLS_IMPLICIT);
 			else

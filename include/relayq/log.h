@@ -41,4 +41,17 @@ void rq_log(enum rq_log_level level, const char *event, ...);
 /* Parses "debug", "info", "warn", "error", "off"; -1 when unknown. */
 int rq_log_level_parse(const char *s);
 
+/*
+ * Buffering, for the daemon: one write(2) per line costs more than the
+ * delivery it reports at tens of thousands of lines a second. With a
+ * callback set, info and debug lines are kept in a buffer (up to 64 KiB)
+ * and written by rq_log_flush(); the callback runs when the buffer goes
+ * from empty to non-empty, so the caller can arm a short timer that
+ * flushes. Warnings and errors flush at once, and so does a full buffer.
+ * NULL (the default) writes every line at once.
+ */
+void rq_log_set_buffered(void (*pending_cb)(void *arg), void *arg);
+/* Writes out what is buffered. Safe to call at any time (and at exit). */
+void rq_log_flush(void);
+
 #endif
