@@ -5,7 +5,10 @@
 --   relayq explain -c relayq.lua --code 550 --text "..."   see a decision
 --
 -- The file runs in a Lua 5.4 sandbox: no io, os (but os.time/clock/date),
--- require, debug, or loading of bytecode. Unknown keys, wrong types and
+-- require, debug, or loading of bytecode; no __gc finalizers; every handler
+-- call has an instruction budget (C library work is charged too), a 1 s
+-- time limit and the state a memory cap; once the file has run, the
+-- libraries, `relayq` and the globals are read-only (keep state in locals). Unknown keys, wrong types and
 -- out-of-range values are errors. Durations are seconds (a number) or
 -- strings like "30s", "5m", "2h", "5d", "1h30m".
 --
