@@ -13,6 +13,8 @@
  *   tls = "required" to a server without STARTTLS: deferred against the
  *       destination, nothing sent in plain text, delivered over verified
  *       TLS once the server offers it
+ *   452 4.5.3 too many recipients: the rest sent at once in new
+ *       transactions, each recipient exactly once, nothing deferred
  */
 #include "daemon_common.h"
 
@@ -379,6 +381,36 @@ static void test_tls_required(void **state)
 	free(id);
 }
 
+/* "452 4.5.3 Too many recipients" after two RCPTs: the rest go in new
+ * transactions at once, each recipient delivered exactly once, no attempt
+ * burnt, nothing deferred. */
+static void test_too_many_recipients(void **state)
+{
+	struct dt *t = *state;
+	const char *rules[] = {"rcpt rcpt=3- reply 452 4.5.3 Too many recipients", NULL};
+	dt_smtp_start(t, rules);
+	dt_config(t, "  lease = \"30s\",", BACKOFF_1H);
+	const char *to[] = {"m1@example.net", "m2@example.net", "m3@example.net",
+			    "m4@example.net", "m5@example.net"};
+	char *id = dt_enqueue(t, "sender@example.com", to, 5, BODY);
+	dt_daemon_start(t, 0);
+	DT_WAIT(t, dt_cond_gone, id, 30000, "five-recipient message not delivered");
+	for (int i = 0; i < 5; i++) {
+		if (recorded(t, to[i]) != 1)
+			DT_FAIL(t, "%s recorded %d times (want 1)", to[i], recorded(t, to[i]));
+		struct dt_event ev;
+		if (!dt_find_event(t, id, to[i], "delivered", &ev))
+			DT_FAIL(t, "no delivered event for %s", to[i]);
+		assert_int_equal(ev.attempt, 1);
+	}
+	assert_int_equal(dt_count_events(t, id, NULL, "deferred"), 0);
+	assert_int_equal(dt_stat(t, "delivered"), 5);
+	assert_true(dt_smtp_stat(t, "messages") >= 3);
+	dt_daemon_stop(t, 0);
+	dt_smtp_stop(t);
+	free(id);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -387,6 +419,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_refused_then_resumed, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_greeting_failures, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_tls_required, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_too_many_recipients, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
