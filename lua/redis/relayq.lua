@@ -8,7 +8,7 @@
 -- its first write, so an error reply means nothing was written. Errors are
 -- raised with fail() and turned into "ERR relayq: <sentence>" by wrap().
 
-local VERSION = 2
+local VERSION = 3
 
 -- redis.call is not reachable while the library loads, only when a function runs.
 local function call(...)
@@ -552,6 +552,8 @@ local STATUSES = {delivered = true, deferred = true, failed = true, dropped = tr
 local OUT_FIELDS = {id = true, lease = true, attempt = true, next = true, hold = true, rcpts = true}
 local RCPT_FIELDS = {to = true, s = true, code = true, enh = true, text = true, stage = true, hint = true}
 
+local RCPT_STR_FIELDS = {'enh', 'text', 'stage', 'hint'}
+
 local function check_rcpt(r, where)
 	if not is_object(r) then fail(where .. ' must be an object') end
 	for k in pairs(r) do
@@ -564,7 +566,7 @@ local function check_rcpt(r, where)
 	if r.code ~= nil and not (is_int(r.code) and r.code >= 0 and r.code <= 999) then
 		fail(where .. '.code must be an integer from 0 to 999')
 	end
-	for _, f in ipairs({'enh', 'text', 'stage', 'hint'}) do
+	for _, f in ipairs(RCPT_STR_FIELDS) do
 		if r[f] ~= nil and type(r[f]) ~= 'string' then
 			fail(where .. '.' .. f .. ' must be a string')
 		end
@@ -704,15 +706,18 @@ local function settle(keys, args)
 			local sattempts = istr(attempts)
 			local last
 			local rset = {}
+			local keep = outcome ~= 'gone'  -- P:rcpt is written only for messages that stay
 			for _, r in ipairs(p.rcpts) do
 				counts[r.s] = (counts[r.s] or 0) + 1
 				local code = r.code and istr(r.code) or ''
 				event(P, cap, r.s, id, r.to, code, r.enh or '', r.text or '', r.stage or '',
 					sattempts, r.s == 'deferred' and nxt or '', meta)
 				if r.s ~= 'delivered' then last = r end
-				rset[#rset + 1] = r.to
-				rset[#rset + 1] = cjson.encode({s = r.s, code = r.code, enh = r.enh, text = r.text,
-					stage = r.stage, hint = r.hint, at = now})
+				if keep then
+					rset[#rset + 1] = r.to
+					rset[#rset + 1] = cjson.encode({s = r.s, code = r.code, enh = r.enh,
+						text = r.text, stage = r.stage, hint = r.hint, at = now})
+				end
 			end
 			unlease[#unlease + 1] = id
 			if outcome == 'gone' then
