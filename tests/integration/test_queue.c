@@ -1063,8 +1063,12 @@ static void reconnect_across_restart(void **state)
 	assert_true(c.wakes[RQ_QUEUE_WAKE_CONNECT] > wakes);   /* woken on re-subscribe */
 	assert_int_equal(c.ready, 2);
 
-	/* 2. a command in flight when the server dies is sent again */
+	/* 2. a command in flight when the server dies is sent again. The
+	 * restart above reset appendfsync to everysec, which may postpone the
+	 * AOF write past the reply while a slow fsync runs (a loaded machine):
+	 * the enqueue must be on disk before the SIGKILL. */
 	rc = th_redis_connect(&rs);
+	sync_ok(rc, "CONFIG SET appendfsync always");
 	char *id4 = enqueue(rc, qn, ENV1, "in flight");
 	redisFree(rc);
 	th_pause(rs.proc.pid);
