@@ -32,6 +32,10 @@ static void test_redis_restart(void **state)
 	dt_smtp_start_argv(t, 0, args);
 	dt_config(t, "  batch = 100, lease = \"10s\", connections = 8, per_destination = 8,",
 		  "relayq.backoff { first = \"1s\", factor = 2, max = \"2s\", jitter = 0 }\n");
+	/* The enqueues must be on disk before the SIGKILL: with everysec,
+	 * Redis may postpone the AOF write past its reply while a slow fsync
+	 * runs (a loaded machine), and that loss would be Redis's, not ours. */
+	freeReplyObject(dt_cmd(t, "CONFIG SET appendfsync always"));
 	dt_enqueue_bulk(t, "redis", N);
 	assert_int_equal(dt_count(t, "ready"), N);
 	dt_daemon_start(t, 0);
