@@ -1429,6 +1429,34 @@ static int cmd_show(struct cli *cli, int argc, char **argv)
 	return rc;
 }
 
+/* The options of a command that takes only --json and no argument, then
+ * the connection. Returns -1 to go on, or the exit status. */
+static int json_only_options(struct cli *cli, int argc, char **argv, const char *name,
+			     const char *usage, bool *json)
+{
+	static const struct option opts[] = {
+		{"json", no_argument, NULL, OPT_JSON},
+		COMMON_OPTIONS,
+		{NULL, 0, NULL, 0},
+	};
+	int rc = 0;
+	start_options();
+	int o;
+	while ((o = next_option(cli, argc, argv, opts, usage, &rc)) != -1) {
+		if (o == -2)
+			return rc;
+		if (o == OPT_JSON)
+			*json = true;
+	}
+	if (optind < argc) {
+		errorf("%s: unexpected argument '%s'", name, argv[optind]);
+		return EXIT_USAGE;
+	}
+	if ((rc = cli_open(cli)) != 0)
+		return rc;
+	return -1;
+}
+
 /* ---- stats ---- */
 
 static const char *const stats_usage =
@@ -1439,27 +1467,11 @@ static const char *const stats_usage =
 
 static int cmd_stats(struct cli *cli, int argc, char **argv)
 {
-	static const struct option opts[] = {
-		{"json", no_argument, NULL, OPT_JSON},
-		COMMON_OPTIONS,
-		{NULL, 0, NULL, 0},
-	};
-	int rc = 0;
 	bool json = false;
-	start_options();
-	int o;
-	while ((o = next_option(cli, argc, argv, opts, stats_usage, &rc)) != -1) {
-		if (o == -2)
-			return rc;
-		if (o == OPT_JSON)
-			json = true;
-	}
-	if (optind < argc) {
-		errorf("stats: unexpected argument '%s'", argv[optind]);
-		return EXIT_USAGE;
-	}
-	if ((rc = cli_open(cli)) != 0)
+	int rc = json_only_options(cli, argc, argv, "stats", stats_usage, &json);
+	if (rc >= 0)
 		return rc;
+	rc = 0;
 	redisReply *r = fcall(cli, "relayq_stats", 0, NULL, NULL);
 	if (!r)
 		return EXIT_OPERATION;
@@ -1760,27 +1772,11 @@ static int tail_wait(struct cli *cli, const sigset_t *unblocked, redisReply **re
 
 static int cmd_tail(struct cli *cli, int argc, char **argv)
 {
-	static const struct option opts[] = {
-		{"json", no_argument, NULL, OPT_JSON},
-		COMMON_OPTIONS,
-		{NULL, 0, NULL, 0},
-	};
-	int rc = 0;
 	bool json = false;
-	start_options();
-	int o;
-	while ((o = next_option(cli, argc, argv, opts, tail_usage, &rc)) != -1) {
-		if (o == -2)
-			return rc;
-		if (o == OPT_JSON)
-			json = true;
-	}
-	if (optind < argc) {
-		errorf("tail: unexpected argument '%s'", argv[optind]);
-		return EXIT_USAGE;
-	}
-	if ((rc = cli_open(cli)) != 0)
+	int rc = json_only_options(cli, argc, argv, "tail", tail_usage, &json);
+	if (rc >= 0)
 		return rc;
+	rc = 0;
 	/* A name tests and operators can find in CLIENT LIST. */
 	redisReply *r = redisCommand(cli->rc, "CLIENT SETNAME relayq-tail-%d", (int)getpid());
 	freeReplyObject(r);
