@@ -7,34 +7,9 @@
 # Env: RELAYQD_BIN, RELAYQ_BIN (the built binaries), RQ_SOURCE_ROOT.
 set -u
 
-D=${RELAYQD_BIN:?RELAYQD_BIN must name the relayqd binary}
-B=${RELAYQ_BIN:?RELAYQ_BIN must name the relayq binary}
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/relayq-runner-test.XXXXXX")
-chmod 755 "$TMP"
-PIDS=()
-passed=0
-failed=0
-
-cleanup() {
-	for p in "${PIDS[@]}"; do
-		kill -9 "$p" 2>/dev/null && wait "$p" 2>/dev/null
-	done
-	rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
-
-wait_for() {  # secs, command...
-	local secs=$1; shift
-	local end=$((SECONDS + secs))
-	while ((SECONDS <= end)); do
-		"$@" >/dev/null 2>&1 && return 0
-		sleep 0.05
-	done
-	"$@" >/dev/null 2>&1
-}
+TEST_TAG=runner-test
+# shellcheck source=tests/integration/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 free_port() {
 	python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -46,7 +21,6 @@ redis-server --port 0 --unixsocket "$SOCK" --unixsocketperm 700 --save '' \
 PIDS+=($!)
 rcli() { redis-cli -s "$SOCK" "$@"; }
 wait_for 10 rcli ping || { echo "redis-server did not start" >&2; exit 1; }
-ROOT=${RQ_SOURCE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}
 # the daemon loads the library too, but messages are enqueued before it runs
 rcli -x FUNCTION LOAD REPLACE <"$ROOT/lua/redis/relayq.lua" >/dev/null ||
 	{ echo "cannot load the Functions library" >&2; exit 1; }

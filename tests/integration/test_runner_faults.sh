@@ -14,36 +14,9 @@
 # RQ_SOURCE_ROOT.
 set -u
 
-D=${RELAYQD_BIN:?RELAYQD_BIN must name the relayqd binary}
-B=${RELAYQ_BIN:?RELAYQ_BIN must name the relayq binary}
-ROOT=${RQ_SOURCE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}
-FAKE=${RQ_BUILD_ROOT:-$(dirname "$D")}/tests/fakesmtpd
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/relayq-faults-test.XXXXXX")
-chmod 755 "$TMP"
-PIDS=()
-passed=0
-failed=0
-
-cleanup() {
-	for p in "${PIDS[@]}"; do
-		kill -9 "$p" 2>/dev/null && wait "$p" 2>/dev/null
-	done
-	rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
-
-wait_for() {  # secs, command...
-	local secs=$1; shift
-	local end=$((SECONDS + secs))
-	while ((SECONDS <= end)); do
-		"$@" >/dev/null 2>&1 && return 0
-		sleep 0.05
-	done
-	"$@" >/dev/null 2>&1
-}
+TEST_TAG=faults-test
+# shellcheck source=tests/integration/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 [ -x "$FAKE" ] || { echo "no fakesmtpd at $FAKE" >&2; exit 1; }
 
