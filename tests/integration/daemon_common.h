@@ -172,6 +172,31 @@ static inline void dt_teardown(struct dt *t)
 
 /* ---- files ---- */
 
+/* cmocka setup / teardown around dt_setup / dt_teardown: a test file
+ * writes static int setup(void **s) { return dt_state_setup(s, "tag", false); } */
+static inline int dt_state_setup(void **state, const char *tag, bool aof)
+{
+	struct dt *t = calloc(1, sizeof(*t));
+	if (!t)
+		return -1;
+	dt_setup(t, tag, aof);
+	*state = t;
+	return 0;
+}
+
+static inline int dt_state_teardown(void **state)
+{
+	struct dt *t = *state;
+	dt_teardown(t);
+	free(t);
+	return 0;
+}
+
+/* Backoffs the daemon tests use: one hour (a retry a test triggers by hand
+ * with flush) and one second (the daemon retries by itself). */
+#define DT_BACKOFF_1H "relayq.backoff { first = \"1h\", factor = 2, max = \"4h\", jitter = 0 }\n"
+#define DT_BACKOFF_1S "relayq.backoff { first = \"1s\", factor = 2, max = \"2s\", jitter = 0 }\n"
+
 static inline void dt_write_file(const char *path, const char *text)
 {
 	char tmp[600];

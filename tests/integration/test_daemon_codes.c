@@ -26,23 +26,15 @@
 
 #include "relayq/reply.h"
 
-#define BACKOFF_1H "relayq.backoff { first = \"1h\", factor = 2, max = \"4h\", jitter = 0 }\n"
-#define BACKOFF_1S "relayq.backoff { first = \"1s\", factor = 2, max = \"2s\", jitter = 0 }\n"
 
 static int setup(void **state)
 {
-	struct dt *t = calloc(1, sizeof(*t));
-	dt_setup(t, "dcodes", false);
-	*state = t;
-	return 0;
+	return dt_state_setup(state, "dcodes", false);
 }
 
 static int teardown(void **state)
 {
-	struct dt *t = *state;
-	dt_teardown(t);
-	free(t);
-	return 0;
+	return dt_state_teardown(state);
 }
 
 static const char BODY[] =
@@ -162,7 +154,7 @@ static void test_4xx_deferred_then_delivered(void **state)
 		NULL,
 	};
 	dt_smtp_start(t, rules);
-	dt_config(t, "  batch = 100, lease = \"30s\",", BACKOFF_1H "relayq.expire { max_age = \"5d\" }\n");
+	dt_config(t, "  batch = 100, lease = \"30s\",", DT_BACKOFF_1H "relayq.expire { max_age = \"5d\" }\n");
 	char *a = dt_enqueue1(t, "t450@example.net", BODY);
 	char *b = dt_enqueue1(t, "t451@example.net", BODY);
 	char *c = dt_enqueue1(t, "d451@example.net", BODY);
@@ -216,7 +208,7 @@ static void test_4xx_retried_when_due(void **state)
 		NULL,
 	};
 	dt_smtp_start(t, rules);
-	dt_config(t, "  lease = \"30s\",", BACKOFF_1S);
+	dt_config(t, "  lease = \"30s\",", DT_BACKOFF_1S);
 	dt_daemon_start(t, 0);
 	char *id = dt_enqueue1(t, "later@example.net", BODY);
 	DT_WAIT(t, dt_cond_gone, id, 30000, "451 message not delivered by the retry");
@@ -249,7 +241,7 @@ static void test_421_retried(void **state)
 		NULL,
 	};
 	dt_smtp_start(t, rules);
-	dt_config(t, "  lease = \"30s\",", BACKOFF_1S);
+	dt_config(t, "  lease = \"30s\",", DT_BACKOFF_1S);
 	dt_daemon_start(t, 0);
 	char *id = dt_enqueue1(t, "t421@example.net", BODY);
 	DT_WAIT(t, dt_cond_gone, id, 40000, "421 message not delivered by the retry");
@@ -369,7 +361,7 @@ static void test_5xx_dead(void **state)
 		NULL,
 	};
 	dt_smtp_start(t, rules);
-	dt_config(t, "  lease = \"30s\",", BACKOFF_1S);
+	dt_config(t, "  lease = \"30s\",", DT_BACKOFF_1S);
 	char *ids[5];
 	for (int i = 0; i < 5; i++)
 		ids[i] = dt_enqueue1(t, perms[i].rcpt, BODY);
@@ -394,7 +386,7 @@ static void test_2xx_delivered(void **state)
 {
 	struct dt *t = *state;
 	dt_smtp_start(t, NULL);
-	dt_config(t, "  lease = \"30s\",", BACKOFF_1S);
+	dt_config(t, "  lease = \"30s\",", DT_BACKOFF_1S);
 	dt_daemon_start(t, 0);
 	/* with the app's meta, which the event carries */
 	redisReply *rep = dt_cmd(t, "FCALL relayq_enqueue 1 %s %s %s", t->prefix,
@@ -432,7 +424,7 @@ static void test_two_domains(void **state)
 {
 	struct dt *t = *state;
 	dt_smtp_start(t, NULL);
-	dt_config(t, "  lease = \"30s\",", BACKOFF_1S);
+	dt_config(t, "  lease = \"30s\",", DT_BACKOFF_1S);
 	dt_daemon_start(t, 0);
 	const char *to[] = {"alice@example.net", "bob@example.org"};
 	char *id = dt_enqueue(t, "sender@example.com", to, 2, BODY);
@@ -459,7 +451,7 @@ static void test_expired_after_max_attempts(void **state)
 	const char *rules[] = {"rcpt addr=never@example.net reply 451 4.2.0 Still busy", NULL};
 	dt_smtp_start(t, rules);
 	dt_config(t, "  lease = \"30s\",",
-		  BACKOFF_1S "relayq.expire { max_age = \"5d\", max_attempts = 2 }\n");
+		  DT_BACKOFF_1S "relayq.expire { max_age = \"5d\", max_attempts = 2 }\n");
 	dt_daemon_start(t, 0);
 	char *id = dt_enqueue1(t, "never@example.net", BODY);
 	DT_WAIT(t, dt_cond_dead, id, 30000, "not dead after max_attempts");
@@ -497,7 +489,7 @@ static void test_options_override_config(void **state)
 		"  relay = \"[127.0.0.1]:%d\",\n"
 		"  tls = \"none\",\n"
 		"  helo = \"relayq.test\",\n"
-		"}\n" BACKOFF_1S, t->tmp, t->smtp_port) > 0);
+		"}\n" DT_BACKOFF_1S, t->tmp, t->smtp_port) > 0);
 	dt_write_file(t->cfg, text);
 	free(text);
 	const char *argv[] = {dt_relayqd_bin(), "-c", t->cfg, "--redis", t->redis.url,
@@ -520,7 +512,7 @@ static void test_back_to_back_enqueues(void **state)
 {
 	struct dt *t = *state;
 	dt_smtp_start(t, NULL);
-	dt_config(t, "  lease = \"30s\",", BACKOFF_1S);
+	dt_config(t, "  lease = \"30s\",", DT_BACKOFF_1S);
 	dt_daemon_start(t, 0);
 	for (int round = 0; round < 150; round++) {
 		char a[64], b[64];

@@ -121,18 +121,12 @@ static void test_sigterm_mid_run(void **state)
 
 static int setup(void **state)
 {
-	struct dt *t = calloc(1, sizeof(*t));
-	dt_setup(t, "dkill", false);
-	*state = t;
-	return 0;
+	return dt_state_setup(state, "dkill", false);
 }
 
 static int teardown(void **state)
 {
-	struct dt *t = *state;
-	dt_teardown(t);
-	free(t);
-	return 0;
+	return dt_state_teardown(state);
 }
 
 int main(void)

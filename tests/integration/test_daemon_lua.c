@@ -16,7 +16,6 @@
  */
 #include "daemon_common.h"
 
-#define BACKOFF_1H "relayq.backoff { first = \"1h\", factor = 2, max = \"4h\", jitter = 0 }\n"
 
 /* Decisions the daemon made, checked against relayq explain at the end. */
 struct decision {
@@ -49,18 +48,12 @@ static int group_teardown(void **state)
 
 static int setup(void **state)
 {
-	struct dt *t = calloc(1, sizeof(*t));
-	dt_setup(t, "dlua", false);
-	*state = t;
-	return 0;
+	return dt_state_setup(state, "dlua", false);
 }
 
 static int teardown(void **state)
 {
-	struct dt *t = *state;
-	dt_teardown(t);
-	free(t);
-	return 0;
+	return dt_state_teardown(state);
 }
 
 /* Keeps a copy of the current config for the explain check. */
@@ -176,7 +169,7 @@ static void test_rules(void **state)
 	rules[N + 2] = NULL;
 	dt_smtp_start(t, rules);
 	dt_config(t, "  lease = \"30s\",",
-		BACKOFF_1H
+		DT_BACKOFF_1H
 		"relayq.on(550, function(r, msg)\n"
 		"  if r.text:lower():find(\"greylist\", 1, true) then\n"
 		"    return relayq.retry { after = \"2h\" }\n"
@@ -265,7 +258,7 @@ static void test_421_fail(void **state)
 			       NULL};
 	dt_smtp_start(t, rules);
 	dt_config(t, "  lease = \"30s\",",
-		  BACKOFF_1H
+		  DT_BACKOFF_1H
 		  "relayq.on(421, function(r) return relayq.fail { reason = \"421 is final here\" } end)\n");
 	char policy[600];
 	keep_policy(t, "fail421", policy, sizeof(policy));
@@ -284,15 +277,15 @@ static void test_421_fail(void **state)
 }
 
 static const char POLICY_A[] =
-	BACKOFF_1H
+	DT_BACKOFF_1H
 	"relayq.on(550, function(r) return relayq.retry { after = \"1h\" } end)\n";
 /* line 4 of the file is the broken one (relayq.config takes lines 1-9) */
 static const char POLICY_BROKEN[] =
-	BACKOFF_1H
+	DT_BACKOFF_1H
 	"relayq.on(550, function(r) return relayq.drop() end\n"
 	"this is not lua ((\n";
 static const char POLICY_B[] =
-	BACKOFF_1H
+	DT_BACKOFF_1H
 	"relayq.on(550, function(r) return relayq.drop() end)\n";
 
 /* Enqueues a probe to a 550 recipient and waits until it is settled:

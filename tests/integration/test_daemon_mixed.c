@@ -18,23 +18,15 @@
  */
 #include "daemon_common.h"
 
-#define BACKOFF_1H "relayq.backoff { first = \"1h\", factor = 2, max = \"4h\", jitter = 0 }\n"
-#define BACKOFF_1S "relayq.backoff { first = \"1s\", factor = 2, max = \"2s\", jitter = 0 }\n"
 
 static int setup(void **state)
 {
-	struct dt *t = calloc(1, sizeof(*t));
-	dt_setup(t, "dmixed", false);
-	*state = t;
-	return 0;
+	return dt_state_setup(state, "dmixed", false);
 }
 
 static int teardown(void **state)
 {
-	struct dt *t = *state;
-	dt_teardown(t);
-	free(t);
-	return 0;
+	return dt_state_teardown(state);
 }
 
 static const char BODY[] = "Subject: three recipients\r\n\r\nhello\r\n";
@@ -139,7 +131,7 @@ static void test_mixed_flushed(void **state)
 {
 	struct dt *t = *state;
 	dt_smtp_start(t, RULES);
-	dt_config(t, "  lease = \"30s\",", BACKOFF_1H);
+	dt_config(t, "  lease = \"30s\",", DT_BACKOFF_1H);
 	const char *to[] = {"ok@example.net", "later@example.net", "bad@example.net"};
 	char *id = dt_enqueue(t, "sender@example.com", to, 3, BODY);
 	dt_daemon_start(t, 0);
@@ -187,7 +179,7 @@ static void test_mixed_retried(void **state)
 {
 	struct dt *t = *state;
 	dt_smtp_start(t, RULES);
-	dt_config(t, "  lease = \"30s\",", BACKOFF_1S);
+	dt_config(t, "  lease = \"30s\",", DT_BACKOFF_1S);
 	dt_daemon_start(t, 0);
 	const char *to[] = {"ok@example.net", "later@example.net", "bad@example.net"};
 	char *id = dt_enqueue(t, "sender@example.com", to, 3, BODY);
@@ -245,7 +237,7 @@ static void test_refused_then_resumed(void **state)
 	struct dt *t = *state;
 	int port = th_free_port();
 	dt_config_port(t, port, "  lease = \"30s\",\n  timeouts = { connect = \"5s\" },",
-		       BACKOFF_1S);
+		       DT_BACKOFF_1S);
 	char *ids[3];
 	for (int i = 0; i < 3; i++) {
 		char rcpt[64];
@@ -304,7 +296,7 @@ static void test_greeting_failures(void **state)
 		NULL,
 	};
 	dt_smtp_start(t, rules);
-	dt_config(t, "  lease = \"30s\",\n  timeouts = { greeting = \"1s\" },", BACKOFF_1S);
+	dt_config(t, "  lease = \"30s\",\n  timeouts = { greeting = \"1s\" },", DT_BACKOFF_1S);
 	dt_daemon_start(t, 0);
 	char *id = dt_enqueue1(t, "g@example.net", BODY);
 	DT_WAIT(t, dt_cond_gone, id, 60000, "not delivered after three failed sessions");
@@ -354,7 +346,7 @@ static void test_tls_required(void **state)
 	assert_true(asprintf(&text,
 		"relayq.config {\n  redis = \"%s\",\n  queue = \"%s\",\n"
 		"  relay = \"[127.0.0.1]:%d\",\n  helo = \"relayq.test\",\n%s\n}\n%s",
-		t->redis.url, t->queue, port, keys, BACKOFF_1S) > 0);
+		t->redis.url, t->queue, port, keys, DT_BACKOFF_1S) > 0);
 	dt_write_file(t->cfg, text);
 	free(text);
 	char *id = dt_enqueue1(t, "tls@example.net", BODY);
@@ -389,7 +381,7 @@ static void test_too_many_recipients(void **state)
 	struct dt *t = *state;
 	const char *rules[] = {"rcpt rcpt=3- reply 452 4.5.3 Too many recipients", NULL};
 	dt_smtp_start(t, rules);
-	dt_config(t, "  lease = \"30s\",", BACKOFF_1H);
+	dt_config(t, "  lease = \"30s\",", DT_BACKOFF_1H);
 	const char *to[] = {"m1@example.net", "m2@example.net", "m3@example.net",
 			    "m4@example.net", "m5@example.net"};
 	char *id = dt_enqueue(t, "sender@example.com", to, 5, BODY);

@@ -70,18 +70,12 @@ static void test_redis_restart(void **state)
 
 static int setup(void **state)
 {
-	struct dt *t = calloc(1, sizeof(*t));
-	dt_setup(t, "dredis", true);
-	*state = t;
-	return 0;
+	return dt_state_setup(state, "dredis", true);
 }
 
 static int teardown(void **state)
 {
-	struct dt *t = *state;
-	dt_teardown(t);
-	free(t);
-	return 0;
+	return dt_state_teardown(state);
 }
 
 int main(void)

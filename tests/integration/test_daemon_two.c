@@ -48,18 +48,12 @@ static void test_two_daemons(void **state)
 
 static int setup(void **state)
 {
-	struct dt *t = calloc(1, sizeof(*t));
-	dt_setup(t, "dtwo", false);
-	*state = t;
-	return 0;
+	return dt_state_setup(state, "dtwo", false);
 }
 
 static int teardown(void **state)
 {
-	struct dt *t = *state;
-	dt_teardown(t);
-	free(t);
-	return 0;
+	return dt_state_teardown(state);
 }
 
 int main(void)
