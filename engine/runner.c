@@ -166,6 +166,19 @@ static const char *state_event(enum rq_queue_rcpt_state s)
 	return "?";
 }
 
+#define RCPT_TEXT_MAX (RQ_REPLY_TEXT_MAX + 64)
+
+/* The text logged and settled for a recipient: the reply text, or for a
+ * transport event "timeout: <what happened>". Returns buf. */
+static const char *rcpt_text(const struct rrcpt *rc, char *buf, size_t len)
+{
+	if (rc->has_outcome && rc->o.fail != RQ_FAIL_NONE && !rc->o.synthetic)
+		snprintf(buf, len, "%s: %s", rq_fail_name(rc->o.fail), rc->o.text);
+	else
+		snprintf(buf, len, "%s", rc->has_outcome ? rc->o.text : "");
+	return buf;
+}
+
 static void log_rcpt(struct rq_runner *r, const struct rmsg *m, const struct rrcpt *rc,
 		     const char *event, const char *host, const struct rq_decision *d,
 		     const char *rule, const char *reason)
@@ -189,11 +202,8 @@ static void log_rcpt(struct rq_runner *r, const struct rmsg *m, const struct rrc
 	snprintf(delay, sizeof(delay), "%.1f",
 		 (double)(now - m->qm->created) / 1000.0);
 	const char *stage = rc->has_outcome ? rq_stage_name(rc->o.stage) : "";
-	char text[RQ_REPLY_TEXT_MAX + 64];
-	if (rc->has_outcome && rc->o.fail != RQ_FAIL_NONE && !rc->o.synthetic)
-		snprintf(text, sizeof(text), "%s: %s", rq_fail_name(rc->o.fail), rc->o.text);
-	else
-		snprintf(text, sizeof(text), "%s", rc->has_outcome ? rc->o.text : "");
+	char text[RCPT_TEXT_MAX];
+	rcpt_text(rc, text, sizeof(text));
 	if (next[0])
 		rq_log(lvl, event, "queue", r->queue_name, "id", m->qm->id, "rcpt", rc->addr,
 		       "host", host ? host : "", "code", code, "enhanced", rc->o.enhanced,
@@ -450,13 +460,8 @@ static void finish_msg(struct rmsg *m)
 		if (rc->has_outcome && rc->s != RQ_QUEUE_RCPT_DELIVERED) {
 			out.code = rc->o.code;
 			out.enh = rc->o.enhanced[0] ? rc->o.enhanced : NULL;
-			char text[RQ_REPLY_TEXT_MAX + 64];
-			if (rc->o.fail != RQ_FAIL_NONE && !rc->o.synthetic)
-				snprintf(text, sizeof(text), "%s: %s", rq_fail_name(rc->o.fail),
-					 rc->o.text);
-			else
-				snprintf(text, sizeof(text), "%s", rc->o.text);
-			out.text = text;
+			char text[RCPT_TEXT_MAX];
+			out.text = rcpt_text(rc, text, sizeof(text));
 			out.stage = rq_stage_name(rc->o.stage);
 			if (rc->s == RQ_QUEUE_RCPT_FAILED || rc->s == RQ_QUEUE_RCPT_EXPIRED) {
 				const struct rq_hint *h = rq_outcome_hint(&rc->o);
