@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "relayq/config.h"
+#include "relayq/decision.h"
 #include "relayq/json.h"
 #include "relayq/log.h"
 #include "relayq/policy.h"
@@ -21,10 +22,13 @@
 static const char usage[] =
 	"usage: relayq explain [-c FILE] --code N|EVENT [--enhanced X.Y.Z] [--text T]\n"
 	"                      [--stage S] [--domain D] [--rcpt ADDR] [--host H]\n"
-	"                      [--attempt N] [--age DURATION] [--meta JSON] [--json]\n"
+	"                      [--attempt N] [--age DURATION] [--resends N] [--meta JSON]\n"
+	"                      [--json]\n"
 	"\n"
-	"Prints what the policy decides for one reply and which rule decided,\n"
-	"without sending anything. Without -c: the built-in policy.\n"
+	"Prints what relayqd decides for one reply (the policy's action, then the\n"
+	"state it records, what that counts against and what the destination is\n"
+	"told) and which rule decided, without sending anything. Without -c: the\n"
+	"built-in policy.\n"
 	"\n"
 	"  -c, --config FILE  the relayqd config file (settings and Lua policy)\n"
 	"  --code N|EVENT     reply code 200-599, or a transport event: timeout,\n"
@@ -39,6 +43,8 @@ static const char usage[] =
 	"  --host H           the host that answered\n"
 	"  --attempt N        this attempt's number, 1 = first (default 1)\n"
 	"  --age DURATION     message age: seconds or 30s, 5m, 2h, 5d (default 0)\n"
+	"  --resends N        times the message was already sent again at once in\n"
+	"                     a new transaction (too many recipients; default 0)\n"
 	"  --meta JSON        the message's meta object, for Lua handlers\n"
 	"  --json             one JSON object instead of text\n";
 
@@ -53,6 +59,7 @@ struct opts {
 	const char *host;
 	const char *attempt;
 	const char *age;
+	const char *resends;
 	const char *meta;
 	bool json;
 	bool help;
@@ -106,6 +113,7 @@ static int parse_args(int argc, char **argv, struct opts *o)
 		{"--host", offsetof(struct opts, host)},
 		{"--attempt", offsetof(struct opts, attempt)},
 		{"--age", offsetof(struct opts, age)},
+		{"--resends", offsetof(struct opts, resends)},
 		{"--meta", offsetof(struct opts, meta)},
 	};
 	for (int i = 1; i < argc; i++) {
@@ -178,29 +186,44 @@ static double high(void *ctx)
 static void print_text(const struct rq_decision *d, double lo, double hi,
 		       const struct rq_hint *h)
 {
-	printf("action: %s\n", rq_policy_action_name(d->action));
+	const struct rq_policy_answer *a = &d->policy;
 	char buf[32];
-	rq_duration_format(d->after, buf, sizeof(buf));
-	if (d->after > 0)
-		printf("after: %.0f (%s)\n", d->after, buf);
+	printf("action: %s\n", rq_policy_action_name(a->action));
+	rq_duration_format(a->after, buf, sizeof(buf));
+	if (a->after > 0)
+		printf("after: %.0f (%s)\n", a->after, buf);
 	else
 		printf("after: 0\n");
 	if (lo != hi)
 		printf("jitter: %.0f..%.0f\n", lo, hi);
-	printf("counts_against: %s\n", rq_policy_count_name(d->counts));
+	printf("counts_against: %s\n", rq_policy_count_name(a->counts));
+	if (d->state == RQ_DECISION_DEFERRED) {
+		rq_duration_format(d->after, buf, sizeof(buf));
+		printf("state: deferred (next try in %s)\n", buf);
+	} else {
+		printf("state: %s\n", rq_decision_state_name(d->state));
+	}
+	printf("scope: %s\n", rq_decision_scope_name(d->scope));
+	if (d->dest == RQ_DECISION_DEST_SUSPEND) {
+		rq_duration_format(d->dest_after, buf, sizeof(buf));
+		printf("destination: suspend for %s\n", buf);
+	} else {
+		printf("destination: %s\n", rq_decision_dest_name(d->dest));
+	}
 	printf("rule: %s\n", d->rule);
 	printf("reason: %s\n", d->reason);
 	if (d->loud)
 		printf("loud: yes (needs the operator)\n");
-	if (d->expired)
+	if (d->state == RQ_DECISION_EXPIRED)
 		printf("expired: yes\n");
 	printf("hint: %s\n", h->meaning);
 	printf("fix: %s\n", h->fix);
 }
 
-static int print_json(const struct rq_decision *d, double lo, double hi,
+static int print_json(const struct rq_decision *dd, double lo, double hi,
 		      const struct rq_hint *h)
 {
+	const struct rq_policy_answer *d = &dd->policy;
 	struct rq_json_buf b;
 	rq_json_buf_init(&b);
 	rq_json_buf_obj_begin(&b);
@@ -212,10 +235,19 @@ static int print_json(const struct rq_decision *d, double lo, double hi,
 	rq_json_buf_key(&b, "after_max");
 	rq_json_buf_double(&b, ms(hi));
 	rq_json_buf_kv_str(&b, "counts_against", rq_policy_count_name(d->counts));
-	rq_json_buf_kv_str(&b, "rule", d->rule);
-	rq_json_buf_kv_str(&b, "reason", d->reason);
-	rq_json_buf_kv_bool(&b, "loud", d->loud);
-	rq_json_buf_kv_bool(&b, "expired", d->expired);
+	rq_json_buf_kv_str(&b, "rule", dd->rule);
+	rq_json_buf_kv_str(&b, "reason", dd->reason);
+	rq_json_buf_kv_bool(&b, "loud", dd->loud);
+	rq_json_buf_kv_bool(&b, "expired", dd->state == RQ_DECISION_EXPIRED);
+	rq_json_buf_kv_str(&b, "state", rq_decision_state_name(dd->state));
+	rq_json_buf_key(&b, "next_after");
+	rq_json_buf_double(&b, ms(dd->after));
+	rq_json_buf_kv_str(&b, "scope", rq_decision_scope_name(dd->scope));
+	rq_json_buf_kv_bool(&b, "attempt", dd->attempt);
+	rq_json_buf_kv_str(&b, "destination", rq_decision_dest_name(dd->dest));
+	rq_json_buf_key(&b, "destination_after");
+	rq_json_buf_double(&b, ms(dd->dest_after));
+	rq_json_buf_kv_str(&b, "policy_rule", d->rule);
 	rq_json_buf_key(&b, "hint");
 	rq_json_buf_obj_begin(&b);
 	rq_json_buf_kv_str(&b, "meaning", h->meaning);
@@ -285,6 +317,10 @@ int rq_cli_explain(int argc, char **argv)
 	if (o.attempt && (!parse_uint(o.attempt, 1000000, &attempt) || attempt == 0))
 		return usage_error("--attempt '%s' is not a number from 1 to 1000000",
 				   shown(o.attempt));
+	unsigned long resends = 0;
+	if (o.resends && !parse_uint(o.resends, 1000, &resends))
+		return usage_error("--resends '%s' is not a number from 0 to 1000",
+				   shown(o.resends));
 	double age = 0;
 	if (o.age && rq_duration_parse(o.age, &age) < 0)
 		return usage_error("--age '%s' is not a duration (seconds, or like 5m, "
@@ -318,26 +354,26 @@ int rq_cli_explain(int argc, char **argv)
 		}
 	}
 
-	struct rq_policy_input in = {
-		.outcome = &out, .recipient = o.rcpt, .domain = domain,
-		.host = o.host, .attempt = (unsigned)attempt, .age = age,
-	};
 	const char *to[1] = {o.rcpt ? o.rcpt : ""};
 	struct rq_policy_msg msg = {
 		.id = "explain", .from = "", .to = to, .nto = o.rcpt ? 1 : 0,
 		.attempts = (unsigned)attempt - 1, .created = 0, .meta = o.meta,
 	};
+	struct rq_decision_input in = {
+		.outcome = &out, .recipient = o.rcpt, .domain = domain, .host = o.host, .msg = &msg,
+		.attempt = (unsigned)attempt, .age = age, .resends = (unsigned)resends,
+	};
 	/* The decision without jitter, then its jitter range. */
 	struct rq_decision d, dlo, dhi;
 	struct rq_policy_rand r_mid = {mid, NULL}, r_lo = {low, NULL}, r_hi = {high, NULL};
-	rq_policy_lua_decide_config(cfg, &in, &msg, &r_mid, &d);
-	rq_policy_lua_decide_config(cfg, &in, &msg, &r_lo, &dlo);
-	rq_policy_lua_decide_config(cfg, &in, &msg, &r_hi, &dhi);
-	double lo = d.after, hi = d.after;
-	if (dlo.action == d.action && dhi.action == d.action &&
-	    strcmp(dlo.rule, d.rule) == 0 && strcmp(dhi.rule, d.rule) == 0) {
-		lo = dlo.after;
-		hi = dhi.after;
+	rq_decision_make(cfg, &in, &r_mid, &d);
+	rq_decision_make(cfg, &in, &r_lo, &dlo);
+	rq_decision_make(cfg, &in, &r_hi, &dhi);
+	double lo = d.policy.after, hi = d.policy.after;
+	if (dlo.policy.action == d.policy.action && dhi.policy.action == d.policy.action &&
+	    strcmp(dlo.policy.rule, d.policy.rule) == 0 && strcmp(dhi.policy.rule, d.policy.rule) == 0) {
+		lo = dlo.policy.after;
+		hi = dhi.policy.after;
 	}
 	const struct rq_hint *h = rq_outcome_hint(&out);
 	rc = o.json ? print_json(&d, lo, hi, h) : (print_text(&d, lo, hi, h), 0);

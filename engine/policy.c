@@ -82,33 +82,11 @@ double rq_policy_backoff(const struct rq_backoff *b, unsigned attempt,
 	return base;
 }
 
-static bool ci_contains(const char *hay, const char *needle)
-{
-	size_t n = strlen(needle);
-	for (; *hay; hay++)
-		if (strncasecmp(hay, needle, n) == 0)
-			return true;
-	return false;
-}
-
-bool rq_policy_too_many_rcpts(const struct rq_outcome *o)
-{
-	if (o->fail != RQ_FAIL_NONE || o->stage != RQ_STAGE_RCPT)
-		return false;
-	if (o->code != 452 && o->code != 552)
-		return false;
-	/* RFC 5321 4.5.3.1.10: 452 (and, historically, 552) with 4.5.3 / 5.5.3
-	 * (RFC 3463: "too many recipients"). */
-	if (strcmp(o->enhanced, "4.5.3") == 0 || strcmp(o->enhanced, "5.5.3") == 0)
-		return true;
-	return ci_contains(o->text, "too many recipients");
-}
-
-static void set(struct rq_decision *d, enum rq_policy_action action, double after,
+static void set(struct rq_policy_answer *d, enum rq_policy_action action, double after,
 		enum rq_policy_count counts, const char *rule, const char *fmt, ...)
 	__attribute__((format(printf, 6, 7)));
 
-static void set(struct rq_decision *d, enum rq_policy_action action, double after,
+static void set(struct rq_policy_answer *d, enum rq_policy_action action, double after,
 		enum rq_policy_count counts, const char *rule, const char *fmt, ...)
 {
 	d->action = action;
@@ -144,7 +122,7 @@ void rq_policy_describe(const struct rq_outcome *o, char *buf, size_t len)
 }
 
 bool rq_policy_expire(const struct rq_policy_params *params,
-		      const struct rq_policy_input *in, struct rq_decision *d)
+		      const struct rq_policy_input *in, struct rq_policy_answer *d)
 {
 	if (d->action != RQ_POLICY_RETRY && d->action != RQ_POLICY_SUSPEND &&
 	    d->action != RQ_POLICY_NEXT_HOST)
@@ -177,7 +155,7 @@ bool rq_policy_expire(const struct rq_policy_params *params,
 
 void rq_policy_builtin(const struct rq_policy_params *params,
 		       const struct rq_policy_input *in,
-		       const struct rq_policy_rand *rnd, struct rq_decision *out)
+		       const struct rq_policy_rand *rnd, struct rq_policy_answer *out)
 {
 	const struct rq_outcome *o = in->outcome;
 	memset(out, 0, sizeof(*out));
@@ -197,7 +175,7 @@ void rq_policy_builtin(const struct rq_policy_params *params,
 		    "accepted: %s", what);
 		return;
 	}
-	if (rq_policy_too_many_rcpts(o)) {
+	if (rq_reply_too_many_rcpts(o)) {
 		set(out, RQ_POLICY_NOT_TRIED, 0, RQ_POLICY_COUNT_NONE,
 		    "builtin:too-many-recipients",
 		    "too many recipients, send in a new transaction: %s", what);

@@ -2231,7 +2231,7 @@ void rq_policy_lua_decide(struct rq_policy_lua *pl,
 			  const struct rq_policy_input *in,
 			  const struct rq_policy_msg *msg,
 			  const struct rq_policy_rand *rnd,
-			  struct rq_decision *out)
+			  struct rq_policy_answer *out)
 {
 	rq_policy_builtin(params, in, rnd, out);
 	if (!pl || out->action == RQ_POLICY_DELIVERED ||
@@ -2296,7 +2296,7 @@ void rq_policy_lua_decide(struct rq_policy_lua *pl,
 	if (c.result == CALL_NIL)
 		return;
 
-	struct rq_decision b = *out;
+	struct rq_policy_answer b = *out;
 	memset(out, 0, sizeof(*out));
 	out->action = c.action;
 	snprintf(out->rule, sizeof(out->rule), "%s", rule);
@@ -2342,7 +2342,7 @@ void rq_policy_lua_decide_config(const struct rq_config *cfg,
 				 const struct rq_policy_input *in,
 				 const struct rq_policy_msg *msg,
 				 const struct rq_policy_rand *rnd,
-				 struct rq_decision *out)
+				 struct rq_policy_answer *out)
 {
 	struct rq_policy_params params;
 	rq_config_params(cfg, in->domain, &params);

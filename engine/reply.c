@@ -14,6 +14,20 @@
  * cuts a UTF-8 sequence in half.
  */
 
+bool rq_reply_too_many_rcpts(const struct rq_outcome *o)
+{
+	if (o->fail != RQ_FAIL_NONE || o->stage != RQ_STAGE_RCPT)
+		return false;
+	if (o->code != 452 && o->code != 552)
+		return false;
+	if (o->enhanced[0])
+		return strcmp(o->enhanced, "4.5.3") == 0 || strcmp(o->enhanced, "5.5.3") == 0;
+	for (const char *p = o->text; *p; p++)
+		if (strncasecmp(p, "too many", 8) == 0)
+			return true;
+	return false;
+}
+
 static const char *const stage_names[RQ_STAGE_COUNT_] = {
 	[RQ_STAGE_NONE] = "none",
 	[RQ_STAGE_CONNECT] = "connect",

@@ -2,7 +2,9 @@
  * runner.h). */
 #include "relayq/runner.h"
 
+#include "relayq/clock.h"
 #include "relayq/config.h"
+#include "relayq/decision.h"
 #include "relayq/dest.h"
 #include "relayq/dsn.h"
 #include "relayq/json.h"
@@ -18,12 +20,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/time.h>
 
 #define CLAIM_RETRY_MS 1000
-#define RESENDS_MAX 1          /* immediate resends per message after a
-				  not_tried decision (a 452 to the first
-				  recipient); then the backoff */
 #define HINT_MAX 600
 #define RECOVER_MIN_MS 5000    /* lease sweep: lease / 2, within these */
 #define RECOVER_MAX_MS 60000
@@ -39,7 +37,7 @@ struct rrcpt {
 	size_t len;
 	enum rc_state st;
 	enum rq_queue_rcpt_state s;
-	int64_t next;
+	int64_t next;              /* deferred: Redis time of the next try */
 	bool has_outcome;
 	bool bounce;               /* failed in this attempt: goes in the DSN */
 	bool resend;               /* not_tried: send again at once */
@@ -119,16 +117,9 @@ struct rq_runner {
  * Time
  */
 
-static int64_t local_ms(void)
-{
-	struct timeval tv;
-	gettimeofday(&tv, NULL);
-	return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
-}
-
 static int64_t rnow(const struct rq_runner *r)
 {
-	return local_ms() + r->offset;
+	return rq_clock_wall_ms() + r->offset;
 }
 
 static int64_t lease_ms(const struct rq_runner *r)
@@ -154,18 +145,6 @@ static void fmt_i64(char *buf, size_t len, int64_t v)
  * Logging
  */
 
-static const char *state_event(enum rq_queue_rcpt_state s)
-{
-	switch (s) {
-	case RQ_QUEUE_RCPT_DELIVERED: return "delivered";
-	case RQ_QUEUE_RCPT_DEFERRED: return "deferred";
-	case RQ_QUEUE_RCPT_FAILED: return "failed";
-	case RQ_QUEUE_RCPT_DROPPED: return "dropped";
-	case RQ_QUEUE_RCPT_EXPIRED: return "expired";
-	}
-	return "?";
-}
-
 #define RCPT_TEXT_MAX (RQ_REPLY_TEXT_MAX + 64)
 
 /* The text logged and settled for a recipient: the reply text, or for a
@@ -179,25 +158,26 @@ static const char *rcpt_text(const struct rrcpt *rc, char *buf, size_t len)
 	return buf;
 }
 
+/* One line per recipient and attempt: event is the recorded state. d gives
+ * the rule, the reason, the level and, for a deferral, the decided delay. */
 static void log_rcpt(struct rq_runner *r, const struct rmsg *m, const struct rrcpt *rc,
-		     const char *event, const char *host, const struct rq_decision *d,
-		     const char *rule, const char *reason)
+		     const char *host, const struct rq_decision *d, int64_t now)
 {
 	enum rq_log_level lvl = RQ_LOG_INFO;
-	if (d && d->loud)
+	if (d->loud)
 		lvl = RQ_LOG_ERROR;
-	else if (strcmp(event, "failed") == 0 || strcmp(event, "expired") == 0)
+	else if (d->state == RQ_DECISION_FAILED || d->state == RQ_DECISION_EXPIRED)
 		lvl = RQ_LOG_WARN;
 	if (!rq_log_enabled(lvl))
 		return;
+	const char *event = rq_decision_state_name(d->state);
 	char code[16] = "", attempt[24], next[24] = "", delay[32], after[32] = "";
 	if (rc->o.code)
 		snprintf(code, sizeof(code), "%d", rc->o.code);
 	fmt_i64(attempt, sizeof(attempt), m->qm->attempts + 1);
-	int64_t now = rnow(r);
-	if (rc->st == RC_DEFERRED && strcmp(event, "deferred") == 0) {
+	if (d->state == RQ_DECISION_DEFERRED) {
 		fmt_i64(next, sizeof(next), rc->next);
-		rq_duration_format((double)(rc->next - now) / 1000.0, after, sizeof(after));
+		rq_duration_format(d->after, after, sizeof(after));
 	}
 	snprintf(delay, sizeof(delay), "%.1f",
 		 (double)(now - m->qm->created) / 1000.0);
@@ -208,14 +188,13 @@ static void log_rcpt(struct rq_runner *r, const struct rmsg *m, const struct rrc
 		rq_log(lvl, event, "queue", r->queue_name, "id", m->qm->id, "rcpt", rc->addr,
 		       "host", host ? host : "", "code", code, "enhanced", rc->o.enhanced,
 		       "text", text, "stage", stage, "attempt", attempt,
-		       "next", next, "after", after, "rule", rule ? rule : "",
-		       "reason", reason ? reason : "", "delay", delay, NULL);
+		       "next", next, "after", after, "rule", d->rule,
+		       "reason", d->reason, "delay", delay, NULL);
 	else
 		rq_log(lvl, event, "queue", r->queue_name, "id", m->qm->id, "rcpt", rc->addr,
 		       "host", host ? host : "", "code", code, "enhanced", rc->o.enhanced,
 		       "text", text, "stage", stage, "attempt", attempt,
-		       "rule", rule ? rule : "", "reason", reason ? reason : "",
-		       "delay", delay, NULL);
+		       "rule", d->rule, "reason", d->reason, "delay", delay, NULL);
 }
 
 /* ------------------------------------------------------------------------
@@ -591,7 +570,11 @@ static void dispatch(struct rmsg *m, bool resend_only)
 				       "recipient address has no domain");
 			rc->o.synthetic = true;
 			m->attempt = true;
-			log_rcpt(r, m, rc, "failed", NULL, NULL, "builtin:address", NULL);
+			struct rq_decision d = {.state = RQ_DECISION_FAILED, .bounce = true};
+			snprintf(d.rule, sizeof(d.rule), "builtin:address");
+			snprintf(d.reason, sizeof(d.reason), "recipient address has no domain");
+			r->st.failed++;
+			log_rcpt(r, m, rc, NULL, &d, rnow(r));
 			done[i] = true;
 		}
 	}
@@ -613,22 +596,62 @@ out:
 	free(keys);
 }
 
-/* The decision for one failed recipient; returns whether it counts against
- * the destination. */
-static bool decide(struct rq_runner *r, struct rmsg *m, struct rrcpt *rc,
-		   const char *host, struct rq_dest *dest, bool *suspend, double *suspend_after)
+/* Records the decision for one recipient (decision.h): its state, the
+ * message's attempt and hold flags, the counters, the log line. */
+static void record(struct rq_runner *r, struct rmsg *m, struct rrcpt *rc, const char *host,
+		   const struct rq_decision *d, int64_t now)
 {
-	const struct rq_config *cfg = r->cfg;
-	int64_t now = rnow(r);
-	const char *domain = rq_addr_domain(rc->addr);
-	struct rq_policy_input in = {
-		.outcome = &rc->o,
-		.recipient = rc->addr,
-		.domain = domain,
-		.host = host,
-		.attempt = (unsigned)(m->qm->attempts + 1),
-		.age = (double)(now - m->qm->created) / 1000.0,
-	};
+	if (d->attempt)
+		m->attempt = true;
+	switch (d->state) {
+	case RQ_DECISION_DELIVERED:
+		rc->st = RC_FINAL;
+		rc->s = RQ_QUEUE_RCPT_DELIVERED;
+		r->st.delivered++;
+		break;
+	case RQ_DECISION_DEFERRED:
+		rc->st = RC_DEFERRED;
+		rc->s = RQ_QUEUE_RCPT_DEFERRED;
+		rc->next = now + (int64_t)(d->after * 1000.0);
+		r->st.deferred++;
+		break;
+	case RQ_DECISION_FAILED:
+		rc->st = RC_FINAL;
+		rc->s = RQ_QUEUE_RCPT_FAILED;
+		r->st.failed++;
+		break;
+	case RQ_DECISION_EXPIRED:
+		rc->st = RC_FINAL;
+		rc->s = RQ_QUEUE_RCPT_EXPIRED;
+		r->st.expired++;
+		break;
+	case RQ_DECISION_DROPPED:
+		rc->st = RC_FINAL;
+		rc->s = RQ_QUEUE_RCPT_DROPPED;
+		r->st.dropped++;
+		break;
+	case RQ_DECISION_HELD:
+		rc->st = RC_DEFERRED;
+		rc->s = RQ_QUEUE_RCPT_DEFERRED;
+		rc->next = now;
+		m->hold = true;
+		r->st.held++;
+		break;
+	case RQ_DECISION_RESEND:
+	default:
+		rc->st = RC_PENDING;
+		rc->resend = true;
+		return;  /* not an outcome yet: no line */
+	}
+	rc->bounce = d->bounce;
+	log_rcpt(r, m, rc, host, d, now);
+}
+
+/* The decision for one recipient's outcome rc->o (suspended > 0: not sent,
+ * its destination is suspended that many more seconds). */
+static void decide(struct rq_runner *r, struct rmsg *m, struct rrcpt *rc, const char *host,
+		   double suspended, int64_t now, struct rq_decision *d)
+{
 	struct rq_policy_msg pm = {
 		.id = m->qm->id,
 		.from = m->qm->from,
@@ -638,87 +661,18 @@ static bool decide(struct rq_runner *r, struct rmsg *m, struct rrcpt *rc,
 		.created = (double)m->qm->created / 1000.0,
 		.meta = m->qm->meta,
 	};
-	struct rq_decision d;
-	rq_policy_lua_decide_config(cfg, &in, &pm, NULL, &d);
-	struct rq_policy_params params;
-	rq_config_params(cfg, domain, &params);
-	bool counts_dest = d.counts == RQ_POLICY_COUNT_DESTINATION;
-	if (d.action == RQ_POLICY_NEXT_HOST || d.action == RQ_POLICY_SUSPEND) {
-		if (d.action == RQ_POLICY_SUSPEND) {
-			*suspend = true;
-			if (d.after > *suspend_after)
-				*suspend_after = d.after;
-		}
-		if (rq_policy_expire(&params, &in, &d) == false) {
-			if (d.action == RQ_POLICY_NEXT_HOST)
-				counts_dest = true;
-			d.action = RQ_POLICY_RETRY;
-		}
-	}
-	if (d.action == RQ_POLICY_NOT_TRIED && m->resends >= RESENDS_MAX) {
-		d.action = RQ_POLICY_RETRY;
-		d.after = rq_policy_backoff(&params.backoff, in.attempt, NULL);
-		rq_policy_expire(&params, &in, &d);
-	}
-	if (!counts_dest && d.action != RQ_POLICY_NOT_TRIED)
-		m->attempt = true;
-	const char *event = NULL;
-	switch (d.action) {
-	case RQ_POLICY_DELIVERED:
-		rc->st = RC_FINAL;
-		rc->s = RQ_QUEUE_RCPT_DELIVERED;
-		event = "delivered";
-		break;
-	case RQ_POLICY_RETRY:
-	case RQ_POLICY_SUSPEND:
-	case RQ_POLICY_NEXT_HOST:
-		rc->st = RC_DEFERRED;
-		rc->s = RQ_QUEUE_RCPT_DEFERRED;
-		rc->next = now + (int64_t)((d.after > 0 ? d.after : 1) * 1000.0);
-		event = "deferred";
-		break;
-	case RQ_POLICY_FAIL:
-		rc->st = RC_FINAL;
-		rc->s = d.expired ? RQ_QUEUE_RCPT_EXPIRED : RQ_QUEUE_RCPT_FAILED;
-		rc->bounce = true;
-		event = state_event(rc->s);
-		break;
-	case RQ_POLICY_DROP:
-		rc->st = RC_FINAL;
-		rc->s = RQ_QUEUE_RCPT_DROPPED;
-		event = "dropped";
-		break;
-	case RQ_POLICY_HOLD:
-		rc->st = RC_DEFERRED;
-		rc->s = RQ_QUEUE_RCPT_DEFERRED;
-		rc->next = now;
-		m->hold = true;
-		event = "held";
-		break;
-	case RQ_POLICY_NOT_TRIED:
-	default:
-		rc->st = RC_PENDING;
-		rc->resend = true;
-		event = NULL;
-		break;
-	}
-	if (event) {
-		switch (rc->s) {
-		case RQ_QUEUE_RCPT_DELIVERED: r->st.delivered++; break;
-		case RQ_QUEUE_RCPT_DEFERRED:
-			if (d.action == RQ_POLICY_HOLD)
-				r->st.held++;
-			else
-				r->st.deferred++;
-			break;
-		case RQ_QUEUE_RCPT_FAILED: r->st.failed++; break;
-		case RQ_QUEUE_RCPT_EXPIRED: r->st.expired++; break;
-		case RQ_QUEUE_RCPT_DROPPED: r->st.dropped++; break;
-		}
-		log_rcpt(r, m, rc, event, host, &d, d.rule, d.reason);
-	}
-	(void)dest;
-	return counts_dest;
+	struct rq_decision_input in = {
+		.outcome = &rc->o,
+		.recipient = rc->addr,
+		.host = host,
+		.msg = &pm,
+		.attempt = (unsigned)(m->qm->attempts + 1),
+		.age = (double)(now - m->qm->created) / 1000.0,
+		.resends = m->resends,
+		.suspended = suspended,
+	};
+	rq_decision_make(r->cfg, &in, NULL, d);
+	record(r, m, rc, host, d, now);
 }
 
 static void job_done(struct rq_dest_job *job, void *arg)
@@ -727,86 +681,58 @@ static void job_done(struct rq_dest_job *job, void *arg)
 	struct rmsg *m = j->m;
 	struct rq_runner *r = m->r;
 	struct rq_dest *dest = job->dest;
-	bool dest_failed = false, dest_ok = false, suspend = false;
-	double suspend_after = 0;
+	enum rq_decision_dest dact = RQ_DECISION_DEST_NONE;
+	double dafter = 0;
 	const char *domain_for_backoff = NULL;
 	int64_t now = rnow(r);
 	for (size_t i = 0; i < job->nrcpt; i++) {
 		struct rq_dest_rcpt *dr = &job->rcpts[i];
 		struct rrcpt *rc = &m->rc[dr->index];
+		struct rq_decision d;
 		switch (dr->result) {
 		case RQ_DEST_RCPT_PENDING:
 			break;
 		case RQ_DEST_RCPT_SUSPENDED: {
-			rc->st = RC_DEFERRED;
-			rc->s = RQ_QUEUE_RCPT_DEFERRED;
-			rc->next = now + (job->until - local_ms());
-			if (rc->next < now + 1000)
-				rc->next = now + 1000;
 			if (!rc->has_outcome) {
 				rq_outcome_set(&rc->o, RQ_STAGE_CONNECT, RQ_FAIL_REFUSED, 0, "4.4.1",
 					       "destination %s suspended after connection failures",
 					       rq_dest_name(dest));
 				rc->has_outcome = true;
 			}
-			/* expiry still applies to a message that waits */
-			const char *domain = rq_addr_domain(rc->addr);
-			struct rq_policy_params params;
-			rq_config_params(r->cfg, domain, &params);
-			struct rq_policy_input in = {
-				.outcome = &rc->o, .recipient = rc->addr, .domain = domain,
-				.attempt = (unsigned)(m->qm->attempts + 1),
-				.age = (double)(now - m->qm->created) / 1000.0,
-			};
-			struct rq_decision d = {.action = RQ_POLICY_RETRY};
-			snprintf(d.rule, sizeof(d.rule), "destination:suspended");
-			if (rq_policy_expire(&params, &in, &d)) {
-				rc->st = RC_FINAL;
-				rc->s = RQ_QUEUE_RCPT_EXPIRED;
-				rc->bounce = true;
-				m->attempt = true;
-				r->st.expired++;
-				log_rcpt(r, m, rc, "expired", NULL, &d, d.rule, d.reason);
-			} else {
-				r->st.deferred++;
-				log_rcpt(r, m, rc, "deferred", NULL, NULL, "destination:suspended",
-					 "destination suspended");
-			}
+			/* job->until is on the local clock: in Redis time, the
+			 * end of the suspension is until + offset */
+			double left = (double)(job->until + r->offset - now) / 1000.0;
+			decide(r, m, rc, NULL, left > 1 ? left : 1, now, &d);
 			break;
 		}
 		case RQ_DEST_RCPT_DELIVERED:
-			rc->st = RC_FINAL;
-			rc->s = RQ_QUEUE_RCPT_DELIVERED;
-			rc->o = dr->outcome;
-			rc->has_outcome = true;
-			snprintf(rc->host, sizeof(rc->host), "%s", job->host);
-			m->attempt = true;
-			dest_ok = true;
-			r->st.delivered++;
-			log_rcpt(r, m, rc, "delivered", job->host, NULL, "builtin:2xx", NULL);
-			break;
 		case RQ_DEST_RCPT_FAILED:
 			rc->o = dr->outcome;
 			rc->has_outcome = true;
 			snprintf(rc->host, sizeof(rc->host), "%s", job->host);
-			if (decide(r, m, rc, job->host, dest, &suspend, &suspend_after)) {
-				dest_failed = true;
+			decide(r, m, rc, job->host, 0, now, &d);
+			rq_decision_dest_merge(&dact, &dafter, &d);
+			if (d.dest == RQ_DECISION_DEST_FAILED)
 				domain_for_backoff = rq_addr_domain(rc->addr);
-			} else if (rc->o.fail == RQ_FAIL_NONE && !rc->o.synthetic) {
-				dest_ok = true;
-			}
 			break;
 		}
 	}
 	if (dest) {
-		if (suspend) {
-			rq_dest_suspend(dest, suspend_after > 0 ? suspend_after : 60);
-		} else if (dest_failed) {
+		switch (dact) {
+		case RQ_DECISION_DEST_SUSPEND:
+			rq_dest_suspend(dest, dafter);
+			break;
+		case RQ_DECISION_DEST_FAILED: {
 			struct rq_policy_params params;
 			rq_config_params(r->cfg, domain_for_backoff, &params);
 			rq_dest_failed(dest, &params.backoff);
-		} else if (dest_ok) {
+			break;
+		}
+		case RQ_DECISION_DEST_OK:
 			rq_dest_ok(dest);
+			break;
+		case RQ_DECISION_DEST_NONE:
+			break;
 		}
 	}
 	free(j);
@@ -869,7 +795,7 @@ static void claim_cb(struct rq_queue *q, enum rq_queue_status st, const char *er
 		check_stopped(r);
 		return;
 	}
-	r->offset = claim->now - local_ms();
+	r->offset = claim->now - rq_clock_wall_ms();
 	r->st.claims++;
 	r->st.claimed += claim->count;
 	if (claim->count < (size_t)r->claim_count &&

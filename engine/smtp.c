@@ -174,26 +174,6 @@ void rq_smtp_caps_describe(const struct rq_smtp_caps *c, char *buf, size_t len)
 #undef PUT
 }
 
-static bool text_has(const char *text, const char *needle)
-{
-	size_t n = strlen(needle);
-	for (const char *p = text; *p; p++)
-		if (strncasecmp(p, needle, n) == 0)
-			return true;
-	return false;
-}
-
-bool rq_smtp_is_too_many_rcpts(const struct rq_outcome *o)
-{
-	if (o->fail != RQ_FAIL_NONE || (o->code != 452 && o->code != 552))
-		return false;
-	if (o->enhanced[0]) {
-		const char *dot = strchr(o->enhanced, '.');
-		return dot && strcmp(dot, ".5.3") == 0;
-	}
-	return o->code == 452 || text_has(o->text, "too many");
-}
-
 /* ------------------------------------------------------------------------
  * Options and hosts
  */
@@ -1321,7 +1301,7 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			s->rst[i] = R_BAD; /* failed with MAIL's outcome below */
 			t->rcpts[i].result = RQ_SMTP_RCPT_FAILED;
 			t->rcpts[i].outcome = s->mail_out;
-		} else if (s->too_many || (s->accepted > 0 && rq_smtp_is_too_many_rcpts(o))) {
+		} else if (s->too_many || (s->accepted > 0 && rq_reply_too_many_rcpts(o))) {
 			s->too_many = true;
 			s->rst[i] = R_NOT;
 			t->rcpts[i].result = RQ_SMTP_RCPT_NOT_TRIED;

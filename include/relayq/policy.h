@@ -67,7 +67,7 @@ enum rq_policy_count {
 #define RQ_POLICY_RULE_MAX 96
 #define RQ_POLICY_REASON_MAX 320
 
-struct rq_decision {
+struct rq_policy_answer {
 	enum rq_policy_action action;
 	double after;                  /* seconds (retry, suspend, next_host) */
 	enum rq_policy_count counts;
@@ -132,16 +132,13 @@ struct rq_policy_input {
 double rq_policy_backoff(const struct rq_backoff *b, unsigned attempt,
 			 const struct rq_policy_rand *rnd);
 
-/* True when the outcome is a "too many recipients" reply at RCPT. */
-bool rq_policy_too_many_rcpts(const struct rq_outcome *o);
-
 /*
  * The built-in decision for in (see the table above), expiry included.
  * Never fails; out is always filled.
  */
 void rq_policy_builtin(const struct rq_policy_params *params,
 		       const struct rq_policy_input *in,
-		       const struct rq_policy_rand *rnd, struct rq_decision *out);
+		       const struct rq_policy_rand *rnd, struct rq_policy_answer *out);
 
 /*
  * Expiry: when d is a retry (or a suspend / next_host that the caller turns
@@ -151,7 +148,7 @@ void rq_policy_builtin(const struct rq_policy_params *params,
  * temporary reply. Returns true when it did.
  */
 bool rq_policy_expire(const struct rq_policy_params *params,
-		      const struct rq_policy_input *in, struct rq_decision *d);
+		      const struct rq_policy_input *in, struct rq_policy_answer *d);
 
 /* The outcome in one short line: "451 4.7.1 text at rcpt" or
  * "timeout at greeting: text". */

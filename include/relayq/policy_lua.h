@@ -125,7 +125,7 @@ void rq_policy_lua_decide(struct rq_policy_lua *pl,
 			  const struct rq_policy_input *in,
 			  const struct rq_policy_msg *msg,
 			  const struct rq_policy_rand *rnd,
-			  struct rq_decision *out);
+			  struct rq_policy_answer *out);
 
 /*
  * The same for a loaded config: params resolved for in->domain
@@ -135,7 +135,7 @@ void rq_policy_lua_decide_config(const struct rq_config *cfg,
 				 const struct rq_policy_input *in,
 				 const struct rq_policy_msg *msg,
 				 const struct rq_policy_rand *rnd,
-				 struct rq_decision *out);
+				 struct rq_policy_answer *out);
 
 /* The rule that would run for the outcome ("lua:550",
  * "lua:yahoo.com:5.7.26"), written to rule; false when none. */

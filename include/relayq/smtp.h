@@ -138,13 +138,6 @@ void rq_smtp_caps_parse(struct rq_smtp_caps *caps, const char *reply, size_t len
 /* Writes the capabilities as "PIPELINING SIZE=10240000 AUTH=PLAIN,LOGIN ...". */
 void rq_smtp_caps_describe(const struct rq_smtp_caps *caps, char *buf, size_t len);
 
-/*
- * True when a RCPT reply means "too many recipients in this transaction"
- * (RFC 5321 4.5.3.1.10): 452, or 552 (the older form), unless its enhanced
- * code names another reason (x.2.2 mailbox full, x.3.1 system full, ...);
- * x.5.3 is always too many.
- */
-bool rq_smtp_is_too_many_rcpts(const struct rq_outcome *o);
 
 /* ---------------------------------------------------------------------------
  * Session options.

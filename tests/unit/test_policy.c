@@ -73,7 +73,7 @@ static const struct pcase cases[] = {
 };
 
 static void decide(const struct rq_policy_params *p, const struct pcase *c,
-		   unsigned attempt, double age, struct rq_decision *d)
+		   unsigned attempt, double age, struct rq_policy_answer *d)
 {
 	struct rq_outcome o;
 	rq_outcome_set(&o, c->stage, c->fail, c->code, c->enhanced, "%s", c->text);
@@ -91,7 +91,7 @@ static void table(void **state)
 	rq_policy_params_default(&p);
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		const struct pcase *c = &cases[i];
-		struct rq_decision d;
+		struct rq_policy_answer d;
 		decide(&p, c, 1, 10, &d);
 		char label[64];
 		snprintf(label, sizeof(label), "case %zu (%d %s)", i, c->code, c->rule);
@@ -114,7 +114,7 @@ static void reason_names_the_reply(void **state)
 	(void)state;
 	struct rq_policy_params p;
 	rq_policy_params_default(&p);
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &cases[5], 3, 10, &d);  /* 451 4.7.1 */
 	assert_non_null(strstr(d.reason, "451 4.7.1 Greylisted"));
 	assert_non_null(strstr(d.reason, "rcpt"));
@@ -126,7 +126,7 @@ static void expiry_by_age(void **state)
 	(void)state;
 	struct rq_policy_params p;
 	rq_policy_params_default(&p);
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	/* Just under five days: still a retry. */
 	decide(&p, &cases[5], 30, 5 * 86400 - 1, &d);
 	assert_int_equal(d.action, RQ_POLICY_RETRY);
@@ -171,7 +171,7 @@ static void expiry_by_attempts(void **state)
 	struct rq_policy_params p;
 	rq_policy_params_default(&p);
 	p.expire.max_attempts = 3;
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &cases[4], 2, 60, &d);
 	assert_int_equal(d.action, RQ_POLICY_RETRY);
 	decide(&p, &cases[4], 3, 60, &d);
@@ -196,13 +196,13 @@ static void too_many_rcpts_detection(void **state)
 	(void)state;
 	struct rq_outcome o;
 	rq_outcome_set(&o, RQ_STAGE_RCPT, 0, 452, "4.5.3", "x");
-	assert_true(rq_policy_too_many_rcpts(&o));
+	assert_true(rq_reply_too_many_rcpts(&o));
 	rq_outcome_set(&o, RQ_STAGE_RCPT, 0, 452, "", "mailbox full");
-	assert_false(rq_policy_too_many_rcpts(&o));
+	assert_false(rq_reply_too_many_rcpts(&o));
 	rq_outcome_set(&o, RQ_STAGE_RCPT, 0, 451, "4.5.3", "x");
-	assert_false(rq_policy_too_many_rcpts(&o));
+	assert_false(rq_reply_too_many_rcpts(&o));
 	rq_outcome_set(&o, RQ_STAGE_MAIL, 0, 452, "4.5.3", "x");
-	assert_false(rq_policy_too_many_rcpts(&o));
+	assert_false(rq_reply_too_many_rcpts(&o));
 }
 
 int main(void)

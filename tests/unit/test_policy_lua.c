@@ -89,7 +89,7 @@ struct ask {
 	const char *meta;
 };
 
-static void decide(struct pol *p, const struct ask *a, struct rq_decision *d)
+static void decide(struct pol *p, const struct ask *a, struct rq_policy_answer *d)
 {
 	struct rq_outcome o;
 	rq_outcome_set(&o, a->stage ? a->stage : RQ_STAGE_RCPT, a->fail, a->code,
@@ -126,7 +126,7 @@ static void text_match_550_to_retry(void **state)
 	     "    return relayq.retry { after = '10m' }\n"
 	     "  end\n"
 	     "end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 550, .enhanced = "5.7.1",
 				 .text = "Recipient greylisted, come back later"}, &d);
 	assert_int_equal(d.action, RQ_POLICY_RETRY);
@@ -154,7 +154,7 @@ static void code_421_to_fail(void **state)
 	(void)state;
 	struct pol p;
 	load(&p, "relayq.on(421, function(r) return relayq.fail { reason = 'no 421s here: ' .. r.stage } end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 421, .enhanced = "4.7.0", .text = "busy"}, &d);
 	assert_int_equal(d.action, RQ_POLICY_FAIL);
 	assert_string_equal(d.rule, "lua:421");
@@ -172,7 +172,7 @@ static void most_specific_wins(void **state)
 	     "relayq.on(550, function() return relayq.retry { after = 60 } end)\n"
 	     "relayq.on('5.7.26', function() return relayq.fail { reason = 'dmarc' } end)\n"
 	     "relayq.on('timeout', function(r) return relayq.retry(r.event == 'timeout' and '15m' or '1s') end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 550, .enhanced = "5.7.26", .text = "DMARC"}, &d);
 	assert_string_equal(d.rule, "lua:5.7.26");
 	assert_int_equal(d.action, RQ_POLICY_FAIL);
@@ -221,7 +221,7 @@ static void per_domain_rules(void **state)
 	     "    ['*'] = function(r) return relayq.hold() end,\n"
 	     "  },\n"
 	     "})\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 421, .text = "busy", .domain = "Yahoo.com"}, &d);
 	assert_int_equal(d.action, RQ_POLICY_SUSPEND);
 	assert_true(d.after == 1800);
@@ -262,7 +262,7 @@ static void handler_sees_reply_and_message(void **state)
 	     "  for i, v in ipairs(parts) do parts[i] = tostring(v) end\n"
 	     "  return relayq.fail { reason = table.concat(parts, '|') }\n"
 	     "end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 452, .enhanced = "4.2.2", .text = "over quota\nline two",
 				 .attempt = 3, .age = 99.5,
 				 .meta = "{\"tenant\":\"acme\",\"n\":[1,2]}"}, &d);
@@ -290,7 +290,7 @@ static void broken_handlers_get_builtin(void **state)
 	     "  while true do pcall(function() while true do end end) end\n"
 	     "end)\n"
 	     "relayq.on(451, function() return relayq.retry { after = 42 } end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	struct rq_policy_lua_stats st;
 
 	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
@@ -385,7 +385,7 @@ static void sandbox(void **state)
 	struct pol p;
 	load(&p, src);
 	free(src);
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
 	assert_string_equal(d.reason, "sandbox ok");
 	for (int code = 551; code <= 555; code++) {
@@ -432,7 +432,7 @@ static void bad_rules_refused_at_load(void **state)
 	struct pol p;
 	load(&p, "relayq.on(450, function() return relayq.retry { after = 'soon' } end)\n"
 		 "relayq.on(451, function() return relayq.retry { when = 5 } end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 450, .text = "x"}, &d);
 	assert_string_equal(d.rule, "builtin:4xx");
 	assert_non_null(strstr(d.reason, "not a duration"));
@@ -447,7 +447,7 @@ static void expiry_still_applies_to_lua_retries(void **state)
 	struct pol p;
 	load(&p, "relayq.expire { max_age = '1d' }\n"
 		 "relayq.on(550, function() return relayq.retry { after = '1h' } end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 550, .text = "x", .age = 3600}, &d);
 	assert_int_equal(d.action, RQ_POLICY_RETRY);
 	decide(&p, &(struct ask){.code = 550, .text = "x", .age = 2 * 86400}, &d);
@@ -478,7 +478,7 @@ static void reload_with_syntax_error_keeps_old_policy(void **state)
 	assert_true(diag.items[0].line >= 1);
 	assert_non_null(strstr(diag.items[0].msg, "expected"));
 	struct pol p = {.cfg = cfg};
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
 	assert_int_equal(d.action, RQ_POLICY_RETRY);
 	assert_true(d.after == 420);
@@ -493,7 +493,7 @@ static void many_calls_stay_flat(void **state)
 		 "relayq.on('4xx', function(r, msg) n = n + 1\n"
 		 "  if r.text:match('grey') then return relayq.retry { after = 60 } end end)\n");
 	struct rq_policy_lua_stats st;
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 451, .text = "greylisted"}, &d);
 	stats(&p, &st);
 	size_t base = st.memory;
@@ -565,7 +565,7 @@ static void finalizers_refused(void **state)
 	     "    while true do pcall(function() while true do end end) end end})\n"
 	     "  while true do end\n"
 	     "end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
 	assert_string_equal(d.rule, "lua:550");
 	assert_string_equal(d.reason, "ok!true");
@@ -631,7 +631,7 @@ static void patterns_bounded(void **state)
 	     "  t[#t + 1] = tostring(big:find('(%d)'))\n"
 	     "  return relayq.fail { reason = table.concat(t, ';') }\n"
 	     "end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	static const char *const fn[] = {"string.find", "string.match", "string.gmatch",
 					 "string.gsub", NULL, "string.find", "string.gsub",
 					 "print"};
@@ -700,7 +700,7 @@ static void library_work_bounded(void **state)
 	     "    select('#', table.unpack(big)) .. ',' .. tonumber('ff', 16) .. ',' ..\n"
 	     "    string.format('%5.1f|%s', 2.25, 'x') .. ',' .. ('10' + 1) }\n"
 	     "end)\n", &lim);
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
 	assert_string_equal(d.reason, "rep:0:ab,ab,ab");
 	for (int code = 551; code <= 559; code++) {
@@ -752,7 +752,7 @@ static void libraries_read_only(void **state)
 	     "  if ok and n > 10 and g > 10 then return relayq.retry { after = 77 } end\n"
 	     "  return relayq.fail { reason = 'poisoned' }\n"
 	     "end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 450, .text = "x"}, &d);
 	assert_string_equal(d.rule, "lua:450");
 	assert_true(d.after == 77);
@@ -794,7 +794,7 @@ static void time_limit_backstop(void **state)
 	struct rq_policy_lua_limits lim = {.seconds = 0.2};
 	struct pol p;
 	load_limits(&p, src, &lim);
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
 	assert_string_equal(d.rule, "builtin:5xx");
 	assert_non_null(strstr(d.reason, "time limit exceeded"));
@@ -815,7 +815,7 @@ static void strict_globals_kept(void **state)
 	     "limit = 3\n"
 	     "relayq.on(550, function(r) return relayq.retry { after = limit } end)\n"
 	     "relayq.on(551, function(r) return relayq.retry { after = limt } end)\n");
-	struct rq_decision d;
+	struct rq_policy_answer d;
 	decide(&p, &(struct ask){.code = 550, .text = "x"}, &d);
 	assert_string_equal(d.rule, "lua:550");
 	assert_true(d.after == 3);

@@ -157,28 +157,28 @@ static void test_too_many(void **state)
 {
 	struct rq_outcome o;
 	o = reply(452, "4.5.3", "Error: too many recipients");
-	assert_true(rq_smtp_is_too_many_rcpts(&o));
+	assert_true(rq_reply_too_many_rcpts(&o));
 	o = reply(452, "", "Too many recipients");
-	assert_true(rq_smtp_is_too_many_rcpts(&o));
+	assert_true(rq_reply_too_many_rcpts(&o));
 	o = reply(552, "5.5.3", "Too many recipients");
-	assert_true(rq_smtp_is_too_many_rcpts(&o));
+	assert_true(rq_reply_too_many_rcpts(&o));
 	o = reply(552, "", "too many recipients");
-	assert_true(rq_smtp_is_too_many_rcpts(&o));
+	assert_true(rq_reply_too_many_rcpts(&o));
 	/* mailbox full / storage: not "too many" */
 	o = reply(452, "4.2.2", "The email account that you tried to reach is over quota");
-	assert_false(rq_smtp_is_too_many_rcpts(&o));
+	assert_false(rq_reply_too_many_rcpts(&o));
 	o = reply(552, "5.2.2", "Mailbox full");
-	assert_false(rq_smtp_is_too_many_rcpts(&o));
+	assert_false(rq_reply_too_many_rcpts(&o));
 	o = reply(552, "", "Requested mail action aborted: exceeded storage allocation");
-	assert_false(rq_smtp_is_too_many_rcpts(&o));
+	assert_false(rq_reply_too_many_rcpts(&o));
 	o = reply(450, "4.5.3", "too many");
-	assert_false(rq_smtp_is_too_many_rcpts(&o));
+	assert_false(rq_reply_too_many_rcpts(&o));
 	o = reply(550, "", "too many recipients");
-	assert_false(rq_smtp_is_too_many_rcpts(&o));
+	assert_false(rq_reply_too_many_rcpts(&o));
 	/* a transport event is never a reply */
 	o = reply(0, "", "");
 	o.fail = RQ_FAIL_TIMEOUT;
-	assert_false(rq_smtp_is_too_many_rcpts(&o));
+	assert_false(rq_reply_too_many_rcpts(&o));
 }
 
 static void test_host_set_and_names(void **state)
