@@ -67,6 +67,8 @@ enum rq_policy_count {
 #define RQ_POLICY_RULE_MAX 96
 #define RQ_POLICY_REASON_MAX 320
 
+/* The policy's own answer for one outcome. What relayqd records follows
+ * from it in decision.h (rq_decision_make), never elsewhere. */
 struct rq_policy_answer {
 	enum rq_policy_action action;
 	double after;                  /* seconds (retry, suspend, next_host) */

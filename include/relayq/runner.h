@@ -18,16 +18,14 @@
  * recovered at start and by a sweep every lease / 2 (5 s to 60 s): claim
  * takes them back too, but only when something else wakes the runner.
  *
- * Decisions (rq_policy_lua_decide_config for every FAILED recipient):
- * delivered -> DELIVERED; retry -> DEFERRED at now + after; fail -> FAILED
- * (EXPIRED when expiry turned it) with the knowledge-base hint
- * "meaning — fix"; drop -> DROPPED; hold -> the message is held; suspend
- * -> DEFERRED and the destination suspended; next_host (every host
- * failed) -> DEFERRED; not_tried -> sent again at once (once per message,
- * then the backoff). Outcomes that count against the destination
- * (policy.h) settle with attempt = false and are reported to dest.h;
- * recipients of a suspended destination are deferred to the end of the
- * suspension, also with attempt = false. A message's settle entry is
+ * Decisions: every recipient's result (delivered, failed, or not sent
+ * because its destination is suspended) goes to rq_decision_make
+ * (decision.h), the same function `relayq explain` calls; the runner
+ * records what it answers: the state (delivered; deferred at now + after;
+ * failed / expired with the knowledge-base hint "meaning — fix"; dropped;
+ * held: the message is parked; resend: sent again at once), whether the
+ * message's attempt counts, and the destination action (suspend, one more
+ * failure, ok), folded over a job's recipients. A message's settle entry is
  * written once all its jobs are done; its body is released then. With
  * bounce = true, failed recipients of a message with a sender get one
  * RFC 3464 DSN enqueued into the same queue, idempotency key
