@@ -26,7 +26,7 @@
 
 #include <hiredis/hiredis.h>
 
-#include "relayq/cli_explain.h"
+#include "cli/explain.h"
 #include "relayq/config.h"
 #include "relayq/fnlib.h"
 #include "relayq/json.h"
