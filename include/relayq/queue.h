@@ -104,7 +104,7 @@ enum rq_queue_conn_state {
 };
 
 struct rq_queue_opts {
-	/* A Redis URL (see "Redis URLs" below): "redis://[user:password@]host
+	/* A Redis URL (redis_url.h): "redis://[user:password@]host
 	 * [:port][/db]" (host an IP literal, or a name resolved once, blocking,
 	 * by rq_queue_create) or "unix:/path[?db=N]". */
 	const char *url;
