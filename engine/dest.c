@@ -1,6 +1,8 @@
 /* Destinations: connection pools, limits, suspension (see dest.h). */
 #include "relayq/dest.h"
 
+#include "relayq/clock.h"
+#include "relayq/str.h"
 #include "relayq/dns.h"
 #include "relayq/log.h"
 #include "relayq/message.h"
@@ -137,9 +139,7 @@ static int64_t now_ms(const struct rq_dests *ds)
 {
 	if (ds->o.now_ms)
 		return ds->o.now_ms(ds->o.now_arg);
-	struct timeval tv;
-	gettimeofday(&tv, NULL);
-	return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
+	return rq_clock_wall_ms();
 }
 
 static void pump(struct rq_dest *d);
@@ -891,16 +891,6 @@ void rq_dests_close(struct rq_dests *ds, void (*closed)(void *arg), void *arg)
  * Create / destroy
  */
 
-static char *dup_or_null(const char *s, bool *oom)
-{
-	if (!s)
-		return NULL;
-	char *d = strdup(s);
-	if (!d)
-		*oom = true;
-	return d;
-}
-
 struct rq_dests *rq_dests_create(struct event_base *base,
 				 const struct rq_dests_opts *opts,
 				 char *err, size_t errlen)
@@ -919,12 +909,12 @@ struct rq_dests *rq_dests_create(struct event_base *base,
 	if (ds->o.messages_per_connection < 0)
 		ds->o.messages_per_connection = 0;
 	bool oom = false;
-	ds->helo = dup_or_null(opts->helo ? opts->helo : "localhost", &oom);
-	ds->ca_file = dup_or_null(opts->tls_ca_file, &oom);
-	ds->auth_user = dup_or_null(opts->auth_user, &oom);
-	ds->auth_password = dup_or_null(opts->auth_password, &oom);
-	ds->relay_host = dup_or_null(opts->relay_host, &oom);
-	ds->dns_servers = dup_or_null(opts->dns_servers, &oom);
+	ds->helo = rq_str_dup(opts->helo ? opts->helo : "localhost", &oom);
+	ds->ca_file = rq_str_dup(opts->tls_ca_file, &oom);
+	ds->auth_user = rq_str_dup(opts->auth_user, &oom);
+	ds->auth_password = rq_str_dup(opts->auth_password, &oom);
+	ds->relay_host = rq_str_dup(opts->relay_host, &oom);
+	ds->dns_servers = rq_str_dup(opts->dns_servers, &oom);
 	ds->o.helo = ds->helo;
 	ds->o.tls_ca_file = ds->ca_file;
 	ds->o.auth_user = ds->auth_user;
@@ -936,19 +926,15 @@ struct rq_dests *rq_dests_create(struct event_base *base,
 		snprintf(err, errlen, "out of memory");
 		goto fail;
 	}
+	/* rq_tls_mode_parse: the four names, any case, and the aliases
+	 * may / encrypt / verify */
 	const char *mode = opts->tls ? opts->tls : "opportunistic";
-	if (strcmp(mode, "none") == 0)
-		ds->tls = RQ_TLS_NONE;
-	else if (strcmp(mode, "opportunistic") == 0)
-		ds->tls = RQ_TLS_OPPORTUNISTIC;
-	else if (strcmp(mode, "required") == 0)
-		ds->tls = RQ_TLS_REQUIRED;
-	else if (strcmp(mode, "implicit") == 0)
-		ds->tls = RQ_TLS_IMPLICIT;
-	else {
+	int tls = rq_tls_mode_parse(mode);
+	if (tls < 0) {
 		snprintf(err, errlen, "unknown tls mode %.40s", mode);
 		goto fail;
 	}
+	ds->tls = (enum rq_tls_mode)tls;
 	if (ds->tls != RQ_TLS_NONE) {
 		struct rq_tls_ctx_opts to = {.ca_file = ds->ca_file};
 		ds->tls_ctx = rq_tls_ctx_create(&to, err, errlen);

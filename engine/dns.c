@@ -1,5 +1,8 @@
 #include "relayq/dns.h"
 
+#include "relayq/clock.h"
+#include "relayq/err.h"
+
 #include <ares.h>
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -31,35 +34,22 @@
 /* Pure parts                                                          */
 /* ------------------------------------------------------------------ */
 
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-	if (!err || errlen == 0)
-		return;
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
-
 int rq_dns_name_normalize(const char *name, char out[RQ_DNS_NAME_MAX + 1],
 			  char *err, size_t errlen)
 {
 	if (!name) {
-		seterr(err, errlen, "no name");
+		rq_err_set(err, errlen, "no name");
 		return -1;
 	}
 	size_t len = strnlen(name, RQ_DNS_NAME_MAX + 2);
 	if (len > 0 && name[len - 1] == '.' && len <= RQ_DNS_NAME_MAX + 1)
 		len--;
 	if (len == 0) {
-		seterr(err, errlen, "empty name");
+		rq_err_set(err, errlen, "empty name");
 		return -1;
 	}
 	if (len > RQ_DNS_NAME_MAX) {
-		seterr(err, errlen, "name longer than %d bytes", RQ_DNS_NAME_MAX);
+		rq_err_set(err, errlen, "name longer than %d bytes", RQ_DNS_NAME_MAX);
 		return -1;
 	}
 	size_t label = 0;
@@ -67,30 +57,30 @@ int rq_dns_name_normalize(const char *name, char out[RQ_DNS_NAME_MAX + 1],
 		unsigned char c = i < len ? (unsigned char)name[i] : '.';
 		if (c == '.') {
 			if (label == 0) {
-				seterr(err, errlen, "empty label");
+				rq_err_set(err, errlen, "empty label");
 				return -1;
 			}
 			if (name[i - 1] == '-') {
-				seterr(err, errlen, "label ends with a hyphen");
+				rq_err_set(err, errlen, "label ends with a hyphen");
 				return -1;
 			}
 			label = 0;
 			continue;
 		}
 		if (!isalnum(c) && c != '-') {
-			seterr(err, errlen, "byte 0x%02x not allowed in a name", c);
+			rq_err_set(err, errlen, "byte 0x%02x not allowed in a name", c);
 			return -1;
 		}
 		if (c > 0x7f) {
-			seterr(err, errlen, "byte 0x%02x not allowed in a name", c);
+			rq_err_set(err, errlen, "byte 0x%02x not allowed in a name", c);
 			return -1;
 		}
 		if (label == 0 && c == '-') {
-			seterr(err, errlen, "label starts with a hyphen");
+			rq_err_set(err, errlen, "label starts with a hyphen");
 			return -1;
 		}
 		if (++label > 63) {
-			seterr(err, errlen, "label longer than 63 bytes");
+			rq_err_set(err, errlen, "label longer than 63 bytes");
 			return -1;
 		}
 	}
@@ -588,11 +578,10 @@ struct rq_dns {
 	struct rq_dns_stats st;
 };
 
+/* Monotonic ms for the cache (clock.h). */
 static uint64_t now_ms(void)
 {
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+	return (uint64_t)rq_clock_mono_ms();
 }
 
 static uint32_t internal_rand(void *arg)
@@ -1330,12 +1319,12 @@ struct rq_dns *rq_dns_create(struct event_base *base, const struct rq_dns_opts *
 {
 	struct rq_dns *dns = NULL;
 	if (!base) {
-		seterr(err, errlen, "no event base");
+		rq_err_set(err, errlen, "no event base");
 		goto fail;
 	}
 	dns = calloc(1, sizeof(*dns));
 	if (!dns) {
-		seterr(err, errlen, "out of memory");
+		rq_err_set(err, errlen, "out of memory");
 		goto fail;
 	}
 	dns->base = base;
@@ -1353,7 +1342,7 @@ struct rq_dns *rq_dns_create(struct event_base *base, const struct rq_dns_opts *
 	if (dns->o.neg_ttl_max == 0)
 		dns->o.neg_ttl_max = DEF_NEG_TTL_MAX;
 	if (dns->o.no_ipv4 && dns->o.no_ipv6) {
-		seterr(err, errlen, "both IPv4 and IPv6 disabled");
+		rq_err_set(err, errlen, "both IPv4 and IPv6 disabled");
 		goto fail;
 	}
 	uint64_t seed = 0;
@@ -1364,19 +1353,19 @@ struct rq_dns *rq_dns_create(struct event_base *base, const struct rq_dns_opts *
 	dns->timer = evtimer_new(base, timer_cb, dns);
 	dns->deliver = event_new(base, -1, 0, deliver_cb, dns);
 	if (!dns->timer || !dns->deliver) {
-		seterr(err, errlen, "out of memory");
+		rq_err_set(err, errlen, "out of memory");
 		goto fail;
 	}
 	if (!dns->o.no_cache) {
 		dns->cache = rq_dns_cache_create(dns->o.cache_max);
 		if (!dns->cache) {
-			seterr(err, errlen, "out of memory");
+			rq_err_set(err, errlen, "out of memory");
 			goto fail;
 		}
 	}
 	int rc = ares_library_init(ARES_LIB_INIT_ALL);
 	if (rc != ARES_SUCCESS) {
-		seterr(err, errlen, "c-ares: %s", ares_strerror(rc));
+		rq_err_set(err, errlen, "c-ares: %s", ares_strerror(rc));
 		goto fail;
 	}
 	dns->lib_ok = true;
@@ -1390,14 +1379,14 @@ struct rq_dns *rq_dns_create(struct event_base *base, const struct rq_dns_opts *
 	rc = ares_init_options(&dns->ch, &ao, ARES_OPT_FLAGS | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES |
 						  ARES_OPT_SOCK_STATE_CB);
 	if (rc != ARES_SUCCESS) {
-		seterr(err, errlen, "c-ares: %s", ares_strerror(rc));
+		rq_err_set(err, errlen, "c-ares: %s", ares_strerror(rc));
 		goto fail;
 	}
 	dns->ch_ok = true;
 	if (opts && opts->servers && *opts->servers) {
 		rc = ares_set_servers_ports_csv(dns->ch, opts->servers);
 		if (rc != ARES_SUCCESS) {
-			seterr(err, errlen, "bad DNS server list: %s", ares_strerror(rc));
+			rq_err_set(err, errlen, "bad DNS server list: %s", ares_strerror(rc));
 			goto fail;
 		}
 	}

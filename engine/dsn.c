@@ -1,5 +1,7 @@
 #include "relayq/dsn.h"
 
+#include "relayq/err.h"
+
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -71,12 +73,6 @@ static void sb_fmt(struct sbuf *b, const char *fmt, ...)
 	if (n < 0)
 		return;
 	sb_add(b, tmp, (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
-}
-
-static void set_err(char *err, size_t errlen, const char *msg)
-{
-	if (err && errlen > 0)
-		snprintf(err, errlen, "%s", msg);
 }
 
 /* RFC 5322 date-time in UTC, without depending on the locale. */
@@ -311,25 +307,25 @@ char *rq_dsn_build(const struct rq_dsn_input *in, size_t *len, char *err, size_t
 	if (len)
 		*len = 0;
 	if (!in || !in->from || !in->reporting_mta) {
-		set_err(err, errlen, "missing sender or reporting MTA name");
+		rq_err_set(err, errlen, "missing sender or reporting MTA name");
 		goto cleanup;
 	}
 	if (in->from[0] == '\0') {
-		set_err(err, errlen, "no DSN for the null sender: a bounce is never bounced");
+		rq_err_set(err, errlen, "no DSN for the null sender: a bounce is never bounced");
 		goto cleanup;
 	}
 	if (!rq_addr_valid(in->from, strlen(in->from), false, ebuf, sizeof(ebuf))) {
 		char m[200];
 		snprintf(m, sizeof(m), "invalid sender address: %s", ebuf);
-		set_err(err, errlen, m);
+		rq_err_set(err, errlen, "%s", m);
 		goto cleanup;
 	}
 	if (!host_ok(in->reporting_mta)) {
-		set_err(err, errlen, "invalid reporting MTA name");
+		rq_err_set(err, errlen, "invalid reporting MTA name");
 		goto cleanup;
 	}
 	if (!in->rcpts || in->nrcpts == 0) {
-		set_err(err, errlen, "no failed recipients");
+		rq_err_set(err, errlen, "no failed recipients");
 		goto cleanup;
 	}
 	const char *mta = in->reporting_mta;
@@ -430,7 +426,7 @@ char *rq_dsn_build(const struct rq_dsn_input *in, size_t *len, char *err, size_t
 	if (in->body && in->body_len > 0)
 		put_orig_headers(&headers, in->body, in->body_len);
 	if (text.oom || status.oom || headers.oom) {
-		set_err(err, errlen, "out of memory");
+		rq_err_set(err, errlen, "out of memory");
 		goto cleanup;
 	}
 
@@ -488,14 +484,14 @@ char *rq_dsn_build(const struct rq_dsn_input *in, size_t *len, char *err, size_t
 		sb_add(&msg, headers.p, headers.len);
 	sb_fmt(&msg, "\r\n--%s--\r\n", boundary);
 	if (msg.oom) {
-		set_err(err, errlen, "out of memory");
+		rq_err_set(err, errlen, "out of memory");
 		goto cleanup;
 	}
 	result = msg.p;
 	msg.p = NULL;
 	if (len)
 		*len = msg.len;
-	set_err(err, errlen, "ok");
+	rq_err_set(err, errlen, "ok");
 cleanup:
 	free(text.p);
 	free(status.p);

@@ -1,10 +1,11 @@
 #include "relayq/log.h"
 
+#include "relayq/clock.h"
+
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/time.h>
 #include <time.h>
 
 static enum rq_log_level log_min = RQ_LOG_INFO;
@@ -185,13 +186,13 @@ void rq_log(enum rq_log_level level, const char *event, ...)
 {
 	if (!rq_log_enabled(level))
 		return;
-	struct timeval tv;
-	gettimeofday(&tv, NULL);
+	int64_t ms = rq_clock_wall_ms();
+	time_t secs = (time_t)(ms / 1000);
 	struct tm tm;
-	gmtime_r(&tv.tv_sec, &tm);
+	gmtime_r(&secs, &tm);
 	char ts[40];
 	size_t n = strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
-	snprintf(ts + n, sizeof(ts) - n, ".%03ldZ", (long)(tv.tv_usec / 1000));
+	snprintf(ts + n, sizeof(ts) - n, ".%03ldZ", (long)(ms % 1000));
 
 	cur.len = 0;
 	add_pair(true, "ts", ts);

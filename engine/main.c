@@ -1,11 +1,13 @@
 /* relayqd: the delivery daemon (options, config, signals, lifecycle). */
 #include "relayq/config.h"
 #include "relayq/dest.h"
+#include "relayq/keys.h"
 #include "relayq/log.h"
 #include "relayq/metrics.h"
 #include "relayq/policy_lua.h"
 #include "relayq/queue.h"
 #include "relayq/runner.h"
+#include "relayq/tls.h"
 
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -61,19 +63,6 @@ static void usage(FILE *f)
 		"rest goes back to the queue; a second signal hurries), SIGHUP reloads\n"
 		"the policy.\n",
 		SHUTDOWN_GRACE_MS / 1000);
-}
-
-/* The config's TLS mode by name. Switches on the enumerator names so that it
- * works whichever header defines enum rq_tls_mode. */
-static const char *tls_name(const struct rq_config *cfg)
-{
-	switch (cfg->tls) {
-	case RQ_TLS_NONE: return "none";
-	case RQ_TLS_OPPORTUNISTIC: return "opportunistic";
-	case RQ_TLS_REQUIRED: return "required";
-	case RQ_TLS_IMPLICIT: return "implicit";
-	default: return "?";
-	}
 }
 
 static int to_ms(double secs)
@@ -290,7 +279,7 @@ static int start(struct daemon *dm)
 	const struct rq_config *cfg = dm->cfg;
 	struct rq_dests_opts o = {
 		.helo = cfg->helo,
-		.tls = tls_name(cfg),
+		.tls = rq_tls_mode_name(cfg->tls),
 		.tls_ca_file = cfg->tls_ca_file,
 		.tls_verify = cfg->tls_verify,
 		.auth_user = cfg->auth ? cfg->auth_user : NULL,
@@ -332,7 +321,7 @@ static int start(struct daemon *dm)
 		for (size_t i = 0; i < cfg->nqueues && nq < RQ_CONFIG_QUEUES_MAX; i++)
 			queues[nq++] = cfg->queues[i];
 		if (nq == 0)
-			queues[nq++] = "default";
+			queues[nq++] = RQ_KEYS_QUEUE_DEFAULT;
 	}
 	for (size_t i = 0; i < nq; i++) {
 		struct rq_runner_opts ro = {
@@ -372,7 +361,7 @@ static int start(struct daemon *dm)
 	snprintf(perd, sizeof(perd), "%d", cfg->per_destination);
 	rq_log(RQ_LOG_INFO, "start", "version", RQ_VERSION, "config", dm->path, "redis",
 	       rq_runner_redis_redacted(dm->runners[0]), "queue", qlist, "mode",
-	       cfg->relay_host ? "relay" : "mx", "relay", relay, "tls", tls_name(cfg),
+	       cfg->relay_host ? "relay" : "mx", "relay", relay, "tls", rq_tls_mode_name(cfg->tls),
 	       "auth", cfg->auth ? "on" : "off", "connections", conns,
 	       "per_destination", perd, "metrics", cfg->metrics ? cfg->metrics : "", NULL);
 	return 0;

@@ -1,5 +1,7 @@
 #include "relayq/message.h"
 
+#include "relayq/err.h"
+
 #include <event2/buffer.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -40,19 +42,6 @@
  * never lets a "." line end the data early.
  */
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	if (!err || errlen == 0)
-		return;
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
-
 /* RFC 5322 atext, plus any byte >= 0x80 (RFC 6531 UTF-8). */
 static bool is_atext(unsigned char c)
 {
@@ -67,20 +56,20 @@ static bool local_valid(const char *s, size_t len, char *err, size_t errlen)
 {
 	if (s[0] == '"') {
 		if (len < 2 || s[len - 1] != '"') {
-			set_err(err, errlen, "unterminated quoted local part");
+			rq_err_set(err, errlen, "unterminated quoted local part");
 			return false;
 		}
 		for (size_t i = 1; i < len - 1; i++) {
 			unsigned char c = (unsigned char)s[i];
 			if (c == '\\') {
 				if (i + 1 >= len - 1) {
-					set_err(err, errlen, "backslash at the end of the "
+					rq_err_set(err, errlen, "backslash at the end of the "
 						"quoted local part");
 					return false;
 				}
 				i++;
 			} else if (c == '"') {
-				set_err(err, errlen, "unescaped '\"' inside the quoted "
+				rq_err_set(err, errlen, "unescaped '\"' inside the quoted "
 					"local part");
 				return false;
 			}
@@ -92,16 +81,16 @@ static bool local_valid(const char *s, size_t len, char *err, size_t errlen)
 		unsigned char c = (unsigned char)s[i];
 		if (c == '.') {
 			if (!dot_ok) {
-				set_err(err, errlen, "empty part between dots in the local "
+				rq_err_set(err, errlen, "empty part between dots in the local "
 					"part (quote it)");
 				return false;
 			}
 			dot_ok = false;
 		} else if (c == ' ') {
-			set_err(err, errlen, "space outside a quoted local part");
+			rq_err_set(err, errlen, "space outside a quoted local part");
 			return false;
 		} else if (!is_atext(c)) {
-			set_err(err, errlen, "character '%c' not allowed in an unquoted "
+			rq_err_set(err, errlen, "character '%c' not allowed in an unquoted "
 				"local part", c);
 			return false;
 		} else {
@@ -109,7 +98,7 @@ static bool local_valid(const char *s, size_t len, char *err, size_t errlen)
 		}
 	}
 	if (!dot_ok) {
-		set_err(err, errlen, "local part ends with a dot (quote it)");
+		rq_err_set(err, errlen, "local part ends with a dot (quote it)");
 		return false;
 	}
 	return true;
@@ -119,13 +108,13 @@ static bool domain_valid(const char *s, size_t len, char *err, size_t errlen)
 {
 	if (s[0] == '[') {
 		if (len < 3 || s[len - 1] != ']') {
-			set_err(err, errlen, "malformed address literal");
+			rq_err_set(err, errlen, "malformed address literal");
 			return false;
 		}
 		for (size_t i = 1; i < len - 1; i++) {
 			unsigned char c = (unsigned char)s[i];
 			if (c < 33 || c > 126 || c == '[' || c == ']' || c == '\\') {
-				set_err(err, errlen, "character not allowed in an address "
+				rq_err_set(err, errlen, "character not allowed in an address "
 					"literal");
 				return false;
 			}
@@ -137,7 +126,7 @@ static bool domain_valid(const char *s, size_t len, char *err, size_t errlen)
 		unsigned char c = (unsigned char)s[i];
 		if (c == '.') {
 			if (label == 0) {
-				set_err(err, errlen, "empty label in the domain");
+				rq_err_set(err, errlen, "empty label in the domain");
 				return false;
 			}
 			label = 0;
@@ -146,16 +135,16 @@ static bool domain_valid(const char *s, size_t len, char *err, size_t errlen)
 		bool ok = c >= 0x80 || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
 			  (c >= '0' && c <= '9') || c == '-' || c == '_';
 		if (!ok) {
-			set_err(err, errlen, "character '%c' not allowed in the domain", c);
+			rq_err_set(err, errlen, "character '%c' not allowed in the domain", c);
 			return false;
 		}
 		if (++label > 63) {
-			set_err(err, errlen, "domain label longer than 63 octets");
+			rq_err_set(err, errlen, "domain label longer than 63 octets");
 			return false;
 		}
 	}
 	if (label == 0) {
-		set_err(err, errlen, "domain ends with a dot");
+		rq_err_set(err, errlen, "domain ends with a dot");
 		return false;
 	}
 	return true;
@@ -164,22 +153,22 @@ static bool domain_valid(const char *s, size_t len, char *err, size_t errlen)
 bool rq_addr_valid(const char *addr, size_t len, bool allow_null,
 		   char *err, size_t errlen)
 {
-	set_err(err, errlen, "ok");
+	rq_err_set(err, errlen, "ok");
 	if (!addr || len == 0) {
 		if (allow_null)
 			return true;
-		set_err(err, errlen, "empty address");
+		rq_err_set(err, errlen, "empty address");
 		return false;
 	}
 	for (size_t i = 0; i < len; i++) {
 		unsigned char c = (unsigned char)addr[i];
 		if (c == '\r' || c == '\n' || c == '\0') {
-			set_err(err, errlen, "address contains %s",
+			rq_err_set(err, errlen, "address contains %s",
 				c == '\r' ? "CR" : c == '\n' ? "LF" : "NUL");
 			return false;
 		}
 		if (c < 0x20 || c == 0x7f) {
-			set_err(err, errlen, "address contains control byte 0x%02x", c);
+			rq_err_set(err, errlen, "address contains control byte 0x%02x", c);
 			return false;
 		}
 	}
@@ -190,29 +179,29 @@ bool rq_addr_valid(const char *addr, size_t len, bool allow_null,
 			break;
 		}
 	if (!at) {
-		set_err(err, errlen, "address has no '@'");
+		rq_err_set(err, errlen, "address has no '@'");
 		return false;
 	}
 	size_t llen = (size_t)(at - addr);
 	size_t dlen = len - llen - 1;
 	if (llen == 0) {
-		set_err(err, errlen, "empty local part");
+		rq_err_set(err, errlen, "empty local part");
 		return false;
 	}
 	if (dlen == 0) {
-		set_err(err, errlen, "empty domain");
+		rq_err_set(err, errlen, "empty domain");
 		return false;
 	}
 	if (llen > RQ_ADDR_LOCAL_MAX) {
-		set_err(err, errlen, "local part longer than %d octets", RQ_ADDR_LOCAL_MAX);
+		rq_err_set(err, errlen, "local part longer than %d octets", RQ_ADDR_LOCAL_MAX);
 		return false;
 	}
 	if (dlen > RQ_ADDR_DOMAIN_MAX) {
-		set_err(err, errlen, "domain longer than %d octets", RQ_ADDR_DOMAIN_MAX);
+		rq_err_set(err, errlen, "domain longer than %d octets", RQ_ADDR_DOMAIN_MAX);
 		return false;
 	}
 	if (len + 2 > RQ_ADDR_PATH_MAX) {
-		set_err(err, errlen, "path longer than %d octets", RQ_ADDR_PATH_MAX);
+		rq_err_set(err, errlen, "path longer than %d octets", RQ_ADDR_PATH_MAX);
 		return false;
 	}
 	if (!local_valid(addr, llen, err, errlen))

@@ -1,6 +1,13 @@
 #include "relayq/queue.h"
 
+#include "relayq/clock.h"
+#include "relayq/err.h"
 #include "relayq/fnlib.h"
+#include "relayq/json.h"
+#include "relayq/keys.h"
+#include "relayq/queue_codec.h"
+#include "relayq/redis_url.h"
+#include "relayq/secret.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -50,6 +57,7 @@ enum cmd_kind {
 	CMD_CLAIM,
 	CMD_SETTLE,
 	CMD_COUNT,
+	CMD_ENQUEUE,
 	CMD_RAW,
 };
 
@@ -62,6 +70,7 @@ struct cmd {
 		rq_queue_claim_cb *claim;
 		rq_queue_settle_cb *settle;
 		rq_queue_count_cb *count;
+		rq_queue_enqueue_cb *enqueue;
 		rq_queue_reply_cb *raw;
 	} cb;
 	void *arg;
@@ -128,8 +137,8 @@ struct rq_queue {
 	char *user;
 	char *password;
 	char *url_redacted;
-	char prefix[RQ_QUEUE_NAME_MAX + 16];
-	char channel[RQ_QUEUE_NAME_MAX + 24];
+	char prefix[RQ_KEYS_PREFIX_MAX];
+	char channel[RQ_KEYS_PREFIX_MAX + 8];
 
 	int timeout_ms, backoff_min, backoff_max;
 	int sub_ping_ms;            /* <= 0: no liveness probe */
@@ -155,13 +164,6 @@ static void flush(struct rq_queue *q);
 static void wd_arm(struct rq_queue *q);
 
 /* ---- small helpers ---- */
-
-static int64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static struct timeval ms_tv(int64_t ms)
 {
@@ -249,266 +251,6 @@ static void keep_fns_init(void)
 	redisReaderFree(r);
 }
 
-/* ---- URL ----
- *
- * One parser for every URL relayq takes (queue.h documents the rules). It
- * never resolves names and never writes any part of the URL into err. */
-
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-/* %-decodes [s, s+n) into out (NUL-ended, outlen with the NUL). -1 on a bad
- * escape, %00 or too long; -2 when it needs more than outlen. */
-static int pct_decode(const char *s, size_t n, char *out, size_t outlen)
-{
-	size_t k = 0;
-	for (size_t i = 0; i < n; i++) {
-		int c = (unsigned char)s[i];
-		if (c == '%') {
-			if (i + 2 >= n)
-				return -1;
-			int a = hexval(s[i + 1]), b = hexval(s[i + 2]);
-			if (a < 0 || b < 0)
-				return -1;
-			c = a * 16 + b;
-			i += 2;
-		}
-		if (c == 0)
-			return -1;
-		if (k + 1 >= outlen)
-			return -2;
-		out[k++] = (char)c;
-	}
-	out[k] = '\0';
-	return 0;
-}
-
-static bool parse_uint(const char *s, size_t n, long max, long *out)
-{
-	long v = 0;
-	if (n == 0 || n > 10)
-		return false;
-	for (size_t i = 0; i < n; i++) {
-		if (s[i] < '0' || s[i] > '9')
-			return false;
-		v = v * 10 + (s[i] - '0');
-	}
-	if (v > max)
-		return false;
-	*out = v;
-	return true;
-}
-
-static int url_fail(struct rq_queue_url *u, char *err, size_t errlen,
-		    const char *msg)
-{
-	rq_queue_url_wipe(u);
-	if (errlen > 0)
-		snprintf(err, errlen, "redis URL: %s", msg);
-	return -1;
-}
-
-static int url_unix(const char *rest, struct rq_queue_url *u, char *err, size_t errlen)
-{
-	if (strncmp(rest, "//", 2) == 0)
-		rest += 2;
-	size_t plen = strcspn(rest, "?#");
-	if (plen == 0 || rest[0] != '/')
-		return url_fail(u, err, errlen, "unix: needs an absolute socket path (unix:/path)");
-	if (plen >= sizeof(u->path))
-		return url_fail(u, err, errlen, "the unix socket path is too long");
-	memcpy(u->path, rest, plen);
-	u->path[plen] = '\0';
-	u->is_unix = true;
-	const char *query = rest + plen;
-	if (*query == '\0')
-		return 0;
-	long db;
-	if (strncmp(query, "?db=", 4) != 0 ||
-	    !parse_uint(query + 4, strlen(query + 4), RQ_QUEUE_URL_DB_MAX, &db))
-		return url_fail(u, err, errlen,
-				"unix: accepts only ?db=<number> after the path");
-	u->db = (int)db;
-	return 0;
-}
-
-static bool reg_name_ok(const char *h, size_t n)
-{
-	for (size_t i = 0; i < n; i++) {
-		unsigned char c = (unsigned char)h[i];
-		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-		      (c >= '0' && c <= '9') || c == '.' || c == '-' || c == '_'))
-			return false;
-	}
-	return n > 0;
-}
-
-static bool v6_ok(const char *h, size_t n)
-{
-	char tmp[INET6_ADDRSTRLEN];
-	unsigned char buf[sizeof(struct in6_addr)];
-	if (n == 0 || n >= sizeof(tmp))
-		return false;
-	memcpy(tmp, h, n);
-	tmp[n] = '\0';
-	return inet_pton(AF_INET6, tmp, buf) == 1;
-}
-
-int rq_queue_url_parse(const char *url, struct rq_queue_url *u, char *err,
-		       size_t errlen)
-{
-	if (errlen > 0)
-		err[0] = '\0';
-	if (!u)
-		return -1;
-	memset(u, 0, sizeof(*u));
-	u->port = 6379;
-	if (!url || !*url)
-		return url_fail(u, err, errlen, "empty");
-	for (const unsigned char *p = (const unsigned char *)url; *p; p++)
-		if (*p <= ' ' || *p == 0x7f)
-			return url_fail(u, err, errlen,
-					"space or control character (write it %-encoded)");
-	if (strlen(url) > RQ_QUEUE_URL_MAX)
-		return url_fail(u, err, errlen, "too long");
-	if (strncmp(url, "unix:", 5) == 0)
-		return url_unix(url + 5, u, err, errlen);
-	if (strncmp(url, "rediss://", 9) == 0)
-		return url_fail(u, err, errlen, "TLS (rediss://) is not supported");
-	if (strncmp(url, "redis://", 8) != 0)
-		return url_fail(u, err, errlen,
-				"must start with redis:// or unix:");
-	const char *auth = url + 8;
-	const char *end = auth + strcspn(auth, "/?#");
-	const char *at = memchr(auth, '@', (size_t)(end - auth));
-	if (at && memchr(at + 1, '@', (size_t)(end - at - 1)))
-		return url_fail(u, err, errlen,
-				"more than one '@' (write an '@' in the user or password as %40)");
-	if (!at && strchr(end, '@'))
-		return url_fail(u, err, errlen,
-				"'@' after a '/', '?' or '#' (write those characters in the "
-				"user or password as %2F, %3F, %23)");
-	if (at) {
-		const char *colon = memchr(auth, ':', (size_t)(at - auth));
-		const char *uend = colon ? colon : at;
-		const char *pw = colon ? colon + 1 : at;
-		if (uend > auth) {
-			int r = pct_decode(auth, (size_t)(uend - auth), u->user, sizeof(u->user));
-			if (r != 0)
-				return url_fail(u, err, errlen, r == -2 ? "user name too long"
-						: "bad %-escape in the user name");
-			for (const unsigned char *p = (const unsigned char *)u->user; *p; p++)
-				if (*p < 0x20 || *p == 0x7f)
-					return url_fail(u, err, errlen,
-							"control character in the user name");
-		}
-		if (at > pw) {
-			int r = pct_decode(pw, (size_t)(at - pw), u->password,
-					   sizeof(u->password));
-			if (r != 0)
-				return url_fail(u, err, errlen, r == -2 ? "password too long"
-						: "bad %-escape in the password");
-			u->has_password = true;
-		}
-		auth = at + 1;
-	}
-	const char *hend;
-	if (*auth == '[') {
-		const char *rb = memchr(auth, ']', (size_t)(end - auth));
-		if (!rb)
-			return url_fail(u, err, errlen, "unclosed [ in the host");
-		if (!v6_ok(auth + 1, (size_t)(rb - auth - 1)))
-			return url_fail(u, err, errlen, "not an IPv6 address inside [ ]");
-		memcpy(u->host, auth + 1, (size_t)(rb - auth - 1));
-		u->host[rb - auth - 1] = '\0';
-		hend = rb + 1;
-		if (hend < end && *hend != ':')
-			return url_fail(u, err, errlen, "unexpected text after ]");
-	} else {
-		hend = memchr(auth, ':', (size_t)(end - auth));
-		if (!hend)
-			hend = end;
-		size_t n = (size_t)(hend - auth);
-		if (n == 0)
-			return url_fail(u, err, errlen, "no host");
-		if (n >= sizeof(u->host))
-			return url_fail(u, err, errlen, "host name too long");
-		if (!reg_name_ok(auth, n))
-			return url_fail(u, err, errlen,
-					"the host must be a name, an IPv4 address or [IPv6]");
-		memcpy(u->host, auth, n);
-		u->host[n] = '\0';
-	}
-	if (hend < end) {
-		long v;
-		if (!parse_uint(hend + 1, (size_t)(end - hend - 1), 65535, &v) || v == 0)
-			return url_fail(u, err, errlen, "the port must be 1-65535");
-		u->port = (int)v;
-	}
-	if (*end == '/' && end[1] != '\0') {
-		long db;
-		if (!parse_uint(end + 1, strlen(end + 1), RQ_QUEUE_URL_DB_MAX, &db))
-			return url_fail(u, err, errlen,
-					"the path must be a database number");
-		u->db = (int)db;
-	} else if (*end != '\0' && strcmp(end, "/") != 0) {
-		return url_fail(u, err, errlen,
-				"only /<db> may follow the host (no query, no fragment)");
-	}
-	return 0;
-}
-
-void rq_queue_url_wipe(struct rq_queue_url *u)
-{
-	if (u)
-		explicit_bzero(u->password, sizeof(u->password));
-}
-
-void rq_queue_redact_url(const char *url, char *out, size_t outlen)
-{
-	struct rq_queue_url u;
-	if (outlen == 0)
-		return;
-	out[0] = '\0';
-	if (!url)
-		return;
-	if (rq_queue_url_parse(url, &u, NULL, 0) != 0) {
-		/* nothing of an unparsed URL is shown but a known scheme */
-		const char *schemes[] = {"redis://", "rediss://", "unix:"};
-		const char *s = "";
-		for (size_t i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++)
-			if (strncmp(url, schemes[i], strlen(schemes[i])) == 0)
-				s = schemes[i];
-		snprintf(out, outlen, "%s...", s);
-		return;
-	}
-	bool has_pw = u.has_password;
-	rq_queue_url_wipe(&u);
-	const char *auth = url + 8;
-	const char *end = auth + strcspn(auth, "/?#");
-	const char *at = u.is_unix ? NULL : memchr(auth, '@', (size_t)(end - auth));
-	if (!at) {
-		snprintf(out, outlen, "%s", url);
-		return;
-	}
-	/* the user as written (validated: printable), never the password; a
-	 * userinfo without ':' is a user, but is hidden too: redis-cli takes
-	 * it for a password */
-	const char *colon = memchr(auth, ':', (size_t)(at - auth));
-	if (colon)
-		snprintf(out, outlen, "redis://%.*s%s%s", (int)(colon - auth), auth,
-			 has_pw ? ":***" : ":", at);
-	else
-		snprintf(out, outlen, "redis://%s%s", at > auth ? "***" : "", at);
-}
 
 static int resolve_host(struct rq_queue *q, const char *host, char *err, size_t errlen)
 {
@@ -521,7 +263,7 @@ static int resolve_host(struct rq_queue *q, const char *host, char *err, size_t 
 	struct addrinfo *res = NULL;
 	int rc = getaddrinfo(host, NULL, &hints, &res);
 	if (rc != 0 || !res) {
-		snprintf(err, errlen, "redis host %s: %s", host, rc ? gai_strerror(rc) : "no address");
+		rq_err_set(err, errlen, "redis host %s: %s", host, rc ? gai_strerror(rc) : "no address");
 		return -1;
 	}
 	const void *addr = res->ai_family == AF_INET6
@@ -529,46 +271,11 @@ static int resolve_host(struct rq_queue *q, const char *host, char *err, size_t 
 		: (const void *)&((struct sockaddr_in *)res->ai_addr)->sin_addr;
 	if (!inet_ntop(res->ai_family, addr, q->ip, sizeof(q->ip))) {
 		freeaddrinfo(res);
-		snprintf(err, errlen, "redis host %s: cannot print its address", host);
+		rq_err_set(err, errlen, "redis host %s: cannot print its address", host);
 		return -1;
 	}
 	freeaddrinfo(res);
 	return 0;
-}
-
-static char *read_password_file(const char *path, char *err, size_t errlen)
-{
-	FILE *f = fopen(path, "r");
-	char *line = NULL;
-	size_t cap = 0;
-	if (!f) {
-		snprintf(err, errlen, "redis password file %s: %s", path, strerror(errno));
-		return NULL;
-	}
-	ssize_t n = getline(&line, &cap, f);
-	fclose(f);
-	if (n <= 0) {
-		free(line);
-		snprintf(err, errlen, "redis password file %s is empty", path);
-		return NULL;
-	}
-	while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
-		line[--n] = '\0';
-	if (n == 0 || strlen(line) != (size_t)n) {
-		explicit_bzero(line, cap);
-		free(line);
-		snprintf(err, errlen, "redis password file %s: no password on its first line", path);
-		return NULL;
-	}
-	return line;
-}
-
-static void free_secret(char *s)
-{
-	if (s) {
-		explicit_bzero(s, strlen(s));
-		free(s);
-	}
 }
 
 /* ---- connections ---- */
@@ -695,7 +402,7 @@ static void link_connect(struct link *l)
 	redisAsyncSetDisconnectCallback(ac, on_disconnect);
 	l->conn = cn;
 	l->state = RQ_QUEUE_CONNECTING;
-	l->phase_ms = mono_ms();
+	l->phase_ms = rq_clock_mono_ms();
 	wd_arm(q);
 	return;
 fail:
@@ -784,14 +491,14 @@ static void wd_arm(struct rq_queue *q)
 	int64_t d = a < 0 ? b : (b < 0 || a < b ? a : b);
 	if (d < 0)
 		return;
-	struct timeval tv = ms_tv(d - mono_ms());
+	struct timeval tv = ms_tv(d - rq_clock_mono_ms());
 	evtimer_add(q->wd_ev, &tv);
 }
 
 static void wd_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct rq_queue *q = arg;
-	int64_t now = mono_ms();
+	int64_t now = rq_clock_mono_ms();
 	struct link *ls[2] = {&q->cmdl, &q->subl};
 	for (int i = 0; i < 2; i++) {
 		int64_t d = link_deadline(ls[i], q);
@@ -902,18 +609,15 @@ static void on_version(redisAsyncContext *ac, void *reply, void *priv)
 	redisReply *r = reply;
 	if (!q || !r)
 		return;
-	bool load;
-	if (r->type == REDIS_REPLY_INTEGER) {
-		load = r->integer < rq_fnlib_version();
-	} else if (r->type == REDIS_REPLY_ERROR && r->str && strstr(r->str, "Function not found")) {
-		load = true;
-	} else {
-		setup_fail(q, cn->link, "FCALL relayq_version", r);
-		return;
-	}
-	if (!load) {
+	switch (rq_queue_version_check(r, rq_fnlib_version())) {
+	case RQ_QUEUE_VERSION_OK:
 		link_ready(q);
 		return;
+	case RQ_QUEUE_VERSION_ERROR:
+		setup_fail(q, cn->link, "FCALL relayq_version", r);
+		return;
+	case RQ_QUEUE_VERSION_LOAD:
+		break;
 	}
 	if (redisAsyncCommand(ac, on_load, NULL, "FUNCTION LOAD REPLACE %b",
 			      rq_fnlib_source, rq_fnlib_source_len) != REDIS_OK)
@@ -962,7 +666,7 @@ static void on_connect(const redisAsyncContext *cac, int status)
 		return;
 	struct link *l = cn->link;
 	l->state = RQ_QUEUE_SETUP;
-	l->phase_ms = mono_ms();
+	l->phase_ms = rq_clock_mono_ms();
 	int rc = send_auth(q, ac, on_setup_reply, "AUTH");
 	if (l->kind == LINK_CMD) {
 		if (rc == REDIS_OK && q->db != 0)
@@ -1024,7 +728,7 @@ static void ping_cb(evutil_socket_t fd, short what, void *arg)
 			drop_later(l, "redis: cannot send the subscriber ping");
 			return;
 		}
-		l->ping_sent_ms = mono_ms();
+		l->ping_sent_ms = rq_clock_mono_ms();
 		q->st.sub_pings++;
 		evtimer_del(q->wd_ev);
 		wd_arm(q);
@@ -1077,7 +781,7 @@ void rq_queue_wake_at(struct rq_queue *q, int64_t delay_ms)
 		delay_ms = 0;
 	if (delay_ms > INT64_C(1) << 40)
 		delay_ms = INT64_C(1) << 40;
-	int64_t d = mono_ms() + delay_ms;
+	int64_t d = rq_clock_mono_ms() + delay_ms;
 	if (q->wake_deadline >= 0 && q->wake_deadline <= d)
 		return;
 	q->wake_deadline = d;
@@ -1089,7 +793,7 @@ int64_t rq_queue_wake_in(const struct rq_queue *q)
 {
 	if (q->wake_deadline < 0)
 		return -1;
-	int64_t d = q->wake_deadline - mono_ms();
+	int64_t d = q->wake_deadline - rq_clock_mono_ms();
 	return d < 0 ? 0 : d;
 }
 
@@ -1108,7 +812,7 @@ static void flush(struct rq_queue *q)
 	struct link *l = &q->cmdl;
 	if (l->state != RQ_QUEUE_READY || !l->conn)
 		return;
-	int64_t now = mono_ms();
+	int64_t now = rq_clock_mono_ms();
 	while (q->unsent) {
 		struct cmd *c = q->unsent;
 		if (redisAsyncFormattedCommand(l->conn->ac, on_cmd_reply, c, c->buf, c->len) != REDIS_OK) {
@@ -1151,184 +855,6 @@ static void cmd_submit(struct rq_queue *q, struct cmd *c)
 	flush(q);
 }
 
-static bool get_i64(const redisReply *r, int64_t *out)
-{
-	if (!r)
-		return false;
-	if (r->type == REDIS_REPLY_INTEGER) {
-		*out = r->integer;
-		return true;
-	}
-	if ((r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS) &&
-	    r->len > 0 && r->len < 21) {
-		char *end;
-		errno = 0;
-		long long v = strtoll(r->str, &end, 10);
-		if (errno == 0 && end == r->str + r->len) {
-			*out = v;
-			return true;
-		}
-	}
-	return false;
-}
-
-static bool is_str(const redisReply *r)
-{
-	return r && r->type == REDIS_REPLY_STRING;
-}
-
-struct claim_priv {
-	struct rq_queue_claim pub;
-	redisReply *reply;
-};
-
-/* Builds the claim from the reply (which it points into), or NULL with a
- * reason. */
-static struct rq_queue_claim *claim_build(redisReply *r, const char **why)
-{
-	int64_t now, next_due;
-	if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
-	    !get_i64(r->element[0], &now) || !get_i64(r->element[1], &next_due) ||
-	    !r->element[2] || r->element[2]->type != REDIS_REPLY_ARRAY) {
-		*why = "relayq_claim: reply is not [now, next_due, msgs]";
-		return NULL;
-	}
-	redisReply *msgs = r->element[2];
-	size_t total = 0;
-	for (size_t i = 0; i < msgs->elements; i++) {
-		redisReply *m = msgs->element[i];
-		if (!m || m->type != REDIS_REPLY_ARRAY || m->elements < 8 ||
-		    !m->element[2] || m->element[2]->type != REDIS_REPLY_ARRAY) {
-			*why = "relayq_claim: a message is not [id, from, rcpts, body, attempts, created, meta, lease]";
-			return NULL;
-		}
-		if (m->element[2]->elements > SIZE_MAX / 64 - total) {
-			*why = "relayq_claim: too many recipients";
-			return NULL;
-		}
-		total += m->element[2]->elements;
-	}
-	size_t sz = sizeof(struct claim_priv) + msgs->elements * sizeof(struct rq_queue_msg) +
-		    total * (sizeof(char *) + sizeof(size_t));
-	struct claim_priv *cp = calloc(1, sz);
-	if (!cp) {
-		*why = "relayq_claim: out of memory";
-		return NULL;
-	}
-	struct rq_queue_msg *ms = (struct rq_queue_msg *)(cp + 1);
-	const char **rp = (const char **)(ms + msgs->elements);
-	size_t *rl = (size_t *)(rp + total);
-	cp->pub.now = now;
-	cp->pub.next_due = next_due;
-	cp->pub.count = msgs->elements;
-	cp->pub.msgs = ms;
-	cp->pub.priv_ = cp;
-	cp->reply = r;
-	for (size_t i = 0; i < msgs->elements; i++) {
-		redisReply **e = msgs->element[i]->element;
-		struct rq_queue_msg *m = &ms[i];
-		if (!is_str(e[0]) || e[0]->len == 0 || e[0]->len > RQ_QUEUE_ID_MAX) {
-			*why = "relayq_claim: a message id is not a string of 1 to 32 bytes";
-			goto bad;
-		}
-		for (size_t k = 0; k < e[0]->len; k++) {
-			unsigned char ch = (unsigned char)e[0]->str[k];
-			if (ch <= ' ' || ch >= 0x7f) {
-				*why = "relayq_claim: a message id is not printable";
-				goto bad;
-			}
-		}
-		memcpy(m->id, e[0]->str, e[0]->len);
-		m->id[e[0]->len] = '\0';
-		if (!is_str(e[1]) || !is_str(e[3]) ||
-		    !get_i64(e[4], &m->attempts) || !get_i64(e[5], &m->created) ||
-		    !get_i64(e[7], &m->lease)) {
-			*why = "relayq_claim: a message field has the wrong type";
-			goto bad;
-		}
-		m->from = e[1]->str;
-		m->from_len = e[1]->len;
-		m->body = e[3]->str;
-		m->body_len = e[3]->len;
-		if (is_str(e[6])) {
-			m->meta = e[6]->str;
-			m->meta_len = e[6]->len;
-		} else if (e[6] && e[6]->type == REDIS_REPLY_NIL) {
-			m->meta = "{}";
-			m->meta_len = 2;
-		} else {
-			*why = "relayq_claim: meta is not a string";
-			goto bad;
-		}
-		redisReply *rc = e[2];
-		m->nrcpts = rc->elements;
-		m->rcpts = rp;
-		m->rcpt_lens = rl;
-		for (size_t k = 0; k < rc->elements; k++) {
-			if (!is_str(rc->element[k])) {
-				*why = "relayq_claim: a recipient is not a string";
-				goto bad;
-			}
-			*rp++ = rc->element[k]->str;
-			*rl++ = rc->element[k]->len;
-		}
-	}
-	return &cp->pub;
-bad:
-	free(cp);
-	return NULL;
-}
-
-void rq_queue_msg_release(struct rq_queue_claim *c, size_t i)
-{
-	if (!c || i >= c->count || c->msgs[i].released)
-		return;
-	struct claim_priv *cp = c->priv_;
-	redisReply *msgs = cp->reply->element[2];
-	freeReplyObject(msgs->element[i]);
-	msgs->element[i] = NULL;
-	struct rq_queue_msg *m = &c->msgs[i];
-	m->released = true;
-	m->from = m->body = m->meta = NULL;
-	m->from_len = m->body_len = m->meta_len = 0;
-	m->rcpts = NULL;
-	m->rcpt_lens = NULL;
-	m->nrcpts = 0;
-}
-
-void rq_queue_claim_free(struct rq_queue_claim *c)
-{
-	if (!c)
-		return;
-	struct claim_priv *cp = c->priv_;
-	freeReplyObject(cp->reply);
-	free(cp);
-}
-
-static int settle_parse(const redisReply *r, size_t n, enum rq_queue_settled *res)
-{
-	if (r->type != REDIS_REPLY_ARRAY || r->elements != n)
-		return -1;
-	for (size_t i = 0; i < n; i++) {
-		const redisReply *e = r->element[i];
-		if (!e || (e->type != REDIS_REPLY_STRING && e->type != REDIS_REPLY_STATUS))
-			return -1;
-		if (strcmp(e->str, "done") == 0)
-			res[i] = RQ_QUEUE_SETTLE_DONE;
-		else if (strcmp(e->str, "scheduled") == 0)
-			res[i] = RQ_QUEUE_SETTLE_SCHEDULED;
-		else if (strcmp(e->str, "held") == 0)
-			res[i] = RQ_QUEUE_SETTLE_HELD;
-		else if (strcmp(e->str, "lost") == 0)
-			res[i] = RQ_QUEUE_SETTLE_LOST;
-		else if (strcmp(e->str, "invalid") == 0)
-			res[i] = RQ_QUEUE_SETTLE_INVALID;
-		else
-			return -1;
-	}
-	return 0;
-}
-
 /* Calls the command's callback with status st (reply NULL unless OK /
  * EREDIS); c stays the caller's. Returns false when the queue was destroyed
  * meanwhile. */
@@ -1341,7 +867,7 @@ static bool cmd_finish(struct rq_queue *q, struct cmd *c, enum rq_queue_status s
 		struct rq_queue_claim *claim = NULL;
 		if (st == RQ_QUEUE_OK) {
 			const char *why = NULL;
-			claim = claim_build(r, &why);
+			claim = rq_queue_claim_parse(r, &why);
 			if (!claim) {
 				st = RQ_QUEUE_EPROTO;
 				err = why;
@@ -1365,7 +891,7 @@ static bool cmd_finish(struct rq_queue *q, struct cmd *c, enum rq_queue_status s
 			if (!res) {
 				st = RQ_QUEUE_EPROTO;
 				err = "relayq_settle: out of memory";
-			} else if (settle_parse(r, c->nmsgs, res) != 0) {
+			} else if (rq_queue_settle_parse(r, c->nmsgs, res) != 0) {
 				st = RQ_QUEUE_EPROTO;
 				err = "relayq_settle: reply is not one status per message";
 			}
@@ -1379,12 +905,24 @@ static bool cmd_finish(struct rq_queue *q, struct cmd *c, enum rq_queue_status s
 	}
 	case CMD_COUNT: {
 		int64_t n = 0;
-		if (st == RQ_QUEUE_OK && !get_i64(r, &n)) {
+		if (st == RQ_QUEUE_OK && !rq_queue_reply_int(r, &n)) {
 			st = RQ_QUEUE_EPROTO;
 			err = "reply is not an integer";
 		}
 		if (c->cb.count)
 			c->cb.count(q, st, err, (long long)n, c->arg);
+		break;
+	}
+	case CMD_ENQUEUE: {
+		char id[RQ_QUEUE_ID_MAX + 1] = "";
+		if (st == RQ_QUEUE_OK) {
+			if (!rq_queue_reply_id(r, id, sizeof(id))) {
+				st = RQ_QUEUE_EPROTO;
+				err = "relayq_enqueue: reply is not a message id";
+			}
+		}
+		if (c->cb.enqueue)
+			c->cb.enqueue(q, st, err, st == RQ_QUEUE_OK ? id : NULL, c->arg);
 		break;
 	}
 	case CMD_RAW:
@@ -1539,6 +1077,30 @@ int rq_queue_recover(struct rq_queue *q, rq_queue_count_cb *cb, void *arg)
 	return 0;
 }
 
+int rq_queue_enqueue(struct rq_queue *q, const struct rq_queue_enqueue_req *req,
+		     rq_queue_enqueue_cb *cb, void *arg)
+{
+	struct rq_json_buf env;
+	int rc = -1;
+	if (!q || !req || !req->body)
+		return -1;
+	rq_json_buf_init(&env);
+	if (rq_queue_enqueue_envelope(req, &env) != 0)
+		goto cleanup;
+	const char *argv[] = {"FCALL", "relayq_enqueue", "1", q->prefix, env.data, req->body};
+	size_t lens[] = {5, 14, 1, strlen(q->prefix), env.len, req->body_len};
+	struct cmd *c = cmd_new(q, CMD_ENQUEUE, 6, argv, lens);
+	if (!c)
+		goto cleanup;
+	c->cb.enqueue = cb;
+	c->arg = arg;
+	cmd_submit(q, c);
+	rc = 0;
+cleanup:
+	rq_json_buf_finish(&env);
+	return rc;
+}
+
 int rq_queue_command(struct rq_queue *q, int argc, const char **argv,
 		     const size_t *argvlen, rq_queue_reply_cb *cb, void *arg)
 {
@@ -1553,201 +1115,29 @@ int rq_queue_command(struct rq_queue *q, int argc, const char **argv,
 	return 0;
 }
 
-/* ---- outcomes JSON ---- */
-
-void rq_queue_outcomes_init(struct rq_queue_outcomes *o)
-{
-	memset(o, 0, sizeof(*o));
-}
-
-void rq_queue_outcomes_reset(struct rq_queue_outcomes *o)
-{
-	o->len = 0;
-	o->nmsgs = 0;
-	o->nrcpts = 0;
-	o->open = false;
-	o->oom = false;
-}
-
-void rq_queue_outcomes_finish(struct rq_queue_outcomes *o)
-{
-	free(o->buf);
-	memset(o, 0, sizeof(*o));
-}
-
-static void put(struct rq_queue_outcomes *o, const char *s, size_t n)
-{
-	if (o->oom)
-		return;
-	if (o->len + n + 3 > o->cap) {
-		size_t cap = o->cap ? o->cap : 256;
-		while (cap < o->len + n + 3)
-			cap *= 2;
-		char *nb = realloc(o->buf, cap);
-		if (!nb) {
-			o->oom = true;
-			return;
-		}
-		o->buf = nb;
-		o->cap = cap;
-	}
-	memcpy(o->buf + o->len, s, n);
-	o->len += n;
-}
-
-static void puts_(struct rq_queue_outcomes *o, const char *s)
-{
-	put(o, s, strlen(s));
-}
-
-static void put_jstr(struct rq_queue_outcomes *o, const char *s)
-{
-	put(o, "\"", 1);
-	const char *run = s;
-	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-		char esc[8];
-		const char *e = NULL;
-		switch (*p) {
-		case '"': e = "\\\""; break;
-		case '\\': e = "\\\\"; break;
-		case '\n': e = "\\n"; break;
-		case '\r': e = "\\r"; break;
-		case '\t': e = "\\t"; break;
-		default:
-			if (*p < 0x20 || *p == 0x7f) {
-				snprintf(esc, sizeof(esc), "\\u%04x", *p);
-				e = esc;
-			}
-		}
-		if (e) {
-			put(o, run, (size_t)((const char *)p - run));
-			puts_(o, e);
-			run = (const char *)p + 1;
-		}
-	}
-	puts_(o, run);
-	put(o, "\"", 1);
-}
-
-static void close_msg(struct rq_queue_outcomes *o)
-{
-	if (o->open) {
-		puts_(o, "]}");
-		o->open = false;
-	}
-}
-
-int rq_queue_outcomes_msg(struct rq_queue_outcomes *o, const char *id,
-			  int64_t lease, bool attempt, int64_t next_ms, bool hold)
-{
-	char num[32];
-	if (!id)
-		return -1;
-	close_msg(o);
-	puts_(o, o->nmsgs ? ",{\"id\":" : "[{\"id\":");
-	put_jstr(o, id);
-	snprintf(num, sizeof(num), "%" PRId64, lease);
-	puts_(o, ",\"lease\":");
-	puts_(o, num);
-	puts_(o, attempt ? ",\"attempt\":true" : ",\"attempt\":false");
-	if (next_ms >= 0) {
-		snprintf(num, sizeof(num), "%" PRId64, next_ms);
-		puts_(o, ",\"next\":");
-		puts_(o, num);
-	}
-	puts_(o, hold ? ",\"hold\":true,\"rcpts\":[" : ",\"hold\":false,\"rcpts\":[");
-	o->open = true;
-	o->nrcpts = 0;
-	o->nmsgs++;
-	return o->oom ? -1 : 0;
-}
-
-static const char *const rcpt_state_names[] = {"delivered", "deferred", "failed",
-						"dropped", "expired"};
-
-int rq_queue_outcomes_rcpt(struct rq_queue_outcomes *o,
-			   const struct rq_queue_rcpt_outcome *r)
-{
-	if (!o->open || !r || !r->to || (unsigned)r->s > RQ_QUEUE_RCPT_EXPIRED)
-		return -1;
-	puts_(o, o->nrcpts ? ",{\"to\":" : "{\"to\":");
-	put_jstr(o, r->to);
-	puts_(o, ",\"s\":\"");
-	puts_(o, rcpt_state_names[r->s]);
-	puts_(o, "\"");
-	if (r->code > 0 && r->code <= 999) {
-		char num[16];
-		snprintf(num, sizeof(num), ",\"code\":%d", r->code);
-		puts_(o, num);
-	}
-	const char *keys[] = {"enh", "text", "stage", "hint"};
-	const char *vals[] = {r->enh, r->text, r->stage, r->hint};
-	for (int i = 0; i < 4; i++) {
-		if (!vals[i])
-			continue;
-		puts_(o, ",\"");
-		puts_(o, keys[i]);
-		puts_(o, "\":");
-		put_jstr(o, vals[i]);
-	}
-	puts_(o, "}");
-	o->nrcpts++;
-	return o->oom ? -1 : 0;
-}
-
-const char *rq_queue_outcomes_json(struct rq_queue_outcomes *o, size_t *len)
-{
-	close_msg(o);
-	if (o->oom || o->nmsgs == 0)
-		return NULL;
-	/* put() always leaves 3 spare bytes: close the array past len, so
-	 * that more messages can still be added */
-	o->buf[o->len] = ']';
-	o->buf[o->len + 1] = '\0';
-	if (len)
-		*len = o->len + 1;
-	return o->buf;
-}
-
 /* ---- lifecycle ---- */
-
-static int validate_queue(const char *name, char *err, size_t errlen)
-{
-	size_t n = name ? strlen(name) : 0;
-	if (n == 0 || n > RQ_QUEUE_NAME_MAX) {
-		snprintf(err, errlen, "queue name must be 1 to %d bytes", RQ_QUEUE_NAME_MAX);
-		return -1;
-	}
-	for (size_t i = 0; i < n; i++) {
-		unsigned char ch = (unsigned char)name[i];
-		if (ch <= ' ' || ch == 0x7f || ch == '{' || ch == '}') {
-			snprintf(err, errlen, "queue name has a space, control byte or brace");
-			return -1;
-		}
-	}
-	return 0;
-}
 
 struct rq_queue *rq_queue_create(struct event_base *base,
 				 const struct rq_queue_opts *opts,
 				 char *err, size_t errlen)
 {
 	struct rq_queue *q = NULL;
-	char *url_pw = NULL;
 	char red[512];
-	struct rq_queue_url u;
+	struct rq_redis_url u;
 
 	memset(&u, 0, sizeof(u));
 
 	if (!base || !opts || !opts->url) {
-		snprintf(err, errlen, "redis URL missing");
+		rq_err_set(err, errlen, "redis URL missing");
 		goto fail;
 	}
-	if (validate_queue(opts->queue, err, errlen) != 0)
+	if (!opts->queue || !rq_keys_queue_valid(opts->queue, strlen(opts->queue))) {
+		rq_err_set(err, errlen, "invalid queue name (use " RQ_KEYS_QUEUE_RULE ")");
 		goto fail;
+	}
 	q = calloc(1, sizeof(*q));
 	if (!q) {
-		snprintf(err, errlen, "out of memory");
+		rq_err_set(err, errlen, "out of memory");
 		goto fail;
 	}
 	q->base = base;
@@ -1761,16 +1151,16 @@ struct rq_queue *rq_queue_create(struct event_base *base,
 	q->on_wake = opts->on_wake;
 	q->on_state = opts->on_state;
 	q->arg = opts->arg;
-	snprintf(q->prefix, sizeof(q->prefix), "relayq:{%s}", opts->queue);
+	rq_keys_prefix(opts->queue, q->prefix, sizeof(q->prefix));
 	snprintf(q->channel, sizeof(q->channel), "relayq:{%s}:wake", opts->queue);
 
-	rq_queue_redact_url(opts->url, red, sizeof(red));
+	rq_redis_url_redact(opts->url, red, sizeof(red));
 	q->url_redacted = strdup(red);
 	if (!q->url_redacted) {
-		snprintf(err, errlen, "out of memory");
+		rq_err_set(err, errlen, "out of memory");
 		goto fail;
 	}
-	if (rq_queue_url_parse(opts->url, &u, err, errlen) != 0)
+	if (rq_redis_url_parse(opts->url, &u, err, errlen) != 0)
 		goto fail;
 	q->db = u.db;
 	if (u.is_unix) {
@@ -1782,52 +1172,26 @@ struct rq_queue *rq_queue_create(struct event_base *base,
 			goto fail;
 	}
 	if (u.user[0] && !(q->user = strdup(u.user))) {
-		snprintf(err, errlen, "out of memory");
+		rq_err_set(err, errlen, "out of memory");
 		goto fail;
 	}
-	if (u.has_password && !(url_pw = strdup(u.password))) {
-		snprintf(err, errlen, "out of memory");
+	if (rq_redis_url_password(&u, opts->password_env, opts->password_file,
+				  &q->password, err, errlen) != 0)
 		goto fail;
-	}
-	rq_queue_url_wipe(&u);
-	int sources = (url_pw != NULL) + (opts->password_env != NULL) + (opts->password_file != NULL);
-	if (sources > 1) {
-		snprintf(err, errlen, "redis password given more than once (URL, password_env, password_file)");
-		goto fail;
-	}
-	if (url_pw) {
-		q->password = url_pw;
-		url_pw = NULL;
-	} else if (opts->password_env) {
-		const char *v = getenv(opts->password_env);
-		if (!v || !*v) {
-			snprintf(err, errlen, "redis password: environment variable %s is not set",
-				 opts->password_env);
-			goto fail;
-		}
-		q->password = strdup(v);
-	} else if (opts->password_file) {
-		q->password = read_password_file(opts->password_file, err, errlen);
-		if (!q->password)
-			goto fail;
-	}
-	if ((opts->password_env && !q->password)) {
-		snprintf(err, errlen, "out of memory");
-		goto fail;
-	}
+	rq_redis_url_wipe(&u);
 	if (opts->user) {
 		if (q->user) {
-			snprintf(err, errlen, "redis user given both in the URL and in the options");
+			rq_err_set(err, errlen, "redis user given both in the URL and in the options");
 			goto fail;
 		}
 		q->user = strdup(opts->user);
 		if (!q->user) {
-			snprintf(err, errlen, "out of memory");
+			rq_err_set(err, errlen, "out of memory");
 			goto fail;
 		}
 	}
 	if (q->user && !q->password) {
-		snprintf(err, errlen, "redis user given without a password (a password "
+		rq_err_set(err, errlen, "redis user given without a password (a password "
 			 "alone goes in the URL as redis://:password@host)");
 		goto fail;
 	}
@@ -1847,15 +1211,14 @@ struct rq_queue *rq_queue_create(struct event_base *base,
 	q->drop_ev = evtimer_new(base, drop_cb, q);
 	if (!q->cmdl.retry_ev || !q->subl.retry_ev || !q->wd_ev || !q->wake_ev ||
 	    !q->notify_ev || !q->drop_ev || !q->subl.ping_ev) {
-		snprintf(err, errlen, "out of memory");
+		rq_err_set(err, errlen, "out of memory");
 		goto fail;
 	}
 	link_connect(&q->cmdl);
 	link_connect(&q->subl);
 	return q;
 fail:
-	rq_queue_url_wipe(&u);
-	free_secret(url_pw);
+	rq_redis_url_wipe(&u);
 	if (q)
 		destroy_now(q);
 	return NULL;
@@ -1911,7 +1274,7 @@ static void destroy_now(struct rq_queue *q)
 	q->depth--;
 	link_close(&q->cmdl);
 	link_close(&q->subl);
-	free_secret(q->password);
+	rq_secret_free(q->password);
 	free(q->user);
 	free(q->url_redacted);
 	free(q);

@@ -8,11 +8,13 @@
 #include "relayq/dest.h"
 #include "relayq/dsn.h"
 #include "relayq/json.h"
+#include "relayq/keys.h"
 #include "relayq/log.h"
 #include "relayq/message.h"
 #include "relayq/policy.h"
 #include "relayq/policy_lua.h"
 #include "relayq/queue.h"
+#include "relayq/redis_url.h"
 #include "relayq/reply.h"
 
 #include <event2/event.h>
@@ -282,19 +284,18 @@ static void on_flush(evutil_socket_t fd, short what, void *arg)
  */
 
 static void bounce_cb(struct rq_queue *q, enum rq_queue_status st, const char *err,
-		      const redisReply *reply, void *arg)
+		      const char *id, void *arg)
 {
 	struct rq_runner *r = arg;
 	r->commands_pending--;
 	r->bounces_pending--;
-	if (st == RQ_QUEUE_OK && reply && reply->type == REDIS_REPLY_STRING) {
+	if (st == RQ_QUEUE_OK) {
 		r->st.bounces++;
 		rq_log(RQ_LOG_INFO, "bounce_queued", "queue", r->queue_name, "bounce_id",
-		       reply->str, NULL);
+		       id, NULL);
 	} else {
 		rq_log(RQ_LOG_ERROR, "bounce_failed", "queue", r->queue_name, "error",
-		       err ? err : (reply && reply->type == REDIS_REPLY_ERROR ? reply->str : "?"),
-		       NULL);
+		       err ? err : "?", NULL);
 	}
 	check_stopped(r);
 }
@@ -308,9 +309,7 @@ static void send_bounce(struct rq_runner *r, struct rmsg *m)
 	if (!nb || qm->released || !qm->from || !qm->from[0])
 		return;
 	struct rq_dsn_rcpt *dr = calloc(nb, sizeof(*dr));
-	char *dsn = NULL, *env = NULL;
-	struct rq_json_buf jb;
-	rq_json_buf_init(&jb);
+	char *dsn = NULL;
 	if (!dr)
 		goto fail;
 	size_t k = 0;
@@ -346,21 +345,18 @@ static void send_bounce(struct rq_runner *r, struct rmsg *m)
 	}
 	char key[80];
 	snprintf(key, sizeof(key), "bounce:%s:%" PRId64, qm->id, qm->attempts + 1);
-	rq_json_buf_obj_begin(&jb);
-	rq_json_buf_kv_str(&jb, "from", "");
-	rq_json_buf_key(&jb, "to");
-	rq_json_buf_arr_begin(&jb);
-	rq_json_buf_strn(&jb, qm->from, qm->from_len);
-	rq_json_buf_arr_end(&jb);
-	rq_json_buf_kv_str(&jb, "key", key);
-	rq_json_buf_obj_end(&jb);
-	size_t elen = 0;
-	env = rq_json_buf_take(&jb, &elen);
-	if (!env)
-		goto fail;
-	const char *argv[6] = {"FCALL", "relayq_enqueue", "1", rq_queue_prefix(r->q), env, dsn};
-	size_t lens[6] = {5, 14, 1, strlen(argv[3]), elen, dlen};
-	if (rq_queue_command(r->q, 6, argv, lens, bounce_cb, r) < 0)
+	const char *to[1] = {qm->from};
+	struct rq_queue_enqueue_req req = {
+		.from = "",
+		.to = to,
+		.to_lens = &qm->from_len,
+		.nto = 1,
+		.body = dsn,
+		.body_len = dlen,
+		.key = key,
+		.delay_s = -1,
+	};
+	if (rq_queue_enqueue(r->q, &req, bounce_cb, r) < 0)
 		goto fail;
 	r->commands_pending++;
 	r->bounces_pending++;
@@ -369,8 +365,6 @@ fail:
 	rq_log(RQ_LOG_ERROR, "bounce_failed", "queue", r->queue_name, "id", qm->id,
 	       "error", "out of memory", NULL);
 out:
-	rq_json_buf_finish(&jb);
-	free(env);
 	free(dsn);
 	free(dr);
 }
@@ -1099,7 +1093,7 @@ struct rq_runner *rq_runner_create(struct event_base *base,
 	r->relay = opts->cfg && opts->cfg->relay_host;
 	r->want_claim = true;
 	rq_queue_outcomes_init(&r->ob);
-	r->queue_name = strdup(opts->queue ? opts->queue : "default");
+	r->queue_name = strdup(opts->queue ? opts->queue : RQ_KEYS_QUEUE_DEFAULT);
 	r->claim_retry_ev = evtimer_new(base, on_claim_retry, r);
 	r->renew_ev = evtimer_new(base, on_renew, r);
 	r->recover_ev = event_new(base, -1, EV_PERSIST, on_recover, r);
@@ -1115,7 +1109,7 @@ struct rq_runner *rq_runner_create(struct event_base *base,
 	const struct rq_config *cfg = opts->cfg;
 	struct rq_queue_opts qo = {
 		.url = opts->redis ? opts->redis : (cfg && cfg->redis ? cfg->redis
-					: "redis://127.0.0.1:6379/0"),
+					: RQ_REDIS_URL_DEFAULT),
 		.queue = r->queue_name,
 		.user = cfg ? cfg->redis_user : NULL,
 		.password_file = cfg ? cfg->redis_password_file : NULL,

@@ -1,5 +1,6 @@
 #include "relayq/smtp.h"
 
+#include "relayq/str.h"
 #include "relayq/log.h"
 #include "relayq/message.h"
 
@@ -1627,16 +1628,6 @@ static void run_state(struct rq_smtp *s)
  * Public API
  */
 
-static char *dup_or_null(const char *v, bool *ok)
-{
-	if (!v)
-		return NULL;
-	char *d = strdup(v);
-	if (!d)
-		*ok = false;
-	return d;
-}
-
 static bool clean_str(const char *v)
 {
 	if (!v)
@@ -1651,7 +1642,7 @@ struct rq_smtp *rq_smtp_create(struct event_base *base, const struct rq_smtp_opt
 			       const struct rq_smtp_callbacks *cbs, char *err, size_t errlen)
 {
 	struct rq_smtp *s = NULL;
-	bool ok = true;
+	bool oom = false;
 	if (!base || !opts || !opts->helo_name || !*opts->helo_name) {
 		snprintf(err, errlen, "helo_name is required");
 		goto fail;
@@ -1687,16 +1678,16 @@ struct rq_smtp *rq_smtp_create(struct event_base *base, const struct rq_smtp_opt
 	s->o = *opts;
 	if (cbs)
 		s->cb = *cbs;
-	s->helo = dup_or_null(opts->helo_name, &ok);
-	s->servername = dup_or_null(opts->servername, &ok);
-	s->user = dup_or_null(opts->auth_user, &ok);
-	s->pass = opts->auth_user ? dup_or_null(opts->auth_password, &ok) : NULL;
-	s->log_id = dup_or_null(opts->log_id ? opts->log_id : "", &ok);
+	s->helo = rq_str_dup(opts->helo_name, &oom);
+	s->servername = rq_str_dup(opts->servername, &oom);
+	s->user = rq_str_dup(opts->auth_user, &oom);
+	s->pass = opts->auth_user ? rq_str_dup(opts->auth_password, &oom) : NULL;
+	s->log_id = rq_str_dup(opts->log_id ? opts->log_id : "", &oom);
 	s->o.helo_name = s->o.servername = s->o.auth_user = s->o.auth_password = s->o.log_id = NULL;
 	s->timer = evtimer_new(base, timer_cb, s);
 	s->deadline = evtimer_new(base, deadline_cb, s);
 	s->kick = event_new(base, -1, 0, kick_cb, s);
-	if (!ok || !s->timer || !s->deadline || !s->kick) {
+	if (oom || !s->timer || !s->deadline || !s->kick) {
 		snprintf(err, errlen, "out of memory");
 		goto fail;
 	}

@@ -66,14 +66,17 @@
 
 #include <hiredis/hiredis.h>
 
+#include "relayq/keys.h"
+#include "relayq/queue_codec.h"
+#include "relayq/redis_url.h"
+
 struct event_base;
 struct rq_queue;
 
 #define RQ_QUEUE_TIMEOUT_DEFAULT_MS 10000
 #define RQ_QUEUE_BACKOFF_MIN_DEFAULT_MS 100
 #define RQ_QUEUE_BACKOFF_MAX_DEFAULT_MS 5000
-#define RQ_QUEUE_NAME_MAX 200      /* bytes of a queue name */
-#define RQ_QUEUE_ID_MAX 32         /* bytes of a message id (contract) */
+#define RQ_QUEUE_NAME_MAX RQ_KEYS_QUEUE_MAX  /* bytes of a queue name (keys.h) */
 #define RQ_QUEUE_SUB_PING_MS 30000 /* subscriber liveness PING interval */
 
 /* Status given to every command callback. */
@@ -101,7 +104,7 @@ enum rq_queue_conn_state {
 };
 
 struct rq_queue_opts {
-	/* A Redis URL (see "Redis URLs" below): "redis://[user:password@]host
+	/* A Redis URL (redis_url.h): "redis://[user:password@]host
 	 * [:port][/db]" (host an IP literal, or a name resolved once, blocking,
 	 * by rq_queue_create) or "unix:/path[?db=N]". */
 	const char *url;
@@ -155,67 +158,18 @@ void rq_queue_destroy(struct rq_queue *q);
 const char *rq_queue_url_redacted(const struct rq_queue *q);
 
 /*
- * ---- Redis URLs ----
- *
- * Every URL relayq takes (relayqd's config "redis", rq_queue_opts.url, the
- * CLI's --redis / RELAYQ_REDIS) goes through rq_queue_url_parse:
- *
- *   redis://[user[:password]@]host[:port][/db]
- *   redis://:password@host[:port][/db]     (a password without a user)
- *   unix:/path/to/socket[?db=N]   unix:///path/to/socket[?db=N]
- *
- * host: a name of A-Z a-z 0-9 . - _, an IPv4 address, or an IPv6 address in
- * brackets. port 1-65535 (default 6379), db 0-RQ_QUEUE_URL_DB_MAX (default
- * 0). rediss:// (TLS), query strings and fragments are refused.
- *
- * Special characters in the user and password follow RFC 3986: the
- * authority ends at the first '/', '?' or '#', and it may hold one '@'. So
- * '@', '/', '?', '#' and '%' in a user or password MUST be %-encoded (%40,
- * %2F, %3F, %23, %25), and so must ':' in a user (':' in a password may be
- * written as it is: the password is everything after the user's ':'). Any
- * byte may be %-encoded, except %00. Spaces and control characters must be
- * %-encoded too (%20). Refused, with a hint, rather than guessed: a second
- * '@' in the authority, and an '@' after the authority (e.g. a '#' or '/'
- * in a password that was not encoded).
- *
- * A userinfo without ':' is a user name (RFC 3986; redis-cli would take
- * it for a password: rq_queue_create then refuses "a user without a
- * password" unless password_env / password_file give one, and the
- * redaction hides such a userinfo too).
- *
- * Error texts never contain any part of the URL (so never the password).
+ * Old names of redis_url.h, for callers not moved yet (engine/config.c).
+ * New code uses the rq_redis_url_* names; remove these when no caller is
+ * left.
  */
-#define RQ_QUEUE_URL_MAX 4096           /* bytes of a URL */
-#define RQ_QUEUE_URL_USER_MAX 255       /* decoded bytes */
-#define RQ_QUEUE_URL_PASSWORD_MAX 1024  /* decoded bytes */
-#define RQ_QUEUE_URL_DB_MAX 1000000
-
-struct rq_queue_url {
-	bool is_unix;
-	char host[256];             /* TCP: name or address, no brackets */
-	int port;                   /* TCP: 6379 when not given */
-	int db;
-	char path[108];             /* unix: the socket path */
-	char user[RQ_QUEUE_URL_USER_MAX + 1];          /* decoded; "" none */
-	bool has_password;
-	/* decoded; secret: wipe with rq_queue_url_wipe() after use */
-	char password[RQ_QUEUE_URL_PASSWORD_MAX + 1];
-};
-
-/* Parses url into *out (no name resolution). Returns 0, or -1 with a reason
- * in err (err may be NULL when errlen is 0; the reason never holds any of
- * the URL). On failure *out holds no password. */
-int rq_queue_url_parse(const char *url, struct rq_queue_url *out, char *err,
-		       size_t errlen);
-
-/* Wipes the password in u (explicit_bzero). NULL is a no-op. */
-void rq_queue_url_wipe(struct rq_queue_url *u);
-
-/* Writes url to out (NUL-ended, truncated to outlen) for messages: a URL
- * that parses is copied with the password replaced by "***"; one that does
- * not parse is shown as its scheme followed by "..." (or just "..."), so a
- * password never gets through whatever the input looks like. */
-void rq_queue_redact_url(const char *url, char *out, size_t outlen);
+#define rq_queue_url rq_redis_url
+#define rq_queue_url_parse rq_redis_url_parse
+#define rq_queue_url_wipe rq_redis_url_wipe
+#define rq_queue_redact_url rq_redis_url_redact
+#define RQ_QUEUE_URL_MAX RQ_REDIS_URL_MAX
+#define RQ_QUEUE_URL_USER_MAX RQ_REDIS_URL_USER_MAX
+#define RQ_QUEUE_URL_PASSWORD_MAX RQ_REDIS_URL_PASSWORD_MAX
+#define RQ_QUEUE_URL_DB_MAX RQ_REDIS_URL_DB_MAX
 
 /* The queue's key prefix "relayq:{q}". */
 const char *rq_queue_prefix(const struct rq_queue *q);
@@ -241,37 +195,7 @@ struct rq_queue_stats {
 
 void rq_queue_get_stats(const struct rq_queue *q, struct rq_queue_stats *st);
 
-/* ---- claim ---- */
-
-/* One claimed message. id, lease, attempts and created stay valid until
- * rq_queue_claim_free(); from, rcpts, body and meta point into the Redis
- * reply and become invalid at rq_queue_msg_release() of this message or at
- * rq_queue_claim_free(). Strings are NUL-ended (body may also hold NULs:
- * use body_len). */
-struct rq_queue_msg {
-	char id[RQ_QUEUE_ID_MAX + 1];
-	int64_t lease;
-	int64_t attempts;
-	int64_t created;
-	const char *from;           /* "" = null sender */
-	size_t from_len;
-	size_t nrcpts;              /* recipients still pending */
-	const char **rcpts;
-	const size_t *rcpt_lens;
-	const char *body;
-	size_t body_len;
-	const char *meta;           /* JSON text, "{}" when none */
-	size_t meta_len;
-	bool released;
-};
-
-struct rq_queue_claim {
-	int64_t now;                /* Redis time of the claim (ms) */
-	int64_t next_due;           /* earliest scheduled time (ms), -1: none */
-	size_t count;
-	struct rq_queue_msg *msgs;
-	void *priv_;                /* the reply; do not touch */
-};
+/* ---- claim (struct rq_queue_claim, its release and free: queue_codec.h) ---- */
 
 /*
  * The claim callback: on RQ_QUEUE_OK, claim is non-NULL and belongs to the
@@ -292,77 +216,7 @@ typedef void rq_queue_claim_cb(struct rq_queue *q, enum rq_queue_status st,
 int rq_queue_claim(struct rq_queue *q, int count, int64_t lease_ms,
 		   rq_queue_claim_cb *cb, void *arg);
 
-/* Frees the memory of one message (from, rcpts, body, meta) early, e.g. when
- * its DATA has been written; the claim keeps id and lease. Idempotent. */
-void rq_queue_msg_release(struct rq_queue_claim *c, size_t i);
-
-/* Frees the claim and everything it points to. NULL is a no-op. */
-void rq_queue_claim_free(struct rq_queue_claim *c);
-
-/* ---- settle ---- */
-
-enum rq_queue_rcpt_state {
-	RQ_QUEUE_RCPT_DELIVERED = 0,
-	RQ_QUEUE_RCPT_DEFERRED,
-	RQ_QUEUE_RCPT_FAILED,
-	RQ_QUEUE_RCPT_DROPPED,
-	RQ_QUEUE_RCPT_EXPIRED,
-};
-
-/* One recipient's outcome; NULL strings and code 0 are left out. */
-struct rq_queue_rcpt_outcome {
-	const char *to;
-	enum rq_queue_rcpt_state s;
-	int code;
-	const char *enh;
-	const char *text;
-	const char *stage;
-	const char *hint;
-};
-
-/*
- * Builder of the settle outcomes JSON array (strings are JSON-escaped:
- * quotes, backslashes, control bytes; bytes >= 0x80 are kept as they are).
- * Embed it, rq_queue_outcomes_init(), add messages and their recipients,
- * pass it to rq_queue_settle() (which copies it), then reset or finish.
- */
-struct rq_queue_outcomes {
-	char *buf;
-	size_t len, cap;
-	size_t nmsgs;
-	size_t nrcpts;              /* of the open message */
-	bool open;                  /* a message is open */
-	bool oom;
-};
-
-void rq_queue_outcomes_init(struct rq_queue_outcomes *o);
-/* Empties the builder (keeps its memory). */
-void rq_queue_outcomes_reset(struct rq_queue_outcomes *o);
-/* Frees the builder's memory. */
-void rq_queue_outcomes_finish(struct rq_queue_outcomes *o);
-/* Starts a message: next_ms < 0 leaves "next" out (allowed only when no
- * recipient stays pending or deferred). Returns 0 or -1 (no memory). */
-int rq_queue_outcomes_msg(struct rq_queue_outcomes *o, const char *id,
-			  int64_t lease, bool attempt, int64_t next_ms,
-			  bool hold);
-/* Adds a recipient outcome to the open message; 0, or -1 (none open or no
- * memory). */
-int rq_queue_outcomes_rcpt(struct rq_queue_outcomes *o,
-			   const struct rq_queue_rcpt_outcome *r);
-/* The JSON text (NUL-ended), or NULL when empty or after a memory failure;
- * valid until the builder changes. Closes the open message (more messages
- * may still be added). */
-const char *rq_queue_outcomes_json(struct rq_queue_outcomes *o, size_t *len);
-
-enum rq_queue_settled {
-	RQ_QUEUE_SETTLE_DONE = 0,
-	RQ_QUEUE_SETTLE_SCHEDULED,
-	RQ_QUEUE_SETTLE_HELD,
-	RQ_QUEUE_SETTLE_LOST,       /* lease not held: nothing written */
-	RQ_QUEUE_SETTLE_INVALID,    /* the entry was refused by relayq_settle
-				       (malformed outcome): nothing written
-				       for that message */
-};
+/* ---- settle (the outcomes builder: queue_codec.h) ---- */
 
 /* res: one status per message, in order (n of them), valid during the call;
  * NULL unless RQ_QUEUE_OK. */
@@ -381,6 +235,24 @@ int rq_queue_settle(struct rq_queue *q, struct rq_queue_outcomes *o,
  * messages in the array, the number of statuses the reply must have. */
 int rq_queue_settle_json(struct rq_queue *q, const char *json, size_t len,
 			 size_t nmsgs, rq_queue_settle_cb *cb, void *arg);
+
+/* ---- enqueue ---- */
+
+/* id: the new message's id (or the existing one for a repeated idempotency
+ * key), valid during the call; NULL unless RQ_QUEUE_OK. */
+typedef void rq_queue_enqueue_cb(struct rq_queue *q, enum rq_queue_status st,
+				 const char *err, const char *id, void *arg);
+
+/*
+ * FCALL relayq_enqueue with req's envelope (rq_queue_enqueue_envelope) and
+ * body, both copied. Retrying is safe only with an idempotency key
+ * (req->key): without one, an enqueue whose reply was lost to a dropped
+ * connection is sent again and may queue the message twice. cb may be
+ * NULL. 0, or -1 (incomplete req, destroying, no memory): cb is then not
+ * called.
+ */
+int rq_queue_enqueue(struct rq_queue *q, const struct rq_queue_enqueue_req *req,
+		     rq_queue_enqueue_cb *cb, void *arg);
 
 /* ---- renew, recover, raw ---- */
 

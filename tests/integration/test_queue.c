@@ -637,13 +637,13 @@ static void password_sources(void **state)
 static void url_redaction_and_errors(void **state)
 {
 	char out[256];
-	rq_queue_redact_url("redis://user:pa:ss@10.0.0.1:6379/2", out, sizeof(out));
+	rq_redis_url_redact("redis://user:pa:ss@10.0.0.1:6379/2", out, sizeof(out));
 	assert_string_equal(out, "redis://user:***@10.0.0.1:6379/2");
-	rq_queue_redact_url("redis://secretonly@10.0.0.1", out, sizeof(out));
+	rq_redis_url_redact("redis://secretonly@10.0.0.1", out, sizeof(out));
 	assert_string_equal(out, "redis://***@10.0.0.1");
-	rq_queue_redact_url("redis://10.0.0.1:6379", out, sizeof(out));
+	rq_redis_url_redact("redis://10.0.0.1:6379", out, sizeof(out));
 	assert_string_equal(out, "redis://10.0.0.1:6379");
-	rq_queue_redact_url("unix:/run/redis.sock", out, sizeof(out));
+	rq_redis_url_redact("unix:/run/redis.sock", out, sizeof(out));
 	assert_string_equal(out, "unix:/run/redis.sock");
 
 	struct event_base *b = event_base_new();
@@ -682,10 +682,10 @@ static void url_redaction_and_errors(void **state)
  * password through. */
 static void url_parser_one_rule(void **state)
 {
-	struct rq_queue_url u;
+	struct rq_redis_url u;
 	char err[200];
 
-	assert_int_equal(rq_queue_url_parse("redis://app:s3cr%40t%2F%3F%23%25:x@[::1]:6380/3",
+	assert_int_equal(rq_redis_url_parse("redis://app:s3cr%40t%2F%3F%23%25:x@[::1]:6380/3",
 					    &u, err, sizeof(err)), 0);
 	assert_false(u.is_unix);
 	assert_string_equal(u.host, "::1");
@@ -694,21 +694,21 @@ static void url_parser_one_rule(void **state)
 	assert_string_equal(u.user, "app");
 	assert_true(u.has_password);
 	assert_string_equal(u.password, "s3cr@t/?#%:x");
-	rq_queue_url_wipe(&u);
+	rq_redis_url_wipe(&u);
 	assert_string_equal(u.password, "");
 
-	assert_int_equal(rq_queue_url_parse("redis://:only@redis.example:1", &u, err, sizeof(err)), 0);
+	assert_int_equal(rq_redis_url_parse("redis://:only@redis.example:1", &u, err, sizeof(err)), 0);
 	assert_string_equal(u.user, "");
 	assert_string_equal(u.password, "only");
 	assert_string_equal(u.host, "redis.example");
 	assert_int_equal(u.port, 1);
 	assert_int_equal(u.db, 0);
 	/* RFC 3986: no ':' in the userinfo: a user */
-	assert_int_equal(rq_queue_url_parse("redis://default@127.0.0.1/", &u, err, sizeof(err)), 0);
+	assert_int_equal(rq_redis_url_parse("redis://default@127.0.0.1/", &u, err, sizeof(err)), 0);
 	assert_string_equal(u.user, "default");
 	assert_false(u.has_password);
 	assert_int_equal(u.port, 6379);
-	assert_int_equal(rq_queue_url_parse("unix:///run/r.sock?db=7", &u, err, sizeof(err)), 0);
+	assert_int_equal(rq_redis_url_parse("unix:///run/r.sock?db=7", &u, err, sizeof(err)), 0);
 	assert_true(u.is_unix);
 	assert_string_equal(u.path, "/run/r.sock");
 	assert_int_equal(u.db, 7);
@@ -744,37 +744,37 @@ static void url_parser_one_rule(void **state)
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		char red[300];
 		err[0] = '\0';
-		if (rq_queue_url_parse(bad[i], &u, err, sizeof(err)) == 0)
+		if (rq_redis_url_parse(bad[i], &u, err, sizeof(err)) == 0)
 			fail_msg("accepted %s", bad[i]);
 		assert_true(err[0] != '\0');
 		assert_null(strstr(err, "s3cret"));
 		assert_string_equal(u.password, "");
-		rq_queue_redact_url(bad[i], red, sizeof(red));
+		rq_redis_url_redact(bad[i], red, sizeof(red));
 		if (strstr(red, "s3cret") || strstr(red, "pw@"))
 			fail_msg("redaction of %s shows %s", bad[i], red);
 	}
 	/* the hints name the rule */
-	rq_queue_url_parse("redis://:s3cret#pw@127.0.0.1", &u, err, sizeof(err));
+	rq_redis_url_parse("redis://:s3cret#pw@127.0.0.1", &u, err, sizeof(err));
 	assert_non_null(strstr(err, "%23"));
-	rq_queue_url_parse("redis://:s3cret@pw@127.0.0.1", &u, err, sizeof(err));
+	rq_redis_url_parse("redis://:s3cret@pw@127.0.0.1", &u, err, sizeof(err));
 	assert_non_null(strstr(err, "%40"));
 
 	/* redaction: parsed URLs keep everything but the password; unparsed
 	 * ones show the scheme only */
 	char red[300];
-	rq_queue_redact_url("redis:/:s3cret@127.0.0.1", red, sizeof(red));
+	rq_redis_url_redact("redis:/:s3cret@127.0.0.1", red, sizeof(red));
 	assert_string_equal(red, "...");
-	rq_queue_redact_url("redis://:s3cret#x@127.0.0.1", red, sizeof(red));
+	rq_redis_url_redact("redis://:s3cret#x@127.0.0.1", red, sizeof(red));
 	assert_string_equal(red, "redis://...");
-	rq_queue_redact_url("unix:/x?db=s3cret", red, sizeof(red));
+	rq_redis_url_redact("unix:/x?db=s3cret", red, sizeof(red));
 	assert_string_equal(red, "unix:...");
-	rq_queue_redact_url("redis://app:s3cr%40t@127.0.0.1:6380/2", red, sizeof(red));
+	rq_redis_url_redact("redis://app:s3cr%40t@127.0.0.1:6380/2", red, sizeof(red));
 	assert_string_equal(red, "redis://app:***@127.0.0.1:6380/2");
-	rq_queue_redact_url("redis://:s3cret@127.0.0.1", red, sizeof(red));
+	rq_redis_url_redact("redis://:s3cret@127.0.0.1", red, sizeof(red));
 	assert_string_equal(red, "redis://:***@127.0.0.1");
-	rq_queue_redact_url("redis://app:@127.0.0.1", red, sizeof(red));
+	rq_redis_url_redact("redis://app:@127.0.0.1", red, sizeof(red));
 	assert_string_equal(red, "redis://app:@127.0.0.1");
-	rq_queue_redact_url("unix:/run/redis.sock?db=1", red, sizeof(red));
+	rq_redis_url_redact("unix:/run/redis.sock?db=1", red, sizeof(red));
 	assert_string_equal(red, "unix:/run/redis.sock?db=1");
 
 	/* rq_queue_create uses the same parser and never shows the password */

@@ -1,4 +1,4 @@
-#include "relayq/cli_explain.h"
+#include "explain.h"
 
 #include <ctype.h>
 #include <errno.h>
