@@ -15,7 +15,7 @@
 set -u
 
 TEST_TAG=faults-test
-# shellcheck source=tests/integration/lib.sh
+# shellcheck source=tests/e2e/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 [ -x "$FAKE" ] || { echo "no fakesmtpd at $FAKE" >&2; exit 1; }
