@@ -93,7 +93,8 @@ int64_t rq_dest_health_failed(struct rq_dest_health *h, int64_t now,
 		return 0;
 	h->suspensions++;
 	double secs = rq_policy_backoff(b, h->suspensions, rnd);
-	h->suspended_until = now + (int64_t)(secs * 1000.0);
+	h->suspended_for_ms = (int64_t)(secs * 1000.0);
+	h->suspended_until = now + h->suspended_for_ms;
 	h->failures = 0;
 	return h->suspended_until;
 }
@@ -104,6 +105,7 @@ bool rq_dest_health_ok(struct rq_dest_health *h)
 	h->failures = 0;
 	h->suspensions = 0;
 	h->suspended_until = 0;
+	h->suspended_for_ms = 0;
 	return was;
 }
 
@@ -657,9 +659,12 @@ const char *rq_dest_name(const struct rq_dest *d)
 	return d->key;
 }
 
-static void suspend_now(struct rq_dest *d, int64_t until)
+/* Suspends d until the deadline decided for for_ms: the log says for_ms,
+ * the decided length, not until minus a later clock read. */
+static void suspend_now(struct rq_dest *d, int64_t until, int64_t for_ms)
 {
 	d->h.suspended_until = until;
+	d->h.suspended_for_ms = for_ms;
 	/* connections still being made are dropped: no hammering */
 	struct sess **pp = &d->sessions;
 	while (*pp) {
@@ -680,7 +685,7 @@ static void suspend_now(struct rq_dest *d, int64_t until)
 	}
 	flush_waiting(d, RQ_DEST_RCPT_SUSPENDED, NULL, until);
 	char secs[32];
-	rq_duration_format((double)(until - now_ms(d->ds)) / 1000.0, secs, sizeof(secs));
+	rq_duration_format((double)for_ms / 1000.0, secs, sizeof(secs));
 	rq_log(RQ_LOG_WARN, "destination_suspended", "dest", d->key, "for", secs, NULL);
 	pump_starved(d->ds);
 	check_drained(d->ds);
@@ -693,17 +698,18 @@ int64_t rq_dest_failed(struct rq_dest *d, const struct rq_backoff *b)
 		return d->h.suspended_until;
 	int64_t until = rq_dest_health_failed(&d->h, now, d->nready > 0, b, &d->ds->o.rnd);
 	if (until)
-		suspend_now(d, until);
+		suspend_now(d, until, d->h.suspended_for_ms);
 	return until;
 }
 
 int64_t rq_dest_suspend(struct rq_dest *d, double after)
 {
-	int64_t until = now_ms(d->ds) + (int64_t)(after * 1000.0);
+	int64_t for_ms = (int64_t)(after * 1000.0);
+	int64_t until = now_ms(d->ds) + for_ms;
 	if (until < d->h.suspended_until)
 		return d->h.suspended_until;
 	d->h.suspensions++;
-	suspend_now(d, until);
+	suspend_now(d, until, for_ms);
 	return until;
 }
 

@@ -124,6 +124,8 @@ struct rq_dest_health {
 	unsigned failures;             /* in a row */
 	unsigned suspensions;          /* in a row (since the last success) */
 	int64_t suspended_until;       /* ms; 0: not suspended */
+	int64_t suspended_for_ms;      /* the length decided for it: what is
+					  logged, never until - a later now */
 };
 
 /* A failure: returns the end of the suspension it starts (ms), or 0 when

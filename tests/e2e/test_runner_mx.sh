@@ -13,7 +13,7 @@
 set -u
 
 TEST_TAG=mx-test
-# shellcheck source=tests/integration/lib.sh
+# shellcheck source=tests/e2e/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 command -v dnsmasq >/dev/null || { echo "dnsmasq is not installed" >&2; exit 77; }

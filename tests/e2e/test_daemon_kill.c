@@ -10,7 +10,7 @@
  * 10s-1d), so the restarted daemon takes the dead one's messages back
  * after at most 10 s.
  */
-#include "daemon_common.h"
+#include "daemon.h"
 
 #define N 5000
 #define BATCH 100

@@ -16,7 +16,7 @@
  *   452 4.5.3 too many recipients: the rest sent at once in new
  *       transactions, each recipient exactly once, nothing deferred
  */
-#include "daemon_common.h"
+#include "daemon.h"
 
 
 static int setup(void **state)

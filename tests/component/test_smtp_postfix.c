@@ -185,10 +185,16 @@ static void fast_path(bool pipelining)
 	/* the sink counted N messages (its counter is updated at "." and QUIT) */
 	char want[32], *log = NULL;
 	snprintf(want, sizeof(want), "mesg=%d", N);
-	for (int i = 0; i < 500; i++) {
+	/* polled up to 30 s: a deadline, not a guess of how long it takes */
+	struct timespec poll0, poll1;
+	clock_gettime(CLOCK_MONOTONIC, &poll0);
+	for (;;) {
 		free(log);
 		log = th_read_file(k.log, NULL);
 		if (log && strstr(log, want))
+			break;
+		clock_gettime(CLOCK_MONOTONIC, &poll1);
+		if (poll1.tv_sec - poll0.tv_sec > 30)
 			break;
 		usleep(10000);
 	}

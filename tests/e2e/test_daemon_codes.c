@@ -22,7 +22,7 @@
  *   a message with recipients in two domains: both delivered and settled
  *   relayqd exits 0 on SIGTERM, no sanitizer report
  */
-#include "daemon_common.h"
+#include "daemon.h"
 
 #include "relayq/reply.h"
 

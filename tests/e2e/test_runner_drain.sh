@@ -8,7 +8,7 @@
 set -u
 
 TEST_TAG=runner-test
-# shellcheck source=tests/integration/lib.sh
+# shellcheck source=tests/e2e/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 free_port() {

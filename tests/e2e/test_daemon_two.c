@@ -4,7 +4,7 @@
  * No crash, every message delivered exactly once (the fixture's record has
  * each token once), the queue empty, both exit 0 on SIGTERM.
  */
-#include "daemon_common.h"
+#include "daemon.h"
 
 #define N 10000
 

@@ -14,7 +14,7 @@
  *       with file:line); a good reload applies the new one
  *   relayq explain -c FILE agrees with every decision the daemon made
  */
-#include "daemon_common.h"
+#include "daemon.h"
 
 
 /* Decisions the daemon made, checked against relayq explain at the end. */

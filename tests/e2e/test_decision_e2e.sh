@@ -15,8 +15,8 @@
 # RQ_SOURCE_ROOT.
 set -u
 
-TEST_TAG=decision-test
-# shellcheck source=tests/integration/lib.sh
+TEST_TAG=decision-e2e
+# shellcheck source=tests/e2e/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 [ -x "$FAKE" ] || { echo "no fakesmtpd at $FAKE" >&2; exit 1; }
@@ -274,5 +274,5 @@ else
 	echo "dnsmasq is not installed: MX cases skipped" >&2
 fi
 
-echo "test_decision: $passed passed, $failed failed"
+echo "test_decision_e2e: $passed passed, $failed failed"
 [ $failed -eq 0 ]

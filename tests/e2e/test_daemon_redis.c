@@ -6,7 +6,7 @@
  * only for messages whose settle died with Redis), the queue ends empty,
  * and the daemon exits 0 on SIGTERM.
  */
-#include "daemon_common.h"
+#include "daemon.h"
 
 #define N 3000
 

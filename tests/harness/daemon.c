@@ -1,75 +1,22 @@
-#ifndef RQ_TEST_DAEMON_COMMON_H
-#define RQ_TEST_DAEMON_COMMON_H
+/* The daemon tests' helpers (see daemon.h): compiled once into the
+ * harness library. */
+#include "daemon.h"
 
-/*
- * Shared helpers of the end-to-end tests of relayqd (test_daemon_*.c):
- * a private redis-server, the fakesmtpd fixture as a process, relayqd
- * processes started from a generated config file, pipelined enqueues, and
- * waits on conditions with deadlines. Included by one test file each, so
- * everything is static.
- *
- * Binaries: $RELAYQD_BIN, $RELAYQ_BIN, $RQ_BUILD_ROOT/tests/fakesmtpd.
- */
-
-#include <dirent.h>
-#include <errno.h>
-#include <inttypes.h>
-#include <setjmp.h>
-#include <signal.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
-#include <sys/time.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
-
-#include <cmocka.h>
-#include <hiredis/hiredis.h>
-
-#include "harness.h"
-#include "relayq/json.h"
-
-#define DT_DAEMONS 2
-
-struct dt {
-	struct th_redis redis;
-	char *tmp;
-	char queue[96];
-	char prefix[128];          /* relayq:{q} */
-	char cfg[512];             /* config file path */
-	redisContext *c;
-	/* fakesmtpd */
-	struct th_proc smtp;
-	int smtp_port;
-	char rec[512];             /* its record dir */
-	char smtp_log[512];
-	int smtp_runs;
-	/* relayqd */
-	struct th_proc d[DT_DAEMONS];
-	char dlog[DT_DAEMONS][512];
-	int druns[DT_DAEMONS];
-};
-
-static inline void dt_sleep_ms(int ms)
+void dt_sleep_ms(int ms)
 {
 	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
 	while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
 		;
 }
 
-static inline int64_t dt_now_ms(void)
+int64_t dt_now_ms(void)
 {
 	struct timeval tv;
 	gettimeofday(&tv, NULL);
 	return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
 }
 
-static inline const char *dt_relayqd_bin(void)
+const char *dt_relayqd_bin(void)
 {
 	const char *e = getenv("RELAYQD_BIN");
 	static char buf[600];
@@ -79,7 +26,7 @@ static inline const char *dt_relayqd_bin(void)
 	return buf;
 }
 
-static inline const char *dt_relayq_bin(void)
+const char *dt_relayq_bin(void)
 {
 	const char *e = getenv("RELAYQ_BIN");
 	static char buf[600];
@@ -89,15 +36,14 @@ static inline const char *dt_relayq_bin(void)
 	return buf;
 }
 
-static inline const char *dt_fakesmtpd_bin(void)
+const char *dt_fakesmtpd_bin(void)
 {
 	static char buf[600];
 	snprintf(buf, sizeof(buf), "%s/tests/fakesmtpd", th_build_root());
 	return buf;
 }
 
-/* Prints the tail of a log file to stderr (for failure diagnosis). */
-static inline void dt_dump_log(const char *what, const char *path)
+void dt_dump_log(const char *what, const char *path)
 {
 	size_t len = 0;
 	char *s = th_read_file(path, &len);
@@ -109,7 +55,7 @@ static inline void dt_dump_log(const char *what, const char *path)
 	free(s);
 }
 
-static inline void dt_dump_all(struct dt *t)
+void dt_dump_all(struct dt *t)
 {
 	for (int i = 0; i < DT_DAEMONS; i++)
 		if (t->druns[i])
@@ -118,14 +64,7 @@ static inline void dt_dump_all(struct dt *t)
 		dt_dump_log("fakesmtpd log", t->smtp_log);
 }
 
-/* Fails the test with a message and the logs. */
-#define DT_FAIL(t, ...)                                                         \
-	do {                                                                    \
-		dt_dump_all(t);                                                 \
-		fail_msg(__VA_ARGS__);                                          \
-	} while (0)
-
-static inline void dt_setup(struct dt *t, const char *tag, bool aof)
+void dt_setup(struct dt *t, const char *tag, bool aof)
 {
 	memset(t, 0, sizeof(*t));
 	th_redis_start(&t->redis, aof);
@@ -140,15 +79,14 @@ static inline void dt_setup(struct dt *t, const char *tag, bool aof)
 	t->c = th_redis_connect(&t->redis);
 }
 
-/* (Re)connects the synchronous client, e.g. after a Redis restart. */
-static inline void dt_reconnect(struct dt *t)
+void dt_reconnect(struct dt *t)
 {
 	if (t->c)
 		redisFree(t->c);
 	t->c = th_redis_connect(&t->redis);
 }
 
-static inline void dt_teardown(struct dt *t)
+void dt_teardown(struct dt *t)
 {
 	for (int i = 0; i < DT_DAEMONS; i++)
 		if (t->d[i].pid > 0)
@@ -170,11 +108,7 @@ static inline void dt_teardown(struct dt *t)
 	t->tmp = NULL;
 }
 
-/* ---- files ---- */
-
-/* cmocka setup / teardown around dt_setup / dt_teardown: a test file
- * writes static int setup(void **s) { return dt_state_setup(s, "tag", false); } */
-static inline int dt_state_setup(void **state, const char *tag, bool aof)
+int dt_state_setup(void **state, const char *tag, bool aof)
 {
 	struct dt *t = calloc(1, sizeof(*t));
 	if (!t)
@@ -184,7 +118,7 @@ static inline int dt_state_setup(void **state, const char *tag, bool aof)
 	return 0;
 }
 
-static inline int dt_state_teardown(void **state)
+int dt_state_teardown(void **state)
 {
 	struct dt *t = *state;
 	dt_teardown(t);
@@ -192,12 +126,7 @@ static inline int dt_state_teardown(void **state)
 	return 0;
 }
 
-/* Backoffs the daemon tests use: one hour (a retry a test triggers by hand
- * with flush) and one second (the daemon retries by itself). */
-#define DT_BACKOFF_1H "relayq.backoff { first = \"1h\", factor = 2, max = \"4h\", jitter = 0 }\n"
-#define DT_BACKOFF_1S "relayq.backoff { first = \"1s\", factor = 2, max = \"2s\", jitter = 0 }\n"
-
-static inline void dt_write_file(const char *path, const char *text)
+void dt_write_file(const char *path, const char *text)
 {
 	char tmp[600];
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
@@ -208,13 +137,7 @@ static inline void dt_write_file(const char *path, const char *text)
 	assert_int_equal(rename(tmp, path), 0);
 }
 
-/*
- * Writes the daemon's config to t->cfg (atomically: a reload never sees a
- * half-written file): relayq.config with the test's Redis, queue and the
- * fixture as relay, plus `keys` (more relayq.config fields, may be ""),
- * then `rest` (backoff, expire, rules...).
- */
-static inline void dt_config_port(struct dt *t, int port, const char *keys, const char *rest)
+void dt_config_port(struct dt *t, int port, const char *keys, const char *rest)
 {
 	char *text = NULL;
 	int n = asprintf(&text,
@@ -235,19 +158,12 @@ static inline void dt_config_port(struct dt *t, int port, const char *keys, cons
 	free(text);
 }
 
-static inline void dt_config(struct dt *t, const char *keys, const char *rest)
+void dt_config(struct dt *t, const char *keys, const char *rest)
 {
 	dt_config_port(t, t->smtp_port, keys, rest);
 }
 
-/* ---- fakesmtpd ---- */
-
-/*
- * Starts fakesmtpd on port (0: a free one, read back from its "ready PORT"
- * line) with --record t->rec and the given extra arguments (NULL-ended,
- * e.g. "--rule", "rcpt ... reply 450 ..."). Waits until it is ready.
- */
-static inline void dt_smtp_start_argv(struct dt *t, int port, const char *const *extra)
+void dt_smtp_start_argv(struct dt *t, int port, const char *const *extra)
 {
 	char listen[64];
 	snprintf(listen, sizeof(listen), "127.0.0.1:%d", port);
@@ -287,8 +203,7 @@ static inline void dt_smtp_start_argv(struct dt *t, int port, const char *const 
 		assert_int_equal(t->smtp_port, port);
 }
 
-/* fakesmtpd with --rule for each rule (NULL-ended list, may be NULL). */
-static inline void dt_smtp_start(struct dt *t, const char *const *rules)
+void dt_smtp_start(struct dt *t, const char *const *rules)
 {
 	const char *argv[48];
 	size_t n = 0;
@@ -301,8 +216,7 @@ static inline void dt_smtp_start(struct dt *t, const char *const *rules)
 	dt_smtp_start_argv(t, 0, argv);
 }
 
-/* SIGTERM: the fixture must exit 0. */
-static inline void dt_smtp_stop(struct dt *t)
+void dt_smtp_stop(struct dt *t)
 {
 	if (t->smtp.pid <= 0)
 		return;
@@ -311,9 +225,7 @@ static inline void dt_smtp_stop(struct dt *t)
 		DT_FAIL(t, "fakesmtpd did not exit 0 on SIGTERM (status %d)", st);
 }
 
-/* A field of the fixture's stats record ("messages", "connections" ...);
- * 0 when not written yet. */
-static inline long dt_smtp_stat(struct dt *t, const char *key)
+long dt_smtp_stat(struct dt *t, const char *key)
 {
 	char path[600];
 	snprintf(path, sizeof(path), "%s/stats", t->rec);
@@ -332,13 +244,7 @@ static inline long dt_smtp_stat(struct dt *t, const char *key)
 	return v;
 }
 
-/*
- * Calls fn for every recorded message (msg-N.eml complete files) with its
- * envelope text and content. Returns the number of messages.
- */
-typedef void (*dt_msg_fn)(const char *env, const char *content, size_t len, void *arg);
-
-static inline size_t dt_each_message(struct dt *t, dt_msg_fn fn, void *arg)
+size_t dt_each_message(struct dt *t, dt_msg_fn fn, void *arg)
 {
 	DIR *d = opendir(t->rec);
 	if (!d)
@@ -369,9 +275,7 @@ static inline size_t dt_each_message(struct dt *t, dt_msg_fn fn, void *arg)
 	return n;
 }
 
-/* Number of occurrences of needle in every conn-N.log transcript (what the
- * client sent and the server answered, in order). */
-static inline size_t dt_count_in_transcripts(struct dt *t, const char *needle)
+size_t dt_count_in_transcripts(struct dt *t, const char *needle)
 {
 	DIR *d = opendir(t->rec);
 	if (!d)
@@ -394,24 +298,20 @@ static inline size_t dt_count_in_transcripts(struct dt *t, const char *needle)
 	return n;
 }
 
-/* ---- relayqd ---- */
-
-static inline size_t dt_file_size(const char *path)
+size_t dt_file_size(const char *path)
 {
 	struct stat st;
 	return stat(path, &st) == 0 ? (size_t)st.st_size : 0;
 }
 
-/* Starts relayqd number i with the config file (its log appended to). */
-static inline void dt_daemon_start(struct dt *t, int i)
+void dt_daemon_start(struct dt *t, int i)
 {
 	const char *argv[] = {dt_relayqd_bin(), "-c", t->cfg, NULL};
 	assert_int_equal(th_spawn(&t->d[i], (char *const *)argv, t->dlog[i]), 0);
 	t->druns[i]++;
 }
 
-/* True when the log has a sanitizer report. */
-static inline bool dt_log_has_sanitizer_report(const char *path)
+bool dt_log_has_sanitizer_report(const char *path)
 {
 	char *s = th_read_file(path, NULL);
 	bool bad = s && (strstr(s, "ERROR: AddressSanitizer") ||
@@ -421,15 +321,13 @@ static inline bool dt_log_has_sanitizer_report(const char *path)
 	return bad;
 }
 
-/* Fails when daemon i is not running (it crashed or exited). */
-static inline void dt_daemon_check_alive(struct dt *t, int i)
+void dt_daemon_check_alive(struct dt *t, int i)
 {
 	if (t->d[i].pid > 0 && !th_alive(&t->d[i]))
 		DT_FAIL(t, "relayqd %d exited while it should run", i);
 }
 
-/* SIGTERM: relayqd must exit 0, with no sanitizer report in its log. */
-static inline void dt_daemon_stop(struct dt *t, int i)
+void dt_daemon_stop(struct dt *t, int i)
 {
 	if (t->d[i].pid <= 0)
 		DT_FAIL(t, "relayqd %d is not running at stop", i);
@@ -456,8 +354,7 @@ static inline void dt_daemon_stop(struct dt *t, int i)
 			WIFEXITED(st) ? "" : " (signal)");
 }
 
-/* kill -9 */
-static inline void dt_daemon_kill9(struct dt *t, int i)
+void dt_daemon_kill9(struct dt *t, int i)
 {
 	if (t->d[i].pid > 0)
 		th_stop(&t->d[i], SIGKILL);
@@ -465,9 +362,7 @@ static inline void dt_daemon_kill9(struct dt *t, int i)
 		DT_FAIL(t, "relayqd %d: sanitizer report in its log", i);
 }
 
-/* ---- Redis ---- */
-
-static inline redisReply *dt_cmd(struct dt *t, const char *fmt, ...)
+redisReply *dt_cmd(struct dt *t, const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
@@ -478,7 +373,7 @@ static inline redisReply *dt_cmd(struct dt *t, const char *fmt, ...)
 	return r;
 }
 
-static inline long long dt_int(struct dt *t, const char *fmt, ...)
+long long dt_int(struct dt *t, const char *fmt, ...)
 {
 	va_list ap;
 	va_start(ap, fmt);
@@ -499,21 +394,19 @@ static inline long long dt_int(struct dt *t, const char *fmt, ...)
 	return v;
 }
 
-/* ZCARD / LLEN of a queue key ("ready" is a list, the others zsets). */
-static inline long long dt_count(struct dt *t, const char *what)
+long long dt_count(struct dt *t, const char *what)
 {
 	if (strcmp(what, "ready") == 0)
 		return dt_int(t, "LLEN %s:ready", t->prefix);
 	return dt_int(t, "ZCARD %s:%s", t->prefix, what);
 }
 
-/* A counter of P:stats (0 when never bumped). */
-static inline long long dt_stat(struct dt *t, const char *name)
+long long dt_stat(struct dt *t, const char *name)
 {
 	return dt_int(t, "HGET %s:stats %s", t->prefix, name);
 }
 
-static inline bool dt_in_zset(struct dt *t, const char *set, const char *id)
+bool dt_in_zset(struct dt *t, const char *set, const char *id)
 {
 	redisReply *r = dt_cmd(t, "ZSCORE %s:%s %s", t->prefix, set, id);
 	bool in = r->type == REDIS_REPLY_STRING;
@@ -521,7 +414,7 @@ static inline bool dt_in_zset(struct dt *t, const char *set, const char *id)
 	return in;
 }
 
-static inline int64_t dt_zscore(struct dt *t, const char *set, const char *id)
+int64_t dt_zscore(struct dt *t, const char *set, const char *id)
 {
 	redisReply *r = dt_cmd(t, "ZSCORE %s:%s %s", t->prefix, set, id);
 	int64_t v = r->type == REDIS_REPLY_STRING ? (int64_t)atoll(r->str) : -1;
@@ -529,13 +422,12 @@ static inline int64_t dt_zscore(struct dt *t, const char *set, const char *id)
 	return v;
 }
 
-static inline bool dt_msg_exists(struct dt *t, const char *id)
+bool dt_msg_exists(struct dt *t, const char *id)
 {
 	return dt_int(t, "EXISTS %s:msg:%s", t->prefix, id) == 1;
 }
 
-/* HGET P:msg:<id> field (malloc'd; NULL when absent). */
-static inline char *dt_msg_field(struct dt *t, const char *id, const char *field)
+char *dt_msg_field(struct dt *t, const char *id, const char *field)
 {
 	redisReply *r = dt_cmd(t, "HGET %s:msg:%s %s", t->prefix, id, field);
 	char *s = r->type == REDIS_REPLY_STRING ? strdup(r->str) : NULL;
@@ -543,9 +435,7 @@ static inline char *dt_msg_field(struct dt *t, const char *id, const char *field
 	return s;
 }
 
-/* The recipient's entry of P:rcpt:<id> (HGETALL, as redis-cli shows it),
- * parsed; NULL when absent. */
-static inline struct rq_json *dt_rcpt_entry(struct dt *t, const char *id, const char *rcpt)
+struct rq_json *dt_rcpt_entry(struct dt *t, const char *id, const char *rcpt)
 {
 	redisReply *r = dt_cmd(t, "HGETALL %s:rcpt:%s", t->prefix, id);
 	struct rq_json *j = NULL;
@@ -564,8 +454,7 @@ static inline struct rq_json *dt_rcpt_entry(struct dt *t, const char *id, const 
 	return j;
 }
 
-/* Builds an envelope JSON for simple (unquoted) addresses. */
-static inline char *dt_envelope(const char *from, const char *const *to, size_t nto)
+char *dt_envelope(const char *from, const char *const *to, size_t nto)
 {
 	char *s = NULL;
 	size_t len = 0;
@@ -579,9 +468,8 @@ static inline char *dt_envelope(const char *from, const char *const *to, size_t 
 	return s;
 }
 
-/* Enqueues one message; returns its id (malloc'd). */
-static inline char *dt_enqueue(struct dt *t, const char *from, const char *const *to, size_t nto,
-			const char *body)
+char *dt_enqueue(struct dt *t, const char *from, const char *const *to, size_t nto,
+		 const char *body)
 {
 	char *env = dt_envelope(from, to, nto);
 	redisReply *r = dt_cmd(t, "FCALL relayq_enqueue 1 %s %s %s", t->prefix, env, body);
@@ -593,14 +481,13 @@ static inline char *dt_enqueue(struct dt *t, const char *from, const char *const
 	return id;
 }
 
-static inline char *dt_enqueue1(struct dt *t, const char *to, const char *body)
+char *dt_enqueue1(struct dt *t, const char *to, const char *body)
 {
 	const char *rc[] = {to};
 	return dt_enqueue(t, "sender@example.com", rc, 1, body);
 }
 
-/* The body of message number i of a bulk run: a unique token. */
-static inline void dt_bulk_body(char *buf, size_t len, const char *tag, size_t i)
+void dt_bulk_body(char *buf, size_t len, const char *tag, size_t i)
 {
 	snprintf(buf, len,
 		 "From: <sender@example.com>\r\nTo: <rcpt@example.net>\r\n"
@@ -608,8 +495,7 @@ static inline void dt_bulk_body(char *buf, size_t len, const char *tag, size_t i
 		 i, tag, i, i);
 }
 
-/* Enqueues n messages, pipelined 500 at a time, to one recipient each. */
-static inline void dt_enqueue_bulk(struct dt *t, const char *tag, size_t n)
+void dt_enqueue_bulk(struct dt *t, const char *tag, size_t n)
 {
 	const char *to[] = {"rcpt@example.net"};
 	char *env = dt_envelope("sender@example.com", to, 1);
@@ -636,23 +522,7 @@ static inline void dt_enqueue_bulk(struct dt *t, const char *tag, size_t n)
 	free(env);
 }
 
-/* ---- events ---- */
-
-struct dt_event {
-	char type[16];
-	char rcpt[128];
-	char code[8];
-	char enh[16];
-	char text[512];
-	char stage[16];
-	char meta[256];
-	long long attempt;
-	long long next;
-	int64_t ms;                /* stream id time */
-};
-
-/* The events of message id, in order; returns how many (at most max). */
-static inline size_t dt_events(struct dt *t, const char *id, struct dt_event *out, size_t max)
+size_t dt_events(struct dt *t, const char *id, struct dt_event *out, size_t max)
 {
 	redisReply *r = dt_cmd(t, "XRANGE %s:events - +", t->prefix);
 	size_t n = 0;
@@ -695,9 +565,8 @@ static inline size_t dt_events(struct dt *t, const char *id, struct dt_event *ou
 	return n;
 }
 
-/* The last event of a type for (id, rcpt); false when none. */
-static inline bool dt_find_event(struct dt *t, const char *id, const char *rcpt, const char *type,
-			  struct dt_event *out)
+bool dt_find_event(struct dt *t, const char *id, const char *rcpt, const char *type,
+		   struct dt_event *out)
 {
 	struct dt_event ev[32];
 	size_t n = dt_events(t, id, ev, 32);
@@ -710,9 +579,8 @@ static inline bool dt_find_event(struct dt *t, const char *id, const char *rcpt,
 	return found;
 }
 
-/* The first event of a type for (id, rcpt) with this reply code (0: any). */
-static inline bool dt_find_event_code(struct dt *t, const char *id, const char *rcpt,
-				      const char *type, int code, struct dt_event *out)
+bool dt_find_event_code(struct dt *t, const char *id, const char *rcpt,
+			const char *type, int code, struct dt_event *out)
 {
 	struct dt_event ev[32];
 	size_t n = dt_events(t, id, ev, 32);
@@ -725,7 +593,7 @@ static inline bool dt_find_event_code(struct dt *t, const char *id, const char *
 	return false;
 }
 
-static inline size_t dt_count_events(struct dt *t, const char *id, const char *rcpt, const char *type)
+size_t dt_count_events(struct dt *t, const char *id, const char *rcpt, const char *type)
 {
 	struct dt_event ev[32];
 	size_t n = dt_events(t, id, ev, 32), k = 0;
@@ -735,15 +603,7 @@ static inline size_t dt_count_events(struct dt *t, const char *id, const char *r
 	return k;
 }
 
-/* ---- waits ---- */
-
-typedef bool (*dt_cond)(struct dt *t, void *arg);
-
-/*
- * Waits up to ms for cond, polling every 20 ms; fails early (with the
- * logs) when a daemon that should run exited. Returns true when it held.
- */
-static inline bool dt_wait(struct dt *t, dt_cond cond, void *arg, int ms)
+bool dt_wait(struct dt *t, dt_cond cond, void *arg, int ms)
 {
 	int64_t deadline = dt_now_ms() + ms;
 	for (;;) {
@@ -757,7 +617,7 @@ static inline bool dt_wait(struct dt *t, dt_cond cond, void *arg, int ms)
 	}
 }
 
-static inline bool dt_cond_settled(struct dt *t, void *arg)
+bool dt_cond_settled(struct dt *t, void *arg)
 {
 	/* the message left ready/inflight: delivered (gone), dead or scheduled */
 	const char *id = arg;
@@ -770,38 +630,29 @@ static inline bool dt_cond_settled(struct dt *t, void *arg)
 	return done;
 }
 
-static inline bool dt_cond_gone(struct dt *t, void *arg)
+bool dt_cond_gone(struct dt *t, void *arg)
 {
 	return !dt_msg_exists(t, arg);
 }
 
-static inline bool dt_cond_dead(struct dt *t, void *arg)
+bool dt_cond_dead(struct dt *t, void *arg)
 {
 	return dt_in_zset(t, "dead", arg);
 }
 
-static inline bool dt_cond_scheduled(struct dt *t, void *arg)
+bool dt_cond_scheduled(struct dt *t, void *arg)
 {
 	return dt_in_zset(t, "scheduled", arg);
 }
 
-static inline bool dt_cond_queue_empty(struct dt *t, void *arg)
+bool dt_cond_queue_empty(struct dt *t, void *arg)
 {
 	(void)arg;
 	return dt_count(t, "ready") == 0 && dt_count(t, "scheduled") == 0 &&
 	       dt_count(t, "inflight") == 0;
 }
 
-#define DT_WAIT(t, cond, arg, ms, ...)                                        \
-	do {                                                                    \
-		if (!dt_wait((t), (cond), (arg), (ms)))                         \
-			DT_FAIL((t), __VA_ARGS__);                              \
-	} while (0)
-
-/* ---- the CLI ---- */
-
-/* `relayq show ID --json`, parsed (the caller frees). */
-static inline struct rq_json *dt_show(struct dt *t, const char *id)
+struct rq_json *dt_show(struct dt *t, const char *id)
 {
 	char cmd[2048];
 	snprintf(cmd, sizeof(cmd), "'%s' show '%s' --json --redis '%s' --queue '%s' 2>&1",
@@ -818,8 +669,7 @@ static inline struct rq_json *dt_show(struct dt *t, const char *id)
 	return j;
 }
 
-/* The rcpts[] entry of a show document for an address. */
-static inline const struct rq_json *dt_show_rcpt(const struct rq_json *m, const char *addr)
+const struct rq_json *dt_show_rcpt(const struct rq_json *m, const char *addr)
 {
 	const struct rq_json *a = rq_json_get(m, "rcpts");
 	for (size_t i = 0; a && i < a->count; i++) {
@@ -831,7 +681,7 @@ static inline const struct rq_json *dt_show_rcpt(const struct rq_json *m, const 
 	return NULL;
 }
 
-static inline int64_t dt_json_int(const struct rq_json *j, const char *key)
+int64_t dt_json_int(const struct rq_json *j, const char *key)
 {
 	int64_t v = -1;
 	if (!rq_json_get_int(j, key, true, &v))
@@ -839,8 +689,7 @@ static inline int64_t dt_json_int(const struct rq_json *j, const char *key)
 	return v;
 }
 
-/* Runs a shell command line; returns its exit status and output. */
-static inline int dt_sh(char **out, const char *fmt, ...)
+int dt_sh(char **out, const char *fmt, ...)
 {
 	char *cmd = NULL;
 	va_list ap;
@@ -853,8 +702,7 @@ static inline int dt_sh(char **out, const char *fmt, ...)
 	return rc;
 }
 
-/* A "key: value" line of `relayq explain` output (malloc'd or NULL). */
-static inline char *dt_line_value(const char *text, const char *key)
+char *dt_line_value(const char *text, const char *key)
 {
 	size_t kl = strlen(key);
 	for (const char *p = text; p && *p;) {
@@ -872,8 +720,6 @@ static inline char *dt_line_value(const char *text, const char *key)
 	return NULL;
 }
 
-/* ---- bulk runs ---- */
-
 struct dt_tokens {
 	const char *tag;
 	size_t n;
@@ -881,7 +727,7 @@ struct dt_tokens {
 	size_t total, foreign;
 };
 
-static inline void dt_token_one(const char *env, const char *content, size_t len, void *arg)
+static void dt_token_one(const char *env, const char *content, size_t len, void *arg)
 {
 	struct dt_tokens *k = arg;
 	char pre[64];
@@ -899,13 +745,8 @@ static inline void dt_token_one(const char *env, const char *content, size_t len
 		k->foreign++;
 }
 
-/*
- * Counts, per token of a dt_enqueue_bulk run, the messages the fixture
- * recorded. Fills missing (tokens never delivered), dups (deliveries beyond
- * the first) and returns the number of messages recorded.
- */
-static inline size_t dt_token_check(struct dt *t, const char *tag, size_t n, size_t *missing,
-				    size_t *dups, size_t *first_missing)
+size_t dt_token_check(struct dt *t, const char *tag, size_t n, size_t *missing,
+		      size_t *dups, size_t *first_missing)
 {
 	struct dt_tokens k = {tag, n, calloc(n, sizeof(unsigned)), 0, 0};
 	assert_non_null(k.count);
@@ -927,5 +768,3 @@ static inline size_t dt_token_check(struct dt *t, const char *tag, size_t n, siz
 		DT_FAIL(t, "%zu recorded messages carry no token of this run", k.foreign);
 	return k.total;
 }
-
-#endif
