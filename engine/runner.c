@@ -81,13 +81,21 @@ struct settle_ctx {
 	char (*ids)[RQ_QUEUE_ID_MAX + 1];
 };
 
+/* The real backend's context: a Redis client and the shared destinations. */
+struct real_backend {
+	struct rq_queue *q;
+	struct rq_dests *dests;
+};
+
 struct rq_runner {
 	struct event_base *base;
 	const struct rq_config *cfg;
-	struct rq_dests *dests;
 	bool relay;
 	char *queue_name;
-	struct rq_queue *q;
+	const struct rq_runner_backend *be;
+	void *bctx;
+	bool started;              /* the queue client runs */
+	struct real_backend real;
 	struct rq_runner_opts o;
 	int64_t offset;            /* Redis time - local time, ms */
 	/* claims */
@@ -113,6 +121,104 @@ struct rq_runner {
 	size_t bounces_pending;    /* of commands_pending: DSN enqueues */
 	enum rq_queue_conn_state qstate;
 	struct rq_runner_stats st;
+};
+
+/* ------------------------------------------------------------------------
+ * The real backend: queue.h and dest.h
+ */
+
+static int real_queue_start(void *ctx, struct event_base *base, const struct rq_queue_opts *qo,
+			    char *err, size_t errlen)
+{
+	struct real_backend *b = ctx;
+	b->q = rq_queue_create(base, qo, err, errlen);
+	return b->q ? 0 : -1;
+}
+
+static void real_queue_stop(void *ctx)
+{
+	struct real_backend *b = ctx;
+	struct rq_queue *q = b->q;
+	b->q = NULL;
+	rq_queue_destroy(q);
+}
+
+static const char *real_redis_redacted(void *ctx)
+{
+	struct real_backend *b = ctx;
+	return b->q ? rq_queue_url_redacted(b->q) : "";
+}
+
+static int real_claim(void *ctx, int count, int64_t lease, rq_queue_claim_cb *cb, void *arg)
+{
+	return rq_queue_claim(((struct real_backend *)ctx)->q, count, lease, cb, arg);
+}
+
+static int real_settle(void *ctx, struct rq_queue_outcomes *o, rq_queue_settle_cb *cb, void *arg)
+{
+	return rq_queue_settle(((struct real_backend *)ctx)->q, o, cb, arg);
+}
+
+static int real_renew(void *ctx, int64_t lease, const struct rq_queue_lease *l, size_t n,
+		      rq_queue_count_cb *cb, void *arg)
+{
+	return rq_queue_renew(((struct real_backend *)ctx)->q, lease, l, n, cb, arg);
+}
+
+static int real_recover(void *ctx, rq_queue_count_cb *cb, void *arg)
+{
+	return rq_queue_recover(((struct real_backend *)ctx)->q, cb, arg);
+}
+
+static int real_enqueue(void *ctx, const struct rq_queue_enqueue_req *req,
+			rq_queue_enqueue_cb *cb, void *arg)
+{
+	return rq_queue_enqueue(((struct real_backend *)ctx)->q, req, cb, arg);
+}
+
+static void real_wake_at(void *ctx, int64_t delay_ms)
+{
+	rq_queue_wake_at(((struct real_backend *)ctx)->q, delay_ms);
+}
+
+static int real_submit(void *ctx, const char *key, struct rq_dest_job *job)
+{
+	return rq_dests_submit(((struct real_backend *)ctx)->dests, key, job);
+}
+
+static void real_report(void *ctx, struct rq_dest *dest, enum rq_decision_dest act,
+			double suspend_secs, const struct rq_backoff *backoff)
+{
+	(void)ctx;
+	if (!dest)
+		return;
+	switch (act) {
+	case RQ_DECISION_DEST_SUSPEND:
+		rq_dest_suspend(dest, suspend_secs);
+		break;
+	case RQ_DECISION_DEST_FAILED:
+		rq_dest_failed(dest, backoff);
+		break;
+	case RQ_DECISION_DEST_OK:
+		rq_dest_ok(dest);
+		break;
+	case RQ_DECISION_DEST_NONE:
+		break;
+	}
+}
+
+static const struct rq_runner_backend real_ops = {
+	.queue_start = real_queue_start,
+	.queue_stop = real_queue_stop,
+	.redis_redacted = real_redis_redacted,
+	.claim = real_claim,
+	.settle = real_settle,
+	.renew = real_renew,
+	.recover = real_recover,
+	.enqueue = real_enqueue,
+	.wake_at = real_wake_at,
+	.submit = real_submit,
+	.report = real_report,
 };
 
 /* ------------------------------------------------------------------------
@@ -254,7 +360,7 @@ static void flush_settles(struct rq_runner *r)
 	ctx->ids = r->ob_ids;
 	r->ob_ids = NULL;
 	r->ob_cap = 0;
-	if (rq_queue_settle(r->q, &r->ob, settle_cb, ctx) < 0) {
+	if (r->be->settle(r->bctx, &r->ob, settle_cb, ctx) < 0) {
 		free(ctx->ids);
 		free(ctx);
 		goto oom;
@@ -356,7 +462,7 @@ static void send_bounce(struct rq_runner *r, struct rmsg *m)
 		.key = key,
 		.delay_s = -1,
 	};
-	if (rq_queue_enqueue(r->q, &req, bounce_cb, r) < 0)
+	if (r->be->enqueue(r->bctx, &req, bounce_cb, r) < 0)
 		goto fail;
 	r->commands_pending++;
 	r->bounces_pending++;
@@ -420,7 +526,7 @@ static void finish_msg(struct rmsg *m)
 		next = now;
 	/* Settle does not wake anyone: the timer takes the earliest retry. */
 	if (next >= 0 && !m->hold)
-		rq_queue_wake_at(r->q, next > now ? next - now : 0);
+		r->be->wake_at(r->bctx, next > now ? next - now : 0);
 	int rc_ok = ob_add_id(r, qm->id);
 	if (rc_ok == 0)
 		rc_ok = rq_queue_outcomes_msg(&r->ob, qm->id, qm->lease, m->attempt, next, m->hold);
@@ -517,7 +623,7 @@ static void submit_group(struct rmsg *m, const char *key, const size_t *idx, siz
 		j->job.messages_per_connection = mpc;
 		j->job.done = job_done;
 		j->job.arg = j;
-		int rc = rq_dests_submit(r->dests, key, &j->job);
+		int rc = r->be->submit(r->bctx, key, &j->job);
 		if (rc == 0) {
 			m->jobs++;
 			continue;
@@ -690,7 +796,7 @@ static void job_done(struct rq_dest_job *job, void *arg)
 			if (!rc->has_outcome) {
 				rq_outcome_set(&rc->o, RQ_STAGE_CONNECT, RQ_FAIL_REFUSED, 0, "4.4.1",
 					       "destination %s suspended after connection failures",
-					       rq_dest_name(dest));
+					       dest ? rq_dest_name(dest) : "?");
 				rc->has_outcome = true;
 			}
 			/* job->until is on the local clock: in Redis time, the
@@ -711,23 +817,10 @@ static void job_done(struct rq_dest_job *job, void *arg)
 			break;
 		}
 	}
-	if (dest) {
-		switch (dact) {
-		case RQ_DECISION_DEST_SUSPEND:
-			rq_dest_suspend(dest, dafter);
-			break;
-		case RQ_DECISION_DEST_FAILED: {
-			struct rq_policy_params params;
-			rq_config_params(r->cfg, domain_for_backoff, &params);
-			rq_dest_failed(dest, &params.backoff);
-			break;
-		}
-		case RQ_DECISION_DEST_OK:
-			rq_dest_ok(dest);
-			break;
-		case RQ_DECISION_DEST_NONE:
-			break;
-		}
+	if (dact != RQ_DECISION_DEST_NONE) {
+		struct rq_policy_params params;
+		rq_config_params(r->cfg, domain_for_backoff, &params);
+		r->be->report(r->bctx, dest, dact, dafter, &params.backoff);
 	}
 	free(j);
 	bool resend = false;
@@ -846,7 +939,7 @@ static void maybe_claim(struct rq_runner *r)
 	if (r->ninflight > 0 && free_slots < (size_t)(batch + 1) / 2)
 		return;
 	int count = free_slots < (size_t)batch ? (int)free_slots : batch;
-	if (rq_queue_claim(r->q, count, lease_ms(r), claim_cb, r) < 0) {
+	if (r->be->claim(r->bctx, count, lease_ms(r), claim_cb, r) < 0) {
 		struct timeval tv = {CLAIM_RETRY_MS / 1000, (CLAIM_RETRY_MS % 1000) * 1000};
 		evtimer_add(r->claim_retry_ev, &tv);
 		return;
@@ -879,13 +972,13 @@ static void on_state(struct rq_queue *q, enum rq_queue_conn_state st, const char
 	r->qstate = st;
 	if (st == RQ_QUEUE_READY && prev != RQ_QUEUE_READY)
 		rq_log(RQ_LOG_INFO, "redis_ready", "queue", r->queue_name, "redis",
-		       rq_queue_url_redacted(q), NULL);
+		       r->be->redis_redacted(r->bctx), NULL);
 	else if (st != RQ_QUEUE_READY && prev == RQ_QUEUE_READY)
 		rq_log(RQ_LOG_WARN, "redis_down", "queue", r->queue_name, "redis",
-		       rq_queue_url_redacted(q), "error", err ? err : "", NULL);
+		       r->be->redis_redacted(r->bctx), "error", err ? err : "", NULL);
 	else if (st == RQ_QUEUE_DOWN && err && err[0] && !r->down_logged)
 		rq_log(RQ_LOG_WARN, "redis_unavailable", "queue", r->queue_name, "redis",
-		       rq_queue_url_redacted(q), "error", err, NULL);
+		       r->be->redis_redacted(r->bctx), "error", err, NULL);
 	else if (st == RQ_QUEUE_DOWN && err && err[0])
 		rq_log(RQ_LOG_DEBUG, "redis_retry", "queue", r->queue_name, "error", err, NULL);
 	/* one warning per outage; retries at debug */
@@ -935,7 +1028,7 @@ static void on_renew(evutil_socket_t fd, short what, void *arg)
 				l[k].lease = m->qm->lease;
 				k++;
 			}
-			if (rq_queue_renew(r->q, lease_ms(r), l, k, renew_cb, r) == 0)
+			if (r->be->renew(r->bctx, lease_ms(r), l, k, renew_cb, r) == 0)
 				r->commands_pending++;
 			free(l);
 		}
@@ -952,7 +1045,7 @@ static void recover_cb(struct rq_queue *q, enum rq_queue_status st, const char *
 		char cnt[24];
 		snprintf(cnt, sizeof(cnt), "%lld", n);
 		rq_log(RQ_LOG_INFO, "recovered", "queue", r->queue_name, "messages", cnt, NULL);
-		if (n >= 10000 && !r->stopping && rq_queue_recover(q, recover_cb, r) == 0)
+		if (n >= 10000 && !r->stopping && r->be->recover(r->bctx, recover_cb, r) == 0)
 			r->commands_pending++;
 		r->want_claim = true;
 		maybe_claim(r);
@@ -968,7 +1061,7 @@ static void recover_cb(struct rq_queue *q, enum rq_queue_status st, const char *
 static void on_recover(evutil_socket_t fd, short what, void *arg)
 {
 	struct rq_runner *r = arg;
-	if (!r->stopping && rq_queue_recover(r->q, recover_cb, r) == 0)
+	if (!r->stopping && r->be->recover(r->bctx, recover_cb, r) == 0)
 		r->commands_pending++;
 }
 
@@ -1067,7 +1160,7 @@ const char *rq_runner_queue(const struct rq_runner *r)
 
 const char *rq_runner_redis_redacted(const struct rq_runner *r)
 {
-	return rq_queue_url_redacted(r->q);
+	return r->be->redis_redacted(r->bctx);
 }
 
 void rq_runner_get_stats(const struct rq_runner *r, struct rq_runner_stats *st)
@@ -1089,7 +1182,14 @@ struct rq_runner *rq_runner_create(struct event_base *base,
 	r->base = base;
 	r->o = *opts;
 	r->cfg = opts->cfg;
-	r->dests = opts->dests;
+	if (opts->backend) {
+		r->be = opts->backend;
+		r->bctx = opts->backend_ctx;
+	} else {
+		r->be = &real_ops;
+		r->real.dests = opts->dests;
+		r->bctx = &r->real;
+	}
 	r->relay = opts->cfg && opts->cfg->relay_host;
 	r->want_claim = true;
 	rq_queue_outcomes_init(&r->ob);
@@ -1118,10 +1218,10 @@ struct rq_runner *rq_runner_create(struct event_base *base,
 		.on_state = on_state,
 		.arg = r,
 	};
-	r->q = rq_queue_create(base, &qo, err, errlen);
-	if (!r->q)
+	if (r->be->queue_start(r->bctx, base, &qo, err, errlen) < 0)
 		goto fail;
-	if (rq_queue_recover(r->q, recover_cb, r) == 0)
+	r->started = true;
+	if (r->be->recover(r->bctx, recover_cb, r) == 0)
 		r->commands_pending++;
 	arm_renew(r);
 	arm_recover(r);
@@ -1137,11 +1237,12 @@ void rq_runner_destroy(struct rq_runner *r)
 	if (!r)
 		return;
 	/* cancels pending commands: their callbacks run now */
-	struct rq_queue *q = r->q;
 	r->stopping = true;
 	r->stopped_sent = true;
-	r->q = NULL;
-	rq_queue_destroy(q);
+	if (r->started) {
+		r->started = false;
+		r->be->queue_stop(r->bctx);
+	}
 	/* whatever is still in flight is abandoned (leases expire) */
 	while (r->inflight) {
 		struct rmsg *m = r->inflight;

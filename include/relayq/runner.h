@@ -47,10 +47,53 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "relayq/decision.h"
+#include "relayq/queue.h"
+
 struct event_base;
+struct rq_backoff;
 struct rq_config;
+struct rq_dest;
+struct rq_dest_job;
 struct rq_dests;
 struct rq_runner;
+
+/*
+ * The runner's seam: everything it asks of the queue (queue.h) and of the
+ * destinations (dest.h), as a table of functions over one context. NULL in
+ * the options means the real ones (a Redis client from the options, and
+ * opts->dests); tests give their own to drive claims, resends, shutdown and
+ * settle batching without Redis or SMTP. Callbacks get q = NULL from a
+ * test's table; the runner never uses that argument.
+ */
+struct rq_runner_backend {
+	/* Starts the queue client with qo (its on_wake / on_state callbacks
+	 * are the runner's). 0, or -1 with a reason in err. */
+	int (*queue_start)(void *ctx, struct event_base *base, const struct rq_queue_opts *qo,
+			   char *err, size_t errlen);
+	/* Stops it: every pending command's callback runs now
+	 * (RQ_QUEUE_ECANCEL). Nothing else is called afterwards. */
+	void (*queue_stop)(void *ctx);
+	/* The Redis URL without its password, for log lines. */
+	const char *(*redis_redacted)(void *ctx);
+	/* As rq_queue_claim / settle / renew / recover / enqueue / wake_at. */
+	int (*claim)(void *ctx, int count, int64_t lease_ms, rq_queue_claim_cb *cb, void *arg);
+	int (*settle)(void *ctx, struct rq_queue_outcomes *o, rq_queue_settle_cb *cb, void *arg);
+	int (*renew)(void *ctx, int64_t lease_ms, const struct rq_queue_lease *leases, size_t n,
+		     rq_queue_count_cb *cb, void *arg);
+	int (*recover)(void *ctx, rq_queue_count_cb *cb, void *arg);
+	int (*enqueue)(void *ctx, const struct rq_queue_enqueue_req *req, rq_queue_enqueue_cb *cb,
+		       void *arg);
+	void (*wake_at)(void *ctx, int64_t delay_ms);
+	/* As rq_dests_submit: 0 queued (job->done runs later, from the event
+	 * loop), 1 suspended (job->until set, done not called), -1 refused. */
+	int (*submit)(void *ctx, const char *key, struct rq_dest_job *job);
+	/* What a finished job's outcomes mean for its destination (job->dest,
+	 * may be NULL): suspend for suspend_secs, one more failure (with that
+	 * domain's backoff), ok. Never called with RQ_DECISION_DEST_NONE. */
+	void (*report)(void *ctx, struct rq_dest *dest, enum rq_decision_dest act,
+		       double suspend_secs, const struct rq_backoff *backoff);
+};
 
 #define RQ_RUNNER_SETTLE_MAX 200     /* messages per settle call */
 #define RQ_RUNNER_STOP_WAIT_MS 10000 /* wait for Redis replies at stop, once
@@ -61,6 +104,9 @@ struct rq_runner_opts {
 	const char *queue;            /* queue name; copied */
 	const struct rq_config *cfg;  /* borrowed; see rq_runner_set_config */
 	struct rq_dests *dests;       /* borrowed, shared by runners */
+	/* NULL: the real queue and dests; else a test's (see above) */
+	const struct rq_runner_backend *backend;
+	void *backend_ctx;
 	/* Called once after rq_runner_stop, when every message in flight has
 	 * been settled and the settle replies are in (or after
 	 * RQ_RUNNER_STOP_WAIT_MS). From the event loop. */
