@@ -21,30 +21,8 @@ source "$(dirname "$0")/lib.sh"
 
 [ -x "$FAKE" ] || { echo "no fakesmtpd at $FAKE" >&2; exit 1; }
 
-SOCK=$TMP/redis.sock
-redis-server --port 0 --unixsocket "$SOCK" --unixsocketperm 700 --save '' \
-	--appendonly no --dir "$TMP" --daemonize no >>"$TMP/redis.log" 2>&1 &
-PIDS+=($!)
-rcli() { redis-cli -s "$SOCK" "$@"; }
-wait_for 10 rcli ping || { echo "redis-server did not start" >&2; exit 1; }
-rcli -x FUNCTION LOAD REPLACE <"$ROOT/lua/redis/relayq.lua" >/dev/null ||
-	{ echo "cannot load the Functions library" >&2; exit 1; }
-export RELAYQ_REDIS="unix:$SOCK"
+start_redis
 
-start_fake() {  # name, listen ip, port (0: any), rules...: sets FAKE_PORT
-	local name=$1 ip=$2 port=$3; shift 3
-	mkdir -p "$TMP/$name"
-	local args=()
-	for r in "$@"; do args+=(--rule "$r"); done
-	"$FAKE" --listen "$ip:$port" --record "$TMP/$name" --auth 'PLAIN LOGIN' \
-		--user 'alice secret' "${args[@]}" >"$TMP/$name.log" 2>&1 &
-	PIDS+=($!)
-	wait_for 10 grep -q '^ready ' "$TMP/$name.log" || { echo "fakesmtpd $name did not start" >&2; cat "$TMP/$name.log" >&2; exit 1; }
-	FAKE_PORT=$(sed -n 's/^ready //p' "$TMP/$name.log" | head -1)
-}
-fake_stat() {  # name, field
-	sed -n "s/^$2=//p" "$TMP/$1/stats" 2>/dev/null | tail -1
-}
 
 printf 'Subject: t\r\n\r\nbody\r\n' >"$TMP/m.eml"
 # one message per recipient; prints "rcpt id" lines
@@ -134,7 +112,7 @@ run_daemon() {  # config, log, queue, events to wait for, extra env...
 }
 
 # ---- 1. one relay, one recipient per rule: built-in rules and Lua actions ----
-start_fake f1 127.0.0.1 0 \
+start_fake f1 \
 	'rcpt addr=r450@example.net reply 450 4.2.0 Mailbox busy' \
 	'rcpt addr=r550@example.net reply 550 5.1.1 No such user' \
 	'rcpt addr=r452@example.net reply 452 4.2.2 Over quota' \
@@ -172,7 +150,7 @@ n=$(cat "$TMP"/f1/conn-*.log | grep -c '^C: RCPT TO:<many@example.net>')
 [ "$n" -eq 2 ] && ok || bad "too many: RCPT for it sent $n times, want 2 (the try and one resend)"
 
 # ---- 2. 421 mid-session ----
-start_fake f2 127.0.0.1 0 'rcpt reply 421 4.3.2 Shutting down'
+start_fake f2 'rcpt reply 421 4.3.2 Shutting down'
 Q2=dec2-$$-$RANDOM
 write_config "$TMP/c2.lua" "$Q2" "relay = \"[127.0.0.1]:$FAKE_PORT\"," '' ''
 enq_each "$Q2" '' m421@example.net >"$TMP/ids2"
@@ -180,7 +158,7 @@ run_daemon "$TMP/c2.lua" "$TMP/d2.log" "$Q2" 1
 agree "421 at rcpt" "$Q2" "$(id_of m421@example.net "$TMP/ids2")" "$TMP/c2.lua" --code 421 --enhanced 4.3.2 --stage rcpt
 
 # ---- 3. 554 at the greeting, one host ----
-start_fake f3 127.0.0.1 0 'greeting reply 554 5.7.1 Go away'
+start_fake f3 'greeting reply 554 5.7.1 Go away'
 Q3=dec3-$$-$RANDOM
 write_config "$TMP/c3.lua" "$Q3" "relay = \"[127.0.0.1]:$FAKE_PORT\"," '' ''
 enq_each "$Q3" '' g@example.net >"$TMP/ids3"
@@ -189,7 +167,7 @@ agree "greeting 554" "$Q3" "$(id_of g@example.net "$TMP/ids3")" "$TMP/c3.lua" --
 
 # ---- 4. 535 at AUTH ----
 printf 'wrong\n' >"$TMP/secret"
-start_fake f4 127.0.0.1 0 'auth reply 535 5.7.8 Authentication credentials invalid'
+FAKE_OPTS='--auth PLAIN' start_fake f4 'auth reply 535 5.7.8 Authentication credentials invalid'
 Q4=dec4-$$-$RANDOM
 write_config "$TMP/c4.lua" "$Q4" "relay = \"[127.0.0.1]:$FAKE_PORT\"," \
 	"auth = { user = \"alice\", password_file = \"$TMP/secret\", allow_plaintext = true }," ''
@@ -198,7 +176,7 @@ run_daemon "$TMP/c4.lua" "$TMP/d4.log" "$Q4" 1
 agree "535 at auth" "$Q4" "$(id_of au@example.net "$TMP/ids4")" "$TMP/c4.lua" --code 535 --enhanced 5.7.8 --stage auth
 
 # ---- 5. a Lua suspend ----
-start_fake f5 127.0.0.1 0 'rcpt reply 450 4.7.0 Slow down'
+start_fake f5 'rcpt reply 450 4.7.0 Slow down'
 Q5=dec5-$$-$RANDOM
 write_config "$TMP/c5.lua" "$Q5" "relay = \"[127.0.0.1]:$FAKE_PORT\"," '' '
 relayq.on("4.7.0", function(r) return relayq.suspend { after = "30m" } end)'
@@ -210,7 +188,7 @@ grep -q 'event=destination_suspended dest=relay for=30m' "$TMP/d5.log" && ok ||
 	bad "lua suspend: relayqd did not suspend the relay for 30m: $(grep suspended "$TMP/d5.log")"
 
 # ---- 6. expiry by age and by attempts ----
-start_fake f6 127.0.0.1 0 'rcpt reply 451 4.3.0 Try again later'
+start_fake f6 'rcpt reply 451 4.3.0 Try again later'
 Q6=dec6-$$-$RANDOM
 write_config "$TMP/c6.lua" "$Q6" "relay = \"[127.0.0.1]:$FAKE_PORT\"," '' '
 relayq.expire { max_age = "1d" }
@@ -229,28 +207,12 @@ st=$(explained "$TMP/c6.lua" --code 451 --enhanced 4.3.0 --age 2d)
 
 # ---- 7. by MX: 554 at the greeting of both hosts; 421 at the last MX ----
 if command -v dnsmasq >/dev/null; then
-	DNSPORT=$(python3 -c '
-import socket
-while True:
-    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.bind(("127.0.0.1", p)); print(p); break
-    except OSError:
-        pass
-    finally:
-        u.close(); t.close()')
-	dnsmasq --keep-in-foreground --port="$DNSPORT" --listen-address=127.0.0.1 --bind-interfaces \
-		--no-resolv --no-hosts --conf-file=/dev/null --local=/test/ --pid-file="$TMP/dnsmasq.pid" \
-		--mx-host=two.test,mx1.two.test,10 --mx-host=two.test,mx2.two.test,20 \
-		--host-record=mx1.two.test,127.0.0.1 --host-record=mx2.two.test,127.0.0.2 \
-		>"$TMP/dnsmasq.log" 2>&1 &
-	PIDS+=($!)
-	wait_for 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$DNSPORT" || { echo "dnsmasq did not start" >&2; exit 1; }
+	start_dnsmasq --mx-host=two.test,mx1.two.test,10 --mx-host=two.test,mx2.two.test,20 \
+		--host-record=mx1.two.test,127.0.0.1 --host-record=mx2.two.test,127.0.0.2
 	# both MX hosts on one port: mx1 refuses with 554, mx2 (the last) with
 	# 554 on its first connection and 421 on its second
-	start_fake f7a 127.0.0.1 0 'greeting reply 554 5.7.1 No thanks'
-	start_fake f7b 127.0.0.2 "$FAKE_PORT" 'greeting conn=1 reply 554 5.7.1 No thanks' \
+	start_fake f7a 'greeting reply 554 5.7.1 No thanks'
+	FAKE_LISTEN=127.0.0.2:$FAKE_PORT start_fake f7b 'greeting conn=1 reply 554 5.7.1 No thanks' \
 		'greeting reply 421 4.3.2 Busy'
 	Q7=dec7-$$-$RANDOM
 	write_config "$TMP/c7.lua" "$Q7" '' '' ''

@@ -15,16 +15,7 @@ free_port() {
 	python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-SOCK=$TMP/redis.sock
-redis-server --port 0 --unixsocket "$SOCK" --unixsocketperm 700 --save '' \
-	--appendonly no --dir "$TMP" --daemonize no >>"$TMP/redis.log" 2>&1 &
-PIDS+=($!)
-rcli() { redis-cli -s "$SOCK" "$@"; }
-wait_for 10 rcli ping || { echo "redis-server did not start" >&2; exit 1; }
-# the daemon loads the library too, but messages are enqueued before it runs
-rcli -x FUNCTION LOAD REPLACE <"$ROOT/lua/redis/relayq.lua" >/dev/null ||
-	{ echo "cannot load the Functions library" >&2; exit 1; }
-export RELAYQ_REDIS="unix:$SOCK"
+start_redis
 
 start_sink() {  # name, extra args...: sets SINK_PORT, SINK_PID
 	local name=$1; shift

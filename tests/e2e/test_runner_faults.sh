@@ -20,30 +20,8 @@ source "$(dirname "$0")/lib.sh"
 
 [ -x "$FAKE" ] || { echo "no fakesmtpd at $FAKE" >&2; exit 1; }
 
-SOCK=$TMP/redis.sock
-redis-server --port 0 --unixsocket "$SOCK" --unixsocketperm 700 --save '' \
-	--appendonly no --dir "$TMP" --daemonize no >>"$TMP/redis.log" 2>&1 &
-PIDS+=($!)
-rcli() { redis-cli -s "$SOCK" "$@"; }
-wait_for 10 rcli ping || { echo "redis-server did not start" >&2; exit 1; }
-rcli -x FUNCTION LOAD REPLACE <"$ROOT/lua/redis/relayq.lua" >/dev/null ||
-	{ echo "cannot load the Functions library" >&2; exit 1; }
-export RELAYQ_REDIS="unix:$SOCK"
+start_redis
 
-start_fake() {  # name, rules...: sets FAKE_PORT, FAKE_DIR
-	local name=$1; shift
-	FAKE_DIR=$TMP/$name
-	mkdir -p "$FAKE_DIR"
-	local args=()
-	for r in "$@"; do args+=(--rule "$r"); done
-	"$FAKE" --listen 127.0.0.1:0 --record "$FAKE_DIR" "${args[@]}" >"$TMP/$name.log" 2>&1 &
-	PIDS+=($!)
-	wait_for 10 grep -q '^ready ' "$TMP/$name.log" || { echo "fakesmtpd did not start" >&2; exit 1; }
-	FAKE_PORT=$(sed -n 's/^ready //p' "$TMP/$name.log" | head -1)
-}
-fake_stat() {  # name, field
-	sed -n "s/^$2=//p" "$TMP/$1/stats" 2>/dev/null | tail -1
-}
 
 write_config() {  # file, queue, port, extra keys, rest
 	cat >"$1" <<EOF

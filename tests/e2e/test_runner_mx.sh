@@ -19,35 +19,11 @@ source "$(dirname "$0")/lib.sh"
 command -v dnsmasq >/dev/null || { echo "dnsmasq is not installed" >&2; exit 77; }
 [ -x "$FAKE" ] || { echo "no fakesmtpd at $FAKE" >&2; exit 1; }
 
-SOCK=$TMP/redis.sock
-redis-server --port 0 --unixsocket "$SOCK" --unixsocketperm 700 --save '' \
-	--appendonly no --dir "$TMP" --daemonize no >>"$TMP/redis.log" 2>&1 &
-PIDS+=($!)
-rcli() { redis-cli -s "$SOCK" "$@"; }
-wait_for 10 rcli ping || { echo "redis-server did not start" >&2; exit 1; }
-rcli -x FUNCTION LOAD REPLACE <"$ROOT/lua/redis/relayq.lua" >/dev/null ||
-	{ echo "cannot load the Functions library" >&2; exit 1; }
-export RELAYQ_REDIS="unix:$SOCK"
+start_redis
 
-# a port free for both UDP and TCP
-DNSPORT=$(python3 -c '
-import socket
-while True:
-    t = socket.socket(); t.bind(("127.0.0.1", 0)); p = t.getsockname()[1]
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.bind(("127.0.0.1", p)); print(p); break
-    except OSError:
-        pass
-    finally:
-        u.close(); t.close()')
-dnsmasq --keep-in-foreground --port="$DNSPORT" --listen-address=127.0.0.1 --bind-interfaces \
-	--no-resolv --no-hosts --conf-file=/dev/null --local=/test/ --pid-file="$TMP/dnsmasq.pid" \
-	--mx-host=example.test,mx1.example.test,10 --mx-host=other.test,mx1.example.test,10 \
+start_dnsmasq --mx-host=example.test,mx1.example.test,10 --mx-host=other.test,mx1.example.test,10 \
 	--mx-host=sender.test,mx1.example.test,10 --host-record=mx1.example.test,127.0.0.1 \
-	--mx-host=nullmx.test,.,0 >"$TMP/dnsmasq.log" 2>&1 &
-PIDS+=($!)
-wait_for 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$DNSPORT" || { echo "dnsmasq did not start" >&2; cat "$TMP/dnsmasq.log" >&2; exit 1; }
+	--mx-host=nullmx.test,.,0
 
 mkdir -p "$TMP/rec"
 "$FAKE" --listen 127.0.0.1:0 --record "$TMP/rec" >"$TMP/fake.log" 2>&1 &
