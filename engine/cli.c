@@ -28,6 +28,7 @@
 
 #include "relayq/cli_explain.h"
 #include "relayq/config.h"
+#include "relayq/config_lua.h"
 #include "relayq/fnlib.h"
 #include "relayq/json.h"
 #include "relayq/queue.h"
