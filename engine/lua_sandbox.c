@@ -231,6 +231,7 @@ int rq_lua_sandbox_traceback(lua_State *L)
 
 /* Each line logged costs PRINT_STEPS, so a loop cannot flood the log. */
 #define PRINT_STEPS 1000
+#define PRINT_ARG_MAX 1024      /* bytes of one argument logged */
 
 static int l_print(lua_State *L)
 {
@@ -239,12 +240,17 @@ static int l_print(lua_State *L)
 	int n = lua_gettop(L);
 	luaL_buffinit(L, &b);
 	for (int i = 1; i <= n; i++) {
-		size_t len;
-		const char *s = luaL_tolstring(L, i, &len);
+		/* Only luaL_addvalue may run with a value above the buffer: a
+		 * growing buffer moves to the top of the stack. */
 		if (i > 1)
 			luaL_addchar(&b, '\t');
-		luaL_addlstring(&b, s, len > 1024 ? 1024 : len);
-		lua_pop(L, 1);
+		size_t len;
+		const char *s = luaL_tolstring(L, i, &len);
+		if (len > PRINT_ARG_MAX) {
+			lua_pushlstring(L, s, PRINT_ARG_MAX);
+			lua_replace(L, -2);
+		}
+		luaL_addvalue(&b);
 	}
 	luaL_pushresult(&b);
 	rq_log(RQ_LOG_INFO, owner(L)->print_event, "text", lua_tostring(L, -1), NULL);
