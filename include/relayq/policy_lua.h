@@ -162,12 +162,14 @@ struct rq_policy_lua_stats {
 	size_t rules;                   /* registered rules, domains included */
 };
 
+/* Counters and memory of pl into out (all 0 for NULL). */
 void rq_policy_lua_stats(const struct rq_policy_lua *pl,
 			 struct rq_policy_lua_stats *out);
-/* The last handler error with its traceback ("" when none). */
+/* The last handler error with its traceback ("" when none); owned by pl,
+ * valid until the next decision. */
 const char *rq_policy_lua_last_error(const struct rq_policy_lua *pl);
 
-/* The file loaders moved to config_lua.h (rq_config_lua_load_buffer ...);
+/* The file loaders moved to config_lua.h (rq_config_lua_run_file / _run_buffer);
  * rq_policy_lua_load / _load_buffer are kept there as the old names. */
 #include "relayq/config_lua.h"
 
