@@ -1,3 +1,8 @@
+/*
+ * config: the daemon's settings. Defaults, one key at a time from a table
+ * (name, type, field, bounds), the checks across keys, and the look-ups
+ * the rest of the engine uses. No Lua: config_lua reads the file.
+ */
 #include "relayq/config.h"
 
 #include <ctype.h>
@@ -11,9 +16,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "relayq/keys.h"
 #include "relayq/log.h"
-#include "relayq/policy_lua.h"
-#include "relayq/queue.h"
+#include "relayq/redis_url.h"
+#include "relayq/secret.h"
 
 /* Where relayq.config / backoff / expire were called, to refuse a second
  * call; and the password sources until the auth table is complete. Kept
@@ -114,7 +120,7 @@ struct rq_config *rq_config_create(void)
 		return NULL;
 	struct rq_config *cfg = &box->cfg;
 	cfg->redis = strdup("redis://127.0.0.1:6379/0");
-	cfg->queues[0] = strdup("default");
+	cfg->queues[0] = strdup(RQ_KEYS_QUEUE_DEFAULT);
 	cfg->nqueues = 1;
 	cfg->helo = default_helo();
 	if (!cfg->redis || !cfg->queues[0] || !cfg->helo)
@@ -144,22 +150,15 @@ fail:
 	return NULL;
 }
 
-static void free_secret(char *s)
-{
-	if (!s)
-		return;
-	explicit_bzero(s, strlen(s));
-	free(s);
-}
-
 void rq_config_destroy(struct rq_config *cfg)
 {
 	if (!cfg)
 		return;
 	struct config_private *p = priv(cfg);
-	rq_policy_lua_destroy(cfg->lua);
+	if (cfg->lua && cfg->lua_destroy)
+		cfg->lua_destroy(cfg->lua);
 	free(cfg->path);
-	free_secret(cfg->redis);
+	rq_secret_free(cfg->redis);
 	free(cfg->redis_user);
 	free(cfg->redis_password_file);
 	free(cfg->redis_password_env);
@@ -168,7 +167,7 @@ void rq_config_destroy(struct rq_config *cfg)
 	free(cfg->relay_host);
 	free(cfg->tls_ca_file);
 	free(cfg->auth_user);
-	free_secret(cfg->auth_password);
+	rq_secret_free(cfg->auth_password);
 	free(cfg->helo);
 	free(cfg->metrics);
 	for (size_t i = 0; i < cfg->ndomains; i++)
@@ -395,18 +394,6 @@ static int parse_hostport(const char *s, bool port_required, char **host,
 	return *host ? 0 : -1;
 }
 
-static bool queue_name_ok(const char *s, size_t len)
-{
-	if (len == 0 || len > 64)
-		return false;
-	for (size_t i = 0; i < len; i++) {
-		unsigned char c = (unsigned char)s[i];
-		if (!(isalnum(c) || c == '_' || c == '.' || c == ':' || c == '-'))
-			return false;
-	}
-	return true;
-}
-
 static bool domain_ok(const char *s, size_t len)
 {
 	if (len == 0 || len > 253 || s[0] == '.' || s[0] == '-')
@@ -480,364 +467,509 @@ int rq_config_section_begin(struct rq_config *cfg, enum rq_config_section sec,
 	return 0;
 }
 
-static int mark(int r, unsigned *set, unsigned bit)
+
+/* ---- the keys ----
+ *
+ * Every key of every section in a table: its dotted name, its type, the
+ * field it fills (an offset into the section's struct), its bounds, and
+ * for the few that need more than a type check a function. The unknown
+ * key messages list the keys of the table they were looked for in.
+ */
+
+enum ktype {
+	K_TABLE = 0,   /* a table (its keys follow); fn runs after */
+	K_BOOL,        /* bool */
+	K_INT,         /* int in [lo, hi] */
+	K_LONG,        /* long in [lo, hi] */
+	K_COUNT,       /* unsigned in [lo, hi] */
+	K_NUM,         /* double in [lo, hi] */
+	K_DUR,         /* double seconds in [lo, hi], number or "5m" */
+	K_STR,         /* char *, 1..hi bytes, no control bytes; fn checks after */
+	K_FN,          /* fn does it all */
+};
+
+struct key;
+typedef int (*key_fn)(struct rq_config *cfg, const struct key *k, void *field,
+		      const char *shown, const struct rq_config_value *v, int line,
+		      struct rq_config_diag *diag);
+
+struct key {
+	const char *name;
+	enum ktype type;
+	size_t field;      /* offset in the section's struct */
+	double lo, hi;
+	key_fn fn;
+	unsigned set;      /* RQ_CONFIG_SET_* marked in a domain's set */
+	bool has;          /* has_field: offset of a bool set true on success */
+	size_t has_field;
+};
+
+static void *at(void *base, size_t off)
 {
+	return (char *)base + off;
+}
+
+/* relayq.config: fields of struct config_box (the public struct first). */
+#define C(f) offsetof(struct config_box, cfg.f)
+#define P(f) offsetof(struct config_box, priv.f)
+/* relayq.backoff / expire and a domain's backoff / expire. */
+#define PP(f) offsetof(struct rq_policy_params, f)
+/* relayq.on_domain. */
+#define D(f) offsetof(struct rq_config_domain, f)
+
+#define DAY 86400.0
+#define PER_DESTINATION_MAX 10000
+#define MESSAGES_PER_CONNECTION_MAX 1000000
+#define RECIPIENTS_PER_TRANSACTION_MAX 100000
+
+static int key_queue(struct rq_config *, const struct key *, void *, const char *,
+		     const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_redis(struct rq_config *, const struct key *, void *, const char *,
+		     const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_relay(struct rq_config *, const struct key *, void *, const char *,
+		     const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_tls(struct rq_config *, const struct key *, void *, const char *,
+		   const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_readable(struct rq_config *, const struct key *, void *, const char *,
+			const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_helo(struct rq_config *, const struct key *, void *, const char *,
+		    const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_log_format(struct rq_config *, const struct key *, void *, const char *,
+			  const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_log_level(struct rq_config *, const struct key *, void *, const char *,
+			 const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_metrics(struct rq_config *, const struct key *, void *, const char *,
+		       const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_auth(struct rq_config *, const struct key *, void *, const char *,
+		    const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_password(struct rq_config *, const struct key *, void *, const char *,
+			const struct rq_config_value *, int, struct rq_config_diag *);
+
+static const struct key config_keys[] = {
+	{"queue", K_FN, 0, 0, 0, key_queue, 0, false, 0},
+	{"queue[]", K_FN, 0, 0, 0, key_queue, 0, false, 0},
+	{"redis", K_FN, C(redis), 0, 1024, key_redis, 0, false, 0},
+	{"redis_user", K_STR, C(redis_user), 0, RQ_REDIS_URL_USER_MAX, NULL, 0, false, 0},
+	{"redis_password_file", K_STR, C(redis_password_file), 0, 4096, NULL, 0, false, 0},
+	{"redis_password_env", K_STR, C(redis_password_env), 0, 255, NULL, 0, false, 0},
+	{"relay", K_FN, 0, 0, 300, key_relay, 0, false, 0},
+	{"tls", K_FN, C(tls), 0, 0, key_tls, 0, false, 0},
+	{"tls_ca_file", K_STR, C(tls_ca_file), 0, 4096, key_readable, 0, false, 0},
+	{"tls_verify", K_BOOL, C(tls_verify), 0, 0, NULL, 0, false, 0},
+	{"auth", K_TABLE, 0, 0, 0, key_auth, 0, false, 0},
+	{"auth.user", K_STR, C(auth_user), 0, 255, NULL, 0, false, 0},
+	{"auth.password_file", K_STR, P(password_file), 0, 4096, NULL, 0, false, 0},
+	{"auth.password_env", K_STR, P(password_env), 0, 255, NULL, 0, false, 0},
+	{"auth.password", K_FN, C(auth_password), 0, 1024, key_password, 0, false, 0},
+	{"auth.allow_plaintext", K_BOOL, C(auth_allow_plaintext), 0, 0, NULL, 0, false, 0},
+	{"helo", K_FN, C(helo), 0, 255, key_helo, 0, false, 0},
+	{"connections", K_INT, C(connections), 1, 100000, NULL, 0, false, 0},
+	{"per_destination", K_INT, C(per_destination), 1, PER_DESTINATION_MAX,
+	 NULL, 0, false, 0},
+	{"messages_per_connection", K_INT, C(messages_per_connection), 1,
+	 MESSAGES_PER_CONNECTION_MAX, NULL, 0, false, 0},
+	{"recipients_per_transaction", K_INT, C(recipients_per_transaction), 1,
+	 RECIPIENTS_PER_TRANSACTION_MAX, NULL, 0, false, 0},
+	{"batch", K_INT, C(batch), 1, 10000, NULL, 0, false, 0},
+	{"lease", K_DUR, C(lease), 10, DAY, NULL, 0, false, 0},
+	{"timeouts", K_TABLE, 0, 0, 0, NULL, 0, false, 0},
+	{"timeouts.connect", K_DUR, C(timeouts.connect), 1, 3600, NULL, 0, false, 0},
+	{"timeouts.greeting", K_DUR, C(timeouts.greeting), 1, 3600, NULL, 0, false, 0},
+	{"timeouts.helo", K_DUR, C(timeouts.helo), 1, 3600, NULL, 0, false, 0},
+	{"timeouts.mail", K_DUR, C(timeouts.mail), 1, 3600, NULL, 0, false, 0},
+	{"timeouts.rcpt", K_DUR, C(timeouts.rcpt), 1, 3600, NULL, 0, false, 0},
+	{"timeouts.data", K_DUR, C(timeouts.data), 1, 3600, NULL, 0, false, 0},
+	{"timeouts.data_block", K_DUR, C(timeouts.data_block), 1, 3600, NULL, 0, false, 0},
+	{"timeouts.dot", K_DUR, C(timeouts.dot), 1, 3600, NULL, 0, false, 0},
+	{"timeouts.quit", K_DUR, C(timeouts.quit), 1, 3600, NULL, 0, false, 0},
+	{"timeouts.idle", K_DUR, C(timeouts.idle), 0, 3600, NULL, 0, false, 0},
+	{"log_format", K_FN, C(log_format), 0, 0, key_log_format, 0, false, 0},
+	{"log_level", K_FN, C(log_level), 0, 0, key_log_level, 0, false, 0},
+	{"events_cap", K_LONG, C(events_cap), 0, 100000000, NULL, 0, false, 0},
+	{"bounce", K_BOOL, C(bounce), 0, 0, NULL, 0, false, 0},
+	{"metrics", K_FN, C(metrics), 0, 300, key_metrics, 0, false, 0},
+};
+
+static const struct key params_keys[] = {
+	{"backoff.first", K_DUR, PP(backoff.first), 1, 30 * DAY, NULL,
+	 RQ_CONFIG_SET_FIRST, false, 0},
+	{"backoff.factor", K_NUM, PP(backoff.factor), 1, 100, NULL,
+	 RQ_CONFIG_SET_FACTOR, false, 0},
+	{"backoff.max", K_DUR, PP(backoff.max), 1, 30 * DAY, NULL,
+	 RQ_CONFIG_SET_MAX, false, 0},
+	{"backoff.jitter", K_NUM, PP(backoff.jitter), 0, 1, NULL,
+	 RQ_CONFIG_SET_JITTER, false, 0},
+	{"expire.max_age", K_DUR, PP(expire.max_age), 60, 366 * DAY, NULL,
+	 RQ_CONFIG_SET_MAX_AGE, false, 0},
+	{"expire.max_attempts", K_COUNT, PP(expire.max_attempts), 1, 100000, NULL,
+	 RQ_CONFIG_SET_MAX_ATTEMPTS, false, 0},
+};
+
+static const struct key domain_keys[] = {
+	{"per_destination", K_INT, D(per_destination), 1, PER_DESTINATION_MAX,
+	 NULL, 0, true, D(has_per_destination)},
+	{"messages_per_connection", K_INT, D(messages_per_connection), 1,
+	 MESSAGES_PER_CONNECTION_MAX, NULL, 0, true, D(has_messages_per_connection)},
+	{"recipients_per_transaction", K_INT, D(recipients_per_transaction), 1,
+	 RECIPIENTS_PER_TRANSACTION_MAX, NULL, 0, true, D(has_recipients_per_transaction)},
+	{"backoff", K_TABLE, 0, 0, 0, NULL, 0, true, D(has_backoff)},
+	{"expire", K_TABLE, 0, 0, 0, NULL, 0, true, D(has_expire)},
+};
+
+#define NKEYS(t) (sizeof(t) / sizeof((t)[0]))
+
+static const struct key *key_find(const struct key *t, size_t n, const char *name)
+{
+	for (size_t i = 0; i < n; i++)
+		if (strcmp(t[i].name, name) == 0)
+			return &t[i];
+	return NULL;
+}
+
+/* "a, b, c": the names in t under prefix ("timeouts.") without it; with
+ * prefix "", the names without a dot. */
+static void key_list(const struct key *t, size_t n, const char *prefix, char *buf,
+		     size_t len)
+{
+	size_t plen = strlen(prefix), used = 0;
+	buf[0] = '\0';
+	for (size_t i = 0; i < n; i++) {
+		const char *name = t[i].name;
+		if (strncmp(name, prefix, plen) != 0 || strchr(name + plen, '.') ||
+		    strchr(name + plen, '['))
+			continue;
+		int w = snprintf(buf + used, len - used, "%s%s", used ? ", " : "",
+				 name + plen);
+		if (w < 0 || (size_t)w >= len - used)
+			return;
+		used += (size_t)w;
+	}
+}
+
+/* Applies the value to the key's field (base: the section's struct). */
+static int key_apply(struct rq_config *cfg, const struct key *k, void *base,
+		     unsigned *set, void *has_base, const char *shown,
+		     const struct rq_config_value *v, int line,
+		     struct rq_config_diag *diag)
+{
+	void *field = at(base, k->field);
+	int r = -1;
+	long n;
+	switch (k->type) {
+	case K_TABLE:
+		r = want(v, RQ_CONFIG_TABLE, shown, line, diag);
+		break;
+	case K_BOOL:
+		r = get_bool(v, shown, line, diag, field);
+		break;
+	case K_INT:
+		r = set_int(v, shown, (long)k->lo, (long)k->hi, line, diag, field);
+		break;
+	case K_LONG:
+		r = get_int(v, shown, (long)k->lo, (long)k->hi, line, diag, field);
+		break;
+	case K_COUNT:
+		r = get_int(v, shown, (long)k->lo, (long)k->hi, line, diag, &n);
+		if (r == 0)
+			*(unsigned *)field = (unsigned)n;
+		break;
+	case K_NUM:
+		r = get_num(v, shown, k->lo, k->hi, line, diag, field);
+		break;
+	case K_DUR:
+		r = get_dur(v, shown, k->lo, k->hi, line, diag, field);
+		break;
+	case K_STR:
+		r = get_str(v, shown, (size_t)k->hi, line, diag, field);
+		break;
+	case K_FN:
+		return k->fn(cfg, k, field, shown, v, line, diag);
+	}
+	if (r == 0 && k->fn)
+		r = k->fn(cfg, k, field, shown, v, line, diag);
 	if (r == 0 && set)
-		*set |= bit;
+		*set |= k->set;
+	if (r == 0 && k->has && has_base)
+		*(bool *)at(has_base, k->has_field) = true;
 	return r;
 }
 
-static int apply_backoff(struct rq_backoff *b, unsigned *set, const char *key,
-			 const char *shown, const struct rq_config_value *v, int line,
-			 struct rq_config_diag *diag)
+/* ---- keys that need more than a type ---- */
+
+static int key_queue(struct rq_config *cfg, const struct key *k, void *field,
+		     const char *shown, const struct rq_config_value *v, int line,
+		     struct rq_config_diag *diag)
 {
-	if (strcmp(key, "first") == 0)
-		return mark(get_dur(v, shown, 1, 30 * 86400, line, diag, &b->first), set,
-			    RQ_CONFIG_SET_FIRST);
-	if (strcmp(key, "factor") == 0)
-		return mark(get_num(v, shown, 1, 100, line, diag, &b->factor), set,
-			    RQ_CONFIG_SET_FACTOR);
-	if (strcmp(key, "max") == 0)
-		return mark(get_dur(v, shown, 1, 30 * 86400, line, diag, &b->max), set,
-			    RQ_CONFIG_SET_MAX);
-	if (strcmp(key, "jitter") == 0)
-		return mark(get_num(v, shown, 0, 1, line, diag, &b->jitter), set,
-			    RQ_CONFIG_SET_JITTER);
-	rq_config_diag_add(diag, line, false,
-			   "unknown key %s (backoff keys: first, factor, max, jitter)",
-			   shown);
-	return -1;
+	if (strcmp(k->name, "queue") == 0 && v->type == RQ_CONFIG_TABLE)
+		return 0;  /* items follow as queue[] */
+	if (want(v, RQ_CONFIG_STRING, "queue", line, diag) < 0)
+		return -1;
+	if (!rq_keys_queue_valid(v->str, v->len)) {
+		rq_config_diag_add(diag, line, false,
+				   "queue: \"%.70s\" is not a queue name (%s)", v->str,
+				   RQ_KEYS_QUEUE_RULE);
+		return -1;
+	}
+	for (size_t i = 0; i < cfg->nqueues; i++) {
+		if (strcmp(cfg->queues[i], v->str) == 0) {
+			rq_config_diag_add(diag, line, false,
+					   "queue: \"%s\" listed twice", v->str);
+			return -1;
+		}
+	}
+	if (cfg->nqueues >= RQ_CONFIG_QUEUES_MAX) {
+		rq_config_diag_add(diag, line, false, "queue: more than %d queues",
+				   RQ_CONFIG_QUEUES_MAX);
+		return -1;
+	}
+	cfg->queues[cfg->nqueues] = strdup(v->str);
+	if (!cfg->queues[cfg->nqueues])
+		return -1;
+	cfg->nqueues++;
+	return 0;
 }
 
-static int apply_expire(struct rq_expire *e, unsigned *set, const char *key,
+static int key_redis(struct rq_config *cfg, const struct key *k, void *field,
+		     const char *shown, const struct rq_config_value *v, int line,
+		     struct rq_config_diag *diag)
+{
+	char *s = NULL;
+	char why[160], red[200];
+	struct rq_redis_url u;
+	if (get_str(v, shown, (size_t)k->hi, line, diag, &s) < 0)
+		return -1;
+	if (rq_redis_url_parse(s, &u, why, sizeof(why)) != 0) {
+		rq_redis_url_redact(s, red, sizeof(red));
+		rq_config_diag_add(diag, line, false,
+				   "redis: \"%.80s\" is not a Redis URL (%s); expected "
+				   "redis://[user:password@]host[:port][/db] or "
+				   "unix:/path[?db=N]", red, why);
+		rq_secret_free(s);
+		return -1;
+	}
+	if (u.has_password)
+		rq_config_diag_add(diag, line, true,
+				   "redis: a password in the URL is visible to whoever "
+				   "reads this file (consider redis_password_file or "
+				   "redis_password_env)");
+	rq_redis_url_wipe(&u);
+	char **dst = field;
+	rq_secret_free(*dst);
+	*dst = s;
+	return 0;
+}
+
+static int key_relay(struct rq_config *cfg, const struct key *k, void *field,
+		     const char *shown, const struct rq_config_value *v, int line,
+		     struct rq_config_diag *diag)
+{
+	char *s = NULL, *host = NULL;
+	int port = 25;
+	bool br;
+	if (get_str(v, shown, (size_t)k->hi, line, diag, &s) < 0)
+		return -1;
+	if (parse_hostport(s, false, &host, &port, &br) < 0) {
+		rq_config_diag_add(diag, line, false,
+				   "relay: \"%.80s\" is not \"[host]:port\", "
+				   "\"host:port\" or \"host\"", s);
+		free(s);
+		return -1;
+	}
+	free(s);
+	free(cfg->relay_host);
+	cfg->relay_host = host;
+	cfg->relay_port = port;
+	cfg->relay_mx = !br;
+	return 0;
+}
+
+static int key_tls(struct rq_config *cfg, const struct key *k, void *field,
+		   const char *shown, const struct rq_config_value *v, int line,
+		   struct rq_config_diag *diag)
+{
+	if (want(v, RQ_CONFIG_STRING, shown, line, diag) < 0)
+		return -1;
+	int m = rq_tls_mode_parse(v->str);
+	if (m < 0) {
+		rq_config_diag_add(diag, line, false,
+				   "tls: \"%.40s\" is not none, opportunistic, "
+				   "required or implicit", v->str);
+		return -1;
+	}
+	*(enum rq_tls_mode *)field = (enum rq_tls_mode)m;
+	return 0;
+}
+
+/* After K_STR: the file must be readable. */
+static int key_readable(struct rq_config *cfg, const struct key *k, void *field,
 			const char *shown, const struct rq_config_value *v, int line,
 			struct rq_config_diag *diag)
 {
-	if (strcmp(key, "max_age") == 0)
-		return mark(get_dur(v, shown, 60, 366 * 86400, line, diag, &e->max_age),
-			    set, RQ_CONFIG_SET_MAX_AGE);
-	if (strcmp(key, "max_attempts") == 0) {
-		long n;
-		if (get_int(v, shown, 1, 100000, line, diag, &n) < 0)
-			return -1;
-		e->max_attempts = (unsigned)n;
-		return mark(0, set, RQ_CONFIG_SET_MAX_ATTEMPTS);
+	const char *path = *(char **)field;
+	if (access(path, R_OK) != 0) {
+		rq_config_diag_add(diag, line, false, "%s: cannot read %s: %s", shown,
+				   path, strerror(errno));
+		return -1;
 	}
-	rq_config_diag_add(diag, line, false,
-			   "unknown key %s (expire keys: max_age, max_attempts)", shown);
-	return -1;
+	return 0;
 }
 
-static int apply_timeout(struct rq_timeouts *t, const char *key, const char *shown,
-			 const struct rq_config_value *v, int line,
+static int key_helo(struct rq_config *cfg, const struct key *k, void *field,
+		    const char *shown, const struct rq_config_value *v, int line,
+		    struct rq_config_diag *diag)
+{
+	char *s = NULL;
+	if (get_str(v, shown, (size_t)k->hi, line, diag, &s) < 0)
+		return -1;
+	bool lit = s[0] == '[';
+	if (!lit && !host_ok(s, strlen(s), false)) {
+		rq_config_diag_add(diag, line, false,
+				   "helo: \"%.80s\" is not a host name", s);
+		free(s);
+		return -1;
+	}
+	char **dst = field;
+	free(*dst);
+	*dst = s;
+	return 0;
+}
+
+static int key_log_format(struct rq_config *cfg, const struct key *k, void *field,
+			  const char *shown, const struct rq_config_value *v, int line,
+			  struct rq_config_diag *diag)
+{
+	if (want(v, RQ_CONFIG_STRING, shown, line, diag) < 0)
+		return -1;
+	if (strcmp(v->str, "logfmt") == 0) {
+		*(int *)field = RQ_LOG_LOGFMT;
+	} else if (strcmp(v->str, "json") == 0) {
+		*(int *)field = RQ_LOG_JSON;
+	} else {
+		rq_config_diag_add(diag, line, false,
+				   "log_format: \"%.40s\" is not logfmt or json", v->str);
+		return -1;
+	}
+	return 0;
+}
+
+static int key_log_level(struct rq_config *cfg, const struct key *k, void *field,
+			 const char *shown, const struct rq_config_value *v, int line,
 			 struct rq_config_diag *diag)
 {
-	static const struct {
-		const char *name;
-		size_t off;
-	} keys[] = {
-		{"connect", offsetof(struct rq_timeouts, connect)},
-		{"greeting", offsetof(struct rq_timeouts, greeting)},
-		{"helo", offsetof(struct rq_timeouts, helo)},
-		{"mail", offsetof(struct rq_timeouts, mail)},
-		{"rcpt", offsetof(struct rq_timeouts, rcpt)},
-		{"data", offsetof(struct rq_timeouts, data)},
-		{"data_block", offsetof(struct rq_timeouts, data_block)},
-		{"dot", offsetof(struct rq_timeouts, dot)},
-		{"quit", offsetof(struct rq_timeouts, quit)},
-		{"idle", offsetof(struct rq_timeouts, idle)},
-	};
-	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
-		if (strcmp(key, keys[i].name) != 0)
-			continue;
-		double *dst = (double *)((char *)t + keys[i].off);
-		double lo = strcmp(key, "idle") == 0 ? 0 : 1;
-		return get_dur(v, shown, lo, 3600, line, diag, dst);
+	if (want(v, RQ_CONFIG_STRING, shown, line, diag) < 0)
+		return -1;
+	int l = rq_log_level_parse(v->str);
+	if (l < 0) {
+		rq_config_diag_add(diag, line, false,
+				   "log_level: \"%.40s\" is not debug, info, warn, "
+				   "error or off", v->str);
+		return -1;
 	}
-	rq_config_diag_add(diag, line, false,
-			   "unknown key %s (timeouts: connect, greeting, helo, mail, "
-			   "rcpt, data, data_block, dot, quit, idle)", shown);
-	return -1;
+	*(int *)field = l;
+	return 0;
 }
 
-static int apply_auth(struct rq_config *cfg, const char *key, const char *shown,
-		      const struct rq_config_value *v, int line,
+static int key_metrics(struct rq_config *cfg, const struct key *k, void *field,
+		       const char *shown, const struct rq_config_value *v, int line,
+		       struct rq_config_diag *diag)
+{
+	char *s = NULL, *host = NULL;
+	int port = 0;
+	bool br;
+	if (get_str(v, shown, (size_t)k->hi, line, diag, &s) < 0)
+		return -1;
+	if (parse_hostport(s, true, &host, &port, &br) < 0) {
+		rq_config_diag_add(diag, line, false,
+				   "metrics: \"%.80s\" is not \"host:port\"", s);
+		free(s);
+		return -1;
+	}
+	free(host);
+	char **dst = field;
+	free(*dst);
+	*dst = s;
+	return 0;
+}
+
+/* After K_TABLE: auth is on; its checks run at the end of the section. */
+static int key_auth(struct rq_config *cfg, const struct key *k, void *field,
+		    const char *shown, const struct rq_config_value *v, int line,
+		    struct rq_config_diag *diag)
+{
+	cfg->auth = true;
+	priv(cfg)->auth_line = line;
+	return 0;
+}
+
+static int key_password(struct rq_config *cfg, const struct key *k, void *field,
+			const char *shown, const struct rq_config_value *v, int line,
+			struct rq_config_diag *diag)
+{
+	if (want(v, RQ_CONFIG_STRING, shown, line, diag) < 0)
+		return -1;
+	if (v->len == 0 || v->len > (size_t)k->hi || strlen(v->str) != v->len) {
+		rq_config_diag_add(diag, line, false,
+				   "%s: must be 1 to %zu bytes, no NUL", shown, (size_t)k->hi);
+		return -1;
+	}
+	char **dst = field;
+	rq_secret_free(*dst);
+	*dst = strdup(v->str);
+	if (!*dst)
+		return -1;
+	priv(cfg)->password_literal = true;
+	rq_config_diag_add(diag, line, true,
+			   "%s: a password in the config file is discouraged "
+			   "(use password_file or password_env)", shown);
+	return 0;
+}
+
+/* ---- apply ---- */
+
+/* The unknown key message of a group of keys ("timeouts." ...). */
+static int unknown_in(const struct key *t, size_t n, const char *prefix,
+		      const char *what, const char *shown, int line,
 		      struct rq_config_diag *diag)
 {
-	struct config_private *p = priv(cfg);
-	if (strcmp(key, "user") == 0)
-		return get_str(v, shown, 255, line, diag, &cfg->auth_user);
-	if (strcmp(key, "password_file") == 0)
-		return get_str(v, shown, 4096, line, diag, &p->password_file);
-	if (strcmp(key, "password_env") == 0)
-		return get_str(v, shown, 255, line, diag, &p->password_env);
-	if (strcmp(key, "allow_plaintext") == 0)
-		return get_bool(v, shown, line, diag, &cfg->auth_allow_plaintext);
-	if (strcmp(key, "password") == 0) {
-		if (want(v, RQ_CONFIG_STRING, shown, line, diag) < 0)
-			return -1;
-		if (v->len == 0 || v->len > 1024 || strlen(v->str) != v->len) {
-			rq_config_diag_add(diag, line, false,
-					   "%s: must be 1 to 1024 bytes, no NUL", shown);
-			return -1;
-		}
-		free_secret(cfg->auth_password);
-		cfg->auth_password = strdup(v->str);
-		if (!cfg->auth_password)
-			return -1;
-		p->password_literal = true;
-		rq_config_diag_add(diag, line, true,
-				   "%s: a password in the config file is discouraged "
-				   "(use password_file or password_env)", shown);
-		return 0;
-	}
-	rq_config_diag_add(diag, line, false,
-			   "unknown key %s (auth keys: user, password_file, "
-			   "password_env, password, allow_plaintext)", shown);
+	char list[400];
+	key_list(t, n, prefix, list, sizeof(list));
+	rq_config_diag_add(diag, line, false, "unknown key %s (%s: %s)", shown, what,
+			   list);
 	return -1;
-}
-
-/* The settings a domain can override, shared with relayq.config. */
-static int apply_limits(int *per_destination, int *messages_per_connection,
-			int *recipients_per_transaction, const char *key,
-			const struct rq_config_value *v, int line,
-			struct rq_config_diag *diag, int *matched)
-{
-	*matched = 1;
-	if (strcmp(key, "per_destination") == 0)
-		return set_int(v, key, 1, 10000, line, diag, per_destination);
-	if (strcmp(key, "messages_per_connection") == 0)
-		return set_int(v, key, 1, 1000000, line, diag, messages_per_connection);
-	if (strcmp(key, "recipients_per_transaction") == 0)
-		return set_int(v, key, 1, 100000, line, diag, recipients_per_transaction);
-	*matched = 0;
-	return -1;
-}
-
-/* Splits "a.b" into head "a" and tail "b" (tail NULL when no dot). */
-static const char *split(const char *key, char *head, size_t len)
-{
-	const char *dot = strchr(key, '.');
-	size_t n = dot ? (size_t)(dot - key) : strlen(key);
-	if (n >= len)
-		n = len - 1;
-	memcpy(head, key, n);
-	head[n] = '\0';
-	return dot ? dot + 1 : NULL;
 }
 
 static int apply_config(struct rq_config *cfg, const char *key,
 			const struct rq_config_value *v, int line,
 			struct rq_config_diag *diag)
 {
-	char head[64];
-	const char *tail = split(key, head, sizeof(head));
-	int matched;
-
-	if (strcmp(head, "timeouts") == 0 || strcmp(head, "auth") == 0) {
-		if (!tail) {
-			if (want(v, RQ_CONFIG_TABLE, key, line, diag) < 0)
-				return -1;
-			if (strcmp(head, "auth") == 0) {
-				cfg->auth = true;
-				priv(cfg)->auth_line = line;
-			}
-			return 0;
-		}
-		if (strcmp(head, "auth") == 0)
-			return apply_auth(cfg, tail, key, v, line, diag);
-		return apply_timeout(&cfg->timeouts, tail, key, v, line, diag);
-	}
-	if (tail)
-		goto unknown;
-	if (strcmp(key, "queue") == 0) {
-		if (v->type == RQ_CONFIG_TABLE)
-			return 0;  /* items follow as queue[] */
-		/* fall through to a single name */
-	}
-	if (strcmp(key, "queue") == 0 || strcmp(key, "queue[]") == 0) {
-		if (want(v, RQ_CONFIG_STRING, "queue", line, diag) < 0)
-			return -1;
-		if (!queue_name_ok(v->str, v->len) || strlen(v->str) != v->len) {
-			rq_config_diag_add(diag, line, false,
-					   "queue: \"%.70s\" is not a queue name "
-					   "(1-64 of A-Z a-z 0-9 _ . : -)", v->str);
-			return -1;
-		}
-		for (size_t i = 0; i < cfg->nqueues; i++) {
-			if (strcmp(cfg->queues[i], v->str) == 0) {
-				rq_config_diag_add(diag, line, false,
-						   "queue: \"%s\" listed twice", v->str);
-				return -1;
-			}
-		}
-		if (cfg->nqueues >= RQ_CONFIG_QUEUES_MAX) {
-			rq_config_diag_add(diag, line, false, "queue: more than %d queues",
-					   RQ_CONFIG_QUEUES_MAX);
-			return -1;
-		}
-		cfg->queues[cfg->nqueues] = strdup(v->str);
-		if (!cfg->queues[cfg->nqueues])
-			return -1;
-		cfg->nqueues++;
-		return 0;
-	}
-	if (strcmp(key, "redis") == 0) {
-		char *s = NULL;
-		char why[160], shown[200];
-		struct rq_queue_url u;
-		if (get_str(v, key, 1024, line, diag, &s) < 0)
-			return -1;
-		if (rq_queue_url_parse(s, &u, why, sizeof(why)) != 0) {
-			rq_queue_redact_url(s, shown, sizeof(shown));
-			rq_config_diag_add(diag, line, false,
-					   "redis: \"%.80s\" is not a Redis URL (%s); expected "
-					   "redis://[user:password@]host[:port][/db] or "
-					   "unix:/path[?db=N]", shown, why);
-			explicit_bzero(s, strlen(s));
-			free(s);
-			return -1;
-		}
-		if (u.has_password)
-			rq_config_diag_add(diag, line, true,
-					   "redis: a password in the URL is visible to whoever "
-					   "reads this file (consider redis_password_file or "
-					   "redis_password_env)");
-		rq_queue_url_wipe(&u);
-		free_secret(cfg->redis);
-		cfg->redis = s;
-		return 0;
-	}
-	if (strcmp(key, "redis_user") == 0)
-		return get_str(v, key, RQ_QUEUE_URL_USER_MAX, line, diag, &cfg->redis_user);
-	if (strcmp(key, "redis_password_file") == 0)
-		return get_str(v, key, 4096, line, diag, &cfg->redis_password_file);
-	if (strcmp(key, "redis_password_env") == 0)
-		return get_str(v, key, 255, line, diag, &cfg->redis_password_env);
-	if (strcmp(key, "relay") == 0) {
-		char *s = NULL, *host = NULL;
-		int port = 25;
-		bool br;
-		if (get_str(v, key, 300, line, diag, &s) < 0)
-			return -1;
-		if (parse_hostport(s, false, &host, &port, &br) < 0) {
-			rq_config_diag_add(diag, line, false,
-					   "relay: \"%.80s\" is not \"[host]:port\", "
-					   "\"host:port\" or \"host\"", s);
-			free(s);
-			return -1;
-		}
-		free(s);
-		free(cfg->relay_host);
-		cfg->relay_host = host;
-		cfg->relay_port = port;
-		cfg->relay_mx = !br;
-		return 0;
-	}
-	if (strcmp(key, "tls") == 0) {
-		if (want(v, RQ_CONFIG_STRING, key, line, diag) < 0)
-			return -1;
-		int m = rq_tls_mode_parse(v->str);
-		if (m < 0) {
-			rq_config_diag_add(diag, line, false,
-					   "tls: \"%.40s\" is not none, opportunistic, "
-					   "required or implicit", v->str);
-			return -1;
-		}
-		cfg->tls = (enum rq_tls_mode)m;
-		return 0;
-	}
-	if (strcmp(key, "tls_ca_file") == 0) {
-		if (get_str(v, key, 4096, line, diag, &cfg->tls_ca_file) < 0)
-			return -1;
-		if (access(cfg->tls_ca_file, R_OK) != 0) {
-			rq_config_diag_add(diag, line, false, "tls_ca_file: cannot read %s: %s",
-					   cfg->tls_ca_file, strerror(errno));
-			return -1;
-		}
-		return 0;
-	}
-	if (strcmp(key, "tls_verify") == 0)
-		return get_bool(v, key, line, diag, &cfg->tls_verify);
-	if (strcmp(key, "helo") == 0) {
-		char *s = NULL;
-		if (get_str(v, key, 255, line, diag, &s) < 0)
-			return -1;
-		bool lit = s[0] == '[';
-		if (!lit && !host_ok(s, strlen(s), false)) {
-			rq_config_diag_add(diag, line, false,
-					   "helo: \"%.80s\" is not a host name", s);
-			free(s);
-			return -1;
-		}
-		free(cfg->helo);
-		cfg->helo = s;
-		return 0;
-	}
-	if (strcmp(key, "connections") == 0)
-		return set_int(v, key, 1, 100000, line, diag, &cfg->connections);
-	{
-		int r = apply_limits(&cfg->per_destination, &cfg->messages_per_connection,
-				     &cfg->recipients_per_transaction, key, v, line, diag,
-				     &matched);
-		if (matched)
-			return r;
-	}
-	if (strcmp(key, "batch") == 0)
-		return set_int(v, key, 1, 10000, line, diag, &cfg->batch);
-	if (strcmp(key, "lease") == 0)
-		return get_dur(v, key, 10, 86400, line, diag, &cfg->lease);
-	if (strcmp(key, "log_format") == 0) {
-		if (want(v, RQ_CONFIG_STRING, key, line, diag) < 0)
-			return -1;
-		if (strcmp(v->str, "logfmt") == 0) {
-			cfg->log_format = RQ_LOG_LOGFMT;
-		} else if (strcmp(v->str, "json") == 0) {
-			cfg->log_format = RQ_LOG_JSON;
-		} else {
-			rq_config_diag_add(diag, line, false,
-					   "log_format: \"%.40s\" is not logfmt or json", v->str);
-			return -1;
-		}
-		return 0;
-	}
-	if (strcmp(key, "log_level") == 0) {
-		if (want(v, RQ_CONFIG_STRING, key, line, diag) < 0)
-			return -1;
-		int l = rq_log_level_parse(v->str);
-		if (l < 0) {
-			rq_config_diag_add(diag, line, false,
-					   "log_level: \"%.40s\" is not debug, info, warn, "
-					   "error or off", v->str);
-			return -1;
-		}
-		cfg->log_level = l;
-		return 0;
-	}
-	if (strcmp(key, "events_cap") == 0)
-		return get_int(v, key, 0, 100000000, line, diag, &cfg->events_cap);
-	if (strcmp(key, "bounce") == 0)
-		return get_bool(v, key, line, diag, &cfg->bounce);
-	if (strcmp(key, "metrics") == 0) {
-		char *s = NULL, *host = NULL;
-		int port = 0;
-		bool br;
-		if (get_str(v, key, 300, line, diag, &s) < 0)
-			return -1;
-		if (parse_hostport(s, true, &host, &port, &br) < 0) {
-			rq_config_diag_add(diag, line, false,
-					   "metrics: \"%.80s\" is not \"host:port\"", s);
-			free(s);
-			return -1;
-		}
-		free(host);
-		free(cfg->metrics);
-		cfg->metrics = s;
-		return 0;
-	}
-unknown:
+	const struct key *k = key_find(config_keys, NKEYS(config_keys), key);
+	if (k)
+		return key_apply(cfg, k, cfg, NULL, NULL, key, v, line, diag);
+	if (strncmp(key, "timeouts.", 9) == 0)
+		return unknown_in(config_keys, NKEYS(config_keys), "timeouts.", "timeouts",
+				  key, line, diag);
+	if (strncmp(key, "auth.", 5) == 0)
+		return unknown_in(config_keys, NKEYS(config_keys), "auth.", "auth keys",
+				  key, line, diag);
 	rq_config_diag_add(diag, line, false, "unknown key %s in relayq.config", key);
 	return -1;
+}
+
+/* relayq.backoff / expire (group "backoff" / "expire"), or a domain's. */
+static int apply_params(struct rq_config *cfg, const char *group, const char *key,
+			const char *shown, struct rq_policy_params *params,
+			unsigned *set, const struct rq_config_value *v, int line,
+			struct rq_config_diag *diag)
+{
+	char name[200], prefix[16], what[32];
+	snprintf(name, sizeof(name), "%s.%s", group, key);
+	const struct key *k = key_find(params_keys, NKEYS(params_keys), name);
+	if (k)
+		return key_apply(cfg, k, params, set, NULL, shown, v, line, diag);
+	snprintf(prefix, sizeof(prefix), "%s.", group);
+	snprintf(what, sizeof(what), "%s keys", group);
+	return unknown_in(params_keys, NKEYS(params_keys), prefix, what, shown, line,
+			  diag);
 }
 
 static int apply_domain(struct rq_config *cfg, const char *key,
@@ -847,44 +979,20 @@ static int apply_domain(struct rq_config *cfg, const char *key,
 	if (cfg->ndomains == 0)
 		return -1;
 	struct rq_config_domain *d = &cfg->domains[cfg->ndomains - 1];
-	char head[64];
-	const char *tail = split(key, head, sizeof(head));
-	int matched;
-	if (!tail) {
-		int r = apply_limits(&d->per_destination, &d->messages_per_connection,
-				     &d->recipients_per_transaction, key, v, line, diag,
-				     &matched);
-		if (matched) {
-			if (r == 0) {
-				if (strcmp(key, "per_destination") == 0)
-					d->has_per_destination = true;
-				else if (strcmp(key, "messages_per_connection") == 0)
-					d->has_messages_per_connection = true;
-				else
-					d->has_recipients_per_transaction = true;
-			}
-			return r;
-		}
-	}
-	if (strcmp(head, "backoff") == 0 || strcmp(head, "expire") == 0) {
-		if (!tail) {
-			if (want(v, RQ_CONFIG_TABLE, key, line, diag) < 0)
-				return -1;
-			if (head[0] == 'b')
-				d->has_backoff = true;
-			else
-				d->has_expire = true;
-			return 0;
-		}
-		if (head[0] == 'b')
-			return apply_backoff(&d->params.backoff, &d->set, tail, key, v,
-					     line, diag);
-		return apply_expire(&d->params.expire, &d->set, tail, key, v, line, diag);
-	}
+	const struct key *k = key_find(domain_keys, NKEYS(domain_keys), key);
+	if (k)
+		return key_apply(cfg, k, d, NULL, d, key, v, line, diag);
+	if (strncmp(key, "backoff.", 8) == 0)
+		return apply_params(cfg, "backoff", key + 8, key, &d->params, &d->set, v,
+				    line, diag);
+	if (strncmp(key, "expire.", 7) == 0)
+		return apply_params(cfg, "expire", key + 7, key, &d->params, &d->set, v,
+				    line, diag);
+	char list[300];
+	key_list(domain_keys, NKEYS(domain_keys), "", list, sizeof(list));
 	rq_config_diag_add(diag, line, false,
-			   "unknown key %s in relayq.on_domain(\"%s\") (keys: "
-			   "per_destination, messages_per_connection, "
-			   "recipients_per_transaction, backoff, expire, on)", key, d->name);
+			   "unknown key %s in relayq.on_domain(\"%s\") (keys: %s, on)",
+			   key, d->name, list);
 	return -1;
 }
 
@@ -896,20 +1004,23 @@ int rq_config_apply(struct rq_config *cfg, enum rq_config_section sec,
 	case RQ_CONFIG_SEC_CONFIG:
 		return apply_config(cfg, key, v, line, diag);
 	case RQ_CONFIG_SEC_BACKOFF:
-		return apply_backoff(&cfg->params.backoff, NULL, key, key, v, line, diag);
+		return apply_params(cfg, "backoff", key, key, &cfg->params, NULL, v, line,
+				    diag);
 	case RQ_CONFIG_SEC_EXPIRE:
-		return apply_expire(&cfg->params.expire, NULL, key, key, v, line, diag);
+		return apply_params(cfg, "expire", key, key, &cfg->params, NULL, v, line,
+				    diag);
 	case RQ_CONFIG_SEC_DOMAIN:
 		return apply_domain(cfg, key, v, line, diag);
 	}
 	return -1;
 }
 
-/* Reads a one-line secret file (trailing CR/LF removed). */
-static char *read_secret(const char *path, int line, struct rq_config_diag *diag)
+/*
+ * The SMTP AUTH password from its file (rq_secret_read_file: the first
+ * line); a file group or others can read is a warning.
+ */
+static char *read_password(const char *path, int line, struct rq_config_diag *diag)
 {
-	char buf[1100];
-	char *out = NULL;
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
 		rq_config_diag_add(diag, line, false, "auth.password_file: cannot open %s: %s",
@@ -921,38 +1032,24 @@ static char *read_secret(const char *path, int line, struct rq_config_diag *diag
 		rq_config_diag_add(diag, line, true,
 				   "auth.password_file: %s is readable by group or others",
 				   path);
-	ssize_t n = read(fd, buf, sizeof(buf) - 1);
-	if (n < 0) {
-		rq_config_diag_add(diag, line, false, "auth.password_file: cannot read %s: %s",
-				   path, strerror(errno));
-		goto cleanup;
-	}
-	buf[n] = '\0';
-	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
-		buf[--n] = '\0';
-	if (n == 0 || n > 1024 || strlen(buf) != (size_t)n || strchr(buf, '\n')) {
-		rq_config_diag_add(diag, line, false,
-				   "auth.password_file: %s must hold one line of 1 to 1024 bytes",
-				   path);
-		goto cleanup;
-	}
-	out = strdup(buf);
-cleanup:
-	explicit_bzero(buf, sizeof(buf));
 	close(fd);
-	return out;
+	char err[RQ_CONFIG_PROBLEM_LEN];
+	char *pw = rq_secret_read_file(path, "auth.password_file", err, sizeof(err));
+	if (!pw)
+		rq_config_diag_add(diag, line, false, "%s", err);
+	return pw;
 }
 
 /* The Redis password sources: at most one; a user needs one; the file
  * readable, the variable set. */
 static void end_redis(struct rq_config *cfg, int line, struct rq_config_diag *diag)
 {
-	struct rq_queue_url u;
+	struct rq_redis_url u;
 	bool url_pw = false, url_user = false;
-	if (cfg->redis && rq_queue_url_parse(cfg->redis, &u, NULL, 0) == 0) {
+	if (cfg->redis && rq_redis_url_parse(cfg->redis, &u, NULL, 0) == 0) {
 		url_pw = u.has_password;
 		url_user = u.user[0] != '\0';
-		rq_queue_url_wipe(&u);
+		rq_redis_url_wipe(&u);
 	}
 	int sources = url_pw + (cfg->redis_password_file != NULL) +
 		      (cfg->redis_password_env != NULL);
@@ -1007,7 +1104,7 @@ static void end_config(struct rq_config *cfg, int line, struct rq_config_diag *d
 {
 	struct config_private *p = priv(cfg);
 	if (cfg->nqueues == 0) {
-		cfg->queues[0] = strdup("default");
+		cfg->queues[0] = strdup(RQ_KEYS_QUEUE_DEFAULT);
 		if (cfg->queues[0])
 			cfg->nqueues = 1;
 	}
@@ -1032,15 +1129,15 @@ static void end_config(struct rq_config *cfg, int line, struct rq_config_diag *d
 	if (cfg->load_flags & RQ_CONFIG_LOAD_NO_SMTP_SECRET) {
 		/* not needed by this caller: neither read nor required */
 	} else if (p->password_file) {
-		free_secret(cfg->auth_password);
-		cfg->auth_password = read_secret(p->password_file, aline, diag);
+		rq_secret_free(cfg->auth_password);
+		cfg->auth_password = read_password(p->password_file, aline, diag);
 	} else if (p->password_env) {
 		const char *e = getenv(p->password_env);
 		if (!e || !*e) {
 			rq_config_diag_add(diag, aline, false,
 					   "auth.password_env: %s is not set", p->password_env);
 		} else {
-			free_secret(cfg->auth_password);
+			rq_secret_free(cfg->auth_password);
 			cfg->auth_password = strdup(e);
 		}
 	}
@@ -1070,32 +1167,15 @@ void rq_config_section_end(struct rq_config *cfg, enum rq_config_section sec,
 	case RQ_CONFIG_SEC_EXPIRE:
 	case RQ_CONFIG_SEC_DOMAIN:
 		/* Domains are checked merged with the global values, once the
-		 * whole file ran (rq_config_load). */
+		 * whole file ran (rq_config_lua_load). */
 		break;
 	}
 }
 
-/* ---- load ---- */
 
-struct rq_config *rq_config_load(const char *path, struct rq_config_diag *diag)
+int rq_config_validate(struct rq_config *cfg, struct rq_config_diag *diag)
 {
-	return rq_config_load_flags(path, 0, diag);
-}
-
-struct rq_config *rq_config_load_flags(const char *path, unsigned flags,
-				       struct rq_config_diag *diag)
-{
-	struct rq_config *cfg = rq_config_create();
-	if (!cfg) {
-		rq_config_diag_add(diag, 0, false, "out of memory");
-		return NULL;
-	}
-	cfg->load_flags = flags;
 	size_t errors = diag->errors;
-	cfg->path = strdup(path);
-	cfg->lua = rq_policy_lua_load(path, cfg, NULL, diag);
-	if (!cfg->lua || !cfg->path || diag->errors > errors)
-		goto fail;
 	for (size_t i = 0; i < cfg->ndomains; i++) {
 		struct rq_policy_params p;
 		rq_config_params(cfg, cfg->domains[i].name, &p);
@@ -1104,41 +1184,7 @@ struct rq_config *rq_config_load_flags(const char *path, unsigned flags,
 					   "relayq.on_domain(\"%s\"): backoff max is less "
 					   "than first", cfg->domains[i].name);
 	}
-	if (diag->errors > errors)
-		goto fail;
-	return cfg;
-fail:
-	if (diag->errors == errors)
-		rq_config_diag_add(diag, 0, false, "cannot load the configuration");
-	rq_config_destroy(cfg);
-	return NULL;
-}
-
-int rq_config_reload(struct rq_config **cur, const char *path,
-		     struct rq_config_diag *diag)
-{
-	struct rq_config *cfg = rq_config_load(path, diag);
-	if (!cfg)
-		return -1;
-	rq_config_destroy(*cur);
-	*cur = cfg;
-	return 0;
-}
-
-int rq_config_check(const char *path, FILE *out, FILE *err)
-{
-	struct rq_config_diag diag;
-	rq_config_diag_init(&diag, path);
-	struct rq_config *cfg = rq_config_load(path, &diag);
-	rq_config_diag_print(&diag, err);
-	if (!cfg)
-		return 1;
-	struct rq_policy_lua_stats st;
-	rq_policy_lua_stats(cfg->lua, &st);
-	fprintf(out, "%s: ok (%zu policy rules, %zu domains)\n", path, st.rules,
-		cfg->ndomains);
-	rq_config_destroy(cfg);
-	return 0;
+	return diag->errors > errors ? -1 : 0;
 }
 
 /* ---- lookups ---- */

@@ -180,7 +180,7 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
 		return;
 	struct rq_config_diag diag;
 	rq_config_diag_init(&diag, dm->path);
-	struct rq_config *n = rq_config_load(dm->path, &diag);
+	struct rq_config *n = rq_config_lua_load(dm->path, 0, &diag);
 	if (!n) {
 		log_diag(&diag, "reload_problem");
 		rq_log(RQ_LOG_ERROR, "reload_failed", "file", dm->path, "reason",
@@ -423,7 +423,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	if (check)
-		return rq_config_check(config, stdout, stderr);
+		return rq_config_lua_check(config, stdout, stderr);
 	if (queue && (!*queue || strlen(queue) > 64)) {
 		fprintf(stderr, "relayqd: --queue: a name of 1 to 64 bytes\n");
 		return 2;
@@ -442,7 +442,7 @@ int main(int argc, char **argv)
 	}
 	struct rq_config_diag diag;
 	rq_config_diag_init(&diag, config);
-	dm.boot = dm.cfg = rq_config_load(config, &diag);
+	dm.boot = dm.cfg = rq_config_lua_load(config, 0, &diag);
 	if (!dm.cfg) {
 		rq_config_diag_print(&diag, stderr);
 		return 1;

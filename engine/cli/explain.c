@@ -341,7 +341,7 @@ int rq_cli_explain(int argc, char **argv)
 	if (o.config) {
 		struct rq_config_diag diag;
 		rq_config_diag_init(&diag, o.config);
-		cfg = rq_config_load_flags(o.config, RQ_CONFIG_LOAD_NO_SMTP_SECRET, &diag);
+		cfg = rq_config_lua_load(o.config, RQ_CONFIG_LOAD_NO_SMTP_SECRET, &diag);
 		if (!cfg || diag.warnings)
 			rq_config_diag_print(&diag, stderr);
 		if (!cfg)

@@ -16,6 +16,7 @@
 
 #include "explain.h"
 #include "relayq/config.h"
+#include "relayq/config_lua.h"
 #include "relayq/fnlib.h"
 #include "relayq/secret.h"
 
@@ -137,7 +138,7 @@ static int load_config(struct cli *cli)
 {
 	struct rq_config_diag diag;
 	rq_config_diag_init(&diag, cli->config_path);
-	struct rq_config *cfg = rq_config_load_flags(cli->config_path,
+	struct rq_config *cfg = rq_config_lua_load(cli->config_path,
 						     RQ_CONFIG_LOAD_NO_SMTP_SECRET, &diag);
 	if (!cfg) {
 		rq_config_diag_print(&diag, stderr);

@@ -2,8 +2,10 @@
 #define RELAYQ_CONFIG_H
 
 /*
- * The daemon's configuration: one sandboxed Lua file (see
- * contrib/relayq.example.lua) that calls
+ * The daemon's settings: defaults, applying one key (from a table of
+ * keys: name, type, field, bounds), validating, looking up. No Lua here:
+ * the config file (contrib/relayq.example.lua) is read by config_lua.h,
+ * which hands every key to rq_config_apply; its calls
  *
  *   relayq.config { ... }      settings (keys below)
  *   relayq.backoff { first, factor, max, jitter }
@@ -11,13 +13,13 @@
  *   relayq.on(selector, fn)    policy overrides (policy_lua.h)
  *   relayq.on_domain(domain, { settings..., on = { [selector] = fn } })
  *
- * each at most once (on / on_domain once per selector / domain). Unknown
- * keys, wrong types and out-of-range values are errors, reported with the
- * file's line. Durations are numbers (seconds) or strings ("30s", "5m",
- * "2h", "5d", "1h30m").
+ * come each at most once (on / on_domain once per selector / domain).
+ * Unknown keys, wrong types and out-of-range values are errors, reported
+ * with the file's line. Durations are numbers (seconds) or strings ("30s",
+ * "5m", "2h", "5d", "1h30m").
  *
  * relayq.config keys and defaults:
- *   redis         "redis://127.0.0.1:6379/0"  (any URL rq_queue_url_parse
+ *   redis         "redis://127.0.0.1:6379/0"  (any URL rq_redis_url_parse
  *                 takes, queue.h: redis://[user:password@]host[:port][/db]
  *                 or unix:/path[?db=N]; a password in it is warned about)
  *   redis_password_file  a file whose first line is the Redis password
@@ -145,6 +147,9 @@ struct rq_config {
 	struct rq_config_domain *domains;
 	size_t ndomains;
 	struct rq_policy_lua *lua; /* owned; NULL = built-in policy only */
+	/* How rq_config_destroy frees lua: set by whoever makes it
+	 * (config_lua), so config.c knows nothing of Lua. */
+	void (*lua_destroy)(struct rq_policy_lua *lua);
 	unsigned load_flags;        /* RQ_CONFIG_LOAD_* it was loaded with */
 };
 
@@ -176,17 +181,11 @@ void rq_config_diag_print(const struct rq_config_diag *d, FILE *f);
 /* A config with every default and no Lua policy; NULL on allocation
  * failure. The caller frees it with rq_config_destroy. */
 struct rq_config *rq_config_create(void);
-/* Frees everything, the Lua policy too (password zeroed). NULL: no-op. */
+/* Frees everything, the Lua policy too (through cfg->lua_destroy; password
+ * zeroed). NULL: no-op. */
 void rq_config_destroy(struct rq_config *cfg);
 
-/*
- * Loads the file: runs it in the policy sandbox (policy_lua.h), applies the
- * settings, keeps the policy. Returns the config, or NULL when there was
- * any error (all of them in diag; warnings are kept in diag too).
- */
-struct rq_config *rq_config_load(const char *path, struct rq_config_diag *diag);
-
-/* Flags of rq_config_load_flags. */
+/* Flags of rq_config_lua_load (config_lua.h), kept in load_flags. */
 enum {
 	/* The caller never sends mail (the relayq CLI): the SMTP AUTH password
 	 * is neither read nor required, so an operator who may read the
@@ -194,23 +193,12 @@ enum {
 	RQ_CONFIG_LOAD_NO_SMTP_SECRET = 1u << 0,
 };
 
-/* rq_config_load with flags (RQ_CONFIG_LOAD_*). */
-struct rq_config *rq_config_load_flags(const char *path, unsigned flags,
-				       struct rq_config_diag *diag);
-
 /*
- * Reload: loads path and, only when it loads cleanly, destroys *cur and
- * puts the new config there. Returns 0, or -1 with *cur untouched.
+ * Checks that need the whole file (after every section ran): each
+ * domain's merged backoff. Problems go to diag. Returns 0, or -1 when it
+ * added an error.
  */
-int rq_config_reload(struct rq_config **cur, const char *path,
-		     struct rq_config_diag *diag);
-
-/*
- * `relayqd --check -c FILE`: loads the file, prints every problem as
- * "file:line: error: msg" (and warnings) to err, and "file: ok" to out when
- * it loads. Returns 0 when it loads, 1 otherwise.
- */
-int rq_config_check(const char *path, FILE *out, FILE *err);
+int rq_config_validate(struct rq_config *cfg, struct rq_config_diag *diag);
 
 /* The policy parameters for a recipient domain (global ones, with the
  * domain's backoff / expire when it has them). domain may be NULL. */
@@ -232,7 +220,7 @@ const struct rq_config_domain *rq_config_domain(const struct rq_config *cfg,
 
 
 /*
- * Settings as the Lua loader hands them over: policy_lua.c walks the tables
+ * Settings as the Lua loader hands them over: config_lua.c walks the tables
  * and calls rq_config_apply for every key (nested keys dotted:
  * "timeouts.rcpt", "auth.user"; array items as "queue[]"), a table value
  * first as RQ_CONFIG_TABLE (return -1 to skip its contents).
@@ -267,7 +255,9 @@ enum rq_config_section {
 int rq_config_section_begin(struct rq_config *cfg, enum rq_config_section sec,
 			    const char *name, int line,
 			    struct rq_config_diag *diag);
-/* Applies one key of the current section. Returns 0, or -1 with a problem
+/* Applies one key of the current section: looked up in the section's key
+ * table (name, type, field, bounds), checked, stored. An unknown key's
+ * message lists the keys of its table. Returns 0, or -1 with a problem
  * recorded. */
 int rq_config_apply(struct rq_config *cfg, enum rq_config_section sec,
 		    const char *key, const struct rq_config_value *v, int line,

@@ -2,10 +2,11 @@
 #define RELAYQ_POLICY_LUA_H
 
 /*
- * Lua policy overrides: the only module that touches a lua_State.
- *
- * The config file runs in a fresh sandboxed state. It registers settings
- * (handed to config.c) and rules:
+ * The Lua policy: selectors, rules (relayq.on, on_domain ... on), actions
+ * (relayq.retry / fail / drop / hold / suspend), handler calls, and the
+ * decisions that use them. The state the handlers run in is a
+ * lua_sandbox (lua_sandbox.h) owned by the policy; the config file that
+ * registers the rules is read by config_lua (config_lua.h).
  *
  *   relayq.on(selector, function(r, msg) ... end)
  *   relayq.on_domain("yahoo.com", { per_destination = 5,
@@ -31,33 +32,20 @@
  *   nil                          the built-in decision
  * A retry is still subject to expiry (max_age, max_attempts).
  *
- * Sandbox: base functions without dofile, loadfile and print (print logs
- * at info), load only of text chunks in the sandbox, collectgarbage
- * ("count", "collect", "step"); string (without string.dump), table, math,
- * utf8, and os.time, os.clock, os.date (read-only clock). No io,
- * os.execute / getenv / exit / remove, require / package, debug,
- * coroutine. relayq.getenv(name [, default]) reads the environment at
- * load time only. setmetatable refuses a metatable with a __gc field
- * (Lua runs finalizers with hooks off, out of any budget).
- *
- * Every call has an instruction budget and a wall-clock limit (a
- * backstop), and the state a memory cap. The library functions written
- * in C pay from the same budget for the work they do: allocations,
- * string arguments read, table elements visited, and for
- * string.find / match / gmatch / gsub an upper bound of the pattern
- * matcher's backtracking, so a pattern that could run too long on its
- * subject fails with the budget error before it runs. A handler that
- * errors, runs out of budget, time or memory, or returns something else
- * than an action gets the built-in decision; the error is counted and
- * logged with a traceback once per rule per loaded state.
+ * Sandbox (lua_sandbox.h): print logs as policy_print; relayq.getenv
+ * (config_lua) reads the environment at load time only. Every handler
+ * call has an instruction budget and a wall-clock limit (a backstop), and
+ * the state a memory cap. A handler that errors, runs out of budget, time
+ * or memory, or returns something else than an action gets the built-in
+ * decision; the error is counted and logged with a traceback once per
+ * rule per loaded state.
  *
  * Once the file has run, the handlers share one state but cannot change
  * it for each other: string, table, math, utf8, os and relayq are
- * read-only (assigning a field, rawset or setmetatable on them fails;
- * pairs works, next / rawget see them empty), "" has a fresh protected
- * metatable, and the globals are read-only (assigning a global in a
- * handler is an error: keep state in a local of the file). The file
- * itself may still add to the libraries and set globals while it loads.
+ * read-only, "" has a fresh protected metatable, and the globals are
+ * read-only (assigning a global in a handler is an error: keep state in
+ * a local of the file). The file itself may still add to the libraries
+ * and set globals while it loads.
  */
 
 #include <stdbool.h>
@@ -67,6 +55,7 @@
 #include "relayq/policy.h"
 
 struct rq_policy_lua;
+struct rq_lua_sandbox;
 
 /* 0 in a field: its default. */
 struct rq_policy_lua_limits {
@@ -84,22 +73,40 @@ struct rq_policy_lua_limits {
 #define RQ_POLICY_LUA_LOAD_SECONDS 10.0
 
 /*
- * Runs a config file (path) or a buffer (name is used in messages) in a new
- * sandboxed state. Settings go to cfg through rq_config_apply; rules stay in
- * the returned object. limits NULL = defaults. Returns NULL when anything
- * failed (syntax, runtime error, bad setting: all in diag). cfg is not
- * owned; the caller usually stores the result in cfg->lua.
+ * A policy with no rules yet, on a new sandbox (memory cap from limits)
+ * that has a global table relayq with on, retry, fail, drop, hold and
+ * suspend. limits NULL = defaults. Returns NULL with a reason in err.
+ * The caller (config_lua) runs the file in it; rq_policy_lua_destroy
+ * frees it.
  */
-struct rq_policy_lua *rq_policy_lua_load(const char *path, struct rq_config *cfg,
-					 const struct rq_policy_lua_limits *limits,
-					 struct rq_config_diag *diag);
-struct rq_policy_lua *rq_policy_lua_load_buffer(const char *name,
-						const char *src, size_t len,
-						struct rq_config *cfg,
-						const struct rq_policy_lua_limits *limits,
-						struct rq_config_diag *diag);
+struct rq_policy_lua *rq_policy_lua_create(const struct rq_policy_lua_limits *limits,
+					   char *err, size_t errlen);
 
-/* Closes the state. NULL: no-op. */
+/* The sandbox the handlers run in; owned by pl. */
+struct rq_lua_sandbox *rq_policy_lua_sandbox(struct rq_policy_lua *pl);
+
+/* The limits in force (defaults filled in). */
+const struct rq_policy_lua_limits *rq_policy_lua_limits_of(const struct rq_policy_lua *pl);
+
+/*
+ * Between rq_policy_lua_load_begin and _end the file may register rules
+ * (relayq.on, rq_policy_lua_add_rule); problems go to diag (not owned,
+ * used until _end). Outside them relayq.on raises an error.
+ */
+void rq_policy_lua_load_begin(struct rq_policy_lua *pl, struct rq_config_diag *diag);
+void rq_policy_lua_load_end(struct rq_policy_lua *pl);
+
+/*
+ * Registers the function at stack index fidx for the selector at sidx
+ * (of the sandbox's state), for a recipient domain (NULL: global), given
+ * at the file's line. Only while loading, from a C function running in
+ * the state: it may raise a Lua error (out of memory). Problems with the
+ * selector or the function go to the load's diag.
+ */
+void rq_policy_lua_add_rule(struct rq_policy_lua *pl, const char *domain,
+			    int sidx, int fidx, int line);
+
+/* Closes the state, frees the rules. NULL: no-op. */
 void rq_policy_lua_destroy(struct rq_policy_lua *pl);
 
 /* The message a decision is about; strings borrowed, may be NULL. */
@@ -155,9 +162,15 @@ struct rq_policy_lua_stats {
 	size_t rules;                   /* registered rules, domains included */
 };
 
+/* Counters and memory of pl into out (all 0 for NULL). */
 void rq_policy_lua_stats(const struct rq_policy_lua *pl,
 			 struct rq_policy_lua_stats *out);
-/* The last handler error with its traceback ("" when none). */
+/* The last handler error with its traceback ("" when none); owned by pl,
+ * valid until the next decision. */
 const char *rq_policy_lua_last_error(const struct rq_policy_lua *pl);
+
+/* The file loaders moved to config_lua.h (rq_config_lua_run_file / _run_buffer);
+ * rq_policy_lua_load / _load_buffer are kept there as the old names. */
+#include "relayq/config_lua.h"
 
 #endif

@@ -157,19 +157,6 @@ void rq_queue_destroy(struct rq_queue *q);
  * the queue. */
 const char *rq_queue_url_redacted(const struct rq_queue *q);
 
-/*
- * Old names of redis_url.h, for callers not moved yet (engine/config.c).
- * New code uses the rq_redis_url_* names; remove these when no caller is
- * left.
- */
-#define rq_queue_url rq_redis_url
-#define rq_queue_url_parse rq_redis_url_parse
-#define rq_queue_url_wipe rq_redis_url_wipe
-#define rq_queue_redact_url rq_redis_url_redact
-#define RQ_QUEUE_URL_MAX RQ_REDIS_URL_MAX
-#define RQ_QUEUE_URL_USER_MAX RQ_REDIS_URL_USER_MAX
-#define RQ_QUEUE_URL_PASSWORD_MAX RQ_REDIS_URL_PASSWORD_MAX
-#define RQ_QUEUE_URL_DB_MAX RQ_REDIS_URL_DB_MAX
 
 /* The queue's key prefix "relayq:{q}". */
 const char *rq_queue_prefix(const struct rq_queue *q);

@@ -50,7 +50,7 @@ static struct rq_config *load(const char *text, struct rq_config_diag *diag)
 {
 	const char *path = write_file("relayq.lua", text);
 	rq_config_diag_init(diag, path);
-	return rq_config_load(path, diag);
+	return rq_config_lua_load(path, 0, diag);
 }
 
 /* True when diag has a problem at line with msg containing needle. */
@@ -359,7 +359,7 @@ static void auth_sources(void **state)
 	const char *cli_path = write_file("cli.lua",
 		"relayq.config {\n queue = 'q1',\n auth = { user = 'u', password_file = '/nonexistent/pw' } }\n");
 	rq_config_diag_init(&d, cli_path);
-	c = rq_config_load_flags(cli_path, RQ_CONFIG_LOAD_NO_SMTP_SECRET, &d);
+	c = rq_config_lua_load(cli_path, RQ_CONFIG_LOAD_NO_SMTP_SECRET, &d);
 	assert_non_null(c);
 	assert_int_equal(d.errors, 0);
 	assert_string_equal(c->queues[0], "q1");
@@ -395,7 +395,7 @@ static char *check_text(const char *text, int *rc)
 	size_t len = 0;
 	FILE *f = open_memstream(&out, &len);
 	assert_non_null(f);
-	*rc = rq_config_check(path, f, f);
+	*rc = rq_config_lua_check(path, f, f);
 	fclose(f);
 	return out;
 }
@@ -588,7 +588,7 @@ static void lua_errors_and_env(void **state)
 
 	/* Missing file. */
 	rq_config_diag_init(&d, "/nonexistent/relayq.lua");
-	assert_null(rq_config_load("/nonexistent/relayq.lua", &d));
+	assert_null(rq_config_lua_load("/nonexistent/relayq.lua", 0, &d));
 	assert_true(has_problem(&d, 0, false, "cannot open"));
 }
 
@@ -605,7 +605,7 @@ static void check_output(void **state)
 	size_t olen = 0, elen = 0;
 	FILE *o = open_memstream(&out, &olen);
 	FILE *e = open_memstream(&err, &elen);
-	int rc = rq_config_check(path, o, e);
+	int rc = rq_config_lua_check(path, o, e);
 	fclose(o);
 	fclose(e);
 	assert_int_equal(rc, 1);
@@ -624,7 +624,7 @@ static void check_output(void **state)
 				    "relayq.on(550, function() end)\n");
 	o = open_memstream(&out, &olen);
 	e = open_memstream(&err, &elen);
-	rc = rq_config_check(path, o, e);
+	rc = rq_config_lua_check(path, o, e);
 	fclose(o);
 	fclose(e);
 	assert_int_equal(rc, 0);
@@ -647,7 +647,7 @@ static void example_config_checks(void **state)
 	size_t olen = 0, elen = 0;
 	FILE *o = open_memstream(&out, &olen);
 	FILE *e = open_memstream(&err, &elen);
-	int rc = rq_config_check(path, o, e);
+	int rc = rq_config_lua_check(path, o, e);
 	fclose(o);
 	fclose(e);
 	if (rc != 0)
@@ -665,26 +665,233 @@ static void reload_keeps_old_on_error(void **state)
 	snprintf(p, sizeof(p), "%s", path);
 	struct rq_config_diag d;
 	rq_config_diag_init(&d, p);
-	struct rq_config *cur = rq_config_load(p, &d);
+	struct rq_config *cur = rq_config_lua_load(p, 0, &d);
 	assert_non_null(cur);
 	struct rq_config *before = cur;
 	write_file("reload.lua", "relayq.config { queue = 'two' \n");
 	rq_config_diag_init(&d, p);
-	assert_int_equal(rq_config_reload(&cur, p, &d), -1);
+	assert_int_equal(rq_config_lua_reload(&cur, p, &d), -1);
 	assert_ptr_equal(cur, before);
 	assert_string_equal(cur->queues[0], "one");
 	assert_true(d.errors > 0);
 	write_file("reload.lua", "relayq.config { queue = 'three' }\n");
 	rq_config_diag_init(&d, p);
-	assert_int_equal(rq_config_reload(&cur, p, &d), 0);
+	assert_int_equal(rq_config_lua_reload(&cur, p, &d), 0);
 	assert_string_equal(cur->queues[0], "three");
 	rq_config_destroy(cur);
+}
+
+/* ---- the key table, straight through rq_config_apply (no Lua) ---- */
+
+static struct rq_config_value vnum(double n)
+{
+	return (struct rq_config_value){.type = RQ_CONFIG_NUMBER, .num = n};
+}
+
+static struct rq_config_value vstr(const char *s)
+{
+	return (struct rq_config_value){.type = RQ_CONFIG_STRING, .str = s,
+					.len = strlen(s)};
+}
+
+static struct rq_config_value vbool(bool b)
+{
+	return (struct rq_config_value){.type = RQ_CONFIG_BOOL, .b = b};
+}
+
+static const struct rq_config_value vtable = {.type = RQ_CONFIG_TABLE};
+
+/* Applies one key and expects it to fail with exactly msg. */
+static void apply_fails(struct rq_config *c, enum rq_config_section sec,
+			const char *key, struct rq_config_value v, const char *msg)
+{
+	struct rq_config_diag d;
+	rq_config_diag_init(&d, "t");
+	assert_int_equal(rq_config_apply(c, sec, key, &v, 7, &d), -1);
+	assert_int_equal(d.errors, 1);
+	if (strcmp(d.items[0].msg, msg) != 0)
+		fprintf(stderr, "key %s: got \"%s\"\n", key, d.items[0].msg);
+	assert_string_equal(d.items[0].msg, msg);
+	assert_int_equal(d.items[0].line, 7);
+}
+
+static void apply_ok(struct rq_config *c, enum rq_config_section sec,
+		     const char *key, struct rq_config_value v)
+{
+	struct rq_config_diag d;
+	rq_config_diag_init(&d, "t");
+	int r = rq_config_apply(c, sec, key, &v, 1, &d);
+	if (r != 0)
+		rq_config_diag_print(&d, stderr);
+	assert_int_equal(r, 0);
+	assert_int_equal(d.errors, 0);
+}
+
+static void key_table_types(void **state)
+{
+	(void)state;
+	struct rq_config *c = rq_config_create();
+	assert_non_null(c);
+	const enum rq_config_section S = RQ_CONFIG_SEC_CONFIG;
+
+	/* int */
+	apply_ok(c, S, "connections", vnum(7));
+	assert_int_equal(c->connections, 7);
+	apply_fails(c, S, "connections", vnum(100001),
+		    "connections: 100001 is out of range (1 to 100000)");
+	apply_fails(c, S, "batch", vnum(1.5), "batch: expected an integer, got 1.5");
+	apply_fails(c, S, "batch", vstr("1"), "batch: expected a number, got a string");
+	assert_int_equal(c->connections, 7);
+	/* long */
+	apply_ok(c, S, "events_cap", vnum(0));
+	assert_int_equal(c->events_cap, 0);
+	apply_fails(c, S, "events_cap", vnum(1e9),
+		    "events_cap: 1e+09 is out of range (0 to 100000000)");
+	/* bool */
+	apply_ok(c, S, "bounce", vbool(true));
+	assert_true(c->bounce);
+	apply_fails(c, S, "tls_verify", vnum(1),
+		    "tls_verify: expected a boolean, got a number");
+	/* duration */
+	apply_ok(c, S, "lease", vstr("2m"));
+	assert_true(c->lease == 120);
+	apply_ok(c, S, "timeouts.idle", vnum(0));
+	assert_true(c->timeouts.idle == 0);
+	apply_fails(c, S, "timeouts.rcpt", vnum(0), "timeouts.rcpt: 0s is out of range (1s to 1h)");
+	apply_fails(c, S, "lease", vbool(true),
+		    "lease: expected a duration (number or string), got a boolean");
+	/* string */
+	apply_ok(c, S, "redis_user", vstr("app"));
+	assert_string_equal(c->redis_user, "app");
+	apply_fails(c, S, "redis_password_env", vstr(""),
+		    "redis_password_env: must be 1 to 255 bytes long");
+	apply_ok(c, S, "auth.user", vstr("u"));
+	assert_string_equal(c->auth_user, "u");
+	/* table */
+	apply_ok(c, S, "timeouts", vtable);
+	apply_fails(c, S, "timeouts", vnum(5), "timeouts: expected a table, got a number");
+	assert_false(c->auth);
+	apply_ok(c, S, "auth", vtable);
+	assert_true(c->auth);
+	/* keys with their own checks */
+	apply_ok(c, S, "tls", vstr("required"));
+	assert_int_equal(c->tls, RQ_TLS_REQUIRED);
+	apply_ok(c, S, "log_format", vstr("json"));
+	assert_int_equal(c->log_format, RQ_LOG_JSON);
+	apply_ok(c, S, "log_level", vstr("warn"));
+	assert_int_equal(c->log_level, RQ_LOG_WARN);
+	apply_ok(c, S, "relay", vstr("[smtp.example.com]:587"));
+	assert_string_equal(c->relay_host, "smtp.example.com");
+	assert_int_equal(c->relay_port, 587);
+	assert_false(c->relay_mx);
+	apply_ok(c, S, "metrics", vstr("127.0.0.1:9100"));
+	assert_string_equal(c->metrics, "127.0.0.1:9100");
+	apply_ok(c, S, "helo", vstr("mx.example.org"));
+	assert_string_equal(c->helo, "mx.example.org");
+	apply_ok(c, S, "queue", vtable);
+	apply_ok(c, S, "queue[]", vstr("q.2"));
+	assert_string_equal(c->queues[c->nqueues - 1], "q.2");
+	apply_fails(c, S, "queue[]", vstr("q 3"),
+		    "queue: \"q 3\" is not a queue name (1-64 of A-Z a-z 0-9 _ . : -)");
+
+	/* relayq.backoff / expire: numbers, durations, a count */
+	apply_ok(c, RQ_CONFIG_SEC_BACKOFF, "factor", vnum(3));
+	assert_true(c->params.backoff.factor == 3);
+	apply_fails(c, RQ_CONFIG_SEC_BACKOFF, "jitter", vnum(2),
+		    "jitter: 2 is out of range (0 to 1)");
+	apply_ok(c, RQ_CONFIG_SEC_EXPIRE, "max_attempts", vnum(9));
+	assert_int_equal(c->params.expire.max_attempts, 9);
+	apply_fails(c, RQ_CONFIG_SEC_EXPIRE, "max_age", vnum(30),
+		    "max_age: 30s is out of range (1m to 366d)");
+
+	/* a domain: its own keys mark what it sets */
+	struct rq_config_diag d;
+	rq_config_diag_init(&d, "t");
+	assert_int_equal(rq_config_section_begin(c, RQ_CONFIG_SEC_DOMAIN, "Example.COM",
+						 3, &d), 0);
+	const enum rq_config_section DS = RQ_CONFIG_SEC_DOMAIN;
+	apply_ok(c, DS, "per_destination", vnum(4));
+	apply_ok(c, DS, "backoff", vtable);
+	apply_ok(c, DS, "backoff.first", vnum(60));
+	apply_fails(c, DS, "recipients_per_transaction", vnum(0),
+		    "recipients_per_transaction: 0 is out of range (1 to 100000)");
+	const struct rq_config_domain *dom = rq_config_domain(c, "example.com");
+	assert_non_null(dom);
+	assert_true(dom->has_per_destination);
+	assert_false(dom->has_recipients_per_transaction);
+	assert_true(dom->has_backoff);
+	assert_false(dom->has_expire);
+	assert_int_equal(dom->set, RQ_CONFIG_SET_FIRST);
+	struct rq_config_limits lim;
+	rq_config_limits(c, "EXAMPLE.com", &lim);
+	assert_int_equal(lim.per_destination, 4);
+	struct rq_policy_params p;
+	rq_config_params(c, "example.com", &p);
+	assert_true(p.backoff.first == 60);
+	assert_true(p.backoff.factor == 3);
+	rq_config_destroy(c);
+}
+
+static void key_table_unknown_keys(void **state)
+{
+	(void)state;
+	struct rq_config *c = rq_config_create();
+	assert_non_null(c);
+	apply_fails(c, RQ_CONFIG_SEC_CONFIG, "conections", vnum(1),
+		    "unknown key conections in relayq.config");
+	apply_fails(c, RQ_CONFIG_SEC_CONFIG, "[1]", vnum(1),
+		    "unknown key [1] in relayq.config");
+	apply_fails(c, RQ_CONFIG_SEC_CONFIG, "timeouts.rpct", vnum(1),
+		    "unknown key timeouts.rpct (timeouts: connect, greeting, helo, mail, "
+		    "rcpt, data, data_block, dot, quit, idle)");
+	apply_fails(c, RQ_CONFIG_SEC_CONFIG, "auth.pass", vstr("x"),
+		    "unknown key auth.pass (auth keys: user, password_file, "
+		    "password_env, password, allow_plaintext)");
+	apply_fails(c, RQ_CONFIG_SEC_BACKOFF, "fist", vnum(1),
+		    "unknown key fist (backoff keys: first, factor, max, jitter)");
+	apply_fails(c, RQ_CONFIG_SEC_EXPIRE, "age", vnum(1),
+		    "unknown key age (expire keys: max_age, max_attempts)");
+	struct rq_config_diag d;
+	rq_config_diag_init(&d, "t");
+	assert_int_equal(rq_config_section_begin(c, RQ_CONFIG_SEC_DOMAIN, "a.example",
+						 1, &d), 0);
+	apply_fails(c, RQ_CONFIG_SEC_DOMAIN, "connections", vnum(1),
+		    "unknown key connections in relayq.on_domain(\"a.example\") (keys: "
+		    "per_destination, messages_per_connection, "
+		    "recipients_per_transaction, backoff, expire, on)");
+	apply_fails(c, RQ_CONFIG_SEC_DOMAIN, "backoff.fist", vnum(1),
+		    "unknown key backoff.fist (backoff keys: first, factor, max, jitter)");
+	apply_fails(c, RQ_CONFIG_SEC_DOMAIN, "expire.x", vnum(1),
+		    "unknown key expire.x (expire keys: max_age, max_attempts)");
+	rq_config_destroy(c);
+}
+
+static void validate_domains(void **state)
+{
+	(void)state;
+	struct rq_config *c = rq_config_create();
+	assert_non_null(c);
+	struct rq_config_diag d;
+	rq_config_diag_init(&d, "t");
+	assert_int_equal(rq_config_validate(c, &d), 0);
+	assert_int_equal(rq_config_section_begin(c, RQ_CONFIG_SEC_DOMAIN, "b.example",
+						 4, &d), 0);
+	apply_ok(c, RQ_CONFIG_SEC_DOMAIN, "backoff.first", vstr("5h"));
+	assert_int_equal(rq_config_validate(c, &d), -1);
+	assert_int_equal(d.errors, 1);
+	assert_int_equal(d.items[0].line, 4);
+	assert_string_equal(d.items[0].msg,
+			    "relayq.on_domain(\"b.example\"): backoff max is less than first");
+	rq_config_destroy(c);
 }
 
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(defaults),
+		cmocka_unit_test(key_table_types),
+		cmocka_unit_test(key_table_unknown_keys),
+		cmocka_unit_test(validate_domains),
 		cmocka_unit_test(every_key),
 		cmocka_unit_test(relay_forms),
 		cmocka_unit_test(durations),

@@ -167,7 +167,7 @@ static struct rq_config *load(const char *src)
 	close(fd);
 	struct rq_config_diag diag;
 	rq_config_diag_init(&diag, path);
-	struct rq_config *cfg = rq_config_load(path, &diag);
+	struct rq_config *cfg = rq_config_lua_load(path, 0, &diag);
 	if (!cfg)
 		rq_config_diag_print(&diag, stderr);
 	unlink(path);

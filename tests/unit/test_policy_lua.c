@@ -60,7 +60,7 @@ static void load_limits(struct pol *p, const char *src,
 	p->cfg = rq_config_create();
 	assert_non_null(p->cfg);
 	rq_config_diag_init(&p->diag, "test.lua");
-	p->cfg->lua = rq_policy_lua_load_buffer("test.lua", src, strlen(src), p->cfg,
+	p->cfg->lua = rq_config_lua_run_buffer("test.lua", src, strlen(src), p->cfg,
 						lim, &p->diag);
 	if (!p->cfg->lua)
 		rq_config_diag_print(&p->diag, stderr);
@@ -415,7 +415,7 @@ static void bad_rules_refused_at_load(void **state)
 		"relayq.on('451', function() end)\n"
 		"relayq.on('sometimes', function() end)\n"
 		"relayq.on_domain('x.com', { on = { [250] = function() end } })\n";
-	struct rq_policy_lua *pl = rq_policy_lua_load_buffer("bad.lua", src, strlen(src),
+	struct rq_policy_lua *pl = rq_config_lua_run_buffer("bad.lua", src, strlen(src),
 							     cfg, NULL, &diag);
 	assert_null(pl);
 	assert_int_equal(diag.errors, 7);
@@ -467,13 +467,13 @@ static void reload_with_syntax_error_keeps_old_policy(void **state)
 	fclose(f);
 	struct rq_config_diag diag;
 	rq_config_diag_init(&diag, path);
-	struct rq_config *cfg = rq_config_load(path, &diag);
+	struct rq_config *cfg = rq_config_lua_load(path, 0, &diag);
 	assert_non_null(cfg);
 	f = fopen(path, "w");
 	fputs("relayq.on(550, function() return relayq.fail() end\n", f);  /* missing ) */
 	fclose(f);
 	rq_config_diag_init(&diag, path);
-	assert_int_equal(rq_config_reload(&cfg, path, &diag), -1);
+	assert_int_equal(rq_config_lua_reload(&cfg, path, &diag), -1);
 	assert_true(diag.errors >= 1);
 	assert_true(diag.items[0].line >= 1);
 	assert_non_null(strstr(diag.items[0].msg, "expected"));
@@ -513,7 +513,7 @@ static void load_fails(const char *src, const char *what, int line)
 	struct rq_config *cfg = rq_config_create();
 	struct rq_config_diag diag;
 	rq_config_diag_init(&diag, "bad.lua");
-	struct rq_policy_lua *pl = rq_policy_lua_load_buffer("bad.lua", src, strlen(src),
+	struct rq_policy_lua *pl = rq_config_lua_run_buffer("bad.lua", src, strlen(src),
 							     cfg, NULL, &diag);
 	assert_null(pl);
 	assert_true(diag.errors >= 1);

@@ -1,0 +1,248 @@
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+
+#include "relayq/log.h"
+#include "relayq/lua_sandbox.h"
+
+/* The sandbox alone: no config, no policy, no mail. */
+
+static char *logbuf;
+static size_t loglen;
+static FILE *logout;
+
+static int setup(void **state)
+{
+	(void)state;
+	logout = open_memstream(&logbuf, &loglen);
+	rq_log_init(RQ_LOG_INFO, RQ_LOG_LOGFMT, logout);
+	return 0;
+}
+
+static int teardown(void **state)
+{
+	(void)state;
+	rq_log_init(RQ_LOG_INFO, RQ_LOG_LOGFMT, NULL);
+	fclose(logout);
+	free(logbuf);
+	return 0;
+}
+
+static struct rq_lua_sandbox *make(size_t memory)
+{
+	char err[200] = "";
+	struct rq_lua_sandbox_opts o = {.memory = memory, .print_event = "test_print"};
+	struct rq_lua_sandbox *sb = rq_lua_sandbox_create(&o, err, sizeof(err));
+	if (!sb)
+		fprintf(stderr, "create: %s\n", err);
+	assert_non_null(sb);
+	return sb;
+}
+
+struct chunk {
+	const char *src;
+	int nresults;
+};
+
+static int run_chunk(lua_State *L)
+{
+	struct chunk *c = lua_touserdata(L, 1);
+	if (luaL_loadbufferx(L, c->src, strlen(c->src), "=test", "t") != LUA_OK)
+		return lua_error(L);
+	lua_call(L, 0, c->nresults);
+	return c->nresults;
+}
+
+/* Runs src on a fresh budget; returns the lua_pcall status, the error
+ * text (or the first result as a string) in out. */
+static int run(struct rq_lua_sandbox *sb, unsigned long budget, const char *src,
+	       char *out, size_t len)
+{
+	lua_State *L = rq_lua_sandbox_state(sb);
+	struct chunk c = {src, 1};
+	rq_lua_sandbox_arm(sb, budget, 5.0);
+	lua_pushcfunction(L, run_chunk);
+	lua_pushlightuserdata(L, &c);
+	int st = lua_pcall(L, 1, 1, 0);
+	if (out) {
+		if (st != LUA_OK || lua_type(L, -1) == LUA_TSTRING)
+			rq_lua_sandbox_error_text(L, -1, out, len);
+		else
+			snprintf(out, len, "%s", luaL_tolstring(L, -1, NULL));
+	}
+	lua_settop(L, 0);
+	return st;
+}
+
+static void budget_stops_endless_loop(void **state)
+{
+	(void)state;
+	struct rq_lua_sandbox *sb = make(0);
+	char out[300];
+	int st = run(sb, 100000, "while true do end", out, sizeof(out));
+	assert_int_not_equal(st, LUA_OK);
+	assert_int_equal(rq_lua_sandbox_failure(sb, st), RQ_LUA_SANDBOX_FAIL_BUDGET);
+	assert_non_null(strstr(out, "instruction budget exceeded (100000 instructions)"));
+	/* A pcall in the script cannot swallow it. */
+	st = run(sb, 100000, "while true do pcall(function() while true do end end) end",
+		 out, sizeof(out));
+	assert_int_equal(rq_lua_sandbox_failure(sb, st), RQ_LUA_SANDBOX_FAIL_BUDGET);
+	/* C work pays too: a long string.rep is stopped by the same budget. */
+	st = run(sb, 10000, "return #string.rep('x', 1e7)", out, sizeof(out));
+	assert_int_not_equal(st, LUA_OK);
+	assert_int_equal(rq_lua_sandbox_failure(sb, st), RQ_LUA_SANDBOX_FAIL_BUDGET);
+	/* A pattern that could backtrack forever fails before it runs. */
+	st = run(sb, 100000, "return (string.rep('a', 3000)):find('.-.-.-.-b')", out,
+		 sizeof(out));
+	assert_int_equal(rq_lua_sandbox_failure(sb, st), RQ_LUA_SANDBOX_FAIL_BUDGET);
+	assert_non_null(strstr(out, "string.find: the pattern may take"));
+	/* A fresh arm: the state works again. */
+	assert_int_equal(run(sb, 100000, "return 1 + 1", out, sizeof(out)), LUA_OK);
+	assert_string_equal(out, "2");
+	rq_lua_sandbox_destroy(sb);
+	rq_lua_sandbox_destroy(NULL);
+}
+
+static void memory_cap(void **state)
+{
+	(void)state;
+	struct rq_lua_sandbox *sb = make(2u << 20);
+	char out[300];
+	int st = run(sb, 100000000,
+		     "local t = {} for i = 1, 1e8 do t[i] = tostring(i) end", out,
+		     sizeof(out));
+	assert_int_not_equal(st, LUA_OK);
+	assert_int_equal(rq_lua_sandbox_failure(sb, st), RQ_LUA_SANDBOX_FAIL_MEMORY);
+	struct rq_lua_sandbox_usage u;
+	rq_lua_sandbox_usage(sb, &u);
+	assert_int_equal(u.memory_cap, 2u << 20);
+	assert_true(u.memory_peak <= u.memory_cap);
+	assert_int_equal(rq_lua_sandbox_collect(sb), 0);
+	assert_int_equal(run(sb, 100000, "return 'still here'", out, sizeof(out)), LUA_OK);
+	assert_string_equal(out, "still here");
+	rq_lua_sandbox_destroy(sb);
+}
+
+static void frozen_libraries(void **state)
+{
+	(void)state;
+	struct rq_lua_sandbox *sb = make(0);
+	char out[300];
+	/* Before freezing, the script may add to the libraries and globals. */
+	assert_int_equal(run(sb, 100000, "app = { n = 1 } string.shout = string.upper "
+			     "return 'ok'", out, sizeof(out)), LUA_OK);
+	rq_lua_sandbox_arm(sb, 1000000, 5.0);
+	static const char *const extra[] = {"app", NULL};
+	assert_int_equal(rq_lua_sandbox_freeze(sb, extra), 0);
+	static const struct {
+		const char *src, *needle;
+	} writes[] = {
+		{"string.upper = nil", "string is read-only"},
+		{"math.pi = 3", "math is read-only"},
+		{"table.insert = print", "table is read-only"},
+		{"os.time = nil", "os is read-only"},
+		{"app.n = 2", "app is read-only"},
+		{"rawset(string, 'x', 1)", "rawset: the table is read-only"},
+		{"setmetatable(string, {})", "protected metatable"},
+		{"getmetatable('').__index = {}", "attempt to index"},
+		{"x = 1", "cannot set global 'x'"},
+	};
+	for (size_t i = 0; i < sizeof(writes) / sizeof(writes[0]); i++) {
+		int st = run(sb, 100000, writes[i].src, out, sizeof(out));
+		if (st == LUA_OK || !strstr(out, writes[i].needle))
+			fprintf(stderr, "%s: %s\n", writes[i].src, out);
+		assert_int_not_equal(st, LUA_OK);
+		assert_non_null(strstr(out, writes[i].needle));
+	}
+	/* Reading still works, and what the file added is there. */
+	assert_int_equal(run(sb, 100000, "return string.shout('a') .. ('b'):upper() .. "
+			     "app.n", out, sizeof(out)), LUA_OK);
+	assert_string_equal(out, "AB1");
+	assert_int_equal(run(sb, 100000, "local n = 0 for _ in pairs(math) do n = n + 1 end "
+			     "return n > 10 and next(math) == nil", out, sizeof(out)), LUA_OK);
+	assert_string_equal(out, "true");
+	rq_lua_sandbox_destroy(sb);
+}
+
+static void absent_libraries(void **state)
+{
+	(void)state;
+	struct rq_lua_sandbox *sb = make(0);
+	char out[300];
+	assert_int_equal(run(sb, 100000,
+			     "return tostring(io == nil and require == nil and package == nil "
+			     "and debug == nil and coroutine == nil and dofile == nil "
+			     "and loadfile == nil and os.execute == nil and os.getenv == nil "
+			     "and os.exit == nil and os.remove == nil and string.dump == nil "
+			     "and type(os.time) == 'function')", out, sizeof(out)), LUA_OK);
+	assert_string_equal(out, "true");
+	/* load: text chunks only. */
+	assert_int_equal(run(sb, 100000, "local f, e = load('\\27Lua binary', 'x', 'b') "
+			     "return e", out, sizeof(out)), LUA_OK);
+	assert_non_null(strstr(out, "only text chunks"));
+	assert_int_equal(run(sb, 100000, "local f, e = load('\\27Lua binary') return e",
+			     out, sizeof(out)), LUA_OK);
+	assert_non_null(strstr(out, "attempt to load a binary chunk"));
+	assert_int_equal(run(sb, 100000, "return load('return 6 * 7')()", out,
+			     sizeof(out)), LUA_OK);
+	assert_string_equal(out, "42");
+	/* No finalizers: they would run outside the budget. */
+	assert_int_not_equal(run(sb, 100000, "setmetatable({}, {__gc = function() end})",
+				 out, sizeof(out)), LUA_OK);
+	assert_non_null(strstr(out, "__gc metamethods are not allowed"));
+	assert_int_not_equal(run(sb, 100000, "collectgarbage('stop')", out, sizeof(out)),
+			     LUA_OK);
+	rq_lua_sandbox_destroy(sb);
+}
+
+static void print_bounded(void **state)
+{
+	(void)state;
+	struct rq_lua_sandbox *sb = make(0);
+	char out[300];
+	fflush(logout);
+	size_t before = loglen;
+	assert_int_equal(run(sb, 100000, "print('hello', 42, string.rep('y', 5000))",
+			     out, sizeof(out)), LUA_OK);
+	fflush(logout);
+	const char *line = logbuf + before;
+	assert_non_null(strstr(line, "test_print"));
+	assert_non_null(strstr(line, "hello"));
+	/* Each argument is cut at 1024 bytes. */
+	char ys[1026];
+	memset(ys, 'y', 1025);
+	ys[1025] = '\0';
+	assert_null(strstr(line, ys));
+	ys[1024] = '\0';
+	assert_non_null(strstr(line, ys));
+	/* Each line costs budget: a print loop cannot flood the log. */
+	before = loglen;
+	int st = run(sb, 100000, "while true do print('spam') end", out, sizeof(out));
+	assert_int_equal(rq_lua_sandbox_failure(sb, st), RQ_LUA_SANDBOX_FAIL_BUDGET);
+	fflush(logout);
+	size_t lines = 0;
+	for (const char *p = logbuf + before; (p = strstr(p, "spam")); p++)
+		lines++;
+	assert_true(lines <= 100);
+	rq_lua_sandbox_destroy(sb);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(budget_stops_endless_loop),
+		cmocka_unit_test(memory_cap),
+		cmocka_unit_test(frozen_libraries),
+		cmocka_unit_test(absent_libraries),
+		cmocka_unit_test(print_bounded),
+	};
+	return cmocka_run_group_tests(tests, setup, teardown);
+}
