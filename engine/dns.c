@@ -1,3 +1,5 @@
+/* DNS: MX and address look-ups with c-ares, MX ordering, null MX (see
+ * dns.h). */
 #include "relayq/dns.h"
 
 #include "relayq/clock.h"

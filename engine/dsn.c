@@ -1,3 +1,4 @@
+/* Delivery status notifications: RFC 3464 bounce messages (see dsn.h). */
 #include "relayq/dsn.h"
 
 #include "relayq/err.h"

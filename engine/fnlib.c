@@ -1,3 +1,5 @@
+/* The relayq Redis Functions library embedded in the binaries (see
+ * fnlib.h). */
 #include "relayq/fnlib.h"
 
 #include <stdlib.h>

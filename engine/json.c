@@ -1,3 +1,4 @@
+/* JSON: a bounded parser and a writer (see json.h). */
 #include "relayq/json.h"
 
 #include <errno.h>

@@ -1,3 +1,5 @@
+/* Structured logging: one line per event, logfmt or JSON, buffered for
+ * the daemon (see log.h). */
 #include "relayq/log.h"
 
 #include "relayq/clock.h"

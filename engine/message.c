@@ -1,3 +1,5 @@
+/* Messages: address checks, dot-stuffing and the DATA writer (see
+ * message.h). */
 #include "relayq/message.h"
 
 #include "relayq/err.h"

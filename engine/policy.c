@@ -1,3 +1,5 @@
+/* The built-in delivery policy: rules, backoff, expiry and durations; pure
+ * (see policy.h). */
 #include "relayq/policy.h"
 
 #include <ctype.h>

@@ -1,3 +1,5 @@
+/* The queue: the async Redis client of the relayq Functions (hiredis on
+ * libevent): connections, setup, commands, wake-ups (see queue.h). */
 #include "relayq/queue.h"
 
 #include "relayq/clock.h"

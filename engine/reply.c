@@ -1,3 +1,5 @@
+/* SMTP replies: parsing, enhanced status codes, the "too many recipients"
+ * classifier and the knowledge base (see reply.h). */
 #include "relayq/reply.h"
 
 #include <stdarg.h>

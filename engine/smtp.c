@@ -1,3 +1,5 @@
+/* The SMTP client session: an explicit state machine over one connection
+ * (see smtp.h). */
 #include "relayq/smtp.h"
 
 #include "relayq/str.h"

@@ -1,3 +1,5 @@
+/* TLS: OpenSSL client contexts, modes and certificate verification (see
+ * tls.h). */
 #include "relayq/tls.h"
 
 #include <arpa/inet.h>

@@ -1,3 +1,5 @@
+/* relayq explain: what relayqd decides for one reply, from decision.h
+ * (explain.h). */
 #include "explain.h"
 
 #include <ctype.h>
