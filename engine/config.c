@@ -119,7 +119,7 @@ struct rq_config *rq_config_create(void)
 	if (!box)
 		return NULL;
 	struct rq_config *cfg = &box->cfg;
-	cfg->redis = strdup("redis://127.0.0.1:6379/0");
+	cfg->redis = strdup(RQ_REDIS_URL_DEFAULT);
 	cfg->queues[0] = strdup(RQ_KEYS_QUEUE_DEFAULT);
 	cfg->nqueues = 1;
 	cfg->helo = default_helo();
