@@ -113,6 +113,34 @@ static char *default_helo(void)
 	return strdup(name);
 }
 
+void rq_config_destroy(struct rq_config *cfg)
+{
+	if (!cfg)
+		return;
+	struct config_private *p = priv(cfg);
+	if (cfg->lua && cfg->lua_destroy)
+		cfg->lua_destroy(cfg->lua);
+	free(cfg->path);
+	rq_secret_free(cfg->redis);
+	free(cfg->redis_user);
+	free(cfg->redis_password_file);
+	free(cfg->redis_password_env);
+	for (size_t i = 0; i < cfg->nqueues; i++)
+		free(cfg->queues[i]);
+	free(cfg->relay_host);
+	free(cfg->tls_ca_file);
+	free(cfg->auth_user);
+	rq_secret_free(cfg->auth_password);
+	free(cfg->helo);
+	free(cfg->metrics);
+	for (size_t i = 0; i < cfg->ndomains; i++)
+		free(cfg->domains[i].name);
+	free(cfg->domains);
+	free(p->password_file);
+	free(p->password_env);
+	free(cfg);
+}
+
 struct rq_config *rq_config_create(void)
 {
 	struct config_box *box = calloc(1, sizeof(*box));
@@ -148,34 +176,6 @@ struct rq_config *rq_config_create(void)
 fail:
 	rq_config_destroy(cfg);
 	return NULL;
-}
-
-void rq_config_destroy(struct rq_config *cfg)
-{
-	if (!cfg)
-		return;
-	struct config_private *p = priv(cfg);
-	if (cfg->lua && cfg->lua_destroy)
-		cfg->lua_destroy(cfg->lua);
-	free(cfg->path);
-	rq_secret_free(cfg->redis);
-	free(cfg->redis_user);
-	free(cfg->redis_password_file);
-	free(cfg->redis_password_env);
-	for (size_t i = 0; i < cfg->nqueues; i++)
-		free(cfg->queues[i]);
-	free(cfg->relay_host);
-	free(cfg->tls_ca_file);
-	free(cfg->auth_user);
-	rq_secret_free(cfg->auth_password);
-	free(cfg->helo);
-	free(cfg->metrics);
-	for (size_t i = 0; i < cfg->ndomains; i++)
-		free(cfg->domains[i].name);
-	free(cfg->domains);
-	free(p->password_file);
-	free(p->password_env);
-	free(cfg);
 }
 
 /* ---- value helpers ---- */

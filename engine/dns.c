@@ -241,6 +241,15 @@ static int cache_key(const char *name, int type, char lname[RQ_DNS_NAME_MAX + 1]
 	return 0;
 }
 
+void rq_dns_cache_destroy(struct rq_dns_cache *c)
+{
+	if (!c)
+		return;
+	rq_dns_cache_flush(c);
+	free(c->buckets);
+	free(c);
+}
+
 struct rq_dns_cache *rq_dns_cache_create(size_t max)
 {
 	struct rq_dns_cache *c = calloc(1, sizeof(*c));
@@ -292,15 +301,6 @@ void rq_dns_cache_flush(struct rq_dns_cache *c)
 		return;
 	while (c->lru_head)
 		cache_unlink(c, c->lru_head);
-}
-
-void rq_dns_cache_destroy(struct rq_dns_cache *c)
-{
-	if (!c)
-		return;
-	rq_dns_cache_flush(c);
-	free(c->buckets);
-	free(c);
 }
 
 size_t rq_dns_cache_count(const struct rq_dns_cache *c)
@@ -1316,6 +1316,16 @@ static void finish_addrs(struct rq_dns_req *req)
 
 /* ---- public ---- */
 
+void rq_dns_destroy(struct rq_dns *dns)
+{
+	if (!dns || dns->dying)
+		return;
+	teardown(dns);
+	if (dns->depth == 0)
+		dns_free(dns);
+	/* else: deliver_cb frees it when the callback returns */
+}
+
 struct rq_dns *rq_dns_create(struct event_base *base, const struct rq_dns_opts *opts,
 			     char *err, size_t errlen)
 {
@@ -1433,16 +1443,6 @@ static void teardown(struct rq_dns *dns)
 		ares_library_cleanup();
 		dns->lib_ok = false;
 	}
-}
-
-void rq_dns_destroy(struct rq_dns *dns)
-{
-	if (!dns || dns->dying)
-		return;
-	teardown(dns);
-	if (dns->depth == 0)
-		dns_free(dns);
-	/* else: deliver_cb frees it when the callback returns */
 }
 
 static struct rq_dns_req *req_new(struct rq_dns *dns, enum req_kind kind, rq_dns_cb cb, void *arg)

@@ -1119,6 +1119,17 @@ int rq_queue_command(struct rq_queue *q, int argc, const char **argv,
 
 /* ---- lifecycle ---- */
 
+void rq_queue_destroy(struct rq_queue *q)
+{
+	if (!q || q->destroying)
+		return;
+	if (q->depth > 0) {
+		q->destroy_requested = true;
+		return;
+	}
+	destroy_now(q);
+}
+
 struct rq_queue *rq_queue_create(struct event_base *base,
 				 const struct rq_queue_opts *opts,
 				 char *err, size_t errlen)
@@ -1280,17 +1291,6 @@ static void destroy_now(struct rq_queue *q)
 	free(q->user);
 	free(q->url_redacted);
 	free(q);
-}
-
-void rq_queue_destroy(struct rq_queue *q)
-{
-	if (!q || q->destroying)
-		return;
-	if (q->depth > 0) {
-		q->destroy_requested = true;
-		return;
-	}
-	destroy_now(q);
 }
 
 const char *rq_queue_url_redacted(const struct rq_queue *q)

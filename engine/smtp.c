@@ -1640,6 +1640,18 @@ static bool clean_str(const char *v)
 	return true;
 }
 
+void rq_smtp_destroy(struct rq_smtp *s)
+{
+	if (!s)
+		return;
+	if (s->depth > 0) {
+		s->dead = true;
+		close_bev(s);
+		return;
+	}
+	really_free(s);
+}
+
 struct rq_smtp *rq_smtp_create(struct event_base *base, const struct rq_smtp_opts *opts,
 			       const struct rq_smtp_callbacks *cbs, char *err, size_t errlen)
 {
@@ -1759,18 +1771,6 @@ void rq_smtp_quit(struct rq_smtp *s)
 	}
 	if (s->st == RQ_SMTP_ST_READY)
 		event_active(s->kick, EV_TIMEOUT, 1);
-}
-
-void rq_smtp_destroy(struct rq_smtp *s)
-{
-	if (!s)
-		return;
-	if (s->depth > 0) {
-		s->dead = true;
-		close_bev(s);
-		return;
-	}
-	really_free(s);
 }
 
 enum rq_smtp_state rq_smtp_state(const struct rq_smtp *s)
