@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "relayq/message.h"
+#include "relayq/str.h"
 
 /*
  * RFC 3464 delivery status notifications inside an RFC 6522
@@ -149,9 +150,7 @@ static void put_field(struct sbuf *b, const char *name, const char *value, size_
 	bool fresh = true; /* no word on this line yet */
 	size_t i = 0;
 	while (i < n) {
-		size_t j = i;
-		while (j < n && clean[j] != ' ')
-			j++;
+		size_t j = rq_str_end(clean, i, n, ' ');
 		size_t w = j - i;
 		if (!fresh && col + 1 + w > 78) {
 			sb_str(b, "\r\n");

@@ -126,9 +126,7 @@ void rq_smtp_caps_parse(struct rq_smtp_caps *c, const char *reply, size_t len)
 	rq_smtp_caps_reset(c);
 	size_t i = 0;
 	while (i < len) {
-		size_t j = i;
-		while (j < len && reply[j] != '\n')
-			j++;
+		size_t j = rq_str_end(reply, i, len, '\n');
 		size_t n = j - i;
 		if (n && reply[i + n - 1] == '\r')
 			n--;
