@@ -1197,22 +1197,17 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 		return;
 
 	case RQ_SMTP_ST_EHLO:
-		if (r2(o)) {
-			after_hello(s);
-			return;
-		}
-		rq_smtp_caps_reset(&s->caps);
-		if (o->code >= 500) {
-			to_state(s, RQ_SMTP_ST_HELO);
-			return;
-		}
-		conn_fail(s, o);
-		return;
-
 	case RQ_SMTP_ST_HELO:
 		if (r2(o)) {
 			after_hello(s);
 			return;
+		}
+		if (s->st == RQ_SMTP_ST_EHLO) {
+			rq_smtp_caps_reset(&s->caps);
+			if (o->code >= 500) {
+				to_state(s, RQ_SMTP_ST_HELO);
+				return;
+			}
 		}
 		conn_fail(s, o);
 		return;
@@ -1240,12 +1235,14 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 		return;
 
 	case RQ_SMTP_ST_AUTH:
+	case RQ_SMTP_ST_AUTH_PASS:
 		if (o->code == 235) {
 			s->authed = true;
 			after_hello(s);
 			return;
 		}
-		if (o->code == 334 && s->auth_mech == RQ_SMTP_AUTH_LOGIN) {
+		if (s->st == RQ_SMTP_ST_AUTH && o->code == 334 &&
+		    s->auth_mech == RQ_SMTP_AUTH_LOGIN) {
 			to_state(s, RQ_SMTP_ST_AUTH_USER);
 			return;
 		}
@@ -1255,15 +1252,6 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 	case RQ_SMTP_ST_AUTH_USER:
 		if (o->code == 334) {
 			to_state(s, RQ_SMTP_ST_AUTH_PASS);
-			return;
-		}
-		conn_fail(s, o);
-		return;
-
-	case RQ_SMTP_ST_AUTH_PASS:
-		if (o->code == 235) {
-			s->authed = true;
-			after_hello(s);
 			return;
 		}
 		conn_fail(s, o);
