@@ -203,26 +203,28 @@ const char *rq_dsn_status(const struct rq_outcome *o, char out[16])
 		snprintf(out, 16, "%d.0.0", cls == 3 ? 5 : cls);
 		return out;
 	}
+	const char *st = "4.0.0";
 	switch (o->fail) {
 	case RQ_FAIL_TIMEOUT:
 	case RQ_FAIL_REFUSED:
-		snprintf(out, 16, "4.4.1");
+		st = "4.4.1";
 		break;
 	case RQ_FAIL_LOST:
-		snprintf(out, 16, "4.4.2");
+		st = "4.4.2";
 		break;
 	case RQ_FAIL_DNS:
-		snprintf(out, 16, "4.4.3");
+		st = "4.4.3";
 		break;
 	case RQ_FAIL_TLS:
-		snprintf(out, 16, "4.7.5");
+		st = "4.7.5";
 		break;
 	case RQ_FAIL_PROTOCOL:
-		snprintf(out, 16, "4.5.0");
+		st = "4.5.0";
 		break;
 	default:
 		break;
 	}
+	snprintf(out, 16, "%s", st);
 	return out;
 }
 
