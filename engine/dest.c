@@ -2,6 +2,7 @@
 #include "relayq/dest.h"
 
 #include "relayq/clock.h"
+#include "relayq/secret.h"
 #include "relayq/str.h"
 #include "relayq/dns.h"
 #include "relayq/log.h"
@@ -917,15 +918,10 @@ void rq_dests_destroy(struct rq_dests *ds)
 		event_free(ds->close_ev);
 	rq_dns_destroy(ds->dns);
 	rq_tls_ctx_destroy(ds->tls_ctx);
-	if (ds->auth_password) {
-		volatile char *p = ds->auth_password;
-		while (*p)
-			*p++ = 0;
-	}
 	free(ds->helo);
 	free(ds->ca_file);
 	free(ds->auth_user);
-	free(ds->auth_password);
+	rq_secret_free(ds->auth_password);
 	free(ds->relay_host);
 	free(ds->dns_servers);
 	free(ds);

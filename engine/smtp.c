@@ -2,6 +2,7 @@
  * (see smtp.h). */
 #include "relayq/smtp.h"
 
+#include "relayq/secret.h"
 #include "relayq/str.h"
 #include "relayq/log.h"
 #include "relayq/message.h"
@@ -629,10 +630,7 @@ static void really_free(struct rq_smtp *s)
 		event_free(s->deadline);
 	if (s->kick)
 		event_free(s->kick);
-	if (s->pass) {
-		OPENSSL_cleanse(s->pass, strlen(s->pass));
-		free(s->pass);
-	}
+	rq_secret_free(s->pass);
 	free(s->user);
 	free(s->helo);
 	free(s->servername);
