@@ -1466,27 +1466,42 @@ static struct rq_dns_req *req_new(struct rq_dns *dns, enum req_kind kind, rq_dns
 	return req;
 }
 
+/*
+ * Answers req without DNS: one host with the n addresses in addrs, named
+ * req->name; or, for an address literal (literal: the input), named by its
+ * address, req->name the input made safe.
+ */
+static void answer_host(struct rq_dns_req *req, const struct rq_dns_addr *addrs, size_t n,
+			const char *literal)
+{
+	struct rq_dns_result *res = result_alloc(1, n);
+	if (!res) {
+		req_done(req, NULL);
+		return;
+	}
+	res->status = RQ_DNS_OK;
+	res->outcome.stage = RQ_STAGE_DNS;
+	res->literal = literal != NULL;
+	res->nhosts = 1;
+	res->hosts[0].addrs = result_addrs(res, 1);
+	memcpy(res->hosts[0].addrs, addrs, n * sizeof(addrs[0]));
+	res->hosts[0].naddrs = n;
+	if (literal) {
+		rq_dns_addr_format(&addrs[0], res->hosts[0].name, sizeof(res->hosts[0].name));
+		sanitize(req->name, sizeof(req->name), literal);
+	} else {
+		memcpy(res->hosts[0].name, req->name, sizeof(res->hosts[0].name));
+	}
+	req_done(req, res);
+}
+
 /* Literal or invalid input: answers without DNS. true when answered. */
 static bool answer_locally(struct rq_dns_req *req, const char *input)
 {
 	struct rq_dns_addr addr;
 	int lit = rq_dns_literal_parse(input, &addr);
 	if (lit == 1) {
-		struct rq_dns_result *res = result_alloc(1, 1);
-		if (!res) {
-			req_done(req, NULL);
-			return true;
-		}
-		res->status = RQ_DNS_OK;
-		res->outcome.stage = RQ_STAGE_DNS;
-		res->literal = true;
-		res->nhosts = 1;
-		res->hosts[0].addrs = result_addrs(res, 1);
-		res->hosts[0].addrs[0] = addr;
-		res->hosts[0].naddrs = 1;
-		rq_dns_addr_format(&addr, res->hosts[0].name, sizeof(res->hosts[0].name));
-		sanitize(req->name, sizeof(req->name), input);
-		req_done(req, res);
+		answer_host(req, &addr, 1, input);
 		return true;
 	}
 	char why[96];
@@ -1557,19 +1572,7 @@ static bool answer_from_hosts_file(struct rq_dns_req *req)
 	}
 	if (n == 0)
 		return false;
-	struct rq_dns_result *res = result_alloc(1, n);
-	if (!res) {
-		req_done(req, NULL);
-		return true;
-	}
-	res->status = RQ_DNS_OK;
-	res->outcome.stage = RQ_STAGE_DNS;
-	res->nhosts = 1;
-	res->hosts[0].addrs = result_addrs(res, 1);
-	memcpy(res->hosts[0].addrs, found, n * sizeof(found[0]));
-	res->hosts[0].naddrs = n;
-	memcpy(res->hosts[0].name, req->name, sizeof(res->hosts[0].name));
-	req_done(req, res);
+	answer_host(req, found, n, NULL);
 	return true;
 }
 
