@@ -20,6 +20,7 @@
 #include "relayq/log.h"
 #include "relayq/redis_url.h"
 #include "relayq/secret.h"
+#include "relayq/str.h"
 
 /* Where relayq.config / backoff / expire were called, to refuse a second
  * call; and the password sources until the auth table is complete. Kept
@@ -69,9 +70,7 @@ void rq_config_diag_add(struct rq_config_diag *d, int line, bool warning,
 	va_start(ap, fmt);
 	vsnprintf(p->msg, sizeof(p->msg), fmt, ap);
 	va_end(ap);
-	for (char *c = p->msg; *c; c++)
-		if ((unsigned char)*c < 0x20 || *c == 0x7f)
-			*c = ' ';
+	rq_str_one_line(p->msg);
 }
 
 void rq_config_diag_print(const struct rq_config_diag *d, FILE *f)

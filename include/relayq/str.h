@@ -17,4 +17,8 @@ char *rq_str_dup(const char *s, bool *oom);
  * the word or line that starts at from ends. */
 size_t rq_str_end(const char *s, size_t from, size_t n, char c);
 
+/* Makes s one line: every control byte (below 0x20, and 0x7f) becomes a
+ * space. */
+void rq_str_one_line(char *s);
+
 #endif
