@@ -20,6 +20,7 @@
 #include "relayq/log.h"
 #include "relayq/redis_url.h"
 #include "relayq/secret.h"
+#include "relayq/str.h"
 
 /* Where relayq.config / backoff / expire were called, to refuse a second
  * call; and the password sources until the auth table is complete. Kept
@@ -69,9 +70,7 @@ void rq_config_diag_add(struct rq_config_diag *d, int line, bool warning,
 	va_start(ap, fmt);
 	vsnprintf(p->msg, sizeof(p->msg), fmt, ap);
 	va_end(ap);
-	for (char *c = p->msg; *c; c++)
-		if ((unsigned char)*c < 0x20 || *c == 0x7f)
-			*c = ' ';
+	rq_str_one_line(p->msg);
 }
 
 void rq_config_diag_print(const struct rq_config_diag *d, FILE *f)
@@ -113,6 +112,34 @@ static char *default_helo(void)
 	return strdup(name);
 }
 
+void rq_config_destroy(struct rq_config *cfg)
+{
+	if (!cfg)
+		return;
+	struct config_private *p = priv(cfg);
+	if (cfg->lua && cfg->lua_destroy)
+		cfg->lua_destroy(cfg->lua);
+	free(cfg->path);
+	rq_secret_free(cfg->redis);
+	free(cfg->redis_user);
+	free(cfg->redis_password_file);
+	free(cfg->redis_password_env);
+	for (size_t i = 0; i < cfg->nqueues; i++)
+		free(cfg->queues[i]);
+	free(cfg->relay_host);
+	free(cfg->tls_ca_file);
+	free(cfg->auth_user);
+	rq_secret_free(cfg->auth_password);
+	free(cfg->helo);
+	free(cfg->metrics);
+	for (size_t i = 0; i < cfg->ndomains; i++)
+		free(cfg->domains[i].name);
+	free(cfg->domains);
+	free(p->password_file);
+	free(p->password_env);
+	free(cfg);
+}
+
 struct rq_config *rq_config_create(void)
 {
 	struct config_box *box = calloc(1, sizeof(*box));
@@ -150,35 +177,21 @@ fail:
 	return NULL;
 }
 
-void rq_config_destroy(struct rq_config *cfg)
-{
-	if (!cfg)
-		return;
-	struct config_private *p = priv(cfg);
-	if (cfg->lua && cfg->lua_destroy)
-		cfg->lua_destroy(cfg->lua);
-	free(cfg->path);
-	rq_secret_free(cfg->redis);
-	free(cfg->redis_user);
-	free(cfg->redis_password_file);
-	free(cfg->redis_password_env);
-	for (size_t i = 0; i < cfg->nqueues; i++)
-		free(cfg->queues[i]);
-	free(cfg->relay_host);
-	free(cfg->tls_ca_file);
-	free(cfg->auth_user);
-	rq_secret_free(cfg->auth_password);
-	free(cfg->helo);
-	free(cfg->metrics);
-	for (size_t i = 0; i < cfg->ndomains; i++)
-		free(cfg->domains[i].name);
-	free(cfg->domains);
-	free(p->password_file);
-	free(p->password_env);
-	free(cfg);
-}
-
 /* ---- value helpers ---- */
+
+struct key;
+
+/* What the checks of one key get: the config, the key and the field it
+ * fills, the name shown in messages, the value and its line. */
+struct key_arg {
+	struct rq_config *cfg;
+	const struct key *k;
+	void *field;
+	const char *shown;
+	const struct rq_config_value *v;
+	int line;
+	struct rq_config_diag *diag;
+};
 
 static const char *vtype_name(enum rq_config_vtype t)
 {
@@ -193,38 +206,36 @@ static const char *vtype_name(enum rq_config_vtype t)
 	return "function or other value";
 }
 
-static int want(const struct rq_config_value *v, enum rq_config_vtype t,
-		const char *key, int line, struct rq_config_diag *diag)
+static int want(const struct key_arg *a, enum rq_config_vtype t)
 {
-	if (v->type == t)
+	if (a->v->type == t)
 		return 0;
-	rq_config_diag_add(diag, line, false, "%s: expected a %s, got a %s", key,
-			   vtype_name(t), vtype_name(v->type));
+	rq_config_diag_add(a->diag, a->line, false, "%s: expected a %s, got a %s", a->shown,
+			   vtype_name(t), vtype_name(a->v->type));
 	return -1;
 }
 
 /* A string without NUL or control bytes, 1..max bytes. */
-static int get_str(const struct rq_config_value *v, const char *key, size_t max,
-		   int line, struct rq_config_diag *diag, char **out)
+static int get_str(const struct key_arg *a, size_t max, char **out)
 {
-	if (want(v, RQ_CONFIG_STRING, key, line, diag) < 0)
+	if (want(a, RQ_CONFIG_STRING) < 0)
 		return -1;
-	if (v->len == 0 || v->len > max) {
-		rq_config_diag_add(diag, line, false, "%s: must be 1 to %zu bytes long",
-				   key, max);
+	if (a->v->len == 0 || a->v->len > max) {
+		rq_config_diag_add(a->diag, a->line, false, "%s: must be 1 to %zu bytes long",
+				   a->shown, max);
 		return -1;
 	}
-	for (size_t i = 0; i < v->len; i++) {
-		unsigned char c = (unsigned char)v->str[i];
+	for (size_t i = 0; i < a->v->len; i++) {
+		unsigned char c = (unsigned char)a->v->str[i];
 		if (c < 0x20 || c == 0x7f) {
-			rq_config_diag_add(diag, line, false,
-					   "%s: control character in value", key);
+			rq_config_diag_add(a->diag, a->line, false,
+					   "%s: control character in value", a->shown);
 			return -1;
 		}
 	}
-	char *s = strdup(v->str);
+	char *s = strdup(a->v->str);
 	if (!s) {
-		rq_config_diag_add(diag, line, false, "%s: out of memory", key);
+		rq_config_diag_add(a->diag, a->line, false, "%s: out of memory", a->shown);
 		return -1;
 	}
 	if (out) {
@@ -236,92 +247,87 @@ static int get_str(const struct rq_config_value *v, const char *key, size_t max,
 	return 0;
 }
 
-static int get_int(const struct rq_config_value *v, const char *key, long lo,
-		   long hi, int line, struct rq_config_diag *diag, long *out)
+static int get_int(const struct key_arg *a, long lo, long hi, long *out)
 {
-	if (want(v, RQ_CONFIG_NUMBER, key, line, diag) < 0)
+	if (want(a, RQ_CONFIG_NUMBER) < 0)
 		return -1;
-	if (!isfinite(v->num) || v->num != floor(v->num)) {
-		rq_config_diag_add(diag, line, false, "%s: expected an integer, got %g",
-				   key, v->num);
+	if (!isfinite(a->v->num) || a->v->num != floor(a->v->num)) {
+		rq_config_diag_add(a->diag, a->line, false, "%s: expected an integer, got %g",
+				   a->shown, a->v->num);
 		return -1;
 	}
-	if (v->num < (double)lo || v->num > (double)hi) {
-		rq_config_diag_add(diag, line, false,
-				   "%s: %g is out of range (%ld to %ld)", key, v->num,
+	if (a->v->num < (double)lo || a->v->num > (double)hi) {
+		rq_config_diag_add(a->diag, a->line, false,
+				   "%s: %g is out of range (%ld to %ld)", a->shown, a->v->num,
 				   lo, hi);
 		return -1;
 	}
-	*out = (long)v->num;
+	*out = (long)a->v->num;
 	return 0;
 }
 
-static int set_int(const struct rq_config_value *v, const char *key, long lo,
-		   long hi, int line, struct rq_config_diag *diag, int *out)
+static int set_int(const struct key_arg *a, long lo, long hi, int *out)
 {
 	long n;
-	if (get_int(v, key, lo, hi, line, diag, &n) < 0)
+	if (get_int(a, lo, hi, &n) < 0)
 		return -1;
 	*out = (int)n;
 	return 0;
 }
 
-static int get_num(const struct rq_config_value *v, const char *key, double lo,
-		   double hi, int line, struct rq_config_diag *diag, double *out)
+static int get_num(const struct key_arg *a, double lo, double hi, double *out)
 {
-	if (want(v, RQ_CONFIG_NUMBER, key, line, diag) < 0)
+	if (want(a, RQ_CONFIG_NUMBER) < 0)
 		return -1;
-	if (!isfinite(v->num) || v->num < lo || v->num > hi) {
-		rq_config_diag_add(diag, line, false, "%s: %g is out of range (%g to %g)",
-				   key, v->num, lo, hi);
+	if (!isfinite(a->v->num) || a->v->num < lo || a->v->num > hi) {
+		rq_config_diag_add(a->diag, a->line, false, "%s: %g is out of range (%g to %g)",
+				   a->shown, a->v->num, lo, hi);
 		return -1;
 	}
-	*out = v->num;
+	*out = a->v->num;
 	return 0;
 }
 
-static int get_bool(const struct rq_config_value *v, const char *key, int line,
-		    struct rq_config_diag *diag, bool *out)
+static int get_bool(const struct key_arg *a, bool *out)
 {
-	if (want(v, RQ_CONFIG_BOOL, key, line, diag) < 0)
+	if (want(a, RQ_CONFIG_BOOL) < 0)
 		return -1;
-	*out = v->b;
+	*out = a->v->b;
 	return 0;
 }
 
 /* A duration (number of seconds or "5m"), in [lo, hi]. */
-static int get_dur(const struct rq_config_value *v, const char *key, double lo,
-		   double hi, int line, struct rq_config_diag *diag, double *out)
+static int get_dur(const struct key_arg *a, double lo, double hi, double *out)
 {
 	double d;
-	if (v->type == RQ_CONFIG_NUMBER) {
-		d = v->num;
+	if (a->v->type == RQ_CONFIG_NUMBER) {
+		d = a->v->num;
 		if (!isfinite(d) || d < 0) {
-			rq_config_diag_add(diag, line, false,
+			rq_config_diag_add(a->diag, a->line, false,
 					   "%s: a duration must be a number of seconds >= 0",
-					   key);
+					   a->shown);
 			return -1;
 		}
-	} else if (v->type == RQ_CONFIG_STRING) {
-		if (strlen(v->str) != v->len || rq_duration_parse(v->str, &d) < 0) {
-			rq_config_diag_add(diag, line, false,
+	} else if (a->v->type == RQ_CONFIG_STRING) {
+		if (strlen(a->v->str) != a->v->len || rq_duration_parse(a->v->str, &d) < 0) {
+			rq_config_diag_add(a->diag, a->line, false,
 					   "%s: \"%.40s\" is not a duration (like 30s, 5m, 2h, 5d)",
-					   key, v->str);
+					   a->shown, a->v->str);
 			return -1;
 		}
 	} else {
-		rq_config_diag_add(diag, line, false,
+		rq_config_diag_add(a->diag, a->line, false,
 				   "%s: expected a duration (number or string), got a %s",
-				   key, vtype_name(v->type));
+				   a->shown, vtype_name(a->v->type));
 		return -1;
 	}
 	if (d < lo || d > hi) {
-		char a[32], b[32], c[32];
-		rq_duration_format(d, a, sizeof(a));
+		char got[32], b[32], c[32];
+		rq_duration_format(d, got, sizeof(got));
 		rq_duration_format(lo, b, sizeof(b));
 		rq_duration_format(hi, c, sizeof(c));
-		rq_config_diag_add(diag, line, false, "%s: %s is out of range (%s to %s)",
-				   key, a, b, c);
+		rq_config_diag_add(a->diag, a->line, false, "%s: %s is out of range (%s to %s)",
+				   a->shown, got, b, c);
 		return -1;
 	}
 	*out = d;
@@ -488,10 +494,7 @@ enum ktype {
 	K_FN,          /* fn does it all */
 };
 
-struct key;
-typedef int (*key_fn)(struct rq_config *cfg, const struct key *k, void *field,
-		      const char *shown, const struct rq_config_value *v, int line,
-		      struct rq_config_diag *diag);
+typedef int (*key_fn)(const struct key_arg *a);
 
 struct key {
 	const char *name;
@@ -522,28 +525,17 @@ static void *at(void *base, size_t off)
 #define MESSAGES_PER_CONNECTION_MAX 1000000
 #define RECIPIENTS_PER_TRANSACTION_MAX 100000
 
-static int key_queue(struct rq_config *, const struct key *, void *, const char *,
-		     const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_redis(struct rq_config *, const struct key *, void *, const char *,
-		     const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_relay(struct rq_config *, const struct key *, void *, const char *,
-		     const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_tls(struct rq_config *, const struct key *, void *, const char *,
-		   const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_readable(struct rq_config *, const struct key *, void *, const char *,
-			const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_helo(struct rq_config *, const struct key *, void *, const char *,
-		    const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_log_format(struct rq_config *, const struct key *, void *, const char *,
-			  const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_log_level(struct rq_config *, const struct key *, void *, const char *,
-			 const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_metrics(struct rq_config *, const struct key *, void *, const char *,
-		       const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_auth(struct rq_config *, const struct key *, void *, const char *,
-		    const struct rq_config_value *, int, struct rq_config_diag *);
-static int key_password(struct rq_config *, const struct key *, void *, const char *,
-			const struct rq_config_value *, int, struct rq_config_diag *);
+static int key_queue(const struct key_arg *);
+static int key_redis(const struct key_arg *);
+static int key_relay(const struct key_arg *);
+static int key_tls(const struct key_arg *);
+static int key_readable(const struct key_arg *);
+static int key_helo(const struct key_arg *);
+static int key_log_format(const struct key_arg *);
+static int key_log_level(const struct key_arg *);
+static int key_metrics(const struct key_arg *);
+static int key_auth(const struct key_arg *);
+static int key_password(const struct key_arg *);
 
 static const struct key config_keys[] = {
 	{"queue", K_FN, 0, 0, 0, key_queue, 0, false, 0},
@@ -653,40 +645,41 @@ static int key_apply(struct rq_config *cfg, const struct key *k, void *base,
 		     struct rq_config_diag *diag)
 {
 	void *field = at(base, k->field);
+	const struct key_arg a = {cfg, k, field, shown, v, line, diag};
 	int r = -1;
 	long n;
 	switch (k->type) {
 	case K_TABLE:
-		r = want(v, RQ_CONFIG_TABLE, shown, line, diag);
+		r = want(&a, RQ_CONFIG_TABLE);
 		break;
 	case K_BOOL:
-		r = get_bool(v, shown, line, diag, field);
+		r = get_bool(&a, field);
 		break;
 	case K_INT:
-		r = set_int(v, shown, (long)k->lo, (long)k->hi, line, diag, field);
+		r = set_int(&a, (long)k->lo, (long)k->hi, field);
 		break;
 	case K_LONG:
-		r = get_int(v, shown, (long)k->lo, (long)k->hi, line, diag, field);
+		r = get_int(&a, (long)k->lo, (long)k->hi, field);
 		break;
 	case K_COUNT:
-		r = get_int(v, shown, (long)k->lo, (long)k->hi, line, diag, &n);
+		r = get_int(&a, (long)k->lo, (long)k->hi, &n);
 		if (r == 0)
 			*(unsigned *)field = (unsigned)n;
 		break;
 	case K_NUM:
-		r = get_num(v, shown, k->lo, k->hi, line, diag, field);
+		r = get_num(&a, k->lo, k->hi, field);
 		break;
 	case K_DUR:
-		r = get_dur(v, shown, k->lo, k->hi, line, diag, field);
+		r = get_dur(&a, k->lo, k->hi, field);
 		break;
 	case K_STR:
-		r = get_str(v, shown, (size_t)k->hi, line, diag, field);
+		r = get_str(&a, (size_t)k->hi, field);
 		break;
 	case K_FN:
-		return k->fn(cfg, k, field, shown, v, line, diag);
+		return k->fn(&a);
 	}
 	if (r == 0 && k->fn)
-		r = k->fn(cfg, k, field, shown, v, line, diag);
+		r = k->fn(&a);
 	if (r == 0 && set)
 		*set |= k->set;
 	if (r == 0 && k->has && has_base)
@@ -696,51 +689,49 @@ static int key_apply(struct rq_config *cfg, const struct key *k, void *base,
 
 /* ---- keys that need more than a type ---- */
 
-static int key_queue(struct rq_config *cfg, const struct key *k, void *field,
-		     const char *shown, const struct rq_config_value *v, int line,
-		     struct rq_config_diag *diag)
+static int key_queue(const struct key_arg *a)
 {
-	if (strcmp(k->name, "queue") == 0 && v->type == RQ_CONFIG_TABLE)
+	if (strcmp(a->k->name, "queue") == 0 && a->v->type == RQ_CONFIG_TABLE)
 		return 0;  /* items follow as queue[] */
-	if (want(v, RQ_CONFIG_STRING, "queue", line, diag) < 0)
+	struct key_arg item = *a;
+	item.shown = "queue";  /* not "queue[]" */
+	if (want(&item, RQ_CONFIG_STRING) < 0)
 		return -1;
-	if (!rq_keys_queue_valid(v->str, v->len)) {
-		rq_config_diag_add(diag, line, false,
-				   "queue: \"%.70s\" is not a queue name (%s)", v->str,
+	if (!rq_keys_queue_valid(a->v->str, a->v->len)) {
+		rq_config_diag_add(a->diag, a->line, false,
+				   "queue: \"%.70s\" is not a queue name (%s)", a->v->str,
 				   RQ_KEYS_QUEUE_RULE);
 		return -1;
 	}
-	for (size_t i = 0; i < cfg->nqueues; i++) {
-		if (strcmp(cfg->queues[i], v->str) == 0) {
-			rq_config_diag_add(diag, line, false,
-					   "queue: \"%s\" listed twice", v->str);
+	for (size_t i = 0; i < a->cfg->nqueues; i++) {
+		if (strcmp(a->cfg->queues[i], a->v->str) == 0) {
+			rq_config_diag_add(a->diag, a->line, false,
+					   "queue: \"%s\" listed twice", a->v->str);
 			return -1;
 		}
 	}
-	if (cfg->nqueues >= RQ_CONFIG_QUEUES_MAX) {
-		rq_config_diag_add(diag, line, false, "queue: more than %d queues",
+	if (a->cfg->nqueues >= RQ_CONFIG_QUEUES_MAX) {
+		rq_config_diag_add(a->diag, a->line, false, "queue: more than %d queues",
 				   RQ_CONFIG_QUEUES_MAX);
 		return -1;
 	}
-	cfg->queues[cfg->nqueues] = strdup(v->str);
-	if (!cfg->queues[cfg->nqueues])
+	a->cfg->queues[a->cfg->nqueues] = strdup(a->v->str);
+	if (!a->cfg->queues[a->cfg->nqueues])
 		return -1;
-	cfg->nqueues++;
+	a->cfg->nqueues++;
 	return 0;
 }
 
-static int key_redis(struct rq_config *cfg, const struct key *k, void *field,
-		     const char *shown, const struct rq_config_value *v, int line,
-		     struct rq_config_diag *diag)
+static int key_redis(const struct key_arg *a)
 {
 	char *s = NULL;
 	char why[160], red[200];
 	struct rq_redis_url u;
-	if (get_str(v, shown, (size_t)k->hi, line, diag, &s) < 0)
+	if (get_str(a, (size_t)a->k->hi, &s) < 0)
 		return -1;
 	if (rq_redis_url_parse(s, &u, why, sizeof(why)) != 0) {
 		rq_redis_url_redact(s, red, sizeof(red));
-		rq_config_diag_add(diag, line, false,
+		rq_config_diag_add(a->diag, a->line, false,
 				   "redis: \"%.80s\" is not a Redis URL (%s); expected "
 				   "redis://[user:password@]host[:port][/db] or "
 				   "unix:/path[?db=N]", red, why);
@@ -748,179 +739,165 @@ static int key_redis(struct rq_config *cfg, const struct key *k, void *field,
 		return -1;
 	}
 	if (u.has_password)
-		rq_config_diag_add(diag, line, true,
+		rq_config_diag_add(a->diag, a->line, true,
 				   "redis: a password in the URL is visible to whoever "
 				   "reads this file (consider redis_password_file or "
 				   "redis_password_env)");
 	rq_redis_url_wipe(&u);
-	char **dst = field;
+	char **dst = a->field;
 	rq_secret_free(*dst);
 	*dst = s;
 	return 0;
 }
 
-static int key_relay(struct rq_config *cfg, const struct key *k, void *field,
-		     const char *shown, const struct rq_config_value *v, int line,
-		     struct rq_config_diag *diag)
+/* The string (*s) and its parse_hostport parts; forms for the message. */
+static int get_hostport(const struct key_arg *a, bool port_required, const char *forms,
+			char **s, char **host, int *port, bool *br)
+{
+	if (get_str(a, (size_t)a->k->hi, s) < 0)
+		return -1;
+	if (parse_hostport(*s, port_required, host, port, br) < 0) {
+		rq_config_diag_add(a->diag, a->line, false, "%s: \"%.80s\" is not %s",
+				   a->shown, *s, forms);
+		free(*s);
+		return -1;
+	}
+	return 0;
+}
+
+static int key_relay(const struct key_arg *a)
 {
 	char *s = NULL, *host = NULL;
 	int port = 25;
 	bool br;
-	if (get_str(v, shown, (size_t)k->hi, line, diag, &s) < 0)
+	if (get_hostport(a, false, "\"[host]:port\", \"host:port\" or \"host\"", &s, &host,
+			 &port, &br) < 0)
 		return -1;
-	if (parse_hostport(s, false, &host, &port, &br) < 0) {
-		rq_config_diag_add(diag, line, false,
-				   "relay: \"%.80s\" is not \"[host]:port\", "
-				   "\"host:port\" or \"host\"", s);
-		free(s);
-		return -1;
-	}
 	free(s);
-	free(cfg->relay_host);
-	cfg->relay_host = host;
-	cfg->relay_port = port;
-	cfg->relay_mx = !br;
+	free(a->cfg->relay_host);
+	a->cfg->relay_host = host;
+	a->cfg->relay_port = port;
+	a->cfg->relay_mx = !br;
 	return 0;
 }
 
-static int key_tls(struct rq_config *cfg, const struct key *k, void *field,
-		   const char *shown, const struct rq_config_value *v, int line,
-		   struct rq_config_diag *diag)
+/* A name that parse turns into a number >= 0; choices for the message. */
+static int named(const struct key_arg *a, int (*parse)(const char *), const char *choices)
 {
-	if (want(v, RQ_CONFIG_STRING, shown, line, diag) < 0)
+	if (want(a, RQ_CONFIG_STRING) < 0)
 		return -1;
-	int m = rq_tls_mode_parse(v->str);
-	if (m < 0) {
-		rq_config_diag_add(diag, line, false,
-				   "tls: \"%.40s\" is not none, opportunistic, "
-				   "required or implicit", v->str);
+	int m = parse(a->v->str);
+	if (m < 0)
+		rq_config_diag_add(a->diag, a->line, false, "%s: \"%.40s\" is not %s",
+				   a->shown, a->v->str, choices);
+	return m;
+}
+
+static int key_tls(const struct key_arg *a)
+{
+	int m = named(a, rq_tls_mode_parse, "none, opportunistic, required or implicit");
+	if (m < 0)
 		return -1;
-	}
-	*(enum rq_tls_mode *)field = (enum rq_tls_mode)m;
+	*(enum rq_tls_mode *)a->field = (enum rq_tls_mode)m;
 	return 0;
 }
 
 /* After K_STR: the file must be readable. */
-static int key_readable(struct rq_config *cfg, const struct key *k, void *field,
-			const char *shown, const struct rq_config_value *v, int line,
-			struct rq_config_diag *diag)
+static int key_readable(const struct key_arg *a)
 {
-	const char *path = *(char **)field;
+	const char *path = *(char **)a->field;
 	if (access(path, R_OK) != 0) {
-		rq_config_diag_add(diag, line, false, "%s: cannot read %s: %s", shown,
+		rq_config_diag_add(a->diag, a->line, false, "%s: cannot read %s: %s", a->shown,
 				   path, strerror(errno));
 		return -1;
 	}
 	return 0;
 }
 
-static int key_helo(struct rq_config *cfg, const struct key *k, void *field,
-		    const char *shown, const struct rq_config_value *v, int line,
-		    struct rq_config_diag *diag)
+static int key_helo(const struct key_arg *a)
 {
 	char *s = NULL;
-	if (get_str(v, shown, (size_t)k->hi, line, diag, &s) < 0)
+	if (get_str(a, (size_t)a->k->hi, &s) < 0)
 		return -1;
 	bool lit = s[0] == '[';
 	if (!lit && !host_ok(s, strlen(s), false)) {
-		rq_config_diag_add(diag, line, false,
+		rq_config_diag_add(a->diag, a->line, false,
 				   "helo: \"%.80s\" is not a host name", s);
 		free(s);
 		return -1;
 	}
-	char **dst = field;
+	char **dst = a->field;
 	free(*dst);
 	*dst = s;
 	return 0;
 }
 
-static int key_log_format(struct rq_config *cfg, const struct key *k, void *field,
-			  const char *shown, const struct rq_config_value *v, int line,
-			  struct rq_config_diag *diag)
+static int key_log_format(const struct key_arg *a)
 {
-	if (want(v, RQ_CONFIG_STRING, shown, line, diag) < 0)
+	if (want(a, RQ_CONFIG_STRING) < 0)
 		return -1;
-	if (strcmp(v->str, "logfmt") == 0) {
-		*(int *)field = RQ_LOG_LOGFMT;
-	} else if (strcmp(v->str, "json") == 0) {
-		*(int *)field = RQ_LOG_JSON;
+	if (strcmp(a->v->str, "logfmt") == 0) {
+		*(int *)a->field = RQ_LOG_LOGFMT;
+	} else if (strcmp(a->v->str, "json") == 0) {
+		*(int *)a->field = RQ_LOG_JSON;
 	} else {
-		rq_config_diag_add(diag, line, false,
-				   "log_format: \"%.40s\" is not logfmt or json", v->str);
+		rq_config_diag_add(a->diag, a->line, false,
+				   "log_format: \"%.40s\" is not logfmt or json", a->v->str);
 		return -1;
 	}
 	return 0;
 }
 
-static int key_log_level(struct rq_config *cfg, const struct key *k, void *field,
-			 const char *shown, const struct rq_config_value *v, int line,
-			 struct rq_config_diag *diag)
+static int key_log_level(const struct key_arg *a)
 {
-	if (want(v, RQ_CONFIG_STRING, shown, line, diag) < 0)
+	int l = named(a, rq_log_level_parse, "debug, info, warn, error or off");
+	if (l < 0)
 		return -1;
-	int l = rq_log_level_parse(v->str);
-	if (l < 0) {
-		rq_config_diag_add(diag, line, false,
-				   "log_level: \"%.40s\" is not debug, info, warn, "
-				   "error or off", v->str);
-		return -1;
-	}
-	*(int *)field = l;
+	*(int *)a->field = l;
 	return 0;
 }
 
-static int key_metrics(struct rq_config *cfg, const struct key *k, void *field,
-		       const char *shown, const struct rq_config_value *v, int line,
-		       struct rq_config_diag *diag)
+static int key_metrics(const struct key_arg *a)
 {
 	char *s = NULL, *host = NULL;
 	int port = 0;
 	bool br;
-	if (get_str(v, shown, (size_t)k->hi, line, diag, &s) < 0)
+	if (get_hostport(a, true, "\"host:port\"", &s, &host, &port, &br) < 0)
 		return -1;
-	if (parse_hostport(s, true, &host, &port, &br) < 0) {
-		rq_config_diag_add(diag, line, false,
-				   "metrics: \"%.80s\" is not \"host:port\"", s);
-		free(s);
-		return -1;
-	}
 	free(host);
-	char **dst = field;
+	char **dst = a->field;
 	free(*dst);
 	*dst = s;
 	return 0;
 }
 
 /* After K_TABLE: auth is on; its checks run at the end of the section. */
-static int key_auth(struct rq_config *cfg, const struct key *k, void *field,
-		    const char *shown, const struct rq_config_value *v, int line,
-		    struct rq_config_diag *diag)
+static int key_auth(const struct key_arg *a)
 {
-	cfg->auth = true;
-	priv(cfg)->auth_line = line;
+	a->cfg->auth = true;
+	priv(a->cfg)->auth_line = a->line;
 	return 0;
 }
 
-static int key_password(struct rq_config *cfg, const struct key *k, void *field,
-			const char *shown, const struct rq_config_value *v, int line,
-			struct rq_config_diag *diag)
+static int key_password(const struct key_arg *a)
 {
-	if (want(v, RQ_CONFIG_STRING, shown, line, diag) < 0)
+	if (want(a, RQ_CONFIG_STRING) < 0)
 		return -1;
-	if (v->len == 0 || v->len > (size_t)k->hi || strlen(v->str) != v->len) {
-		rq_config_diag_add(diag, line, false,
-				   "%s: must be 1 to %zu bytes, no NUL", shown, (size_t)k->hi);
+	if (a->v->len == 0 || a->v->len > (size_t)a->k->hi || strlen(a->v->str) != a->v->len) {
+		rq_config_diag_add(a->diag, a->line, false,
+				   "%s: must be 1 to %zu bytes, no NUL", a->shown,
+				   (size_t)a->k->hi);
 		return -1;
 	}
-	char **dst = field;
+	char **dst = a->field;
 	rq_secret_free(*dst);
-	*dst = strdup(v->str);
+	*dst = strdup(a->v->str);
 	if (!*dst)
 		return -1;
-	priv(cfg)->password_literal = true;
-	rq_config_diag_add(diag, line, true,
+	priv(a->cfg)->password_literal = true;
+	rq_config_diag_add(a->diag, a->line, true,
 			   "%s: a password in the config file is discouraged "
-			   "(use password_file or password_env)", shown);
+			   "(use password_file or password_env)", a->shown);
 	return 0;
 }
 

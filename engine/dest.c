@@ -2,6 +2,7 @@
 #include "relayq/dest.h"
 
 #include "relayq/clock.h"
+#include "relayq/secret.h"
 #include "relayq/str.h"
 #include "relayq/dns.h"
 #include "relayq/log.h"
@@ -897,6 +898,35 @@ void rq_dests_close(struct rq_dests *ds, void (*closed)(void *arg), void *arg)
  * Create / destroy
  */
 
+void rq_dests_destroy(struct rq_dests *ds)
+{
+	if (!ds)
+		return;
+	struct rq_dest *d = ds->dests;
+	while (d) {
+		struct rq_dest *nx = d->next;
+		dest_free(d);
+		d = nx;
+	}
+	if (ds->done_ev)
+		event_free(ds->done_ev);
+	if (ds->sweep_ev)
+		event_free(ds->sweep_ev);
+	if (ds->grace_ev)
+		event_free(ds->grace_ev);
+	if (ds->close_ev)
+		event_free(ds->close_ev);
+	rq_dns_destroy(ds->dns);
+	rq_tls_ctx_destroy(ds->tls_ctx);
+	free(ds->helo);
+	free(ds->ca_file);
+	free(ds->auth_user);
+	rq_secret_free(ds->auth_password);
+	free(ds->relay_host);
+	free(ds->dns_servers);
+	free(ds);
+}
+
 struct rq_dests *rq_dests_create(struct event_base *base,
 				 const struct rq_dests_opts *opts,
 				 char *err, size_t errlen)
@@ -964,40 +994,6 @@ struct rq_dests *rq_dests_create(struct event_base *base,
 fail:
 	rq_dests_destroy(ds);
 	return NULL;
-}
-
-void rq_dests_destroy(struct rq_dests *ds)
-{
-	if (!ds)
-		return;
-	struct rq_dest *d = ds->dests;
-	while (d) {
-		struct rq_dest *nx = d->next;
-		dest_free(d);
-		d = nx;
-	}
-	if (ds->done_ev)
-		event_free(ds->done_ev);
-	if (ds->sweep_ev)
-		event_free(ds->sweep_ev);
-	if (ds->grace_ev)
-		event_free(ds->grace_ev);
-	if (ds->close_ev)
-		event_free(ds->close_ev);
-	rq_dns_destroy(ds->dns);
-	rq_tls_ctx_destroy(ds->tls_ctx);
-	if (ds->auth_password) {
-		volatile char *p = ds->auth_password;
-		while (*p)
-			*p++ = 0;
-	}
-	free(ds->helo);
-	free(ds->ca_file);
-	free(ds->auth_user);
-	free(ds->auth_password);
-	free(ds->relay_host);
-	free(ds->dns_servers);
-	free(ds);
 }
 
 void rq_dests_stats(const struct rq_dests *ds, struct rq_dests_stats *st)

@@ -241,6 +241,15 @@ static int cache_key(const char *name, int type, char lname[RQ_DNS_NAME_MAX + 1]
 	return 0;
 }
 
+void rq_dns_cache_destroy(struct rq_dns_cache *c)
+{
+	if (!c)
+		return;
+	rq_dns_cache_flush(c);
+	free(c->buckets);
+	free(c);
+}
+
 struct rq_dns_cache *rq_dns_cache_create(size_t max)
 {
 	struct rq_dns_cache *c = calloc(1, sizeof(*c));
@@ -292,15 +301,6 @@ void rq_dns_cache_flush(struct rq_dns_cache *c)
 		return;
 	while (c->lru_head)
 		cache_unlink(c, c->lru_head);
-}
-
-void rq_dns_cache_destroy(struct rq_dns_cache *c)
-{
-	if (!c)
-		return;
-	rq_dns_cache_flush(c);
-	free(c->buckets);
-	free(c);
 }
 
 size_t rq_dns_cache_count(const struct rq_dns_cache *c)
@@ -1316,6 +1316,16 @@ static void finish_addrs(struct rq_dns_req *req)
 
 /* ---- public ---- */
 
+void rq_dns_destroy(struct rq_dns *dns)
+{
+	if (!dns || dns->dying)
+		return;
+	teardown(dns);
+	if (dns->depth == 0)
+		dns_free(dns);
+	/* else: deliver_cb frees it when the callback returns */
+}
+
 struct rq_dns *rq_dns_create(struct event_base *base, const struct rq_dns_opts *opts,
 			     char *err, size_t errlen)
 {
@@ -1435,16 +1445,6 @@ static void teardown(struct rq_dns *dns)
 	}
 }
 
-void rq_dns_destroy(struct rq_dns *dns)
-{
-	if (!dns || dns->dying)
-		return;
-	teardown(dns);
-	if (dns->depth == 0)
-		dns_free(dns);
-	/* else: deliver_cb frees it when the callback returns */
-}
-
 static struct rq_dns_req *req_new(struct rq_dns *dns, enum req_kind kind, rq_dns_cb cb, void *arg)
 {
 	if (!dns || dns->dying || !cb)
@@ -1466,27 +1466,42 @@ static struct rq_dns_req *req_new(struct rq_dns *dns, enum req_kind kind, rq_dns
 	return req;
 }
 
+/*
+ * Answers req without DNS: one host with the n addresses in addrs, named
+ * req->name; or, for an address literal (literal: the input), named by its
+ * address, req->name the input made safe.
+ */
+static void answer_host(struct rq_dns_req *req, const struct rq_dns_addr *addrs, size_t n,
+			const char *literal)
+{
+	struct rq_dns_result *res = result_alloc(1, n);
+	if (!res) {
+		req_done(req, NULL);
+		return;
+	}
+	res->status = RQ_DNS_OK;
+	res->outcome.stage = RQ_STAGE_DNS;
+	res->literal = literal != NULL;
+	res->nhosts = 1;
+	res->hosts[0].addrs = result_addrs(res, 1);
+	memcpy(res->hosts[0].addrs, addrs, n * sizeof(addrs[0]));
+	res->hosts[0].naddrs = n;
+	if (literal) {
+		rq_dns_addr_format(&addrs[0], res->hosts[0].name, sizeof(res->hosts[0].name));
+		sanitize(req->name, sizeof(req->name), literal);
+	} else {
+		memcpy(res->hosts[0].name, req->name, sizeof(res->hosts[0].name));
+	}
+	req_done(req, res);
+}
+
 /* Literal or invalid input: answers without DNS. true when answered. */
 static bool answer_locally(struct rq_dns_req *req, const char *input)
 {
 	struct rq_dns_addr addr;
 	int lit = rq_dns_literal_parse(input, &addr);
 	if (lit == 1) {
-		struct rq_dns_result *res = result_alloc(1, 1);
-		if (!res) {
-			req_done(req, NULL);
-			return true;
-		}
-		res->status = RQ_DNS_OK;
-		res->outcome.stage = RQ_STAGE_DNS;
-		res->literal = true;
-		res->nhosts = 1;
-		res->hosts[0].addrs = result_addrs(res, 1);
-		res->hosts[0].addrs[0] = addr;
-		res->hosts[0].naddrs = 1;
-		rq_dns_addr_format(&addr, res->hosts[0].name, sizeof(res->hosts[0].name));
-		sanitize(req->name, sizeof(req->name), input);
-		req_done(req, res);
+		answer_host(req, &addr, 1, input);
 		return true;
 	}
 	char why[96];
@@ -1557,19 +1572,7 @@ static bool answer_from_hosts_file(struct rq_dns_req *req)
 	}
 	if (n == 0)
 		return false;
-	struct rq_dns_result *res = result_alloc(1, n);
-	if (!res) {
-		req_done(req, NULL);
-		return true;
-	}
-	res->status = RQ_DNS_OK;
-	res->outcome.stage = RQ_STAGE_DNS;
-	res->nhosts = 1;
-	res->hosts[0].addrs = result_addrs(res, 1);
-	memcpy(res->hosts[0].addrs, found, n * sizeof(found[0]));
-	res->hosts[0].naddrs = n;
-	memcpy(res->hosts[0].name, req->name, sizeof(res->hosts[0].name));
-	req_done(req, res);
+	answer_host(req, found, n, NULL);
 	return true;
 }
 

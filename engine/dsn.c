@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "relayq/message.h"
+#include "relayq/str.h"
 
 /*
  * RFC 3464 delivery status notifications inside an RFC 6522
@@ -149,9 +150,7 @@ static void put_field(struct sbuf *b, const char *name, const char *value, size_
 	bool fresh = true; /* no word on this line yet */
 	size_t i = 0;
 	while (i < n) {
-		size_t j = i;
-		while (j < n && clean[j] != ' ')
-			j++;
+		size_t j = rq_str_end(clean, i, n, ' ');
 		size_t w = j - i;
 		if (!fresh && col + 1 + w > 78) {
 			sb_str(b, "\r\n");
@@ -204,26 +203,28 @@ const char *rq_dsn_status(const struct rq_outcome *o, char out[16])
 		snprintf(out, 16, "%d.0.0", cls == 3 ? 5 : cls);
 		return out;
 	}
+	const char *st = "4.0.0";
 	switch (o->fail) {
 	case RQ_FAIL_TIMEOUT:
 	case RQ_FAIL_REFUSED:
-		snprintf(out, 16, "4.4.1");
+		st = "4.4.1";
 		break;
 	case RQ_FAIL_LOST:
-		snprintf(out, 16, "4.4.2");
+		st = "4.4.2";
 		break;
 	case RQ_FAIL_DNS:
-		snprintf(out, 16, "4.4.3");
+		st = "4.4.3";
 		break;
 	case RQ_FAIL_TLS:
-		snprintf(out, 16, "4.7.5");
+		st = "4.7.5";
 		break;
 	case RQ_FAIL_PROTOCOL:
-		snprintf(out, 16, "4.5.0");
+		st = "4.5.0";
 		break;
 	default:
 		break;
 	}
+	snprintf(out, 16, "%s", st);
 	return out;
 }
 

@@ -1138,6 +1138,18 @@ static int setup(lua_State *L)
 
 /* ---- the object ---- */
 
+void rq_lua_sandbox_destroy(struct rq_lua_sandbox *sb)
+{
+	if (!sb)
+		return;
+	if (sb->L) {
+		/* Finalizers run at close: keep them on a budget. */
+		rq_lua_sandbox_arm(sb, sb->budget, sb->seconds);
+		lua_close(sb->L);
+	}
+	free(sb);
+}
+
 struct rq_lua_sandbox *rq_lua_sandbox_create(const struct rq_lua_sandbox_opts *opts,
 					     char *err, size_t errlen)
 {
@@ -1168,18 +1180,6 @@ struct rq_lua_sandbox *rq_lua_sandbox_create(const struct rq_lua_sandbox_opts *o
 fail:
 	rq_lua_sandbox_destroy(sb);
 	return NULL;
-}
-
-void rq_lua_sandbox_destroy(struct rq_lua_sandbox *sb)
-{
-	if (!sb)
-		return;
-	if (sb->L) {
-		/* Finalizers run at close: keep them on a budget. */
-		rq_lua_sandbox_arm(sb, sb->budget, sb->seconds);
-		lua_close(sb->L);
-	}
-	free(sb);
 }
 
 lua_State *rq_lua_sandbox_state(struct rq_lua_sandbox *sb)

@@ -85,6 +85,15 @@ static int split_listen(const char *s, char *host, size_t hostlen, int *port)
 	return 0;
 }
 
+void rq_metrics_destroy(struct rq_metrics *m)
+{
+	if (!m)
+		return;
+	if (m->http)
+		evhttp_free(m->http);
+	free(m);
+}
+
 struct rq_metrics *rq_metrics_create(struct event_base *base, const char *listen,
 				     rq_metrics_fill_cb fill, void *arg,
 				     char *err, size_t errlen)
@@ -122,13 +131,4 @@ struct rq_metrics *rq_metrics_create(struct event_base *base, const char *listen
 fail:
 	rq_metrics_destroy(m);
 	return NULL;
-}
-
-void rq_metrics_destroy(struct rq_metrics *m)
-{
-	if (!m)
-		return;
-	if (m->http)
-		evhttp_free(m->http);
-	free(m);
 }

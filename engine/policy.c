@@ -2,6 +2,8 @@
  * (see policy.h). */
 #include "relayq/policy.h"
 
+#include "relayq/str.h"
+
 #include <ctype.h>
 #include <math.h>
 #include <stdarg.h>
@@ -99,10 +101,7 @@ static void set(struct rq_policy_answer *d, enum rq_policy_action action, double
 	va_start(ap, fmt);
 	vsnprintf(d->reason, sizeof(d->reason), fmt, ap);
 	va_end(ap);
-	/* One line: reply text may hold several. */
-	for (char *p = d->reason; *p; p++)
-		if ((unsigned char)*p < 0x20 || *p == 0x7f)
-			*p = ' ';
+	rq_str_one_line(d->reason);  /* reply text may hold several lines */
 }
 
 /* "451 4.7.1 first line of text" (the reply, short), into buf. */

@@ -332,6 +332,24 @@ static int setup(lua_State *L)
 	return 0;
 }
 
+void rq_policy_lua_destroy(struct rq_policy_lua *pl)
+{
+	if (!pl)
+		return;
+	if (pl->sb) {
+		/* Finalizers run at close: keep them on a budget. */
+		rq_lua_sandbox_arm(pl->sb, pl->limits.instructions, pl->limits.seconds);
+		rq_lua_sandbox_destroy(pl->sb);
+	}
+	free(pl->global.v);
+	for (size_t i = 0; i < pl->ndoms; i++) {
+		free(pl->doms[i].name);
+		free(pl->doms[i].r.v);
+	}
+	free(pl->doms);
+	free(pl);
+}
+
 struct rq_policy_lua *rq_policy_lua_create(const struct rq_policy_lua_limits *limits,
 					   char *err, size_t errlen)
 {
@@ -405,24 +423,6 @@ void rq_policy_lua_add_rule(struct rq_policy_lua *pl, const char *domain,
 	}
 	register_rule(L, pl, domain, lua_absindex(L, -1), sidx, fidx, line);
 	lua_pop(L, domain ? 2 : 1);
-}
-
-void rq_policy_lua_destroy(struct rq_policy_lua *pl)
-{
-	if (!pl)
-		return;
-	if (pl->sb) {
-		/* Finalizers run at close: keep them on a budget. */
-		rq_lua_sandbox_arm(pl->sb, pl->limits.instructions, pl->limits.seconds);
-		rq_lua_sandbox_destroy(pl->sb);
-	}
-	free(pl->global.v);
-	for (size_t i = 0; i < pl->ndoms; i++) {
-		free(pl->doms[i].name);
-		free(pl->doms[i].r.v);
-	}
-	free(pl->doms);
-	free(pl);
 }
 
 /* ---- decisions ---- */

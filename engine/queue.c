@@ -537,11 +537,14 @@ static bool is_transient(const char *s, bool *notfound)
 	return false;
 }
 
-static struct rq_queue *live_conn(redisAsyncContext *ac, struct conn **out)
+/* The queue of a reply's connection, or NULL when there is no reply
+ * or the connection is going away (nothing to do then). */
+static struct rq_queue *live_reply(redisAsyncContext *ac, const redisReply *r,
+				   struct conn **out)
 {
 	struct conn *cn = ac->data;
 	*out = cn;
-	if (!cn || !cn->q || cn->dropping)
+	if (!r || !cn || !cn->q || cn->dropping)
 		return NULL;
 	return cn->q;
 }
@@ -580,21 +583,18 @@ static void setup_fail(struct rq_queue *q, struct link *l, const char *what,
 static void on_setup_reply(redisAsyncContext *ac, void *reply, void *priv)
 {
 	struct conn *cn;
-	struct rq_queue *q = live_conn(ac, &cn);
 	redisReply *r = reply;
-	const char *what = priv;
-	if (!q || !r)
-		return;
-	if (r->type == REDIS_REPLY_ERROR)
-		setup_fail(q, cn->link, what, r);
+	struct rq_queue *q = live_reply(ac, r, &cn);
+	if (q && r->type == REDIS_REPLY_ERROR)
+		setup_fail(q, cn->link, priv, r);
 }
 
 static void on_load(redisAsyncContext *ac, void *reply, void *priv)
 {
 	struct conn *cn;
-	struct rq_queue *q = live_conn(ac, &cn);
 	redisReply *r = reply;
-	if (!q || !r)
+	struct rq_queue *q = live_reply(ac, r, &cn);
+	if (!q)
 		return;
 	if (r->type == REDIS_REPLY_ERROR) {
 		setup_fail(q, cn->link, "FUNCTION LOAD of the relayq library", r);
@@ -607,9 +607,9 @@ static void on_load(redisAsyncContext *ac, void *reply, void *priv)
 static void on_version(redisAsyncContext *ac, void *reply, void *priv)
 {
 	struct conn *cn;
-	struct rq_queue *q = live_conn(ac, &cn);
 	redisReply *r = reply;
-	if (!q || !r)
+	struct rq_queue *q = live_reply(ac, r, &cn);
+	if (!q)
 		return;
 	switch (rq_queue_version_check(r, rq_fnlib_version())) {
 	case RQ_QUEUE_VERSION_OK:
@@ -741,9 +741,9 @@ static void ping_cb(evutil_socket_t fd, short what, void *arg)
 static void on_sub(redisAsyncContext *ac, void *reply, void *priv)
 {
 	struct conn *cn;
-	struct rq_queue *q = live_conn(ac, &cn);
 	redisReply *r = reply;
-	if (!q || !r)
+	struct rq_queue *q = live_reply(ac, r, &cn);
+	if (!q)
 		return;
 	q->subl.ping_sent_ms = -1;   /* anything heard: the link is alive */
 	if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
@@ -1119,6 +1119,17 @@ int rq_queue_command(struct rq_queue *q, int argc, const char **argv,
 
 /* ---- lifecycle ---- */
 
+void rq_queue_destroy(struct rq_queue *q)
+{
+	if (!q || q->destroying)
+		return;
+	if (q->depth > 0) {
+		q->destroy_requested = true;
+		return;
+	}
+	destroy_now(q);
+}
+
 struct rq_queue *rq_queue_create(struct event_base *base,
 				 const struct rq_queue_opts *opts,
 				 char *err, size_t errlen)
@@ -1280,17 +1291,6 @@ static void destroy_now(struct rq_queue *q)
 	free(q->user);
 	free(q->url_redacted);
 	free(q);
-}
-
-void rq_queue_destroy(struct rq_queue *q)
-{
-	if (!q || q->destroying)
-		return;
-	if (q->depth > 0) {
-		q->destroy_requested = true;
-		return;
-	}
-	destroy_now(q);
 }
 
 const char *rq_queue_url_redacted(const struct rq_queue *q)

@@ -1170,6 +1170,47 @@ void rq_runner_get_stats(const struct rq_runner *r, struct rq_runner_stats *st)
 	st->redis_ready = r->qstate == RQ_QUEUE_READY;
 }
 
+void rq_runner_destroy(struct rq_runner *r)
+{
+	if (!r)
+		return;
+	/* cancels pending commands: their callbacks run now */
+	r->stopping = true;
+	r->stopped_sent = true;
+	if (r->started) {
+		r->started = false;
+		r->be->queue_stop(r->bctx);
+	}
+	/* whatever is still in flight is abandoned (leases expire) */
+	while (r->inflight) {
+		struct rmsg *m = r->inflight;
+		list_remove(r, m);
+		free(m->rc);
+		m->rc = NULL;
+		struct rclaim *c = m->c;
+		if (--c->left == 0) {
+			rq_queue_claim_free(c->c);
+			free(c);
+		}
+	}
+	rq_queue_outcomes_finish(&r->ob);
+	free(r->ob_ids);
+	if (r->claim_retry_ev)
+		event_free(r->claim_retry_ev);
+	if (r->renew_ev)
+		event_free(r->renew_ev);
+	if (r->recover_ev)
+		event_free(r->recover_ev);
+	if (r->flush_ev)
+		event_free(r->flush_ev);
+	if (r->stop_ev)
+		event_free(r->stop_ev);
+	if (r->stopped_ev)
+		event_free(r->stopped_ev);
+	free(r->queue_name);
+	free(r);
+}
+
 struct rq_runner *rq_runner_create(struct event_base *base,
 				   const struct rq_runner_opts *opts,
 				   char *err, size_t errlen)
@@ -1230,45 +1271,4 @@ struct rq_runner *rq_runner_create(struct event_base *base,
 fail:
 	rq_runner_destroy(r);
 	return NULL;
-}
-
-void rq_runner_destroy(struct rq_runner *r)
-{
-	if (!r)
-		return;
-	/* cancels pending commands: their callbacks run now */
-	r->stopping = true;
-	r->stopped_sent = true;
-	if (r->started) {
-		r->started = false;
-		r->be->queue_stop(r->bctx);
-	}
-	/* whatever is still in flight is abandoned (leases expire) */
-	while (r->inflight) {
-		struct rmsg *m = r->inflight;
-		list_remove(r, m);
-		free(m->rc);
-		m->rc = NULL;
-		struct rclaim *c = m->c;
-		if (--c->left == 0) {
-			rq_queue_claim_free(c->c);
-			free(c);
-		}
-	}
-	rq_queue_outcomes_finish(&r->ob);
-	free(r->ob_ids);
-	if (r->claim_retry_ev)
-		event_free(r->claim_retry_ev);
-	if (r->renew_ev)
-		event_free(r->renew_ev);
-	if (r->recover_ev)
-		event_free(r->recover_ev);
-	if (r->flush_ev)
-		event_free(r->flush_ev);
-	if (r->stop_ev)
-		event_free(r->stop_ev);
-	if (r->stopped_ev)
-		event_free(r->stopped_ev);
-	free(r->queue_name);
-	free(r);
 }

@@ -2,6 +2,7 @@
  * (see smtp.h). */
 #include "relayq/smtp.h"
 
+#include "relayq/secret.h"
 #include "relayq/str.h"
 #include "relayq/log.h"
 #include "relayq/message.h"
@@ -126,9 +127,7 @@ void rq_smtp_caps_parse(struct rq_smtp_caps *c, const char *reply, size_t len)
 	rq_smtp_caps_reset(c);
 	size_t i = 0;
 	while (i < len) {
-		size_t j = i;
-		while (j < len && reply[j] != '\n')
-			j++;
+		size_t j = rq_str_end(reply, i, len, '\n');
 		size_t n = j - i;
 		if (n && reply[i + n - 1] == '\r')
 			n--;
@@ -631,10 +630,7 @@ static void really_free(struct rq_smtp *s)
 		event_free(s->deadline);
 	if (s->kick)
 		event_free(s->kick);
-	if (s->pass) {
-		OPENSSL_cleanse(s->pass, strlen(s->pass));
-		free(s->pass);
-	}
+	rq_secret_free(s->pass);
 	free(s->user);
 	free(s->helo);
 	free(s->servername);
@@ -1199,22 +1195,17 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 		return;
 
 	case RQ_SMTP_ST_EHLO:
-		if (r2(o)) {
-			after_hello(s);
-			return;
-		}
-		rq_smtp_caps_reset(&s->caps);
-		if (o->code >= 500) {
-			to_state(s, RQ_SMTP_ST_HELO);
-			return;
-		}
-		conn_fail(s, o);
-		return;
-
 	case RQ_SMTP_ST_HELO:
 		if (r2(o)) {
 			after_hello(s);
 			return;
+		}
+		if (s->st == RQ_SMTP_ST_EHLO) {
+			rq_smtp_caps_reset(&s->caps);
+			if (o->code >= 500) {
+				to_state(s, RQ_SMTP_ST_HELO);
+				return;
+			}
 		}
 		conn_fail(s, o);
 		return;
@@ -1242,12 +1233,14 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 		return;
 
 	case RQ_SMTP_ST_AUTH:
+	case RQ_SMTP_ST_AUTH_PASS:
 		if (o->code == 235) {
 			s->authed = true;
 			after_hello(s);
 			return;
 		}
-		if (o->code == 334 && s->auth_mech == RQ_SMTP_AUTH_LOGIN) {
+		if (s->st == RQ_SMTP_ST_AUTH && o->code == 334 &&
+		    s->auth_mech == RQ_SMTP_AUTH_LOGIN) {
 			to_state(s, RQ_SMTP_ST_AUTH_USER);
 			return;
 		}
@@ -1257,15 +1250,6 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 	case RQ_SMTP_ST_AUTH_USER:
 		if (o->code == 334) {
 			to_state(s, RQ_SMTP_ST_AUTH_PASS);
-			return;
-		}
-		conn_fail(s, o);
-		return;
-
-	case RQ_SMTP_ST_AUTH_PASS:
-		if (o->code == 235) {
-			s->authed = true;
-			after_hello(s);
 			return;
 		}
 		conn_fail(s, o);
@@ -1640,6 +1624,18 @@ static bool clean_str(const char *v)
 	return true;
 }
 
+void rq_smtp_destroy(struct rq_smtp *s)
+{
+	if (!s)
+		return;
+	if (s->depth > 0) {
+		s->dead = true;
+		close_bev(s);
+		return;
+	}
+	really_free(s);
+}
+
 struct rq_smtp *rq_smtp_create(struct event_base *base, const struct rq_smtp_opts *opts,
 			       const struct rq_smtp_callbacks *cbs, char *err, size_t errlen)
 {
@@ -1759,18 +1755,6 @@ void rq_smtp_quit(struct rq_smtp *s)
 	}
 	if (s->st == RQ_SMTP_ST_READY)
 		event_active(s->kick, EV_TIMEOUT, 1);
-}
-
-void rq_smtp_destroy(struct rq_smtp *s)
-{
-	if (!s)
-		return;
-	if (s->depth > 0) {
-		s->dead = true;
-		close_bev(s);
-		return;
-	}
-	really_free(s);
 }
 
 enum rq_smtp_state rq_smtp_state(const struct rq_smtp *s)

@@ -51,6 +51,15 @@ static void ossl_err(char *err, size_t errlen, const char *what)
 		snprintf(err, errlen, "%s%s%s", what, *buf ? ": " : "", buf);
 }
 
+void rq_tls_ctx_destroy(struct rq_tls_ctx *t)
+{
+	if (!t)
+		return;
+	if (t->ctx)
+		SSL_CTX_free(t->ctx);
+	free(t);
+}
+
 struct rq_tls_ctx *rq_tls_ctx_create(const struct rq_tls_ctx_opts *opts,
 				     char *err, size_t errlen)
 {
@@ -98,15 +107,6 @@ struct rq_tls_ctx *rq_tls_ctx_create(const struct rq_tls_ctx_opts *opts,
 fail:
 	rq_tls_ctx_destroy(t);
 	return NULL;
-}
-
-void rq_tls_ctx_destroy(struct rq_tls_ctx *t)
-{
-	if (!t)
-		return;
-	if (t->ctx)
-		SSL_CTX_free(t->ctx);
-	free(t);
 }
 
 static bool is_ip_literal(const char *name)

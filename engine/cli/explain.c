@@ -52,17 +52,9 @@ static const char usage[] =
 
 struct opts {
 	const char *config;
-	const char *code;
-	const char *enhanced;
-	const char *text;
-	const char *stage;
-	const char *domain;
-	const char *rcpt;
-	const char *host;
-	const char *attempt;
-	const char *age;
-	const char *resends;
-	const char *meta;
+	const char *code, *enhanced, *text, *stage;       /* the outcome */
+	const char *domain, *rcpt, *host;                 /* where */
+	const char *attempt, *age, *resends, *meta;       /* the message */
 	bool json;
 	bool help;
 };
@@ -167,22 +159,10 @@ static bool parse_uint(const char *s, unsigned long max, unsigned long *out)
 	return true;
 }
 
-static double mid(void *ctx)
+/* A "random" number that is always *ctx. */
+static double fixed(void *ctx)
 {
-	(void)ctx;
-	return 0.5;
-}
-
-static double low(void *ctx)
-{
-	(void)ctx;
-	return 0.0;
-}
-
-static double high(void *ctx)
-{
-	(void)ctx;
-	return 0.9999999;
+	return *(const double *)ctx;
 }
 
 static void print_text(const struct rq_decision *d, double lo, double hi,
@@ -367,7 +347,9 @@ int rq_cli_explain(int argc, char **argv)
 	};
 	/* The decision without jitter, then its jitter range. */
 	struct rq_decision d, dlo, dhi;
-	struct rq_policy_rand r_mid = {mid, NULL}, r_lo = {low, NULL}, r_hi = {high, NULL};
+	double v_mid = 0.5, v_lo = 0.0, v_hi = 0.9999999;
+	struct rq_policy_rand r_mid = {fixed, &v_mid}, r_lo = {fixed, &v_lo},
+			      r_hi = {fixed, &v_hi};
 	rq_decision_make(cfg, &in, &r_mid, &d);
 	rq_decision_make(cfg, &in, &r_lo, &dlo);
 	rq_decision_make(cfg, &in, &r_hi, &dhi);

@@ -258,9 +258,7 @@ int cli_open(struct cli *cli)
 static void close_all(struct cli *cli)
 {
 	cli_redis_close(cli);
-	if (cli->config_redis)
-		explicit_bzero(cli->config_redis, strlen(cli->config_redis));
-	free(cli->config_redis);
+	rq_secret_free(cli->config_redis);
 	free(cli->config_queue);
 	free(cli->config_user);
 	free(cli->config_password_file);
