@@ -272,7 +272,7 @@ char *rq_credentials_hash(const char *password, size_t plen, char *err, size_t e
 	if (!password || plen == 0 || plen > RQ_CREDENTIALS_PASSWORD_MAX ||
 	    memchr(password, '\0', plen)) {
 		rq_err_set(err, errlen, plen == 0 ? "empty password"
-			   : plen > RQ_CREDENTIALS_PASSWORD_MAX ? "password longer than 1024 bytes"
+			   : plen > RQ_CREDENTIALS_PASSWORD_MAX ? "password longer than 511 bytes"
 			   : "password holds a NUL byte");
 		return NULL;
 	}

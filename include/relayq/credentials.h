@@ -18,7 +18,7 @@
 #include <stddef.h>
 
 #define RQ_CREDENTIALS_USER_MAX 64
-#define RQ_CREDENTIALS_PASSWORD_MAX 1024    /* bytes; longer is refused */
+#define RQ_CREDENTIALS_PASSWORD_MAX 511     /* bytes; longer is refused (libxcrypt: 512 with the NUL) */
 #define RQ_CREDENTIALS_FILE_MAX (16 * 1024 * 1024)
 
 struct rq_credentials;
