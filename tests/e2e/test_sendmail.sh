@@ -146,6 +146,11 @@ rc=$?
 [ $rc -eq 65 ] && ok || bad "too large for the queue: exit $rc, want 65: $(cat "$TMP/err")"
 expect_rc 0 "no-op options" "$B" --queue "noop-$$" sendmail -odi -odb -oem -oee -om -v -B 8BITMIME -B7BIT -N never -U -bm -R hdrs -V envid a@example.net </dev/null
 "$B" sendmail --help | grep -q '^Usage: relayq sendmail' && ok || bad "--help"
+# Debian cron's own command line
+Q=cron-$$
+printf 'Subject: Cron <root@h> job\n\noutput\n' | "$B" --queue "$Q" sendmail -FCronDaemon -i -B8BITMIME -oem ops@example.net
+[ "$(field "$Q" to)" = '["ops@example.net"]' ] && field "$Q" body | grep -q '^From: "CronDaemon" <' && ok ||
+	bad "cron: to $(field "$Q" to), $(field "$Q" body | grep ^From)"
 
 # ---- 5. through a symlink named sendmail ----
 Q=link-$$
