@@ -102,7 +102,7 @@ tail -c 8 "$TMP/b3" | grep -q $'before\r\n$' && ok || bad "dot: body end $(tail 
 # sendmail stops reading at the dot: the writer may keep the pipe open
 Q=dot2-$$
 # (process substitution: the pipeline would wait for the writer)
-timeout 20 "$B" --queue "$Q" sendmail a@example.net < <(printf 'Subject: dot\n\nbefore\r\n.\r\n'; exec sleep 60)
+timeout 20 "$B" --queue "$Q" sendmail a@example.net < <(printf 'Subject: dot\n\nbefore\r\n.\r\n'; exec sleep 60 >/dev/null 2>&1)
 rc=$?
 PIDS+=($!)
 [ $rc -eq 0 ] && ok || bad "dot: did not stop at the dot (exit $rc; 124: still reading)"
