@@ -102,9 +102,10 @@ tail -c 8 "$TMP/b3" | grep -q $'before\r\n$' && ok || bad "dot: body end $(tail 
 # sendmail stops reading at the dot: the writer may keep the pipe open
 Q=dot2-$$
 # (process substitution: the pipeline would wait for the writer)
-timeout 20 "$B" --queue "$Q" sendmail a@example.net < <(printf 'Subject: dot\n\nbefore\r\n.\r\n'; exec sleep 60 >/dev/null 2>&1)
+timeout 20 "$B" --queue "$Q" sendmail a@example.net < <(echo $BASHPID >"$TMP/writer.pid"
+	printf 'Subject: dot\n\nbefore\r\n.\r\n'; exec sleep 60 >/dev/null 2>&1)
 rc=$?
-PIDS+=($!)
+kill "$(cat "$TMP/writer.pid")" 2>/dev/null
 [ $rc -eq 0 ] && ok || bad "dot: did not stop at the dot (exit $rc; 124: still reading)"
 [ "$(count "$Q")" -eq 1 ] && ok || bad "dot: CRLF dot line: nothing queued"
 Q=dot3-$$
