@@ -18,12 +18,14 @@
 
 bool rq_reply_too_many_rcpts(const struct rq_outcome *o)
 {
-	if (o->fail != RQ_FAIL_NONE || o->stage != RQ_STAGE_RCPT)
+	if (o->fail != RQ_FAIL_NONE || o->stage != RQ_STAGE_RCPT || o->code < 400 || o->code > 599)
 		return false;
+	/* RFC 3463: X.5.3 is "too many recipients" whatever the reply code
+	 * (OpenSMTPD answers 451 4.5.3) */
+	if (o->enhanced[0])
+		return strcmp(o->enhanced + 1, ".5.3") == 0;
 	if (o->code != 452 && o->code != 552)
 		return false;
-	if (o->enhanced[0])
-		return strcmp(o->enhanced, "4.5.3") == 0 || strcmp(o->enhanced, "5.5.3") == 0;
 	for (const char *p = o->text; *p; p++)
 		if (strncasecmp(p, "too many", 8) == 0)
 			return true;

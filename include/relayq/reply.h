@@ -126,10 +126,10 @@ size_t rq_reply_enhanced(const char *text, size_t len, char out[16]);
 
 /*
  * True when the outcome is a "too many recipients" reply to RCPT (RFC 5321
- * 4.5.3.1.10; RFC 3463 X.5.3): code 452 or 552 (552 is the RFC 821 code
- * for it) with enhanced code 4.5.3 / 5.5.3, or with no enhanced code and
- * "too many" in the text. Any other enhanced code (4.2.2 over quota, ...)
- * says otherwise. The one classifier: the SMTP session uses it to send the
+ * 4.5.3.1.10; RFC 3463 X.5.3): any 4xx or 5xx with enhanced code 4.5.3 /
+ * 5.5.3 (OpenSMTPD says 451 4.5.3), or 452 / 552 (552 is the RFC 821 code
+ * for it) with no enhanced code and "too many" in the text. Any other
+ * enhanced code (4.2.2 over quota, ...) says otherwise. The one classifier: the SMTP session uses it to send the
  * rest of a transaction again, the policy to send a refused first
  * recipient in a new transaction.
  */

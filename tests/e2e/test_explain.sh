@@ -46,6 +46,7 @@ expect "451 third attempt" '^action: retry$' '^after: 1200 \(20m\)$' -- --code 4
 expect "452 storage" '^action: retry$' '^rule: builtin:4xx$' -- --code 452 --enhanced 4.3.1
 expect "452 too many" '^action: not_tried$' '^rule: builtin:too-many-recipients$' -- --code 452 --enhanced 4.5.3 --stage rcpt
 expect "552 5.5.3" '^action: not_tried$' -- --code 552 --enhanced 5.5.3
+expect "451 4.5.3" '^action: not_tried$' '^state: resend$' -- --code 451 --enhanced 4.5.3
 for c in 550 551 552 553 554; do
 	expect "$c fail" '^action: fail$' '^rule: builtin:5xx$' '^counts_against: message$' -- --code $c
 done

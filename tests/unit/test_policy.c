@@ -200,6 +200,8 @@ static void too_many_rcpts_detection(void **state)
 	rq_outcome_set(&o, RQ_STAGE_RCPT, 0, 452, "", "mailbox full");
 	assert_false(rq_reply_too_many_rcpts(&o));
 	rq_outcome_set(&o, RQ_STAGE_RCPT, 0, 451, "4.5.3", "x");
+	assert_true(rq_reply_too_many_rcpts(&o));
+	rq_outcome_set(&o, RQ_STAGE_RCPT, 0, 250, "2.5.3", "x");
 	assert_false(rq_reply_too_many_rcpts(&o));
 	rq_outcome_set(&o, RQ_STAGE_MAIL, 0, 452, "4.5.3", "x");
 	assert_false(rq_reply_too_many_rcpts(&o));

@@ -171,7 +171,12 @@ static void test_too_many(void **state)
 	assert_false(rq_reply_too_many_rcpts(&o));
 	o = reply(552, "", "Requested mail action aborted: exceeded storage allocation");
 	assert_false(rq_reply_too_many_rcpts(&o));
+	/* X.5.3 whatever the code (OpenSMTPD: 451 4.5.3) */
 	o = reply(450, "4.5.3", "too many");
+	assert_true(rq_reply_too_many_rcpts(&o));
+	o = reply(451, "4.5.3", "Too many recipients");
+	assert_true(rq_reply_too_many_rcpts(&o));
+	o = reply(451, "4.3.0", "too many connections");
 	assert_false(rq_reply_too_many_rcpts(&o));
 	o = reply(550, "", "too many recipients");
 	assert_false(rq_reply_too_many_rcpts(&o));
