@@ -1015,6 +1015,39 @@ cleanup:
 	return rc;
 }
 
+int rq_submit_address_list(const char *list, size_t len, char ***rcpts, size_t *n,
+			   char *err, size_t errlen)
+{
+	struct rlist r = {.v = *rcpts, .n = *n, .cap = *n, .err = err, .errlen = errlen};
+	size_t had = *n;
+	int rc = -1;
+	if (!rl_grow_set(&r)) {
+		rq_err_set(err, errlen, "out of memory");
+		goto cleanup;
+	}
+	while (r.n * 2 > r.nslots) {
+		if (!rl_grow_set(&r)) {
+			rq_err_set(err, errlen, "out of memory");
+			goto cleanup;
+		}
+	}
+	parse_list(list, len, &r);
+	if (r.failed)
+		goto cleanup;
+	rc = 0;
+cleanup:
+	if (rc < 0) {
+		/* back to what the caller had (r.v may have moved) */
+		for (size_t i = had; i < r.n; i++)
+			free(r.v[i]);
+		r.n = had;
+	}
+	*rcpts = r.v;
+	*n = r.n;
+	free(r.slots);
+	return rc;
+}
+
 void rq_submit_rcpts_free(char **rcpts, size_t n)
 {
 	if (!rcpts)

@@ -14,10 +14,14 @@
  *   inspect.c     list, show, stats, tail
  *   admin.c       hold, release, delete, requeue, flush
  *   explain.c     explain (explain.h)
+ *   sendmail.c    sendmail: a drop-in /usr/sbin/sendmail for applications
+ *                 (also when the binary is run as "sendmail")
+ *   passwd.c      passwd: entries of the listener's credentials file
  *
- * Exit codes: 0 ok, 1 operation error, 2 usage error. Errors are one line on
- * stderr starting "relayq: " (cli_errorf). A Redis password never appears in
- * any output.
+ * Exit codes: 0 ok, 1 operation error, 2 usage error; sendmail uses
+ * <sysexits.h>. Errors are one line on stderr starting "relayq: " (or
+ * cli_prog's name; cli_errorf). A Redis password never appears in any
+ * output.
  */
 
 #include <getopt.h>
@@ -102,6 +106,12 @@ void cli_start_options(void);
 int cli_next_option(struct cli *cli, int argc, char **argv,
 		    const struct option *opts, const char *usage, int *rc);
 
+/* Resolves the target and queue (options > config > environment >
+ * defaults) without connecting. Returns 0, or an exit code (1: the config
+ * or a password file cannot be read, 2: a bad URL or queue name) after
+ * printing why. */
+int cli_resolve(struct cli *cli);
+
 /* Resolves the target and queue, then connects (cli_redis_connect).
  * Returns 0, or an exit code after printing why. */
 int cli_open(struct cli *cli);
@@ -112,6 +122,9 @@ int cli_json_only_options(struct cli *cli, int argc, char **argv, const char *na
 			  const char *usage, bool *json);
 
 /* ---- text (text.c) ---- */
+
+/* The name errors start with: "relayq" (sendmail sets "sendmail"). */
+extern const char *cli_prog;
 
 /* "relayq: <message>\n" on stderr (stdout flushed first). */
 void cli_errorf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -190,5 +203,9 @@ int cmd_stats(struct cli *cli, int argc, char **argv);
 int cmd_tail(struct cli *cli, int argc, char **argv);
 /* hold, release, delete, requeue, flush; -1 when name is none of them. */
 int cmd_admin(struct cli *cli, const char *name, int argc, char **argv);
+/* sendmail: exit codes of <sysexits.h> (sendmail.c). */
+int cmd_sendmail(struct cli *cli, int argc, char **argv);
+/* passwd (passwd.c). */
+int cmd_passwd(struct cli *cli, int argc, char **argv);
 
 #endif

@@ -51,6 +51,9 @@ static const char *const main_usage =
 	"  delete    delete messages\n"
 	"  tail      follow the events stream\n"
 	"  explain   what the policy decides for a reply\n"
+	"  sendmail  take a message the way /usr/sbin/sendmail does (also when\n"
+	"            this binary is run as \"sendmail\", e.g. through a symlink)\n"
+	"  passwd    set a user's password in the listener's credentials file\n"
 	"\n"
 	"Exit status: 0 ok, 1 operation error, 2 usage error.\n";
 
@@ -168,7 +171,7 @@ cleanup:
 
 /* Resolves URL, password and queue (options > config > environment >
  * defaults). Returns 0, or an exit code. */
-static int resolve(struct cli *cli)
+int cli_resolve(struct cli *cli)
 {
 	if (cli->config_path && load_config(cli) < 0)
 		return EXIT_OPERATION;
@@ -249,7 +252,7 @@ static int resolve(struct cli *cli)
 
 int cli_open(struct cli *cli)
 {
-	int rc = resolve(cli);
+	int rc = cli_resolve(cli);
 	if (rc)
 		return rc;
 	return cli_redis_connect(cli) < 0 ? EXIT_OPERATION : 0;
@@ -307,6 +310,10 @@ static int dispatch(struct cli *cli, int argc, char **argv)
 		return cmd_tail(cli, argc, argv);
 	if (strcmp(name, "explain") == 0)
 		return cmd_explain(cli, argc, argv);
+	if (strcmp(name, "sendmail") == 0)
+		return cmd_sendmail(cli, argc, argv);
+	if (strcmp(name, "passwd") == 0)
+		return cmd_passwd(cli, argc, argv);
 	int rc = cmd_admin(cli, name, argc, argv);
 	if (rc >= 0)
 		return rc;
@@ -331,6 +338,16 @@ int main(int argc, char **argv)
 	int rc = 0;
 	/* Redis or stdout going away must be an error, not a silent death. */
 	signal(SIGPIPE, SIG_IGN);
+
+	/* run as "sendmail" (a symlink to this binary): relayq sendmail */
+	const char *base = argc > 0 && argv[0] ? strrchr(argv[0], '/') : NULL;
+	base = base ? base + 1 : argc > 0 && argv[0] ? argv[0] : "";
+	if (strcmp(base, "sendmail") == 0) {
+		cli.cmd = "sendmail";
+		rc = cmd_sendmail(&cli, argc, argv);
+		close_all(&cli);
+		return rc;
+	}
 
 	/* Global options stop at the command ('+'). */
 	optind = 0;

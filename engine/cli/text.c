@@ -10,11 +10,14 @@
 
 #include "relayq/json.h"
 
+const char *cli_prog = "relayq";
+
 void cli_errorf(const char *fmt, ...)
 {
 	va_list ap;
 	fflush(stdout);
-	fputs("relayq: ", stderr);
+	fputs(cli_prog, stderr);
+	fputs(": ", stderr);
 	va_start(ap, fmt);
 	vfprintf(stderr, fmt, ap);
 	va_end(ap);

@@ -81,6 +81,18 @@ int rq_submit_fix(const char *msg, size_t len, const struct rq_submit_fix *f,
 int rq_submit_header_rcpts(const char *msg, size_t len, char ***rcpts, size_t *n,
 			   char *err, size_t errlen);
 
+/*
+ * Appends the addr-specs of one address list (a field's value, or a
+ * command-line argument like "a@x.y, B <b@x.y>"; same rules as
+ * rq_submit_header_rcpts) to *rcpts / *n, which are NULL / 0 or from an
+ * earlier call or rq_submit_header_rcpts; an address already there
+ * (case-insensitively) is skipped. Returns 0; -1 with err on a malformed
+ * list, too many recipients or no memory: *n then unchanged (*rcpts may
+ * have moved; it is still the caller's to free with *n).
+ */
+int rq_submit_address_list(const char *list, size_t len, char ***rcpts, size_t *n,
+			   char *err, size_t errlen);
+
 /* Frees what rq_submit_header_rcpts returned; NULL is a no-op. */
 void rq_submit_rcpts_free(char **rcpts, size_t n);
 

@@ -408,6 +408,39 @@ static void test_rcpts_many(void **state)
 	rq_submit_rcpts_free(NULL, 0);
 }
 
+static void test_address_list(void **state)
+{
+	char **v = NULL;
+	size_t n = 0;
+	char err[200];
+	const char *a1 = "a@x.y, B <b@x.y>";
+	assert_int_equal(rq_submit_address_list(a1, strlen(a1), &v, &n, err, sizeof(err)), 0);
+	assert_int_equal(n, 2);
+	const char *a2 = "c@x.y,A@X.Y";
+	assert_int_equal(rq_submit_address_list(a2, strlen(a2), &v, &n, err, sizeof(err)), 0);
+	assert_int_equal(n, 3);
+	assert_string_equal(v[2], "c@x.y");
+	/* a bad list adds nothing, even after good members */
+	const char *a3 = "d@x.y, root";
+	assert_int_equal(rq_submit_address_list(a3, strlen(a3), &v, &n, err, sizeof(err)), -1);
+	assert_int_equal(n, 3);
+	assert_non_null(strstr(err, "'root' has no domain"));
+	/* on top of the header's */
+	rq_submit_rcpts_free(v, n);
+	const char *m = "To: h@x.y\n\n";
+	assert_int_equal(rq_submit_header_rcpts(m, strlen(m), &v, &n, err, sizeof(err)), 0);
+	assert_int_equal(rq_submit_address_list("H@x.y", 5, &v, &n, err, sizeof(err)), 0);
+	assert_int_equal(rq_submit_address_list("i@x.y", 5, &v, &n, err, sizeof(err)), 0);
+	assert_int_equal(n, 2);
+	rq_submit_rcpts_free(v, n);
+	/* from nothing, failing */
+	v = NULL;
+	n = 0;
+	assert_int_equal(rq_submit_address_list("x", 1, &v, &n, err, sizeof(err)), -1);
+	assert_int_equal(n, 0);
+	rq_submit_rcpts_free(v, n);
+}
+
 /* ---- Received, Date, mailbox ---- */
 
 static void test_date(void **state)
@@ -510,6 +543,7 @@ int main(void)
 		cmocka_unit_test(test_rcpts_forms),
 		cmocka_unit_test(test_rcpts_malformed),
 		cmocka_unit_test(test_rcpts_many),
+		cmocka_unit_test(test_address_list),
 		cmocka_unit_test(test_date),
 		cmocka_unit_test(test_received_field),
 		cmocka_unit_test(test_mailbox),
