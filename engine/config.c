@@ -1119,7 +1119,13 @@ static int key_listen_meta(const struct key_arg *a)
 	rq_json_buf_key(&v, name);
 	switch (a->v->type) {
 	case RQ_CONFIG_STRING: rq_json_buf_strn(&v, a->v->str, a->v->len); break;
-	case RQ_CONFIG_NUMBER: rq_json_buf_double(&v, a->v->num); break;
+	case RQ_CONFIG_NUMBER:
+		if (isfinite(a->v->num) && a->v->num == floor(a->v->num) &&
+		    fabs(a->v->num) < 9007199254740992.0)
+			rq_json_buf_int(&v, (int64_t)a->v->num);
+		else
+			rq_json_buf_double(&v, a->v->num);
+		break;
 	case RQ_CONFIG_BOOL: rq_json_buf_bool(&v, a->v->b); break;
 	default:
 		rq_json_buf_finish(&v);
