@@ -131,3 +131,32 @@ relayq.on_domain("yahoo.com", {
     [421] = function(r) return relayq.retry { after = "30m" } end,
   },
 })
+
+-- An SMTP listener: applications that speak SMTP hand mail to relayqd
+-- (one relayq.listen call per address). A message is answered "250 ...
+-- queued as <id>" only once Redis has stored it; anything else at the
+-- final dot is a 451 and the application keeps the message.
+--
+-- relayq.listen {
+--   "127.0.0.1:2525",                      -- "IPv4:port" or "[IPv6]:port"
+--   trusted = { "127.0.0.0/8", "::1/128" }, -- may send without AUTH
+--   queue = "default",                     -- default: the first queue above
+--   tls_cert = "/etc/relayq/smtp.pem",     -- offers STARTTLS (reloaded on SIGHUP)
+--   tls_key = "/etc/relayq/smtp.key",
+--   implicit_tls = false,                  -- true: TLS from the first byte (465)
+--   auth_file = "/etc/relayq/users",       -- AUTH PLAIN / LOGIN; `relayq passwd`
+--   auth_allow_plaintext = false,          -- AUTH only after STARTTLS
+--   max_size = "25M",                      -- bytes, or K / M / G
+--   max_recipients = 1000,
+--   max_connections = 1000,                -- in total
+--   max_per_ip = 50,                       -- per client address
+--   max_commands = 10000,                  -- per session
+--   max_bad_commands = 20,                 -- errors before 421 and close
+--   hostname = "relay.example.com",        -- default: helo
+--   add_message_id = true,                 -- when the message has none
+--   add_date = true,
+--   meta = { source = "smtp-intake" },     -- added to every message's meta
+--   timeout = "5m",                        -- per command
+--   data_timeout = "3m",                   -- per DATA block
+--   redis_timeout = "30s",                 -- final dot to Redis' answer
+-- }

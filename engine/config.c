@@ -5,10 +5,12 @@
  */
 #include "relayq/config.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,7 +18,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "relayq/credentials.h"
+#include "relayq/json.h"
 #include "relayq/keys.h"
+#include "relayq/listen.h"
 #include "relayq/log.h"
 #include "relayq/redis_url.h"
 #include "relayq/secret.h"
@@ -135,6 +140,18 @@ void rq_config_destroy(struct rq_config *cfg)
 	for (size_t i = 0; i < cfg->ndomains; i++)
 		free(cfg->domains[i].name);
 	free(cfg->domains);
+	for (size_t i = 0; i < cfg->nlistens; i++) {
+		struct rq_config_listen *l = &cfg->listens[i];
+		free(l->address);
+		for (size_t k = 0; k < l->ntrusted; k++)
+			free(l->trusted[k]);
+		free(l->queue);
+		free(l->tls_cert);
+		free(l->tls_key);
+		free(l->auth_file);
+		free(l->hostname);
+		free(l->meta_json);
+	}
 	free(p->password_file);
 	free(p->password_env);
 	free(cfg);
@@ -421,6 +438,28 @@ int rq_config_section_begin(struct rq_config *cfg, enum rq_config_section sec,
 	static const char *const fn[] = {"relayq.config", "relayq.backoff",
 					 "relayq.expire"};
 	struct config_private *p = priv(cfg);
+	if (sec == RQ_CONFIG_SEC_LISTEN) {
+		if (cfg->nlistens >= RQ_CONFIG_LISTEN_MAX) {
+			rq_config_diag_add(diag, line, false, "relayq.listen: more than %d listeners",
+					   RQ_CONFIG_LISTEN_MAX);
+			return -1;
+		}
+		struct rq_config_listen *l = &cfg->listens[cfg->nlistens++];
+		memset(l, 0, sizeof(*l));
+		l->line = line;
+		l->max_size = (double)RQ_LISTEN_MAX_SIZE_DEFAULT;
+		l->max_recipients = 1000;
+		l->max_connections = 1000;
+		l->max_per_ip = 50;
+		l->max_commands = 10000;
+		l->max_bad_commands = 20;
+		l->add_message_id = true;
+		l->add_date = true;
+		l->timeout = 300;
+		l->data_timeout = 180;
+		l->redis_timeout = 30;
+		return 0;
+	}
 	if (sec != RQ_CONFIG_SEC_DOMAIN) {
 		if (p->section_line[sec] != 0) {
 			rq_config_diag_add(diag, line, false,
@@ -515,6 +554,8 @@ static void *at(void *base, size_t off)
 /* relayq.config: fields of struct config_box (the public struct first). */
 #define C(f) offsetof(struct config_box, cfg.f)
 #define P(f) offsetof(struct config_box, priv.f)
+/* relayq.listen. */
+#define L(f) offsetof(struct rq_config_listen, f)
 /* relayq.backoff / expire and a domain's backoff / expire. */
 #define PP(f) offsetof(struct rq_policy_params, f)
 /* relayq.on_domain. */
@@ -536,6 +577,11 @@ static int key_log_level(const struct key_arg *);
 static int key_metrics(const struct key_arg *);
 static int key_auth(const struct key_arg *);
 static int key_password(const struct key_arg *);
+static int key_listen_address(const struct key_arg *);
+static int key_listen_trusted(const struct key_arg *);
+static int key_listen_queue(const struct key_arg *);
+static int key_listen_size(const struct key_arg *);
+static int key_listen_meta(const struct key_arg *);
 
 static const struct key config_keys[] = {
 	{"queue", K_FN, 0, 0, 0, key_queue, 0, false, 0},
@@ -606,6 +652,31 @@ static const struct key domain_keys[] = {
 	 RECIPIENTS_PER_TRANSACTION_MAX, NULL, 0, true, D(has_recipients_per_transaction)},
 	{"backoff", K_TABLE, 0, 0, 0, NULL, 0, true, D(has_backoff)},
 	{"expire", K_TABLE, 0, 0, 0, NULL, 0, true, D(has_expire)},
+};
+
+static const struct key listen_keys[] = {
+	{"[1]", K_FN, L(address), 0, 300, key_listen_address, 0, false, 0},
+	{"trusted", K_FN, 0, 0, 0, key_listen_trusted, 0, false, 0},
+	{"trusted[]", K_FN, 0, 0, 0, key_listen_trusted, 0, false, 0},
+	{"queue", K_FN, L(queue), 0, 0, key_listen_queue, 0, false, 0},
+	{"tls_cert", K_STR, L(tls_cert), 0, 4096, key_readable, 0, false, 0},
+	{"tls_key", K_STR, L(tls_key), 0, 4096, key_readable, 0, false, 0},
+	{"implicit_tls", K_BOOL, L(implicit_tls), 0, 0, NULL, 0, false, 0},
+	{"auth_file", K_STR, L(auth_file), 0, 4096, key_readable, 0, false, 0},
+	{"auth_allow_plaintext", K_BOOL, L(auth_allow_plaintext), 0, 0, NULL, 0, false, 0},
+	{"max_size", K_FN, L(max_size), 1024, 500.0 * 1024 * 1024, key_listen_size, 0, false, 0},
+	{"max_recipients", K_INT, L(max_recipients), 1, 100000, NULL, 0, false, 0},
+	{"max_connections", K_INT, L(max_connections), 1, 100000, NULL, 0, false, 0},
+	{"max_per_ip", K_INT, L(max_per_ip), 1, 100000, NULL, 0, false, 0},
+	{"max_commands", K_INT, L(max_commands), 10, 10000000, NULL, 0, false, 0},
+	{"max_bad_commands", K_INT, L(max_bad_commands), 1, 1000, NULL, 0, false, 0},
+	{"hostname", K_FN, L(hostname), 0, 255, key_helo, 0, false, 0},
+	{"add_message_id", K_BOOL, L(add_message_id), 0, 0, NULL, 0, false, 0},
+	{"add_date", K_BOOL, L(add_date), 0, 0, NULL, 0, false, 0},
+	{"meta", K_TABLE, 0, 0, 0, NULL, 0, false, 0},
+	{"timeout", K_DUR, L(timeout), 1, 3600, NULL, 0, false, 0},
+	{"data_timeout", K_DUR, L(data_timeout), 1, 3600, NULL, 0, false, 0},
+	{"redis_timeout", K_DUR, L(redis_timeout), 1, 600, NULL, 0, false, 0},
 };
 
 #define NKEYS(t) (sizeof(t) / sizeof((t)[0]))
@@ -901,6 +972,218 @@ static int key_password(const struct key_arg *a)
 	return 0;
 }
 
+/* ---- relayq.listen ---- */
+
+static struct rq_config_listen *cur_listen(struct rq_config *cfg)
+{
+	return cfg->nlistens ? &cfg->listens[cfg->nlistens - 1] : NULL;
+}
+
+static int key_listen_address(const struct key_arg *a)
+{
+	char *s = NULL, err[160];
+	struct sockaddr_storage ss;
+	socklen_t len;
+	struct key_arg b = *a;
+	b.shown = "relayq.listen address";
+	if (get_str(&b, (size_t)a->k->hi, &s) < 0)
+		return -1;
+	if (rq_listen_addr_parse(s, &ss, &len, err, sizeof(err)) < 0) {
+		rq_config_diag_add(a->diag, a->line, false, "relayq.listen: %s", err);
+		free(s);
+		return -1;
+	}
+	unsigned port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+						       : ((struct sockaddr_in *)&ss)->sin_port);
+	if (port == 0) {
+		rq_config_diag_add(a->diag, a->line, false,
+				   "relayq.listen: \"%s\": the port must be 1 to 65535", s);
+		free(s);
+		return -1;
+	}
+	for (size_t i = 0; i + 1 < a->cfg->nlistens; i++) {
+		if (a->cfg->listens[i].address && strcmp(a->cfg->listens[i].address, s) == 0) {
+			rq_config_diag_add(a->diag, a->line, false,
+					   "relayq.listen: \"%s\" listed twice (first at line %d)",
+					   s, a->cfg->listens[i].line);
+			free(s);
+			return -1;
+		}
+	}
+	char **dst = a->field;
+	free(*dst);
+	*dst = s;
+	return 0;
+}
+
+static int key_listen_trusted(const struct key_arg *a)
+{
+	struct rq_config_listen *l = cur_listen(a->cfg);
+	if (strcmp(a->k->name, "trusted") == 0) {
+		struct key_arg b = *a;
+		b.shown = "trusted";
+		return want(&b, RQ_CONFIG_TABLE);  /* items follow as trusted[] */
+	}
+	struct key_arg item = *a;
+	item.shown = "trusted";
+	char *s = NULL, err[160];
+	struct rq_cidr c;
+	if (get_str(&item, 100, &s) < 0)
+		return -1;
+	if (rq_listen_cidr_parse(s, &c, err, sizeof(err)) < 0) {
+		rq_config_diag_add(a->diag, a->line, false, "trusted: %s", err);
+		free(s);
+		return -1;
+	}
+	if (l->ntrusted >= RQ_CONFIG_TRUSTED_MAX) {
+		rq_config_diag_add(a->diag, a->line, false, "trusted: more than %d CIDRs",
+				   RQ_CONFIG_TRUSTED_MAX);
+		free(s);
+		return -1;
+	}
+	l->trusted[l->ntrusted++] = s;
+	return 0;
+}
+
+static int key_listen_queue(const struct key_arg *a)
+{
+	if (want(a, RQ_CONFIG_STRING) < 0)
+		return -1;
+	if (!rq_keys_queue_valid(a->v->str, a->v->len)) {
+		rq_config_diag_add(a->diag, a->line, false,
+				   "queue: \"%.70s\" is not a queue name (%s)", a->v->str,
+				   RQ_KEYS_QUEUE_RULE);
+		return -1;
+	}
+	char **dst = a->field;
+	free(*dst);
+	*dst = strdup(a->v->str);
+	return *dst ? 0 : -1;
+}
+
+/* Bytes: a number, or "25M" / "512K" / "1G" (powers of 1024). */
+static int key_listen_size(const struct key_arg *a)
+{
+	double v;
+	if (a->v->type == RQ_CONFIG_NUMBER) {
+		v = a->v->num;
+	} else if (a->v->type == RQ_CONFIG_STRING) {
+		char *end = NULL;
+		errno = 0;
+		v = strtod(a->v->str, &end);
+		double mul = 1;
+		if (end && (*end == 'K' || *end == 'k'))
+			mul = 1024.0, end++;
+		else if (end && (*end == 'M' || *end == 'm'))
+			mul = 1024.0 * 1024, end++;
+		else if (end && (*end == 'G' || *end == 'g'))
+			mul = 1024.0 * 1024 * 1024, end++;
+		if (end == a->v->str || errno || !end || *end || strlen(a->v->str) != a->v->len ||
+		    !isdigit((unsigned char)a->v->str[0])) {
+			rq_config_diag_add(a->diag, a->line, false,
+					   "%s: \"%.40s\" is not a size (bytes, or like 512K, 25M, 1G)",
+					   a->shown, a->v->str);
+			return -1;
+		}
+		v *= mul;
+	} else {
+		rq_config_diag_add(a->diag, a->line, false,
+				   "%s: expected a size (number of bytes or \"25M\"), got a %s",
+				   a->shown, vtype_name(a->v->type));
+		return -1;
+	}
+	if (!isfinite(v) || v != floor(v) || v < a->k->lo || v > a->k->hi) {
+		rq_config_diag_add(a->diag, a->line, false,
+				   "%s: %.0f bytes is out of range (1K to 500M)", a->shown, v);
+		return -1;
+	}
+	*(double *)a->field = v;
+	return 0;
+}
+
+/* meta.KEY = string | number | boolean, into the listener's meta JSON. */
+static int key_listen_meta(const struct key_arg *a)
+{
+	struct rq_config_listen *l = cur_listen(a->cfg);
+	const char *name = a->shown + 5;
+	if (strcmp(name, "via") == 0 || strcmp(name, "client") == 0 ||
+	    strcmp(name, "user") == 0) {
+		rq_config_diag_add(a->diag, a->line, false,
+				   "%s: via, client and user are set by the listener", a->shown);
+		return -1;
+	}
+	/* each pair is made as {"k":v}, then joined to the object so far */
+	struct rq_json_buf v;
+	rq_json_buf_init(&v);
+	rq_json_buf_obj_begin(&v);
+	rq_json_buf_key(&v, name);
+	switch (a->v->type) {
+	case RQ_CONFIG_STRING: rq_json_buf_strn(&v, a->v->str, a->v->len); break;
+	case RQ_CONFIG_NUMBER:
+		if (isfinite(a->v->num) && a->v->num == floor(a->v->num) &&
+		    fabs(a->v->num) < 9007199254740992.0)
+			rq_json_buf_int(&v, (int64_t)a->v->num);
+		else
+			rq_json_buf_double(&v, a->v->num);
+		break;
+	case RQ_CONFIG_BOOL: rq_json_buf_bool(&v, a->v->b); break;
+	default:
+		rq_json_buf_finish(&v);
+		rq_config_diag_add(a->diag, a->line, false,
+				   "%s: expected a string, number or boolean, got a %s", a->shown,
+				   vtype_name(a->v->type));
+		return -1;
+	}
+	rq_json_buf_obj_end(&v);
+	size_t vlen = 0;
+	char *one = rq_json_buf_take(&v, &vlen);  /* {"k":v} */
+	rq_json_buf_finish(&v);
+	if (!one)
+		return -1;
+	char *merged;
+	if (!l->meta_json) {
+		merged = one;
+	} else {
+		size_t ol = strlen(l->meta_json);
+		merged = malloc(ol + vlen + 2);
+		if (!merged) {
+			free(one);
+			return -1;
+		}
+		/* {"a":1} + {"b":2} -> {"a":1,"b":2} */
+		memcpy(merged, l->meta_json, ol - 1);
+		merged[ol - 1] = ',';
+		memcpy(merged + ol, one + 1, vlen - 1);
+		merged[ol + vlen - 1] = '\0';
+		free(one);
+	}
+	free(l->meta_json);
+	l->meta_json = merged;
+	return 0;
+}
+
+static int apply_listen(struct rq_config *cfg, const char *key,
+			const struct rq_config_value *v, int line,
+			struct rq_config_diag *diag)
+{
+	struct rq_config_listen *l = cur_listen(cfg);
+	if (!l)
+		return -1;
+	const struct key *k = key_find(listen_keys, NKEYS(listen_keys), key);
+	if (k)
+		return key_apply(cfg, k, l, NULL, NULL, key, v, line, diag);
+	if (strncmp(key, "meta.", 5) == 0 && !strchr(key + 5, '.') && !strchr(key + 5, '[')) {
+		const struct key mk = {"meta.*", K_FN, 0, 0, 0, key_listen_meta, 0, false, 0};
+		const struct key_arg a = {cfg, &mk, NULL, key, v, line, diag};
+		return key_listen_meta(&a);
+	}
+	char list[500];
+	key_list(listen_keys, NKEYS(listen_keys), "", list, sizeof(list));
+	rq_config_diag_add(diag, line, false, "unknown key %s in relayq.listen (keys: %s)", key,
+			   list);
+	return -1;
+}
+
 /* ---- apply ---- */
 
 /* The unknown key message of a group of keys ("timeouts." ...). */
@@ -988,6 +1271,8 @@ int rq_config_apply(struct rq_config *cfg, enum rq_config_section sec,
 				    diag);
 	case RQ_CONFIG_SEC_DOMAIN:
 		return apply_domain(cfg, key, v, line, diag);
+	case RQ_CONFIG_SEC_LISTEN:
+		return apply_listen(cfg, key, v, line, diag);
 	}
 	return -1;
 }
@@ -1124,6 +1409,52 @@ static void end_config(struct rq_config *cfg, int line, struct rq_config_diag *d
 				   "set auth.allow_plaintext = true to allow it");
 }
 
+/* A listener's checks across keys: its address, the certificate and key
+ * (loaded), the credentials file (loaded), AUTH only where it is offered. */
+static void end_listen(struct rq_config *cfg, int line, struct rq_config_diag *diag)
+{
+	struct rq_config_listen *l = cur_listen(cfg);
+	char err[300];
+	if (!l)
+		return;
+	if (!l->address) {
+		rq_config_diag_add(diag, line, false,
+				   "relayq.listen: the address is missing "
+				   "(relayq.listen { \"127.0.0.1:2525\", ... })");
+		return;
+	}
+	if (l->tls_key && !l->tls_cert)
+		rq_config_diag_add(diag, line, false, "relayq.listen: tls_key without tls_cert");
+	if (l->implicit_tls && !l->tls_cert)
+		rq_config_diag_add(diag, line, false, "relayq.listen: implicit_tls needs tls_cert");
+	if (l->tls_cert && access(l->tls_cert, R_OK) == 0 &&
+	    (!l->tls_key || access(l->tls_key, R_OK) == 0)) {
+		struct rq_tls_ctx *t = rq_tls_server_ctx_create(l->tls_cert, l->tls_key, err,
+								sizeof(err));
+		if (!t)
+			rq_config_diag_add(diag, line, false, "relayq.listen: %s", err);
+		rq_tls_ctx_destroy(t);
+	}
+	if (l->auth_file && access(l->auth_file, R_OK) == 0) {
+		struct rq_credentials *c = rq_credentials_load(l->auth_file, err, sizeof(err));
+		if (!c)
+			rq_config_diag_add(diag, line, false, "relayq.listen: auth_file: %s", err);
+		else if (rq_credentials_count(c) == 0)
+			rq_config_diag_add(diag, line, true,
+					   "relayq.listen: auth_file %s has no users", l->auth_file);
+		rq_credentials_destroy(c);
+	}
+	if (l->auth_file && !l->tls_cert && !l->auth_allow_plaintext)
+		rq_config_diag_add(diag, line, false,
+				   "relayq.listen: auth_file without tls_cert: AUTH is only "
+				   "offered over TLS (set auth_allow_plaintext = true to allow "
+				   "passwords in clear)");
+	if (l->ntrusted == 0 && !l->auth_file)
+		rq_config_diag_add(diag, line, true,
+				   "relayq.listen: no trusted CIDRs and no auth_file: every "
+				   "client gets 530 at MAIL");
+}
+
 static void end_backoff(const struct rq_backoff *b, const char *what, int line,
 			struct rq_config_diag *diag)
 {
@@ -1140,6 +1471,9 @@ void rq_config_section_end(struct rq_config *cfg, enum rq_config_section sec,
 		break;
 	case RQ_CONFIG_SEC_BACKOFF:
 		end_backoff(&cfg->params.backoff, "relayq.backoff", line, diag);
+		break;
+	case RQ_CONFIG_SEC_LISTEN:
+		end_listen(cfg, line, diag);
 		break;
 	case RQ_CONFIG_SEC_EXPIRE:
 	case RQ_CONFIG_SEC_DOMAIN:

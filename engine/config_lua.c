@@ -1,6 +1,6 @@
 /*
  * config_lua: reads the one config file. Runs it in the policy's sandbox
- * with relayq.config / backoff / expire / on_domain / getenv, walks the
+ * with relayq.config / backoff / expire / on_domain / listen / getenv, walks the
  * tables it passes and hands every key to config.c (rq_config_apply) and
  * every rule to policy_lua. Never touches the network.
  */
@@ -311,6 +311,12 @@ static int l_expire(lua_State *L)
 	return section(L, RQ_CONFIG_SEC_EXPIRE, "relayq.expire");
 }
 
+/* relayq.listen { "ip:port", key = value, ... }: one listener a call. */
+static int l_listen(lua_State *L)
+{
+	return section(L, RQ_CONFIG_SEC_LISTEN, "relayq.listen");
+}
+
 
 static int l_on_domain(lua_State *L)
 {
@@ -365,7 +371,7 @@ static int setup(lua_State *L)
 		return luaL_error(L, "no relayq table");
 	static const luaL_Reg fns[] = {
 		{"config", l_config}, {"backoff", l_backoff}, {"expire", l_expire},
-		{"on_domain", l_on_domain}, {"getenv", l_getenv},
+		{"on_domain", l_on_domain}, {"getenv", l_getenv}, {"listen", l_listen},
 	};
 	for (size_t i = 0; i < sizeof(fns) / sizeof(fns[0]); i++) {
 		lua_pushvalue(L, u);

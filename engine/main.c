@@ -2,6 +2,7 @@
 #include "relayq/config.h"
 #include "relayq/dest.h"
 #include "relayq/keys.h"
+#include "relayq/listen.h"
 #include "relayq/log.h"
 #include "relayq/metrics.h"
 #include "relayq/policy_lua.h"
@@ -30,6 +31,9 @@ struct daemon {
 	struct rq_metrics *metrics;
 	struct rq_runner *runners[RQ_CONFIG_QUEUES_MAX];
 	size_t nrunners;
+	struct rq_listen *listens[RQ_CONFIG_LISTEN_MAX];
+	size_t nlistens;
+	size_t listens_stopped;
 	struct event *sig_term, *sig_int, *sig_hup;
 	struct event *log_flush;      /* writes buffered log lines */
 	int phase;                    /* 0 running, 1 draining, 2 closing */
@@ -60,8 +64,9 @@ static void usage(FILE *f)
 		"/etc/resolv.conf) and RELAYQ_MX_PORT (the SMTP port of MX hosts,\n"
 		"default 25), both meant for tests.\n"
 		"Signals: SIGTERM / SIGINT stop (running transactions get %d s, the\n"
-		"rest goes back to the queue; a second signal hurries), SIGHUP reloads\n"
-		"the policy.\n",
+		"rest goes back to the queue; a second signal hurries; SMTP listeners\n"
+		"stop first: open sessions get 421), SIGHUP reloads the policy and the\n"
+		"listeners' certificates and credentials files.\n",
 		SHUTDOWN_GRACE_MS / 1000);
 }
 
@@ -94,7 +99,8 @@ static void on_closed(void *arg)
 
 static void maybe_close(struct daemon *dm)
 {
-	if (dm->phase != 1 || !dm->drained || dm->stopped < dm->nrunners)
+	if (dm->phase != 1 || !dm->drained || dm->stopped < dm->nrunners ||
+	    dm->listens_stopped < dm->nlistens)
 		return;
 	dm->phase = 2;
 	rq_dests_close(dm->dests, on_closed, dm);
@@ -114,6 +120,13 @@ static void on_runner_stopped(struct rq_runner *r, void *arg)
 	maybe_close(dm);
 }
 
+static void on_listen_stopped(void *arg)
+{
+	struct daemon *dm = arg;
+	dm->listens_stopped++;
+	maybe_close(dm);
+}
+
 static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
 {
 	struct daemon *dm = arg;
@@ -125,6 +138,9 @@ static void on_stop_signal(evutil_socket_t sig, short what, void *arg)
 	}
 	rq_log(RQ_LOG_INFO, "stopping", "signal", sig == SIGINT ? "INT" : "TERM", NULL);
 	dm->phase = 1;
+	/* intake first: no new message comes in while the rest drains */
+	for (size_t i = 0; i < dm->nlistens; i++)
+		rq_listen_stop(dm->listens[i], on_listen_stopped, dm);
 	for (size_t i = 0; i < dm->nrunners; i++)
 		rq_runner_stop(dm->runners[i]);
 	rq_dests_drain(dm->dests, SHUTDOWN_GRACE_MS, on_drained, dm);
@@ -165,6 +181,10 @@ static void warn_restart(const struct rq_config *o, const struct rq_config *n)
 	    "messages_per_connection");
 	CHK(memcmp(&o->timeouts, &n->timeouts, sizeof(o->timeouts)) != 0, "timeouts");
 	CHK(str_differs(o->metrics, n->metrics), "metrics");
+	bool ld = o->nlistens != n->nlistens;
+	for (size_t i = 0; !ld && i < o->nlistens; i++)
+		ld = str_differs(o->listens[i].address, n->listens[i].address);
+	CHK(ld, "listen");
 	CHK(o->log_format != n->log_format, "log_format");
 #undef CHK
 	for (size_t i = 0; i < k; i++)
@@ -188,6 +208,21 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
 		return;
 	}
 	log_diag(&diag, "reload_problem");
+	/* listeners: new certificates and credentials from the same files (the
+	 * other listener settings need a restart) */
+	for (size_t i = 0; i < dm->nlistens; i++) {
+		char err[300];
+		if (rq_listen_reload_tls(dm->listens[i], err, sizeof(err)) < 0)
+			rq_log(RQ_LOG_ERROR, "listen_reload_failed", "listener",
+			       rq_listen_name(dm->listens[i]), "what", "tls", "error", err,
+			       "reason", "the running certificate is kept", NULL);
+		if (rq_listen_reload_auth(dm->listens[i], err, sizeof(err)) < 0)
+			rq_log(RQ_LOG_ERROR, "listen_reload_failed", "listener",
+			       rq_listen_name(dm->listens[i]), "what", "auth_file", "error", err,
+			       "reason", "the running credentials are kept", NULL);
+		rq_log(RQ_LOG_INFO, "listen_reloaded", "listener",
+		       rq_listen_name(dm->listens[i]), NULL);
+	}
 	/* against what runs: the connection settings of the start */
 	warn_restart(dm->boot, n);
 	for (size_t i = 0; i < dm->nrunners; i++)
@@ -207,6 +242,53 @@ static void on_hup(evutil_socket_t sig, short what, void *arg)
 }
 
 /* ---- metrics ---- */
+
+static void fill_listen_metrics(struct evbuffer *out, struct daemon *dm)
+{
+	struct rq_listen_stats st[RQ_CONFIG_LISTEN_MAX];
+	char labels[RQ_CONFIG_LISTEN_MAX][128];
+	for (size_t i = 0; i < dm->nlistens; i++) {
+		rq_listen_get_stats(dm->listens[i], &st[i]);
+		snprintf(labels[i], sizeof(labels[i]), "listener=\"%s\"",
+			 rq_listen_name(dm->listens[i]));
+	}
+#define PER_LISTENER(name, type, help, field) do { \
+		rq_metrics_head(out, name, type, help); \
+		for (size_t i = 0; i < dm->nlistens; i++) \
+			rq_metrics_sample(out, name, labels[i], (uint64_t)(st[i].field)); \
+	} while (0)
+	PER_LISTENER("relayq_listen_connections_total", "counter", "SMTP connections accepted",
+		     connections);
+	PER_LISTENER("relayq_listen_sessions", "gauge", "SMTP sessions open", sessions);
+	PER_LISTENER("relayq_listen_messages_total", "counter",
+		     "messages accepted (250 after Redis stored them)", messages);
+	PER_LISTENER("relayq_listen_bytes_total", "counter", "bytes of accepted messages", bytes);
+	PER_LISTENER("relayq_listen_auth_ok_total", "counter", "successful AUTH", auth_ok);
+	PER_LISTENER("relayq_listen_auth_failed_total", "counter", "failed AUTH", auth_failed);
+	PER_LISTENER("relayq_listen_tls_total", "counter", "TLS handshakes completed", tls);
+	PER_LISTENER("relayq_listen_tls_failed_total", "counter", "TLS handshakes failed",
+		     tls_failed);
+	PER_LISTENER("relayq_listen_timeouts_total", "counter",
+		     "sessions closed for inactivity or a deadline", timeouts);
+	PER_LISTENER("relayq_listen_commands_total", "counter", "SMTP commands read", commands);
+	PER_LISTENER("relayq_listen_bad_commands_total", "counter",
+		     "SMTP commands refused (syntax, sequence, unknown, AUTH failures)",
+		     bad_commands);
+	PER_LISTENER("relayq_listen_redis_up", "gauge",
+		     "1 when the listener's Redis connection is ready", redis_ready);
+#undef PER_LISTENER
+	rq_metrics_head(out, "relayq_listen_rejected_total", "counter",
+			"messages and connections refused, by reason");
+	for (size_t i = 0; i < dm->nlistens; i++) {
+		for (int r = 0; r < RQ_LISTEN_REJ_COUNT_; r++) {
+			char l[200];
+			snprintf(l, sizeof(l), "%s,reason=\"%s\"", labels[i],
+				 rq_listen_reject_name((enum rq_listen_reject)r));
+			rq_metrics_sample(out, "relayq_listen_rejected_total", l,
+					  st[i].rejected[r]);
+		}
+	}
+}
 
 static void fill_metrics(struct evbuffer *out, void *arg)
 {
@@ -269,6 +351,8 @@ static void fill_metrics(struct evbuffer *out, void *arg)
 	rq_metrics_sample(out, "relayq_smtp_connects_total", NULL, ds.connects);
 	rq_metrics_head(out, "relayq_smtp_transactions_total", "counter", "SMTP transactions sent");
 	rq_metrics_sample(out, "relayq_smtp_transactions_total", NULL, ds.txns);
+	if (dm->nlistens)
+		fill_listen_metrics(out, dm);
 }
 
 /* ---- start ---- */
@@ -338,6 +422,44 @@ static int start(struct daemon *dm)
 			return -1;
 		}
 		dm->nrunners++;
+	}
+	for (size_t i = 0; i < cfg->nlistens; i++) {
+		const struct rq_config_listen *lc = &cfg->listens[i];
+		struct rq_listen_opts lo = {
+			.address = lc->address,
+			.trusted = (const char *const *)lc->trusted,
+			.ntrusted = lc->ntrusted,
+			.queue = lc->queue ? lc->queue : queues[0],
+			.redis_url = dm->redis ? dm->redis : cfg->redis,
+			.redis_user = cfg->redis_user,
+			.redis_password_file = cfg->redis_password_file,
+			.redis_password_env = cfg->redis_password_env,
+			.tls_cert = lc->tls_cert,
+			.tls_key = lc->tls_key,
+			.implicit_tls = lc->implicit_tls,
+			.auth_file = lc->auth_file,
+			.auth_allow_plaintext = lc->auth_allow_plaintext,
+			.max_size = (uint64_t)lc->max_size,
+			.max_recipients = lc->max_recipients,
+			.max_connections = lc->max_connections,
+			.max_per_ip = lc->max_per_ip,
+			.max_commands = lc->max_commands,
+			.max_bad_commands = lc->max_bad_commands,
+			.hostname = lc->hostname ? lc->hostname : cfg->helo,
+			.add_message_id = lc->add_message_id,
+			.add_date = lc->add_date,
+			.meta_json = lc->meta_json,
+			.timeout_ms = to_ms(lc->timeout),
+			.data_timeout_ms = to_ms(lc->data_timeout),
+			.enqueue_timeout_ms = to_ms(lc->redis_timeout),
+		};
+		dm->listens[i] = rq_listen_create(dm->base, &lo, err, sizeof(err));
+		if (!dm->listens[i]) {
+			rq_log(RQ_LOG_ERROR, "start_failed", "listener", lc->address, "error", err,
+			       NULL);
+			return -1;
+		}
+		dm->nlistens++;
 	}
 	if (cfg->metrics) {
 		dm->metrics = rq_metrics_create(dm->base, cfg->metrics, fill_metrics, dm, err,
@@ -478,6 +600,8 @@ out:
 	if (dm.log_flush)
 		event_free(dm.log_flush);
 	rq_metrics_destroy(dm.metrics);
+	for (size_t i = 0; i < dm.nlistens; i++)
+		rq_listen_destroy(dm.listens[i]);
 	for (size_t i = 0; i < dm.nrunners; i++)
 		rq_runner_destroy(dm.runners[i]);
 	rq_dests_destroy(dm.dests);

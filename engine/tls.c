@@ -1,5 +1,5 @@
-/* TLS: OpenSSL client contexts, modes and certificate verification (see
- * tls.h). */
+/* TLS: OpenSSL client and server contexts, modes and certificate
+ * verification (see tls.h). */
 #include "relayq/tls.h"
 
 #include <arpa/inet.h>
@@ -107,6 +107,64 @@ struct rq_tls_ctx *rq_tls_ctx_create(const struct rq_tls_ctx_opts *opts,
 fail:
 	rq_tls_ctx_destroy(t);
 	return NULL;
+}
+
+struct rq_tls_ctx *rq_tls_server_ctx_create(const char *cert_file, const char *key_file,
+					    char *err, size_t errlen)
+{
+	struct rq_tls_ctx *t = calloc(1, sizeof(*t));
+	if (!t) {
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	if (!cert_file) {
+		snprintf(err, errlen, "no certificate file");
+		goto fail;
+	}
+	t->ctx = SSL_CTX_new(TLS_server_method());
+	if (!t->ctx) {
+		ossl_err(err, errlen, "SSL_CTX_new");
+		goto fail;
+	}
+	SSL_CTX_set_min_proto_version(t->ctx, TLS1_2_VERSION);
+	SSL_CTX_set_options(t->ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
+			    SSL_OP_CIPHER_SERVER_PREFERENCE);
+	SSL_CTX_set_mode(t->ctx, SSL_MODE_RELEASE_BUFFERS);
+	SSL_CTX_set_verify(t->ctx, SSL_VERIFY_NONE, NULL);
+	SSL_CTX_set_session_cache_mode(t->ctx, SSL_SESS_CACHE_OFF);
+	if (SSL_CTX_use_certificate_chain_file(t->ctx, cert_file) != 1) {
+		char what[300];
+		snprintf(what, sizeof(what), "cannot load certificate %.256s", cert_file);
+		ossl_err(err, errlen, what);
+		goto fail;
+	}
+	const char *key = key_file ? key_file : cert_file;
+	if (SSL_CTX_use_PrivateKey_file(t->ctx, key, SSL_FILETYPE_PEM) != 1) {
+		char what[300];
+		snprintf(what, sizeof(what), "cannot load key %.256s", key);
+		ossl_err(err, errlen, what);
+		goto fail;
+	}
+	if (SSL_CTX_check_private_key(t->ctx) != 1) {
+		ossl_err(err, errlen, "the key does not match the certificate");
+		goto fail;
+	}
+	return t;
+fail:
+	rq_tls_ctx_destroy(t);
+	return NULL;
+}
+
+SSL *rq_tls_server_ssl_new(struct rq_tls_ctx *t, char *err, size_t errlen)
+{
+	if (!t || !t->ctx) {
+		snprintf(err, errlen, "no TLS context");
+		return NULL;
+	}
+	SSL *ssl = SSL_new(t->ctx);
+	if (!ssl)
+		ossl_err(err, errlen, "SSL_new");
+	return ssl;
 }
 
 static bool is_ip_literal(const char *name)

@@ -62,6 +62,29 @@
  * relayq.expire: max_age "5d" (60s-365d), max_attempts absent (1-100000)
  * relayq.on_domain settings: per_destination, messages_per_connection,
  *   recipients_per_transaction, backoff {..}, expire {..}, on {..}.
+ * relayq.listen { "ip:port", ... }: an SMTP listener (listen.h), once per
+ *   address (at most RQ_CONFIG_LISTEN_MAX):
+ *   [1]           "127.0.0.1:2525" or "[::1]:2525" (required, port 1-65535)
+ *   trusted       { "127.0.0.0/8", "::1/128" }: CIDRs that may send
+ *                 without AUTH (default none)
+ *   queue         the queue messages go to (default: the first queue)
+ *   tls_cert, tls_key   PEM files (loaded and checked); STARTTLS is
+ *                 offered when tls_cert is set; tls_key absent: in the cert
+ *   implicit_tls  false (true: TLS from the first byte, port 465 style)
+ *   auth_file     the credentials file of AUTH PLAIN / LOGIN (loaded and
+ *                 checked, credentials.h); needs tls_cert unless
+ *   auth_allow_plaintext  false
+ *   max_size      "25M" (bytes, or a string with K / M / G; 1K-500M)
+ *   max_recipients 1000 (1-100000), max_connections 1000 (1-100000),
+ *   max_per_ip    50 (1-100000), max_commands 10000 (10-10000000),
+ *   max_bad_commands 20 (1-1000)
+ *   hostname      the greeting's and Received's name (default: helo)
+ *   add_message_id true, add_date true (when the message has none)
+ *   meta          { key = string | number | boolean, ... } added to every
+ *                 message's meta (not via, client, user: those are set)
+ *   timeout       "5m" per command (1s-1h), data_timeout "3m" per DATA
+ *                 block (1s-1h), redis_timeout "30s" from the final dot to
+ *                 Redis' answer (1s-10m)
  *
  * Besides relayq.*, a config file can read the environment with
  * relayq.getenv(name [, default]).
@@ -107,6 +130,33 @@ struct rq_config_domain {
 };
 
 #define RQ_CONFIG_QUEUES_MAX 64
+#define RQ_CONFIG_LISTEN_MAX 16
+#define RQ_CONFIG_TRUSTED_MAX 256
+
+/* One relayq.listen call (listen.h has what each setting does). */
+struct rq_config_listen {
+	int line;
+	char *address;
+	char *trusted[RQ_CONFIG_TRUSTED_MAX];
+	size_t ntrusted;
+	char *queue;               /* NULL: the config's first queue */
+	char *tls_cert;
+	char *tls_key;
+	bool implicit_tls;
+	char *auth_file;
+	bool auth_allow_plaintext;
+	double max_size;           /* bytes */
+	int max_recipients;
+	int max_connections;
+	int max_per_ip;
+	int max_commands;
+	int max_bad_commands;
+	char *hostname;            /* NULL: the config's helo */
+	bool add_message_id;
+	bool add_date;
+	char *meta_json;           /* a JSON object, or NULL */
+	double timeout, data_timeout, redis_timeout;  /* seconds */
+};
 
 struct rq_config {
 	char *path;                /* the file it came from, or NULL */
@@ -146,6 +196,8 @@ struct rq_config {
 	struct rq_policy_params params;
 	struct rq_config_domain *domains;
 	size_t ndomains;
+	struct rq_config_listen listens[RQ_CONFIG_LISTEN_MAX];
+	size_t nlistens;
 	struct rq_policy_lua *lua; /* owned; NULL = built-in policy only */
 	/* How rq_config_destroy frees lua: set by whoever makes it
 	 * (config_lua), so config.c knows nothing of Lua. */
@@ -247,6 +299,7 @@ enum rq_config_section {
 	RQ_CONFIG_SEC_BACKOFF,     /* relayq.backoff */
 	RQ_CONFIG_SEC_EXPIRE,      /* relayq.expire */
 	RQ_CONFIG_SEC_DOMAIN,      /* relayq.on_domain settings */
+	RQ_CONFIG_SEC_LISTEN,      /* relayq.listen: one listener */
 };
 
 /* Starts a section (a second relayq.config etc. is an error). For DOMAIN,

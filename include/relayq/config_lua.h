@@ -10,6 +10,7 @@
  *   relayq.expire { max_age, max_attempts }
  *   relayq.on(selector, fn)    rules (policy_lua.h)
  *   relayq.on_domain(domain, { settings..., on = { [selector] = fn } })
+ *   relayq.listen { "ip:port", ... }  an SMTP listener (config.h lists the keys)
  *   relayq.getenv(name [, default])   the environment, at load time only
  *
  * become settings (handed to config.c key by key, with the file's line)

@@ -6,6 +6,11 @@
  * floor) and, per connection, an SSL object with SNI and the host name to
  * verify. The SMTP session (smtp.h) decides when to use it; this module only
  * builds and inspects OpenSSL objects and never does I/O.
+ *
+ * And for the SMTP listener (listen.h): a server context from a certificate
+ * chain and key file (rq_tls_server_ctx_create), and its SSL objects
+ * (rq_tls_server_ssl_new). A reload builds a new context; SSL objects made
+ * from the old one keep it alive (OpenSSL reference counts) until they end.
  */
 
 #include <stdbool.h>
@@ -65,6 +70,20 @@ void rq_tls_ctx_destroy(struct rq_tls_ctx *ctx);
  */
 SSL *rq_tls_ssl_new(struct rq_tls_ctx *ctx, const char *servername, bool verify,
 		    char *err, size_t errlen);
+
+/*
+ * A server context: TLS 1.2 or newer, no compression, no renegotiation,
+ * the certificate chain of cert_file (PEM, leaf first) and the key of
+ * key_file (PEM; NULL: in cert_file), checked to match. No client
+ * certificates are asked for. Returns NULL with a reason in err (unreadable
+ * file, key does not match). Free with rq_tls_ctx_destroy.
+ */
+struct rq_tls_ctx *rq_tls_server_ctx_create(const char *cert_file, const char *key_file,
+					    char *err, size_t errlen);
+
+/* A new server SSL for one accepted connection (the caller owns it, as for
+ * rq_tls_ssl_new). NULL with a reason in err. */
+SSL *rq_tls_server_ssl_new(struct rq_tls_ctx *ctx, char *err, size_t errlen);
 
 /* True when the handshake completed and the certificate verified (chain and,
  * when a name was given, the name). */

@@ -657,6 +657,77 @@ static void example_config_checks(void **state)
 	free(err);
 }
 
+static void listen_settings(void **state)
+{
+	(void)state;
+	struct rq_config_diag d;
+	char text[2000];
+	snprintf(text, sizeof(text),
+		 "relayq.config { queue = { \"a\", \"b\" } }\n"
+		 "relayq.listen { \"127.0.0.1:2525\", trusted = { \"127.0.0.0/8\", \"::1/128\" },\n"
+		 "  tls_cert = \"%s/tests/fixtures/tls/server.pem\",\n"
+		 "  tls_key = \"%s/tests/fixtures/tls/server.key\",\n"
+		 "  max_size = \"10M\", max_recipients = 5, max_per_ip = 3, queue = \"b\",\n"
+		 "  add_date = false, meta = { app = \"x\", n = 2, on = true }, timeout = \"2m\" }\n"
+		 "relayq.listen { \"[::1]:2526\", trusted = { \"::1\" } }\n",
+		 RQ_SOURCE_ROOT, RQ_SOURCE_ROOT);
+	struct rq_config *c = load(text, &d);
+	if (!c)
+		dump(&d);
+	assert_non_null(c);
+	assert_int_equal(c->nlistens, 2);
+	const struct rq_config_listen *l = &c->listens[0];
+	assert_string_equal(l->address, "127.0.0.1:2525");
+	assert_int_equal(l->ntrusted, 2);
+	assert_string_equal(l->trusted[1], "::1/128");
+	assert_true(l->max_size == 10.0 * 1024 * 1024);
+	assert_int_equal(l->max_recipients, 5);
+	assert_int_equal(l->max_per_ip, 3);
+	assert_int_equal(l->max_connections, 1000);
+	assert_string_equal(l->queue, "b");
+	assert_true(l->add_message_id);
+	assert_false(l->add_date);
+	assert_true(l->timeout == 120);
+	assert_string_equal(l->meta_json, "{\"app\":\"x\",\"n\":2,\"on\":true}");
+	assert_null(c->listens[1].queue);
+	assert_null(c->listens[1].meta_json);
+	rq_config_destroy(c);
+
+	/* each problem on its line */
+	c = load("relayq.listen {\n"
+		 "  \"127.0.0.1:0\",\n"
+		 "  trusted = { \"10.0.0.0/33\" },\n"
+		 "  tls_key = \"/nonexistent/key\",\n"
+		 "  auth_file = \"/nonexistent/users\",\n"
+		 "  max_size = \"1T\",\n"
+		 "  meta = { user = \"x\" },\n"
+		 "  bogus = 1,\n"
+		 "}\n"
+		 "relayq.listen { \"localhost:25\" }\n", &d);
+	assert_null(c);
+	/* the address has no key: its problems are at the line of the call */
+	assert_true(has_problem(&d, 1, false, "port must be 1 to 65535"));
+	assert_true(has_problem(&d, 3, false, "prefix length"));
+	assert_true(has_problem(&d, 4, false, "cannot read /nonexistent/key"));
+	assert_true(has_problem(&d, 5, false, "cannot read /nonexistent/users"));
+	assert_true(has_problem(&d, 6, false, "not a size"));
+	assert_true(has_problem(&d, 7, false, "set by the listener"));
+	assert_true(has_problem(&d, 8, false, "unknown key bogus in relayq.listen"));
+	assert_true(has_problem(&d, 10, false, "is not \"IPv4:port\""));
+
+	/* AUTH only over TLS unless allowed; a wrong key */
+	snprintf(text, sizeof(text),
+		 "relayq.listen { \"127.0.0.1:2525\", auth_file = \"%s/relayq.lua\" }\n"
+		 "relayq.listen { \"127.0.0.1:2526\", trusted = { \"127.0.0.1\" },\n"
+		 "  tls_cert = \"%s/tests/fixtures/tls/server.pem\",\n"
+		 "  tls_key = \"%s/tests/fixtures/tls/wrongname.key\" }\n",
+		 dir, RQ_SOURCE_ROOT, RQ_SOURCE_ROOT);
+	c = load(text, &d);
+	assert_null(c);
+	assert_true(has_problem(&d, 1, false, "AUTH is only offered over TLS"));
+	assert_true(has_problem(&d, 2, false, "cannot load key"));
+}
+
 static void reload_keeps_old_on_error(void **state)
 {
 	(void)state;
@@ -904,6 +975,7 @@ int main(void)
 		cmocka_unit_test(check_output),
 		cmocka_unit_test(example_config_checks),
 		cmocka_unit_test(reload_keeps_old_on_error),
+		cmocka_unit_test(listen_settings),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
