@@ -382,8 +382,19 @@ enum wrap_kind {
 	W_CONCAT, W_INSERT, W_REMOVE, W_SORT, W_UNPACK, W_MOVE, W_RAWEQUAL,
 };
 
+/*
+ * Runs the original (upvalue 1) on the arguments at 1..top, in the
+ * wrapper's own call frame: the library's error messages then name the
+ * function as the script called it ("bad argument #1 to 'rep'", method
+ * calls counted as Lua counts them) and carry the script's line, exactly
+ * as without the wrapper. The library functions wrapped use no upvalues
+ * of their own. Returns the number of results at the top.
+ */
 static int call_orig(lua_State *L)
 {
+	lua_CFunction f = lua_tocfunction(L, lua_upvalueindex(1));
+	if (f)
+		return f(L);
 	int n = lua_gettop(L);
 	lua_pushvalue(L, lua_upvalueindex(1));
 	lua_insert(L, 1);
@@ -940,8 +951,9 @@ static void rethrow_if_exhausted(lua_State *L, int idx)
 static int l_pcall(lua_State *L)
 {
 	int n = call_orig(L);
-	if (n >= 2 && !lua_toboolean(L, 1))
-		rethrow_if_exhausted(L, 2);
+	int first = lua_gettop(L) - n + 1;
+	if (n >= 2 && !lua_toboolean(L, first))
+		rethrow_if_exhausted(L, first + 1);
 	return n;
 }
 
@@ -965,8 +977,9 @@ static int l_xpcall(lua_State *L)
 		lua_replace(L, 2);
 	}
 	int n = call_orig(L);
-	if (n >= 2 && !lua_toboolean(L, 1))
-		rethrow_if_exhausted(L, 2);
+	int first = lua_gettop(L) - n + 1;
+	if (n >= 2 && !lua_toboolean(L, first))
+		rethrow_if_exhausted(L, first + 1);
 	return n;
 }
 

@@ -10,6 +10,9 @@
 
 #include <lauxlib.h>
 
+#include <lualib.h>
+
+#include "relayq/clock.h"
 #include "relayq/log.h"
 #include "relayq/lua_sandbox.h"
 
@@ -235,6 +238,161 @@ static void print_bounded(void **state)
 	rq_lua_sandbox_destroy(sb);
 }
 
+/* Runs src on budget / seconds; returns the status, the error (or the
+ * result) in out and the seconds it took in *took. */
+static int run_for(struct rq_lua_sandbox *sb, unsigned long budget, double seconds,
+		   const char *src, char *out, size_t len, double *took)
+{
+	lua_State *L = rq_lua_sandbox_state(sb);
+	struct chunk c = {src, 1};
+	int64_t t0 = rq_clock_mono_ms();
+	rq_lua_sandbox_arm(sb, budget, seconds);
+	lua_pushcfunction(L, run_chunk);
+	lua_pushlightuserdata(L, &c);
+	int st = lua_pcall(L, 1, 1, 0);
+	*took = (double)(rq_clock_mono_ms() - t0) / 1000;
+	if (st != LUA_OK || lua_type(L, -1) == LUA_TSTRING)
+		rq_lua_sandbox_error_text(L, -1, out, len);
+	else
+		snprintf(out, len, "%s", luaL_tolstring(L, -1, NULL));
+	lua_settop(L, 0);
+	return st;
+}
+
+#define LOOP "while true do end"
+#define CLOSER(body) "setmetatable({}, {__close = function() " body " end})"
+
+/*
+ * Every place where Lua runs code while an error is being handled, or
+ * from inside a C function: once the budget is gone, the run ends with
+ * the budget error, in well under the time limit (the runs here have
+ * 100000 instructions, 5 s; a hang would be the bug).
+ */
+static void no_escape_while_handling_errors(void **state)
+{
+	(void)state;
+	static const char *const escapes[] = {
+		/* message handlers: after an error of the script, of the budget */
+		"xpcall(error, function() " LOOP " end)",
+		"xpcall(function() " LOOP " end, function() " LOOP " end)",
+		"while true do xpcall(function() " LOOP " end, function(m) return m end) end",
+		"xpcall(function() " LOOP " end, function(m) return xpcall(error, function() "
+		LOOP " end) end)",
+		"xpcall(error, function(m) pcall(function() " LOOP " end) " LOOP " end)",
+		"xpcall(error, function(m) while true do pcall(error) end end)",
+		"xpcall(function() local s = 'x' while true do s = s .. s end end, "
+		"function() " LOOP " end)",
+		/* pcall swallowing in a loop */
+		"while true do pcall(function() " LOOP " end) end",
+		"while true do pcall(string.rep, 'x', 1e9) end",
+		/* __close, on the way out of a block and of an error */
+		"do local x <close> = " CLOSER(LOOP) " end",
+		"pcall(function() local x <close> = " CLOSER(LOOP) " " LOOP " end)",
+		"xpcall(function() local x <close> = " CLOSER(LOOP) " error('e') end, "
+		"function() " LOOP " end)",
+		"local x <close> = " CLOSER("while true do pcall(error) end") " " LOOP,
+		/* __tostring of an error value */
+		"local e = setmetatable({}, {__tostring = function() " LOOP " end}) "
+		"xpcall(function() error(e) end, function(m) return tostring(m) end)",
+		"local e = setmetatable({}, {__tostring = function() " LOOP " end}) "
+		"print(e)",
+		"local e = setmetatable({}, {__tostring = function() " LOOP " end}) "
+		"return string.format('%s', e)",
+		/* functions the library calls back */
+		"string.gsub('aaaa', 'a', function() " LOOP " end)",
+		"string.gsub('aaaa', 'a', function() pcall(function() " LOOP " end) "
+		LOOP " end)",
+		"table.sort({3, 2, 1, 5, 4}, function(a, b) " LOOP " end)",
+		"table.sort({3, 2, 1, 5, 4}, function(a, b) pcall(function() " LOOP
+		" end) return a < b end)",
+		"load(function() " LOOP " end)",
+		"while true do load(function() " LOOP " end) end",
+		"for k in pairs(setmetatable({}, {__pairs = function() " LOOP " end})) do end",
+		/* metamethods */
+		"local t = setmetatable({}, {__index = function() " LOOP " end}) return t.x",
+		"local t = setmetatable({}, {__newindex = function() " LOOP " end}) t.x = 1",
+		"local mt = {__eq = function() " LOOP " end} "
+		"return setmetatable({}, mt) == setmetatable({}, mt)",
+		"local mt = {__lt = function() " LOOP " end} "
+		"return setmetatable({}, mt) < setmetatable({}, mt)",
+		"local mt = {__le = function() " LOOP " end} "
+		"return setmetatable({}, mt) <= setmetatable({}, mt)",
+		"local t = setmetatable({}, {__concat = function() " LOOP " end}) "
+		"return t .. 'x'",
+		"local t = setmetatable({}, {__len = function() " LOOP " end}) return #t",
+		"local t = setmetatable({}, {__call = function() " LOOP " end}) return t()",
+		"local t = setmetatable({}, {__index = function(t, k) return t[k] end}) "
+		"while true do pcall(function() return t.x end) end",
+		"local mt = {__lt = function() " LOOP " end} local a = {} "
+		"for i = 1, 10 do a[i] = setmetatable({}, mt) end table.sort(a)",
+	};
+	struct rq_lua_sandbox *sb = make(0);
+	char out[600];
+	for (size_t i = 0; i < sizeof(escapes) / sizeof(escapes[0]); i++) {
+		double took;
+		int st = run_for(sb, 100000, 5.0, escapes[i], out, sizeof(out), &took);
+		if (st == LUA_OK || rq_lua_sandbox_failure(sb, st) != RQ_LUA_SANDBOX_FAIL_BUDGET ||
+		    took > 4.0)
+			fprintf(stderr, "escape %zu (%s): status %d, %.2f s: %s\n", i,
+				escapes[i], st, took, out);
+		assert_int_not_equal(st, LUA_OK);
+		assert_int_equal(rq_lua_sandbox_failure(sb, st), RQ_LUA_SANDBOX_FAIL_BUDGET);
+		/* The budget, not the 5 s backstop, ended it. */
+		assert_true(took < 4.0);
+		/* A fresh arm: the state works again. */
+		assert_int_equal(run(sb, 100000, "return 1 + 1", out, sizeof(out)), LUA_OK);
+		assert_string_equal(out, "2");
+	}
+	/* What handlers are for still works. */
+	assert_int_equal(run(sb, 100000, "local ok, m = xpcall(error, function(m) return "
+			     "'handled: ' .. m end, 'x') return tostring(ok) .. ' ' .. m",
+			     out, sizeof(out)), LUA_OK);
+	assert_string_equal(out, "false handled: x");
+	assert_int_equal(run(sb, 100000, "local ok, m = pcall(error, 'y') return "
+			     "tostring(ok) .. ' ' .. m", out, sizeof(out)), LUA_OK);
+	assert_string_equal(out, "false y");
+	assert_int_equal(run(sb, 100000, "return select('#', xpcall(function(...) return ... "
+			     "end, print, 1, nil, 3))", out, sizeof(out)), LUA_OK);
+	assert_string_equal(out, "4");
+	assert_int_equal(run(sb, 100000, "local n = 0 do local x <close> = setmetatable({}, "
+			     "{__close = function() n = n + 1 end}) end return n", out,
+			     sizeof(out)), LUA_OK);
+	assert_string_equal(out, "1");
+	rq_lua_sandbox_destroy(sb);
+}
+
+/*
+ * The wall-clock limit is sticky like the budget: a run with a huge
+ * budget and a short limit ends with the time error, whatever handlers
+ * the script set up to swallow it.
+ */
+static void time_limit_sticky(void **state)
+{
+	(void)state;
+	static const char *const escapes[] = {
+		"xpcall(function() " LOOP " end, function() " LOOP " end)",
+		"xpcall(error, function() " LOOP " end)",
+		"while true do pcall(function() " LOOP " end) end",
+		"local x <close> = " CLOSER("while true do pcall(error) end") " " LOOP,
+		"table.sort({3, 2, 1, 5, 4}, function(a, b) pcall(function() " LOOP
+		" end) return a < b end)",
+	};
+	struct rq_lua_sandbox *sb = make(0);
+	char out[600];
+	for (size_t i = 0; i < sizeof(escapes) / sizeof(escapes[0]); i++) {
+		double took;
+		int st = run_for(sb, 4000000000UL, 0.3, escapes[i], out, sizeof(out), &took);
+		if (st == LUA_OK || !strstr(out, "time limit exceeded") || took > 8.0)
+			fprintf(stderr, "escape %zu (%s): status %d, %.2f s: %s\n", i,
+				escapes[i], st, took, out);
+		assert_int_not_equal(st, LUA_OK);
+		assert_int_equal(rq_lua_sandbox_failure(sb, st), RQ_LUA_SANDBOX_FAIL_BUDGET);
+		assert_non_null(strstr(out, "time limit exceeded"));
+		assert_true(took < 8.0);
+	}
+	rq_lua_sandbox_destroy(sb);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -243,6 +401,8 @@ int main(void)
 		cmocka_unit_test(frozen_libraries),
 		cmocka_unit_test(absent_libraries),
 		cmocka_unit_test(print_bounded),
+		cmocka_unit_test(no_escape_while_handling_errors),
+		cmocka_unit_test(time_limit_sticky),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
 }
