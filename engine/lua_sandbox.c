@@ -705,6 +705,12 @@ static void charge_pattern(lua_State *L, enum wrap_kind kind)
 	       msg);
 }
 
+#ifdef LUAI_MAXSTACK
+#define UNPACK_MAX ((double)LUAI_MAXSTACK)
+#else
+#define UNPACK_MAX 1e6
+#endif
+
 /* The number of elements from i to j (0 when j < i). */
 static double span_of(lua_Integer i, lua_Integer j)
 {
@@ -750,6 +756,10 @@ static void charge_table(lua_State *L, enum wrap_kind kind)
 			return;
 		}
 		elems = span_of(i, j);
+		/* More results than a stack holds: the library refuses them
+		 * before it reads any. */
+		if (kind == W_UNPACK && elems >= UNPACK_MAX)
+			return;
 		break;
 	}
 	case W_INSERT:
@@ -858,7 +868,8 @@ static int wrapped(lua_State *L)
 		charge_table(L, kind);
 		/* Every comparison goes through sort_cmp; a comparator that
 		 * is not a function is left for the library to refuse. */
-		if (lua_isnoneornil(L, 2) || lua_type(L, 2) == LUA_TFUNCTION) {
+		if (lua_type(L, 1) == LUA_TTABLE &&
+		    (lua_isnoneornil(L, 2) || lua_type(L, 2) == LUA_TFUNCTION)) {
 			lua_settop(L, 2);
 			lua_pushcclosure(L, sort_cmp, 1);
 		}
