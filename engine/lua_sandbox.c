@@ -43,7 +43,9 @@
 #define ALLOC_BYTES_PER_STEP 256   /* allocation */
 #define SCAN_BYTES_PER_STEP 16     /* string arguments read by a library call */
 #define MATCH_PER_STEP 4           /* pattern matcher steps */
-#define ELEMS_PER_STEP 4           /* table elements visited by table.* */
+#define ELEMS_PER_STEP 1           /* table elements visited by table.* */
+#define CMP_STEPS 2                /* a comparison of table.sort through sort_cmp */
+#define CMP_BYTES_PER_STEP 64      /* bytes two strings compared may read (memcmp, strcoll) */
 #define FROZEN_KEY "sandbox.frozen"       /* registry: read-only table -> true */
 #define STRMT_KEY "sandbox.string_mt"     /* registry: the string metatable's fields */
 #define SETUP_SECONDS 10.0
@@ -737,6 +739,18 @@ static bool opt_int(lua_State *L, int idx, lua_Integer def, lua_Integer *out)
 	return ok;
 }
 
+/* Elements 1..len of the table at idx are all numbers (raw reads). */
+static bool all_numbers(lua_State *L, int idx, lua_Integer len)
+{
+	for (lua_Integer i = 1; i <= len; i++) {
+		int t = lua_rawgeti(L, idx, i);
+		lua_pop(L, 1);
+		if (t != LUA_TNUMBER)
+			return false;
+	}
+	return true;
+}
+
 static void charge_table(lua_State *L, enum wrap_kind kind)
 {
 	lua_Integer len = 0, i, j;
@@ -770,11 +784,15 @@ static void charge_table(lua_State *L, enum wrap_kind kind)
 		elems = len > 0 ? (double)len : 0;
 		break;
 	case W_SORT:
-		/* The comparisons pay as they go (sort_cmp). */
+		/* The comparisons pay as they go (sort_cmp), except those of
+		 * numbers only with the library's < (constant time): the
+		 * elements are read once to know, then n log n compares. */
 		what = "table.sort";
 		if (!table_len(L, 1, &len))
 			return;
 		elems = len > 0 ? (double)len : 0;
+		if (lua_isnoneornil(L, 2) && len > 1 && all_numbers(L, 1, len))
+			elems += (double)len * (log2((double)len) + 1);
 		break;
 	case W_MOVE:
 		what = "table.move";
@@ -803,17 +821,17 @@ static void charge_scan(lua_State *L)
 
 /*
  * The comparison table.sort calls (upvalue 1: the script's comparator,
- * or nil for the library's <). Pays for each call, 2 / ELEMS_PER_STEP
- * (the compare and its share of the moves) plus, for two strings, the
+ * or nil for the library's <). Pays for each call, CMP_STEPS (the
+ * compare and its share of the moves) plus, for two strings, the
  * bytes a compare may read; the charge also checks the clock, so one
  * sort call cannot run past the time limit whatever it compares.
  */
 static int sort_cmp(lua_State *L)
 {
-	double cost = 2.0 / ELEMS_PER_STEP;
+	double cost = CMP_STEPS;
 	if (lua_type(L, 1) == LUA_TSTRING && lua_type(L, 2) == LUA_TSTRING) {
 		size_t a = lua_rawlen(L, 1), b = lua_rawlen(L, 2);
-		cost += (double)(a < b ? a : b) / SCAN_BYTES_PER_STEP;
+		cost += (double)(a < b ? a : b) / CMP_BYTES_PER_STEP;
 	}
 	rq_lua_sandbox_charge(L, cost, "table.sort comparisons");
 	if (lua_isnil(L, lua_upvalueindex(1))) {
@@ -833,7 +851,7 @@ static void charge_rawequal(lua_State *L)
 	double cost = 1;
 	if (lua_type(L, 1) == LUA_TSTRING && lua_type(L, 2) == LUA_TSTRING &&
 	    lua_rawlen(L, 1) == lua_rawlen(L, 2) && lua_topointer(L, 1) != lua_topointer(L, 2))
-		cost += (double)lua_rawlen(L, 1) / SCAN_BYTES_PER_STEP;
+		cost += (double)lua_rawlen(L, 1) / CMP_BYTES_PER_STEP;
 	rq_lua_sandbox_charge(L, cost, "rawequal of long strings");
 }
 
@@ -869,7 +887,8 @@ static int wrapped(lua_State *L)
 		/* Every comparison goes through sort_cmp; a comparator that
 		 * is not a function is left for the library to refuse. */
 		if (lua_type(L, 1) == LUA_TTABLE &&
-		    (lua_isnoneornil(L, 2) || lua_type(L, 2) == LUA_TFUNCTION)) {
+		    (lua_type(L, 2) == LUA_TFUNCTION ||
+		     (lua_isnoneornil(L, 2) && !all_numbers(L, 1, luaL_len(L, 1))))) {
 			lua_settop(L, 2);
 			lua_pushcclosure(L, sort_cmp, 1);
 		}
@@ -1418,4 +1437,5 @@ void rq_lua_sandbox_usage(const struct rq_lua_sandbox *sb,
 	out->memory_peak = sb->mem_peak;
 	out->memory_cap = sb->mem_cap;
 	out->budget = sb->budget;
+	out->steps = sb->steps;
 }

@@ -92,6 +92,7 @@ struct rq_lua_sandbox_usage {
 	size_t memory_peak;
 	size_t memory_cap;
 	unsigned long budget;      /* instructions of the armed run */
+	unsigned long steps;       /* of them used so far (C work included) */
 };
 void rq_lua_sandbox_usage(const struct rq_lua_sandbox *sb,
 			  struct rq_lua_sandbox_usage *out);

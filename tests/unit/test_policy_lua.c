@@ -706,7 +706,10 @@ static void library_work_bounded(void **state)
 	for (int code = 551; code <= 559; code++) {
 		decide(&p, &(struct ask){.code = code, .text = "x"}, &d);
 		assert_string_equal(d.rule, "builtin:5xx");
-		assert_non_null(strstr(d.reason, "instruction budget exceeded"));
+		/* More results than a stack holds: refused at once, as by
+		 * stock Lua, before any work. */
+		assert_non_null(strstr(d.reason, code == 553 ? "too many results to unpack" :
+				       "instruction budget exceeded"));
 	}
 	decide(&p, &(struct ask){.code = 450, .text = "x"}, &d);
 	assert_string_equal(d.rule, "lua:450");
@@ -714,7 +717,7 @@ static void library_work_bounded(void **state)
 	struct rq_policy_lua_stats st;
 	stats(&p, &st);
 	assert_int_equal(st.errors, 9);
-	assert_int_equal(st.budget_errors, 9);
+	assert_int_equal(st.budget_errors, 8);
 	unload(&p);
 }
 
