@@ -17,7 +17,10 @@
  * - single instructions that work on long operands without allocating
  *   (== / < on long strings, calls with many varargs) are caught by a
  *   wall-clock limit checked in the hook (HOOK_EVERY is small so one
- *   hook interval stays short).
+ *   hook interval stays short) and in every charge of C work;
+ * - message handlers: Lua runs them with hooks off after an error raised
+ *   by the hook, so the script's xpcall handler is wrapped and skipped
+ *   once the run is exhausted ("error handling after exhaustion").
  * rq_lua_sandbox_freeze makes the libraries, the string metatable and the
  * globals read-only so one run cannot change what the next one sees.
  */
@@ -364,7 +367,10 @@ static int l_collectgarbage(lua_State *L)
  * - string arguments: 1 step per SCAN_BYTES_PER_STEP bytes (utf8.len,
  *   tonumber(s, 16), string arithmetic, load of a long chunk);
  * - table.concat / insert / remove / unpack / move / sort: the elements
- *   they will visit (n log n for sort), ELEMS_PER_STEP per step; this
+ *   they will visit, ELEMS_PER_STEP per step; sort pays per comparison
+ *   through sort_cmp (CMP_STEPS, plus CMP_BYTES_PER_STEP for two strings:
+ *   the library's compare reads them without a hook), except a sort of
+ *   numbers only with the library's < (n log n upfront); this
  *   also bounds loops over nils that allocate nothing (table.move);
  * - string.find / match / gmatch / gsub: an upper bound of the backtracking
  *   matcher's steps (pattern_cost), MATCH_PER_STEP per step. A quantified
