@@ -15,6 +15,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
+#include "relayq/clock.h"
 #include "relayq/lua_sandbox.h"
 #include "relayq/policy_lua.h"
 
@@ -423,6 +424,20 @@ static void load_error(struct rq_lua_sandbox *sb, struct rq_config_diag *diag,
 	rq_config_diag_add(diag, line, false, "%s", rest);
 }
 
+/*
+ * Arms sb for the next phase of a load that started at t0 (monotonic
+ * ms): a fresh instruction budget, but one deadline for all the phases
+ * (setup, the file, freezing, the first collection), so a load, and a
+ * SIGHUP reload in the daemon's loop, takes at most load_seconds plus
+ * the sandbox's margin (lua_sandbox.h), however its time is spread.
+ */
+static void arm_phase(struct rq_lua_sandbox *sb, const struct rq_policy_lua_limits *lim,
+		      int64_t t0)
+{
+	double left = lim->load_seconds - (double)(rq_clock_mono_ms() - t0) / 1000;
+	rq_lua_sandbox_arm(sb, lim->load_instructions, left > 0.001 ? left : 0.001);
+}
+
 struct rq_policy_lua *rq_config_lua_run_buffer(const char *name, const char *src,
 					       size_t len, struct rq_config *cfg,
 					       const struct rq_policy_lua_limits *limits,
@@ -430,6 +445,7 @@ struct rq_policy_lua *rq_config_lua_run_buffer(const char *name, const char *src
 {
 	char err[200];
 	char *chunkname = NULL;
+	int64_t t0 = rq_clock_mono_ms();
 	struct rq_policy_lua *pl = rq_policy_lua_create(limits, err, sizeof(err));
 	if (!pl) {
 		rq_config_diag_add(diag, 0, false, "%s", err);
@@ -438,7 +454,7 @@ struct rq_policy_lua *rq_config_lua_run_buffer(const char *name, const char *src
 	struct rq_lua_sandbox *sb = rq_policy_lua_sandbox(pl);
 	lua_State *L = rq_lua_sandbox_state(sb);
 	const struct rq_policy_lua_limits *lim = rq_policy_lua_limits_of(pl);
-	rq_lua_sandbox_arm(sb, lim->load_instructions, lim->load_seconds);
+	arm_phase(sb, lim, t0);
 	lua_pushcfunction(L, setup);
 	if (lua_pcall(L, 0, 1, 0) != LUA_OK) {
 		rq_config_diag_add(diag, 0, false, "cannot set up the Lua sandbox");
@@ -458,7 +474,7 @@ struct rq_policy_lua *rq_config_lua_run_buffer(const char *name, const char *src
 	};
 	rq_policy_lua_load_begin(pl, diag);
 	struct run_ctx ctx = {src, len, chunkname};
-	rq_lua_sandbox_arm(sb, lim->load_instructions, lim->load_seconds);
+	arm_phase(sb, lim, t0);
 	lua_pushcfunction(L, run_file);
 	lua_pushlightuserdata(L, &ctx);
 	int st = lua_pcall(L, 1, 0, 0);
@@ -472,15 +488,15 @@ struct rq_policy_lua *rq_config_lua_run_buffer(const char *name, const char *src
 	if (diag->errors > errors)
 		goto fail;
 	/* Library tables and globals become read-only for the handlers. */
-	rq_lua_sandbox_arm(sb, lim->load_instructions, lim->load_seconds);
+	arm_phase(sb, lim, t0);
 	static const char *const frozen[] = {"relayq", NULL};
 	if (rq_lua_sandbox_freeze(sb, frozen) < 0) {
 		rq_config_diag_add(diag, 0, false, "cannot freeze the Lua globals "
-				   "(memory cap reached?)");
+				   "(memory cap or load time limit reached?)");
 		goto fail;
 	}
 	/* Handlers never run against the load's leftovers. */
-	rq_lua_sandbox_arm(sb, lim->load_instructions, lim->load_seconds);
+	arm_phase(sb, lim, t0);
 	rq_lua_sandbox_collect(sb);
 	if (cfg)
 		cfg->lua_destroy = rq_policy_lua_destroy;

@@ -95,6 +95,8 @@ static void suspended(const struct rq_policy_params *params, const struct rq_pol
 	struct rq_policy_answer a = {
 		.action = RQ_POLICY_RETRY,
 		.after = left,
+		.after_min = left,
+		.after_max = left,
 		.counts = RQ_POLICY_COUNT_DESTINATION,
 	};
 	snprintf(a.rule, sizeof(a.rule), "destination:suspended");
@@ -159,6 +161,8 @@ void rq_decision_make(const struct rq_config *cfg, const struct rq_decision_inpu
 		if (in->resends >= RQ_DECISION_RESENDS_MAX) {
 			a.action = RQ_POLICY_RETRY;
 			a.after = rq_policy_backoff(&params.backoff, pin.attempt, rnd);
+			rq_policy_backoff_range(&params.backoff, pin.attempt, &a.after_min,
+						&a.after_max);
 			a.counts = RQ_POLICY_COUNT_MESSAGE;
 			size_t len = strlen(a.reason);
 			snprintf(a.reason + len, sizeof(a.reason) - len,

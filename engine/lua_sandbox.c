@@ -17,7 +17,10 @@
  * - single instructions that work on long operands without allocating
  *   (== / < on long strings, calls with many varargs) are caught by a
  *   wall-clock limit checked in the hook (HOOK_EVERY is small so one
- *   hook interval stays short).
+ *   hook interval stays short) and in every charge of C work;
+ * - message handlers: Lua runs them with hooks off after an error raised
+ *   by the hook, so the script's xpcall handler is wrapped and skipped
+ *   once the run is exhausted ("error handling after exhaustion").
  * rq_lua_sandbox_freeze makes the libraries, the string metatable and the
  * globals read-only so one run cannot change what the next one sees.
  */
@@ -43,7 +46,9 @@
 #define ALLOC_BYTES_PER_STEP 256   /* allocation */
 #define SCAN_BYTES_PER_STEP 16     /* string arguments read by a library call */
 #define MATCH_PER_STEP 4           /* pattern matcher steps */
-#define ELEMS_PER_STEP 4           /* table elements visited by table.* */
+#define ELEMS_PER_STEP 1           /* table elements visited by table.* */
+#define CMP_STEPS 2                /* a comparison of table.sort through sort_cmp */
+#define CMP_BYTES_PER_STEP 64      /* bytes two strings compared may read (memcmp, strcoll) */
 #define FROZEN_KEY "sandbox.frozen"       /* registry: read-only table -> true */
 #define STRMT_KEY "sandbox.string_mt"     /* registry: the string metatable's fields */
 #define SETUP_SECONDS 10.0
@@ -55,7 +60,9 @@ struct rq_lua_sandbox {
 	int64_t deadline_ms;         /* monotonic clock */
 	double seconds;              /* the limit armed */
 	size_t alloc_acc;            /* bytes allocated not yet charged */
-	bool mem_hit, budget_hit;
+	double frac;                 /* fractions of a step charged */
+	bool mem_hit, budget_hit;    /* budget_hit: budget or time, sticky */
+	bool time_hit;               /* the deadline passed (sticky) */
 	bool budget_alloc_failed;    /* the last failed allocation: budget, not cap */
 	char print_event[64];
 };
@@ -131,40 +138,67 @@ static int budget_error(lua_State *L, int level, const char *what)
 	return lua_error(L);
 }
 
+/* Raises the time-limit error (sticky, like the budget one). */
+static int time_error(lua_State *L, int level)
+{
+	struct rq_lua_sandbox *sb = owner(L);
+	sb->budget_hit = true;
+	sb->time_hit = true;
+	lua_sethook(L, hook, LUA_MASKCOUNT, 1);
+	luaL_where(L, level);
+	lua_pushfstring(L, "time limit exceeded (%f s)", sb->seconds);
+	lua_concat(L, 2);
+	return lua_error(L);
+}
+
 /*
- * Every HOOK_EVERY instructions. Besides the budget, a wall-clock limit
- * as a backstop: some single instructions do work proportional to their
- * operands without allocating (== and < on two long strings), so a loop
- * of them could take minutes within the instruction budget.
+ * Every HOOK_EVERY instructions (every instruction once the run is
+ * exhausted). Besides the budget, a wall-clock limit as a backstop: some
+ * single instructions do work proportional to their operands without
+ * allocating (== and < on two long strings), so a loop of them could
+ * take minutes within the instruction budget.
  */
 static void hook(lua_State *L, lua_Debug *ar)
 {
 	(void)ar;
 	struct rq_lua_sandbox *sb = owner(L);
+	if (sb->time_hit)
+		time_error(L, 0);
 	sb->steps += HOOK_EVERY;
 	if (sb->steps > sb->budget || sb->budget_hit)
 		budget_error(L, 0, NULL);
-	if (rq_clock_mono_coarse_ms() <= sb->deadline_ms)
-		return;
-	sb->budget_hit = true;
-	lua_sethook(L, hook, LUA_MASKCOUNT, 1);
-	luaL_where(L, 0);
-	lua_pushfstring(L, "time limit exceeded (%f s)", sb->seconds);
-	lua_concat(L, 2);
-	lua_error(L);
+	if (rq_clock_mono_coarse_ms() > sb->deadline_ms)
+		time_error(L, 0);
 }
 
 /*
  * Charges cost steps of work a C function is about to do (called from a
- * C function); raises the budget error instead when they are not left.
+ * C function); raises the budget error instead when they are not left,
+ * or the time-limit error when the deadline has passed (C functions
+ * that charge as they go, like the comparisons of table.sort, are held
+ * to the wall clock too). Fractions of a step add up.
  */
 void rq_lua_sandbox_charge(lua_State *L, double cost, const char *what)
 {
 	struct rq_lua_sandbox *sb = owner(L);
+	if (sb->time_hit)
+		time_error(L, 1);
 	if (sb->budget_hit || sb->steps >= sb->budget ||
 	    !(cost <= (double)(sb->budget - sb->steps)))
 		budget_error(L, 1, what);
-	sb->steps += (unsigned long)cost;
+	if (rq_clock_mono_coarse_ms() > sb->deadline_ms)
+		time_error(L, 1);
+	sb->frac += cost;
+	double whole = floor(sb->frac);
+	sb->frac -= whole;
+	sb->steps += (unsigned long)whole;
+}
+
+/* True once the run is exhausted (budget or time): nothing of the
+ * script may run any more, and no pcall may catch the error. */
+static bool exhausted(lua_State *L)
+{
+	return owner(L)->budget_hit;
 }
 
 static double budget_left(lua_State *L)
@@ -179,8 +213,10 @@ void rq_lua_sandbox_arm(struct rq_lua_sandbox *sb, unsigned long budget, double 
 	sb->deadline_ms = rq_clock_mono_coarse_ms() + (int64_t)(seconds * 1000);
 	sb->steps = 0;
 	sb->alloc_acc = 0;
+	sb->frac = 0;
 	sb->budget = budget;
 	sb->budget_hit = false;
+	sb->time_hit = false;
 	sb->mem_hit = false;
 	sb->budget_alloc_failed = false;
 	lua_sethook(sb->L, hook, LUA_MASKCOUNT, HOOK_EVERY);
@@ -292,6 +328,11 @@ static int l_load(lua_State *L)
 		args = 4;
 	}
 	lua_call(L, args, 2);
+	/* The reader runs protected: an exhausted run goes on out. */
+	if (lua_isnil(L, -2) && owner(L)->budget_hit) {
+		lua_pushvalue(L, -1);
+		lua_error(L);
+	}
 	return 2;
 }
 
@@ -326,7 +367,10 @@ static int l_collectgarbage(lua_State *L)
  * - string arguments: 1 step per SCAN_BYTES_PER_STEP bytes (utf8.len,
  *   tonumber(s, 16), string arithmetic, load of a long chunk);
  * - table.concat / insert / remove / unpack / move / sort: the elements
- *   they will visit (n log n for sort), ELEMS_PER_STEP per step; this
+ *   they will visit, ELEMS_PER_STEP per step; sort pays per comparison
+ *   through sort_cmp (CMP_STEPS, plus CMP_BYTES_PER_STEP for two strings:
+ *   the library's compare reads them without a hook), except a sort of
+ *   numbers only with the library's < (n log n upfront); this
  *   also bounds loops over nils that allocate nothing (table.move);
  * - string.find / match / gmatch / gsub: an upper bound of the backtracking
  *   matcher's steps (pattern_cost), MATCH_PER_STEP per step. A quantified
@@ -343,11 +387,22 @@ static int l_collectgarbage(lua_State *L)
 
 enum wrap_kind {
 	W_SCAN = 0, W_FIND, W_MATCH, W_GMATCH, W_GSUB, W_REP,
-	W_CONCAT, W_INSERT, W_REMOVE, W_SORT, W_UNPACK, W_MOVE,
+	W_CONCAT, W_INSERT, W_REMOVE, W_SORT, W_UNPACK, W_MOVE, W_RAWEQUAL,
 };
 
+/*
+ * Runs the original (upvalue 1) on the arguments at 1..top, in the
+ * wrapper's own call frame: the library's error messages then name the
+ * function as the script called it ("bad argument #1 to 'rep'", method
+ * calls counted as Lua counts them) and carry the script's line, exactly
+ * as without the wrapper. The library functions wrapped use no upvalues
+ * of their own. Returns the number of results at the top.
+ */
 static int call_orig(lua_State *L)
 {
+	lua_CFunction f = lua_tocfunction(L, lua_upvalueindex(1));
+	if (f)
+		return f(L);
 	int n = lua_gettop(L);
 	lua_pushvalue(L, lua_upvalueindex(1));
 	lua_insert(L, 1);
@@ -658,6 +713,12 @@ static void charge_pattern(lua_State *L, enum wrap_kind kind)
 	       msg);
 }
 
+#ifdef LUAI_MAXSTACK
+#define UNPACK_MAX ((double)LUAI_MAXSTACK)
+#else
+#define UNPACK_MAX 1e6
+#endif
+
 /* The number of elements from i to j (0 when j < i). */
 static double span_of(lua_Integer i, lua_Integer j)
 {
@@ -684,6 +745,18 @@ static bool opt_int(lua_State *L, int idx, lua_Integer def, lua_Integer *out)
 	return ok;
 }
 
+/* Elements 1..len of the table at idx are all numbers (raw reads). */
+static bool all_numbers(lua_State *L, int idx, lua_Integer len)
+{
+	for (lua_Integer i = 1; i <= len; i++) {
+		int t = lua_rawgeti(L, idx, i);
+		lua_pop(L, 1);
+		if (t != LUA_TNUMBER)
+			return false;
+	}
+	return true;
+}
+
 static void charge_table(lua_State *L, enum wrap_kind kind)
 {
 	lua_Integer len = 0, i, j;
@@ -703,6 +776,10 @@ static void charge_table(lua_State *L, enum wrap_kind kind)
 			return;
 		}
 		elems = span_of(i, j);
+		/* More results than a stack holds: the library refuses them
+		 * before it reads any. */
+		if (kind == W_UNPACK && elems >= UNPACK_MAX)
+			return;
 		break;
 	}
 	case W_INSERT:
@@ -713,10 +790,15 @@ static void charge_table(lua_State *L, enum wrap_kind kind)
 		elems = len > 0 ? (double)len : 0;
 		break;
 	case W_SORT:
+		/* The comparisons pay as they go (sort_cmp), except those of
+		 * numbers only with the library's < (constant time): the
+		 * elements are read once to know, then n log n compares. */
 		what = "table.sort";
 		if (!table_len(L, 1, &len))
 			return;
-		elems = len > 1 ? (double)len * (log2((double)len) + 1) : 0;
+		elems = len > 0 ? (double)len : 0;
+		if (lua_isnoneornil(L, 2) && len > 1 && all_numbers(L, 1, len))
+			elems += (double)len * (log2((double)len) + 1);
 		break;
 	case W_MOVE:
 		what = "table.move";
@@ -743,6 +825,48 @@ static void charge_scan(lua_State *L)
 	rq_lua_sandbox_charge(L, 1 + bytes / SCAN_BYTES_PER_STEP, "reading long strings");
 }
 
+/*
+ * The comparison table.sort calls (upvalue 1: the script's comparator,
+ * or nil for the library's <). Pays for each call, CMP_STEPS (the
+ * compare and its share of the moves) plus, for two strings, the
+ * bytes a compare may read; the charge also checks the clock, so one
+ * sort call cannot run past the time limit whatever it compares.
+ */
+static int sort_cmp(lua_State *L)
+{
+	double cost = CMP_STEPS;
+	if (lua_type(L, 1) == LUA_TSTRING && lua_type(L, 2) == LUA_TSTRING) {
+		size_t a = lua_rawlen(L, 1), b = lua_rawlen(L, 2);
+		cost += (double)(a < b ? a : b) / CMP_BYTES_PER_STEP;
+	}
+	rq_lua_sandbox_charge(L, cost, "table.sort comparisons");
+	if (lua_isnil(L, lua_upvalueindex(1))) {
+		lua_pushboolean(L, lua_compare(L, 1, 2, LUA_OPLT));
+		return 1;
+	}
+	lua_pushvalue(L, lua_upvalueindex(1));
+	lua_insert(L, 1);
+	lua_call(L, lua_gettop(L) - 1, 1);
+	return 1;
+}
+
+/* rawequal reads two long strings of the same length (not the same
+ * object) to compare them. */
+static void charge_rawequal(lua_State *L)
+{
+	double cost = 1;
+	if (lua_type(L, 1) == LUA_TSTRING && lua_type(L, 2) == LUA_TSTRING &&
+	    lua_rawlen(L, 1) == lua_rawlen(L, 2) && lua_topointer(L, 1) != lua_topointer(L, 2))
+		cost += (double)lua_rawlen(L, 1) / CMP_BYTES_PER_STEP;
+	rq_lua_sandbox_charge(L, cost, "rawequal of long strings");
+}
+
+/* An empty string (not a number: its text is never empty). */
+static bool empty_string(lua_State *L, int idx)
+{
+	return lua_type(L, idx) == LUA_TSTRING && lua_rawlen(L, idx) == 0;
+}
+
 static int wrapped(lua_State *L)
 {
 	enum wrap_kind kind = (enum wrap_kind)lua_tointeger(L, lua_upvalueindex(2));
@@ -756,19 +880,31 @@ static int wrapped(lua_State *L)
 		break;
 	case W_REP: {
 		lua_Integer n;
-		if (lua_isstring(L, 1) && opt_int(L, 2, 0, &n) && n > 0 &&
-		    lua_rawlen(L, 1) == 0 &&
-		    (lua_isnoneornil(L, 3) || (lua_isstring(L, 3) && lua_rawlen(L, 3) == 0))) {
+		if (empty_string(L, 1) && opt_int(L, 2, 0, &n) && n > 0 &&
+		    (lua_isnoneornil(L, 3) || empty_string(L, 3))) {
 			lua_pushliteral(L, "");
 			return 1;
 		}
 		charge_scan(L);
 		break;
 	}
+	case W_SORT:
+		charge_table(L, kind);
+		/* Every comparison goes through sort_cmp; a comparator that
+		 * is not a function is left for the library to refuse. */
+		if (lua_type(L, 1) == LUA_TTABLE &&
+		    (lua_type(L, 2) == LUA_TFUNCTION ||
+		     (lua_isnoneornil(L, 2) && !all_numbers(L, 1, luaL_len(L, 1))))) {
+			lua_settop(L, 2);
+			lua_pushcclosure(L, sort_cmp, 1);
+		}
+		break;
+	case W_RAWEQUAL:
+		charge_rawequal(L);
+		break;
 	case W_CONCAT:
 	case W_INSERT:
 	case W_REMOVE:
-	case W_SORT:
 	case W_UNPACK:
 	case W_MOVE:
 		charge_table(L, kind);
@@ -814,6 +950,73 @@ static void wrap_table(lua_State *L, int idx, const char *lib)
 		lua_insert(L, -2);
 		lua_rawset(L, -4);
 	}
+}
+
+/* ---- error handling after exhaustion ----
+ *
+ * Once a run is exhausted (budget or time, budget_hit) nothing of the
+ * script may run again, and no script code may stop the error on its
+ * way out to the caller of the run:
+ * - the hook raises again before every instruction, the charge of every
+ *   wrapped C function raises at once (sticky exhaustion);
+ * - pcall, xpcall and load (whose reader runs protected) raise the error
+ *   again instead of returning it;
+ * - a message handler given to xpcall never runs after exhaustion. Lua
+ *   calls message handlers inside luaG_errormsg; when the error came from
+ *   the hook, hooks are still off then (luaD_hook restores allowhook only
+ *   when the hook returns), so a handler that loops would never be
+ *   stopped. The script's handler is wrapped (xpcall_handler) and skipped
+ *   once the run is exhausted: the error passes through unchanged.
+ * The other places where Lua runs while an error is handled: __close
+ * (runs with the hook on, and fails at its first instruction after
+ * exhaustion), __gc (refused by setmetatable), __tostring of an error
+ * value (only print / tostring / string.format call it: script code on
+ * the hook), coroutines (not in the sandbox).
+ */
+
+/* Raises the error at idx again when the run is exhausted. */
+static void rethrow_if_exhausted(lua_State *L, int idx)
+{
+	if (!exhausted(L))
+		return;
+	lua_pushvalue(L, idx);
+	lua_error(L);
+}
+
+/* pcall: the library's (upvalue 1), but an exhausted run goes on out. */
+static int l_pcall(lua_State *L)
+{
+	int n = call_orig(L);
+	int first = lua_gettop(L) - n + 1;
+	if (n >= 2 && !lua_toboolean(L, first))
+		rethrow_if_exhausted(L, first + 1);
+	return n;
+}
+
+/* The message handler of xpcall (upvalue 1: the script's). */
+static int xpcall_handler(lua_State *L)
+{
+	if (exhausted(L))
+		return 1;  /* the error object as it is: nothing of the script runs */
+	lua_pushvalue(L, lua_upvalueindex(1));
+	lua_insert(L, 1);
+	lua_call(L, lua_gettop(L) - 1, 1);
+	return 1;
+}
+
+/* xpcall: the library's (upvalue 1) with the handler wrapped. */
+static int l_xpcall(lua_State *L)
+{
+	if (lua_type(L, 2) == LUA_TFUNCTION) {
+		lua_pushvalue(L, 2);
+		lua_pushcclosure(L, xpcall_handler, 1);
+		lua_replace(L, 2);
+	}
+	int n = call_orig(L);
+	int first = lua_gettop(L) - n + 1;
+	if (n >= 2 && !lua_toboolean(L, first))
+		rethrow_if_exhausted(L, first + 1);
+	return n;
 }
 
 /* ---- finalizers, read-only tables ---- */
@@ -1110,12 +1313,16 @@ static int setup(lua_State *L)
 	}
 	lua_setmetatable(L, -4);
 	lua_pop(L, 4);
-	static const char *const base_wrap[] = {"setmetatable", "rawset", "tonumber"};
-	static const lua_CFunction base_fn[] = {l_setmetatable, l_rawset, wrapped};
-	for (size_t i = 0; i < 3; i++) {
+	static const char *const base_wrap[] = {"setmetatable", "rawset", "tonumber",
+						"rawequal", "pcall", "xpcall"};
+	static const lua_CFunction base_fn[] = {l_setmetatable, l_rawset, wrapped,
+						wrapped, l_pcall, l_xpcall};
+	static const enum wrap_kind base_kind[] = {W_SCAN, W_SCAN, W_SCAN,
+						   W_RAWEQUAL, W_SCAN, W_SCAN};
+	for (size_t i = 0; i < sizeof(base_wrap) / sizeof(base_wrap[0]); i++) {
 		lua_getfield(L, g, base_wrap[i]);
 		if (base_fn[i] == wrapped) {
-			lua_pushinteger(L, W_SCAN);
+			lua_pushinteger(L, base_kind[i]);
 			lua_pushcclosure(L, wrapped, 2);
 		} else {
 			lua_pushcclosure(L, base_fn[i], 1);
@@ -1236,4 +1443,5 @@ void rq_lua_sandbox_usage(const struct rq_lua_sandbox *sb,
 	out->memory_peak = sb->mem_peak;
 	out->memory_cap = sb->mem_cap;
 	out->budget = sb->budget;
+	out->steps = sb->steps;
 }

@@ -86,6 +86,29 @@ double rq_policy_backoff(const struct rq_backoff *b, unsigned attempt,
 	return base;
 }
 
+static double fixed_rand(void *ctx)
+{
+	return *(const double *)ctx;
+}
+
+void rq_policy_backoff_range(const struct rq_backoff *b, unsigned attempt,
+			     double *lo, double *hi)
+{
+	/* The extremes of [0, 1) rq_policy_backoff accepts. */
+	double u_lo = 0.0, u_hi = 0.9999999;
+	struct rq_policy_rand r_lo = {fixed_rand, &u_lo}, r_hi = {fixed_rand, &u_hi};
+	*lo = rq_policy_backoff(b, attempt, &r_lo);
+	*hi = rq_policy_backoff(b, attempt, &r_hi);
+}
+
+/* out->after is the backoff of params for in: its jitter range. */
+static void backoff_range(struct rq_policy_answer *out, const struct rq_policy_params *params,
+			  const struct rq_policy_input *in)
+{
+	rq_policy_backoff_range(&params->backoff, in->attempt, &out->after_min,
+				&out->after_max);
+}
+
 static void set(struct rq_policy_answer *d, enum rq_policy_action action, double after,
 		enum rq_policy_count counts, const char *rule, const char *fmt, ...)
 	__attribute__((format(printf, 6, 7)));
@@ -95,6 +118,8 @@ static void set(struct rq_policy_answer *d, enum rq_policy_action action, double
 {
 	d->action = action;
 	d->after = after;
+	d->after_min = after;
+	d->after_max = after;
 	d->counts = counts;
 	snprintf(d->rule, sizeof(d->rule), "%s", rule);
 	va_list ap;
@@ -185,11 +210,13 @@ void rq_policy_builtin(const struct rq_policy_params *params,
 	if (o->stage == RQ_STAGE_GREETING && o->code >= 500 && o->code <= 599) {
 		set(out, RQ_POLICY_NEXT_HOST, backoff, RQ_POLICY_COUNT_DESTINATION,
 		    "builtin:greeting-5xx", "host refuses the session: %s", what);
+		backoff_range(out, params, in);
 		return;
 	}
 	if (o->stage == RQ_STAGE_GREETING && o->code == 421) {
 		set(out, RQ_POLICY_NEXT_HOST, backoff, RQ_POLICY_COUNT_DESTINATION,
 		    "builtin:greeting-421", "host refuses the session: %s", what);
+		backoff_range(out, params, in);
 		return;
 	}
 	if (o->stage == RQ_STAGE_AUTH || o->code == 530) {
@@ -218,6 +245,8 @@ void rq_policy_builtin(const struct rq_policy_params *params,
 	set(out, RQ_POLICY_RETRY, backoff, RQ_POLICY_COUNT_DESTINATION,
 	    "builtin:protocol", "unexpected result, retry: %s", what);
 expire:
+	/* every path here retries after the backoff */
+	backoff_range(out, params, in);
 	rq_policy_expire(params, in, out);
 }
 

@@ -736,6 +736,20 @@ static void report_error(struct rq_policy_lua *pl, const char *rule,
 	       "per load", NULL);
 }
 
+/* out->after (and its range): the handler's `after`, or the backoff. */
+static void after_of(struct rq_policy_answer *out, const struct call *c,
+		     const struct rq_policy_params *params, const struct rq_policy_input *in,
+		     const struct rq_policy_rand *rnd)
+{
+	if (c->has_after) {
+		out->after = out->after_min = out->after_max = c->after;
+		return;
+	}
+	out->after = rq_policy_backoff(&params->backoff, in->attempt, rnd);
+	rq_policy_backoff_range(&params->backoff, in->attempt, &out->after_min,
+				&out->after_max);
+}
+
 void rq_policy_lua_decide(struct rq_policy_lua *pl,
 			  const struct rq_policy_params *params,
 			  const struct rq_policy_input *in,
@@ -811,8 +825,7 @@ void rq_policy_lua_decide(struct rq_policy_lua *pl,
 	bool builtin_retry = b.action == RQ_POLICY_RETRY || b.action == RQ_POLICY_NEXT_HOST;
 	switch (c.action) {
 	case RQ_POLICY_RETRY:
-		out->after = c.has_after ? c.after :
-			     rq_policy_backoff(&params->backoff, in->attempt, rnd);
+		after_of(out, &c, params, in, rnd);
 		out->counts = builtin_retry ? b.counts : RQ_POLICY_COUNT_MESSAGE;
 		if (out->counts == RQ_POLICY_COUNT_NONE)
 			out->counts = RQ_POLICY_COUNT_MESSAGE;
@@ -821,8 +834,7 @@ void rq_policy_lua_decide(struct rq_policy_lua *pl,
 		rq_policy_expire(params, in, out);
 		return;
 	case RQ_POLICY_SUSPEND:
-		out->after = c.has_after ? c.after :
-			     rq_policy_backoff(&params->backoff, in->attempt, rnd);
+		after_of(out, &c, params, in, rnd);
 		out->counts = RQ_POLICY_COUNT_DESTINATION;
 		snprintf(out->reason, sizeof(out->reason), "%s: suspend destination: %s",
 			 rule, what);

@@ -345,20 +345,16 @@ int rq_cli_explain(int argc, char **argv)
 		.outcome = &out, .recipient = o.rcpt, .domain = domain, .host = o.host, .msg = &msg,
 		.attempt = (unsigned)attempt, .age = age, .resends = (unsigned)resends,
 	};
-	/* The decision without jitter, then its jitter range. */
-	struct rq_decision d, dlo, dhi;
-	double v_mid = 0.5, v_lo = 0.0, v_hi = 0.9999999;
-	struct rq_policy_rand r_mid = {fixed, &v_mid}, r_lo = {fixed, &v_lo},
-			      r_hi = {fixed, &v_hi};
+	/* The decision without jitter (the middle of the range), made once:
+	 * a handler runs once, as in relayqd (handlers may keep state). The
+	 * range comes with the decision. */
+	struct rq_decision d;
+	double v_mid = 0.5;
+	struct rq_policy_rand r_mid = {fixed, &v_mid};
 	rq_decision_make(cfg, &in, &r_mid, &d);
-	rq_decision_make(cfg, &in, &r_lo, &dlo);
-	rq_decision_make(cfg, &in, &r_hi, &dhi);
-	double lo = d.policy.after, hi = d.policy.after;
-	if (dlo.policy.action == d.policy.action && dhi.policy.action == d.policy.action &&
-	    strcmp(dlo.policy.rule, d.policy.rule) == 0 && strcmp(dhi.policy.rule, d.policy.rule) == 0) {
-		lo = dlo.policy.after;
-		hi = dhi.policy.after;
-	}
+	double lo = d.policy.after_min, hi = d.policy.after_max;
+	if (!(lo <= d.policy.after && d.policy.after <= hi))
+		lo = hi = d.policy.after;
 	const struct rq_hint *h = rq_outcome_hint(&out);
 	rc = o.json ? print_json(&d, lo, hi, h) : (print_text(&d, lo, hi, h), 0);
 	rq_config_destroy(cfg);

@@ -72,6 +72,10 @@ enum rq_policy_count {
 struct rq_policy_answer {
 	enum rq_policy_action action;
 	double after;                  /* seconds (retry, suspend, next_host) */
+	/* The range after was drawn from: the backoff's jitter when after is
+	 * the backoff, else both equal to after. What `relayq explain`
+	 * prints, without deciding again (a handler runs once). */
+	double after_min, after_max;
 	enum rq_policy_count counts;
 	bool loud;                     /* needs the operator: log at error */
 	bool expired;                  /* a retry turned into fail by expiry */
@@ -133,6 +137,11 @@ struct rq_policy_input {
  * (>= 1 s). rnd may be NULL (default source). */
 double rq_policy_backoff(const struct rq_backoff *b, unsigned attempt,
 			 const struct rq_policy_rand *rnd);
+
+/* The range rq_policy_backoff draws from for attempt: *lo with the
+ * smallest random number, *hi with the largest (equal without jitter). */
+void rq_policy_backoff_range(const struct rq_backoff *b, unsigned attempt,
+			     double *lo, double *hi);
 
 /*
  * The built-in decision for in (see the table above), expiry included.

@@ -34,8 +34,12 @@
  *
  * Sandbox (lua_sandbox.h): print logs as policy_print; relayq.getenv
  * (config_lua) reads the environment at load time only. Every handler
- * call has an instruction budget and a wall-clock limit (a backstop), and
- * the state a memory cap. A handler that errors, runs out of budget, time
+ * call has an instruction budget and a wall-clock limit, and the state a
+ * memory cap; a call ends within the sandbox's margin of its limit (about
+ * 0.1 s), then a failed call gets one full collection (bounded by the
+ * memory cap). Loading the file has load_instructions per phase and one
+ * deadline of load_seconds for the whole load (config_lua), so a SIGHUP
+ * reload holds up the daemon's loop at most load_seconds plus the margin. A handler that errors, runs out of budget, time
  * or memory, or returns something else than an action gets the built-in
  * decision; the error is counted and logged with a traceback once per
  * rule per loaded state.

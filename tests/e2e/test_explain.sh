@@ -123,6 +123,66 @@ printf 'relayq.config {\n  conections = 1,\n}\n' >"$TMP/bad.lua"
 expect_rc "bad config" 1 -c "$TMP/bad.lua" --code 550
 grep -q "bad.lua:2: error: unknown key conections" "$TMP/err" || fail "bad config: no file:line in: $(cat "$TMP/err")"
 
+# ---- handlers that try to outlive their budget (issue 15) ----
+# `timeout` only keeps a regression from hanging the suite; the bounds are
+# generous (the handler's limit is 1 s, the load's 10 s; the box is loaded).
+timed() {
+	local start=$SECONDS rc=0
+	timeout 60 "$@" || rc=$?
+	took=$((SECONDS - start))
+	return $rc
+}
+cat >"$TMP/escape.lua" <<'EOF'
+relayq.on(550, function() xpcall(error, function() while true do end end) end)
+relayq.on(551, function()
+  xpcall(function() while true do end end, function() while true do end end) end)
+relayq.on(552, function()
+  local x <close> = setmetatable({}, { __close = function() while true do pcall(error) end end })
+  while true do end end)
+relayq.on(553, function()
+  local t = {} for i = 1, 40 do t[i] = string.rep("a", 200000) .. i end
+  while true do table.sort(t) end end)
+EOF
+for code in 550 551 552 553; do
+	rc=0
+	timed "$BIN" explain -c "$TMP/escape.lua" --code $code >"$TMP/out" 2>"$TMP/err" || rc=$?
+	if [ $rc -ne 0 ]; then
+		fail "escape $code: exit $rc: $(cat "$TMP/err")"
+	elif [ $took -gt 20 ]; then
+		fail "escape $code: took ${took}s"
+	elif ! grep -Eq "^reason: permanent failure: .*lua:$code error: .*(instruction budget exceeded|time limit exceeded)" "$TMP/out"; then
+		fail "escape $code: no budget error in: $(cat "$TMP/out")"
+	elif ! grep -q '^rule: builtin:5xx$' "$TMP/out"; then
+		fail "escape $code: not the built-in decision: $(cat "$TMP/out")"
+	fi
+done
+# At load time the file is refused (exit 1): it does not hang.
+printf 'xpcall(function() while true do end end, function() while true do end end)\n' \
+	>"$TMP/escape_load.lua"
+rc=0
+timed "$BIN" explain -c "$TMP/escape_load.lua" --code 550 >"$TMP/out" 2>"$TMP/err" || rc=$?
+if [ $rc -ne 1 ]; then
+	fail "escape at load: exit $rc, wanted 1"
+elif [ $took -gt 40 ]; then
+	fail "escape at load: took ${took}s"
+elif ! grep -q "instruction budget exceeded" "$TMP/err"; then
+	fail "escape at load: no budget error in: $(cat "$TMP/err")"
+fi
+
+# ---- a dry run calls the handler once, as relayqd does ----
+cat >"$TMP/count.lua" <<'EOF'
+relayq.backoff { first = "10m", factor = 2, max = "1h", jitter = 0.5 }
+local n, m = 0, 0
+relayq.on(450, function() n = n + 1 return relayq.retry { after = n .. "m" } end)
+relayq.on(451, function() m = m + 1
+  if m > 1 then return relayq.fail { reason = "called " .. m .. " times" } end
+  return relayq.retry() end)
+EOF
+P="-c $TMP/count.lua"
+expect "handler called once" '^action: retry$' '^after: 60 \(1m\)$' '^rule: lua:450$' -- $P --code 450
+expect "fixed after: no jitter" '"after":60\.0,"after_min":60\.0,"after_max":60\.0' -- $P --code 450 --json
+expect "once, backoff range" '^action: retry$' '^after: 600 ' '^jitter: 300\.\.900$' '^rule: lua:451$' -- $P --code 451
+
 if [ $fails -ne 0 ]; then
 	echo "$fails failures" >&2
 	exit 1
