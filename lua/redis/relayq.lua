@@ -8,7 +8,7 @@
 -- its first write, so an error reply means nothing was written. Errors are
 -- raised with fail() and turned into "ERR relayq: <sentence>" by wrap().
 
-local VERSION = 3
+local VERSION = 4
 
 -- redis.call is not reachable while the library loads, only when a function runs.
 local function call(...)
@@ -88,13 +88,25 @@ local function b36(n, width)
 	return table.concat(out)
 end
 
+-- Queue names: the rule of rq_keys_queue_valid (include/relayq/keys.h),
+-- which the CLI, the config and the daemon apply: 1 to QUEUE_MAX bytes of
+-- A-Z a-z 0-9 _ . : - (tests/component/test_functions.c checks that both
+-- agree on one table of names). A name nothing else can serve is refused
+-- here too, by every function, before anything is read or written.
+local QUEUE_MAX = 64
+local QUEUE_RULE = '1-64 of A-Z a-z 0-9 _ . : -'
+
 local function prefix(keys)
 	if #keys ~= 1 then
 		fail('expected exactly one key, the queue prefix relayq:{<queue>}')
 	end
 	local p = keys[1]
-	if not p:find('^relayq:{[^{}]+}$') then
+	local q = p:match('^relayq:{(.*)}$')
+	if not q then
 		fail('invalid queue key ' .. clean(p) .. ': expected relayq:{<queue>}')
+	end
+	if #q == 0 or #q > QUEUE_MAX or q:find('[^A-Za-z0-9_.:%-]') then
+		fail("invalid queue name '" .. clean(q) .. "': expected " .. QUEUE_RULE)
 	end
 	return p
 end
