@@ -29,6 +29,7 @@ local MAX_BATCH = 10000        -- claim count, settle outcomes, renew pairs
 local MAX_LEASE_MS = 604800000 -- 7 days
 local MAX_DELAY_S = 315360000  -- 10 years
 local MAX_META = 65536         -- octets of meta JSON
+local MAX_META_DEPTH = 32      -- levels of meta (RQ_JSON_META_MAX_DEPTH, json.h)
 local MAX_KEY = 256            -- octets of an idempotency key
 local MAX_TEXT = 4096          -- reply text kept per recipient (longer is cut)
 local MAX_LIST = 1000          -- relayq_list count
@@ -146,6 +147,16 @@ end
 
 local function is_int(v)
 	return type(v) == 'number' and v == math.floor(v) and v > -1e15 and v < 1e15
+end
+
+-- True when table t, itself level 1, holds tables nested deeper than max
+-- levels in all. Stops at the first branch past max.
+local function deeper_than(t, max)
+	if max < 1 then return true end
+	for _, v in pairs(t) do
+		if type(v) == 'table' and deeper_than(v, max - 1) then return true end
+	end
+	return false
 end
 
 -- JSON array of strings (cjson would encode an empty one as {}).
@@ -373,6 +384,9 @@ local function enqueue(keys, args)
 	local metatext
 	if env.meta ~= nil then
 		if not is_object(env.meta) then fail('meta must be a JSON object') end
+		if deeper_than(env.meta, MAX_META_DEPTH) then
+			fail('meta is nested deeper than ' .. MAX_META_DEPTH .. ' levels')
+		end
 		local eok, enc = pcall(cjson.encode, env.meta)
 		if not eok then
 			-- e.g. 1e400 decodes to inf, which JSON cannot hold.

@@ -16,6 +16,7 @@
 
 #include "harness.h"
 #include "relayq/fnlib.h"
+#include "relayq/json.h"
 #include "relayq/keys.h"
 #include "relayq/message.h"
 
@@ -1076,6 +1077,45 @@ static void meta_round_trip(void **state)
 	freeReplyObject(r);
 }
 
+/* meta: at most RQ_JSON_META_MAX_DEPTH levels (the C constant and Lua's
+ * MAX_META_DEPTH are one limit: the last level accepted, the next refused),
+ * and the issue's 900. */
+static void meta_depth_limit(void **state)
+{
+	struct q *q = *state;
+	static const int depths[] = {1, RQ_JSON_META_MAX_DEPTH, RQ_JSON_META_MAX_DEPTH + 1, 900};
+	char want[100];
+	snprintf(want, sizeof(want), "meta is nested deeper than %d levels", RQ_JSON_META_MAX_DEPTH);
+	for (size_t k = 0; k < sizeof(depths) / sizeof(depths[0]); k++) {
+		int d = depths[k];
+		size_t n = (size_t)d * 12 + 100;
+		char *env = malloc(n);
+		size_t o = (size_t)sprintf(env, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"meta\":");
+		/* mixed objects and arrays: both count */
+		for (int i = 0; i < d; i++)
+			o += (size_t)sprintf(env + o, i % 3 == 2 ? "[" : "{\"k\":");
+		env[o++] = '1';
+		for (int i = d - 1; i >= 0; i--)
+			env[o++] = i % 3 == 2 ? ']' : '}';
+		/* the outermost level is an object (i = 0) */
+		strcpy(env + o, "}");
+		if (d <= RQ_JSON_META_MAX_DEPTH) {
+			char id[40];
+			enq(q, env, BODY, id);
+			char *s = show(q, id);
+			/* what was accepted, a C reader reads back */
+			struct rq_json *v = rq_json_parse(s, strlen(s), RQ_JSON_LAX_UTF8, NULL, 0);
+			assert_non_null(v);
+			assert_int_equal(rq_json_depth(rq_json_get(v, "meta")), (size_t)d);
+			rq_json_free(v);
+			free(s);
+		} else {
+			REFUSED(q, enqueue_raw(q, env, BODY, strlen(BODY)), want);
+		}
+		free(env);
+	}
+}
+
 static void claim_settle_delivered(void **state)
 {
 	struct q *q = *state;
@@ -1943,6 +1983,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(idempotency_key, setup, teardown),
 		cmocka_unit_test_setup_teardown(delay_schedules, setup, teardown),
 		cmocka_unit_test_setup_teardown(meta_round_trip, setup, teardown),
+		cmocka_unit_test_setup_teardown(meta_depth_limit, setup, teardown),
 		cmocka_unit_test_setup_teardown(claim_settle_delivered, setup, teardown),
 		cmocka_unit_test_setup_teardown(partial_delivery, setup, teardown),
 		cmocka_unit_test_setup_teardown(settle_after_lost_lease, setup, teardown),
