@@ -143,6 +143,18 @@ void rq_decision_make(const struct rq_config *cfg, const struct rq_decision_inpu
 		return;
 	}
 
+	if (o->fail == RQ_FAIL_LOCAL) {
+		/* This host ran out of file descriptors, buffers or memory
+		 * before the peer was reached: no rule about replies has
+		 * anything to judge, and neither the message (no attempt) nor
+		 * the destination (no failure, no suspension) is to blame. */
+		rq_policy_builtin(&params, &pin, rnd, &out->policy);
+		record(out, &out->policy);
+		out->attempt = false;
+		out->dest = RQ_DECISION_DEST_NONE;
+		return;
+	}
+
 	rq_policy_lua_decide_config(cfg, &pin, in->msg, rnd, &out->policy);
 	struct rq_policy_answer a = out->policy;
 	switch (a.action) {

@@ -278,7 +278,16 @@ static void on_closed(struct rq_smtp *s, const struct rq_outcome *why, void *arg
 	struct rq_dest *d = x->d;
 	struct rq_dests *ds = d->ds;
 	bool was_ready = x->ready;
-	if (!was_ready) {
+	if (!was_ready && why && why->fail == RQ_FAIL_LOCAL) {
+		/* out of descriptors / memory here: not the destination's
+		 * failure (the runner retries the message soon) */
+		if (rq_log_enabled(RQ_LOG_WARN)) {
+			char desc[600];
+			rq_policy_describe(why, desc, sizeof(desc));
+			rq_log(RQ_LOG_WARN, "local_failure", "dest", d->key, "host",
+			       rq_smtp_peer_addr(s), "reason", desc, NULL);
+		}
+	} else if (!was_ready) {
 		d->unready_fails++;
 		if (rq_log_enabled(RQ_LOG_WARN)) {
 			char desc[600];

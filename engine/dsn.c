@@ -221,6 +221,9 @@ const char *rq_dsn_status(const struct rq_outcome *o, char out[16])
 	case RQ_FAIL_PROTOCOL:
 		st = "4.5.0";
 		break;
+	case RQ_FAIL_LOCAL:
+		st = "4.3.0";
+		break;
 	default:
 		break;
 	}

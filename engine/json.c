@@ -335,12 +335,74 @@ static void append_child(struct rq_json *parent, struct rq_json *c)
 
 static struct rq_json *parse_value(struct parser *ps, int depth);
 
+/*
+ * RQ_JSON_SKIP_DEEP: steps over the container at ps->p without recursion
+ * (a counter of open brackets, strings stepped over with their escapes)
+ * and makes v a too_deep null. Mismatched brackets or an unterminated
+ * string are errors as usual.
+ */
+static int skip_container(struct parser *ps, struct rq_json *v)
+{
+	/* one bit per open level would need a stack; brackets must match, so
+	 * keep the kinds in a growing byte array */
+	size_t cap = 256, n = 0;
+	char *open = malloc(cap);
+	if (!open) {
+		fail(ps, "out of memory");
+		return -1;
+	}
+	while (ps->p < ps->end) {
+		unsigned char c = *ps->p;
+		if (c == '"') {
+			ps->p++;
+			while (ps->p < ps->end && *ps->p != '"') {
+				if (*ps->p == '\\' && ps->p + 1 < ps->end)
+					ps->p++;
+				ps->p++;
+			}
+			if (ps->p >= ps->end)
+				break;
+		} else if (c == '{' || c == '[') {
+			if (n == cap) {
+				char *o = realloc(open, cap * 2);
+				if (!o) {
+					free(open);
+					fail(ps, "out of memory");
+					return -1;
+				}
+				open = o;
+				cap *= 2;
+			}
+			open[n++] = c == '{' ? '}' : ']';
+		} else if (c == '}' || c == ']') {
+			if (n == 0 || open[n - 1] != (char)c) {
+				free(open);
+				fail(ps, "mismatched '%c'", c);
+				return -1;
+			}
+			if (--n == 0) {
+				ps->p++;
+				free(open);
+				v->type = RQ_JSON_NULL;
+				v->too_deep = true;
+				return 0;
+			}
+		}
+		ps->p++;
+	}
+	free(open);
+	fail(ps, "unexpected end inside a container nested deeper than %d", RQ_JSON_MAX_DEPTH);
+	return -1;
+}
+
 static int parse_container(struct parser *ps, struct rq_json *v, int depth)
 {
 	bool object = *ps->p == '{';
 	char close = object ? '}' : ']';
 	v->type = object ? RQ_JSON_OBJECT : RQ_JSON_ARRAY;
 	if (depth >= RQ_JSON_MAX_DEPTH) {
+		if (ps->flags & RQ_JSON_SKIP_DEEP)
+			return skip_container(ps, v);
 		fail(ps, "nesting deeper than %d", RQ_JSON_MAX_DEPTH);
 		return -1;
 	}
@@ -947,4 +1009,33 @@ int rq_json_buf_kv_bool(struct rq_json_buf *b, const char *key, bool v)
 	if (rq_json_buf_key(b, key) < 0)
 		return -1;
 	return rq_json_buf_bool(b, v);
+}
+
+size_t rq_json_depth(const struct rq_json *v)
+{
+	if (!v)
+		return 0;
+	if (v->too_deep)
+		return RQ_JSON_MAX_DEPTH + 1;
+	if (v->type != RQ_JSON_ARRAY && v->type != RQ_JSON_OBJECT)
+		return 0;
+	size_t max = 0;
+	for (const struct rq_json *c = v->child; c; c = c->next) {
+		size_t d = rq_json_depth(c);
+		if (d > max)
+			max = d;
+	}
+	return 1 + max;
+}
+
+bool rq_json_has_deep(const struct rq_json *v)
+{
+	if (!v)
+		return false;
+	if (v->too_deep)
+		return true;
+	for (const struct rq_json *c = v->child; c; c = c->next)
+		if (rq_json_has_deep(c))
+			return true;
+	return false;
 }

@@ -353,6 +353,14 @@ static void fill_metrics(struct evbuffer *out, void *arg)
 	rq_metrics_sample(out, "relayq_smtp_transactions_total", NULL, ds.txns);
 	if (dm->nlistens)
 		fill_listen_metrics(out, dm);
+	rq_metrics_head(out, "relayq_metrics_connections", "gauge",
+			"connections to this endpoint (at most 16)");
+	rq_metrics_sample(out, "relayq_metrics_connections", NULL,
+			  rq_metrics_connections(dm->metrics));
+	rq_metrics_head(out, "relayq_metrics_accept_errors_total", "counter",
+			"failed accepts on this endpoint (each pauses accepting)");
+	rq_metrics_sample(out, "relayq_metrics_accept_errors_total", NULL,
+			  rq_metrics_accept_errors(dm->metrics));
 }
 
 /* ---- start ---- */

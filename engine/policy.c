@@ -189,6 +189,13 @@ void rq_policy_builtin(const struct rq_policy_params *params,
 	rq_policy_describe(o, what, sizeof(what));
 	double backoff = rq_policy_backoff(&params->backoff, in->attempt, rnd);
 
+	if (o->fail == RQ_FAIL_LOCAL) {
+		/* nobody's fault but this host's: soon again, counted against
+		 * neither the message nor the destination */
+		set(out, RQ_POLICY_RETRY, RQ_POLICY_LOCAL_RETRY, RQ_POLICY_COUNT_NONE,
+		    "builtin:local", "local resource failure, retry soon: %s", what);
+		goto expire;
+	}
 	if (o->fail != RQ_FAIL_NONE && !(o->code >= 200 && o->code <= 599)) {
 		char rule[RQ_POLICY_RULE_MAX];
 		snprintf(rule, sizeof(rule), "builtin:%s", rq_fail_name(o->fail));

@@ -138,6 +138,9 @@ static int parse_selector(lua_State *L, int idx, char key[SEL_MAX], char *err,
 		return 0;
 	}
 	for (int f = 1; f < RQ_FAIL_COUNT_; f++) {
+		/* a local fault never reaches a rule (decision.c) */
+		if (f == RQ_FAIL_LOCAL)
+			continue;
 		if (strcmp(s, rq_fail_name((enum rq_fail)f)) == 0) {
 			snprintf(key, SEL_MAX, "%s", s);
 			return 0;

@@ -2,6 +2,7 @@
  * classifier and the knowledge base (see reply.h). */
 #include "relayq/reply.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -58,6 +59,7 @@ static const char *const fail_names[RQ_FAIL_COUNT_] = {
 	[RQ_FAIL_TLS] = "tls",
 	[RQ_FAIL_DNS] = "dns",
 	[RQ_FAIL_PROTOCOL] = "protocol",
+	[RQ_FAIL_LOCAL] = "local",
 };
 
 const char *rq_stage_name(enum rq_stage stage)
@@ -65,6 +67,16 @@ const char *rq_stage_name(enum rq_stage stage)
 	if ((unsigned)stage >= RQ_STAGE_COUNT_)
 		return "unknown";
 	return stage_names[stage];
+}
+
+bool rq_errno_local(int err)
+{
+	return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+enum rq_fail rq_fail_connect_errno(int err)
+{
+	return rq_errno_local(err) ? RQ_FAIL_LOCAL : RQ_FAIL_REFUSED;
 }
 
 const char *rq_fail_name(enum rq_fail fail)
@@ -544,6 +556,10 @@ static const struct rq_hint fail_hints[RQ_FAIL_COUNT_] = {
 			 "retry later; check the resolver and the domain's DNS"},
 	[RQ_FAIL_PROTOCOL] = {"the server sent a malformed reply",
 			      "report it to the server's postmaster"},
+	[RQ_FAIL_LOCAL] = {"this host ran out of a resource (file descriptors, "
+			   "buffers, memory) before the server was reached",
+			   "nothing wrong with the destination; check relayqd's "
+			   "limits (ulimit -n, connections) and the host's load"},
 };
 
 const struct rq_hint *rq_outcome_hint(const struct rq_outcome *o)

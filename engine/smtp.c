@@ -549,11 +549,14 @@ static void conn_fail(struct rq_smtp *s, const struct rq_outcome *how)
 		return;
 	}
 	if (before_ready(st) && !s->ready_once) {
-		if (!s->have_best || !is_reply(&s->best) || is_reply(o)) {
+		if (!s->have_best || !is_reply(&s->best) || is_reply(o) ||
+		    o->fail == RQ_FAIL_LOCAL) {
 			s->best = *o;
 			s->have_best = true;
 		}
-		if (stage_of(st) != RQ_STAGE_AUTH && s->hi + 1 < s->nhosts) {
+		/* a local fault would hit the next host the same way: stop */
+		if (stage_of(st) != RQ_STAGE_AUTH && s->hi + 1 < s->nhosts &&
+		    o->fail != RQ_FAIL_LOCAL) {
 			s->hi++;
 			s->plain_retry = false;
 			to_state(s, RQ_SMTP_ST_INIT);
@@ -1516,7 +1519,7 @@ static void bev_event_cb(struct bufferevent *bev, short what, void *arg)
 			goto out;
 		}
 		if (s->st == RQ_SMTP_ST_CONNECTING) {
-			fail_here(s, RQ_FAIL_REFUSED, "connect to %s: %s", s->peer_addr,
+			fail_here(s, rq_fail_connect_errno(err), "connect to %s: %s", s->peer_addr,
 				  err ? evutil_socket_error_to_string(err) : "failed");
 			goto out;
 		}
@@ -1576,16 +1579,19 @@ static void host_start(struct rq_smtp *s)
 	s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
 	if (!s->bev) {
 		to_state(s, RQ_SMTP_ST_CONNECTING);
-		fail_here(s, RQ_FAIL_REFUSED, "cannot create a socket");
+		fail_here(s, RQ_FAIL_LOCAL, "cannot connect to %s: out of memory", s->peer_addr);
 		return;
 	}
 	setup_bev(s);
 	to_state(s, RQ_SMTP_ST_CONNECTING);
 	if (bufferevent_socket_connect(s->bev, (const struct sockaddr *)&h->addr,
 				       (int)h->addrlen) != 0) {
+		/* socket() or connect() failed at once: EMFILE, ENFILE,
+		 * ENOBUFS, ENOMEM are ours, not the peer's */
 		int err = EVUTIL_SOCKET_ERROR();
-		fail_here(s, RQ_FAIL_REFUSED, "connect to %s: %s", s->peer_addr,
-			  evutil_socket_error_to_string(err));
+		enum rq_fail f = rq_fail_connect_errno(err);
+		fail_here(s, f, "%s %s: %s", f == RQ_FAIL_LOCAL ? "local: cannot connect to" : "connect to",
+			  s->peer_addr, evutil_socket_error_to_string(err));
 	}
 }
 

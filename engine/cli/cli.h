@@ -148,10 +148,21 @@ void cli_fmt_duration(char *out, size_t len, int64_t ms);
 void cli_fmt_time(char *out, size_t len, int64_t ms);
 
 /* A function's JSON object reply (lax about UTF-8: Redis passes bytes), or
- * NULL after printing why. Free with rq_json_free. */
+ * NULL after printing why. A value nested deeper than the parser's limit
+ * (a meta written before enqueue bounded it, or by hand) does not make the
+ * reply unreadable: it stands as a too_deep node (rq_json_has_deep), which
+ * cli_field_text shows as CLI_UNREADABLE_DEEP and cli_print_json_line as
+ * null named in "unreadable". Free with rq_json_free. */
 struct rq_json *cli_reply_json(const redisReply *r, const char *what);
-/* Writes v as one compact JSON line on stdout. */
+#define CLI_UNREADABLE_DEEP "(unreadable: nested deeper than 64 levels)"
+/* Writes v as one compact JSON line on stdout. Members of an object v that
+ * hold a too_deep node are written as null, and their names listed in a
+ * last member "unreadable": ["meta", ...]. */
 void cli_print_json_line(const struct rq_json *v);
+/* The id of a function's JSON reply that does not parse at all, when it
+ * starts {"id":"<id>" as relayq_show / relayq_list write it (malloc'd,
+ * cleaned), else "?". */
+char *cli_reply_id_guess(const redisReply *r);
 /* An integer field, or dflt. */
 int64_t cli_field_int(const struct rq_json *v, const char *key, int64_t dflt);
 /* Text of a field for humans: strings cleaned, numbers and JSON written.

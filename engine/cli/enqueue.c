@@ -170,6 +170,12 @@ int cmd_enqueue(struct cli *cli, int argc, char **argv)
 			rc = EXIT_USAGE;
 			goto cleanup;
 		}
+		if (rq_json_depth(meta) > RQ_JSON_META_MAX_DEPTH) {
+			cli_errorf("enqueue: --meta is nested deeper than %d levels",
+					RQ_JSON_META_MAX_DEPTH);
+			rc = EXIT_USAGE;
+			goto cleanup;
+		}
 	}
 	const char *file = optind < argc ? argv[optind] : "-";
 	if (strcmp(file, "-") == 0) {

@@ -34,7 +34,7 @@ static const char usage[] =
 	"\n"
 	"  -c, --config FILE  the relayqd config file (settings and Lua policy)\n"
 	"  --code N|EVENT     reply code 200-599, or a transport event: timeout,\n"
-	"                     refused, lost, tls, dns, protocol\n"
+	"                     refused, lost, tls, dns, protocol, local\n"
 	"  --enhanced X.Y.Z   enhanced status code (RFC 3463)\n"
 	"  --text T           reply text\n"
 	"  --stage S          greeting, ehlo, helo, starttls, tls, auth, mail, rcpt,\n"
@@ -275,7 +275,7 @@ int rq_cli_explain(int argc, char **argv)
 				fail = (enum rq_fail)f;
 		if (fail == RQ_FAIL_NONE)
 			return usage_error("--code '%s' is neither a reply code nor an event "
-					   "(timeout, refused, lost, tls, dns, protocol)",
+					   "(timeout, refused, lost, tls, dns, protocol, local)",
 					   shown(o.code));
 	}
 	char enhanced[16] = "";

@@ -153,7 +153,27 @@ int cmd_list(struct cli *cli, int argc, char **argv)
 		for (size_t i = 0; i < n; i++) {
 			struct rq_json *m = cli_reply_json(r->element[i], "relayq_list");
 			if (!m) {
+				/* Never left out: a row that says it cannot be
+				 * read (the reason is on stderr). */
 				rc = EXIT_OPERATION;
+				char *id = cli_reply_id_guess(r->element[i]);
+				if (json) {
+					struct rq_json_buf b;
+					rq_json_buf_init(&b);
+					rq_json_buf_obj_begin(&b);
+					rq_json_buf_kv_str(&b, "id", id);
+					rq_json_buf_kv_str(&b, "unreadable", "record");
+					rq_json_buf_obj_end(&b);
+					if (rq_json_buf_ok(&b))
+						printf("%s\n", b.data);
+					rq_json_buf_finish(&b);
+					free(id);
+				} else {
+					rows[i].col[COL_ID] = id;
+					for (int c = 1; c < NCOLS; c++)
+						rows[i].col[c] = cli_clean_str(c == COL_LAST ?
+							"(unreadable record, see the error above)" : "?", 0);
+				}
 				continue;
 			}
 			if (json)

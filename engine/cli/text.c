@@ -127,7 +127,8 @@ struct rq_json *cli_reply_json(const redisReply *r, const char *what)
 		return NULL;
 	}
 	char err[160];
-	struct rq_json *v = rq_json_parse(r->str, r->len, RQ_JSON_LAX_UTF8, err, sizeof(err));
+	struct rq_json *v = rq_json_parse(r->str, r->len, RQ_JSON_LAX_UTF8 | RQ_JSON_SKIP_DEEP,
+					  err, sizeof(err));
 	if (!v)
 		cli_errorf("unexpected reply from %s: %s", what, err);
 	else if (v->type != RQ_JSON_OBJECT) {
@@ -138,12 +139,43 @@ struct rq_json *cli_reply_json(const redisReply *r, const char *what)
 	return v;
 }
 
+char *cli_reply_id_guess(const redisReply *r)
+{
+	static const char head[] = "{\"id\":\"";
+	size_t hl = sizeof(head) - 1;
+	if (r && r->type == REDIS_REPLY_STRING && r->len > hl &&
+			memcmp(r->str, head, hl) == 0) {
+		const char *q = memchr(r->str + hl, '"', r->len - hl);
+		if (q && q > r->str + hl)
+			return cli_clean(r->str + hl, (size_t)(q - r->str - hl), 40);
+	}
+	return cli_clean_str("?", 0);
+}
+
 /* Writes v as one compact JSON line. */
 void cli_print_json_line(const struct rq_json *v)
 {
 	struct rq_json_buf b;
 	rq_json_buf_init(&b);
-	rq_json_buf_value(&b, v);
+	if (rq_json_is(v, RQ_JSON_OBJECT) && rq_json_has_deep(v)) {
+		rq_json_buf_obj_begin(&b);
+		for (const struct rq_json *c = v->child; c; c = c->next) {
+			rq_json_buf_key(&b, c->key);
+			if (rq_json_has_deep(c))
+				rq_json_buf_str(&b, NULL);
+			else
+				rq_json_buf_value(&b, c);
+		}
+		rq_json_buf_key(&b, "unreadable");
+		rq_json_buf_arr_begin(&b);
+		for (const struct rq_json *c = v->child; c; c = c->next)
+			if (rq_json_has_deep(c))
+				rq_json_buf_strn(&b, c->key, c->key_len);
+		rq_json_buf_arr_end(&b);
+		rq_json_buf_obj_end(&b);
+	} else {
+		rq_json_buf_value(&b, v);
+	}
 	if (rq_json_buf_ok(&b))
 		printf("%s\n", b.data);
 	rq_json_buf_finish(&b);
@@ -158,6 +190,8 @@ int64_t cli_field_int(const struct rq_json *v, const char *key, int64_t dflt)
 /* Text of a field for humans: strings cleaned, numbers and JSON written. */
 char *cli_field_text(const struct rq_json *v, size_t max)
 {
+	if (rq_json_has_deep(v))
+		return cli_clean_str(CLI_UNREADABLE_DEEP, 0);
 	if (!v || v->type == RQ_JSON_NULL)
 		return cli_clean_str("", 0);
 	if (v->type == RQ_JSON_STRING)

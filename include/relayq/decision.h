@@ -36,6 +36,10 @@
  *                          retry with backoff
  *   (destination suspended deferred to its end,  destination  none
  *    before sending)       or expired
+ *   (a local fault:        deferred after        nothing, no  none
+ *    RQ_FAIL_LOCAL, before RQ_POLICY_LOCAL_RETRY attempt
+ *    the peer was reached) (builtin:local; no
+ *                          Lua rule sees it)
  *
  * Expiry (max_age, max_attempts) applies to every state that would wait:
  * a deferral past it is recorded as expired, rule "builtin:expired", with

@@ -27,6 +27,19 @@
 
 #define RQ_JSON_MAX_DEPTH 64
 
+/*
+ * The one limit on an application's `meta` object: at most this many levels
+ * of nesting, the object itself being level 1 ({} is 1, {"a":{}} is 2).
+ * relayq_enqueue refuses deeper meta (MAX_META_DEPTH in lua/redis/relayq.lua;
+ * test_functions checks the two are equal), so does `relayq enqueue --meta`.
+ * It leaves room under RQ_JSON_MAX_DEPTH for the records that carry meta
+ * one level down (relayq_show, relayq_list, events), so every C reader of
+ * them parses what enqueue accepted.
+ */
+#define RQ_JSON_META_MAX_DEPTH 32
+_Static_assert(RQ_JSON_META_MAX_DEPTH + 2 <= RQ_JSON_MAX_DEPTH,
+	       "meta must fit in a record under the parser's depth limit");
+
 enum rq_json_type {
 	RQ_JSON_NULL = 0,
 	RQ_JSON_BOOL,
@@ -41,6 +54,11 @@ enum {
 	/* Accept bytes that are not valid UTF-8 inside strings and keep them as
 	 * they are (Redis cjson passes such bytes through). Default: rejected. */
 	RQ_JSON_LAX_UTF8 = 1 << 0,
+	/* A container nested deeper than RQ_JSON_MAX_DEPTH is not an error:
+	 * it is skipped (its brackets must still balance, its strings end)
+	 * and stands in the tree as a null node with too_deep set, so a
+	 * reader still gets the rest of the document. Default: an error. */
+	RQ_JSON_SKIP_DEEP = 1 << 1,
 };
 
 /*
@@ -62,6 +80,7 @@ struct rq_json {
 	struct rq_json *next;
 	char *key;
 	size_t key_len;
+	bool too_deep;         /* RQ_JSON_SKIP_DEEP: a container skipped here */
 };
 
 /*
@@ -89,6 +108,14 @@ const char *rq_json_get_str(const struct rq_json *v, const char *key);
  * number (or, with lax, a string holding a decimal integer). */
 bool rq_json_get_int(const struct rq_json *v, const char *key, bool lax,
 		int64_t *out);
+
+/* Levels of nesting of v: 0 for a scalar (or NULL), 1 for an empty array
+ * or object, 1 + the deepest child otherwise. A too_deep node counts as
+ * deeper than RQ_JSON_MAX_DEPTH. */
+size_t rq_json_depth(const struct rq_json *v);
+
+/* True when v or anything under it is a too_deep node. */
+bool rq_json_has_deep(const struct rq_json *v);
 
 /* True when v is a node of this type (false for NULL). */
 bool rq_json_is(const struct rq_json *v, enum rq_json_type type);

@@ -108,6 +108,9 @@ struct rq_policy_params {
 #define RQ_POLICY_BACKOFF_MAX 14400.0
 #define RQ_POLICY_BACKOFF_JITTER 0.15
 #define RQ_POLICY_MAX_AGE (5 * 86400.0)
+/* A local fault (RQ_FAIL_LOCAL: out of file descriptors, buffers, memory):
+ * the message is retried after this many seconds, whatever the backoff. */
+#define RQ_POLICY_LOCAL_RETRY 30.0
 
 void rq_policy_params_default(struct rq_policy_params *p);
 

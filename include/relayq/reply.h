@@ -39,6 +39,9 @@ enum rq_fail {
 	RQ_FAIL_TLS,       /* handshake or verification failed, TLS required */
 	RQ_FAIL_DNS,       /* temporary DNS failure (permanent ones are 5xx synthetic) */
 	RQ_FAIL_PROTOCOL,  /* garbage, out-of-bounds or overlong reply */
+	RQ_FAIL_LOCAL,     /* this host ran out of something (file descriptors,
+			      buffers, memory) before the peer was reached:
+			      never the destination's fault nor the message's */
 	RQ_FAIL_COUNT_
 };
 
@@ -69,6 +72,14 @@ const char *rq_stage_name(enum rq_stage stage);
 const char *rq_fail_name(enum rq_fail fail);
 /* Parses a stage name; -1 when unknown. */
 int rq_stage_parse(const char *name);
+
+/* True for an errno that says this host is out of a resource (EMFILE,
+ * ENFILE, ENOBUFS, ENOMEM): a local fault, whoever the peer was. */
+bool rq_errno_local(int err);
+
+/* The transport failure for a failed socket() / connect() with errno err:
+ * RQ_FAIL_LOCAL when rq_errno_local(err), else RQ_FAIL_REFUSED. */
+enum rq_fail rq_fail_connect_errno(int err);
 
 /*
  * Fills an outcome (text is formatted, truncated as needed, never inside a

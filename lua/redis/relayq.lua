@@ -8,7 +8,7 @@
 -- its first write, so an error reply means nothing was written. Errors are
 -- raised with fail() and turned into "ERR relayq: <sentence>" by wrap().
 
-local VERSION = 3
+local VERSION = 4
 
 -- redis.call is not reachable while the library loads, only when a function runs.
 local function call(...)
@@ -29,6 +29,7 @@ local MAX_BATCH = 10000        -- claim count, settle outcomes, renew pairs
 local MAX_LEASE_MS = 604800000 -- 7 days
 local MAX_DELAY_S = 315360000  -- 10 years
 local MAX_META = 65536         -- octets of meta JSON
+local MAX_META_DEPTH = 32      -- levels of meta (RQ_JSON_META_MAX_DEPTH, json.h)
 local MAX_KEY = 256            -- octets of an idempotency key
 local MAX_TEXT = 4096          -- reply text kept per recipient (longer is cut)
 local MAX_LIST = 1000          -- relayq_list count
@@ -88,13 +89,25 @@ local function b36(n, width)
 	return table.concat(out)
 end
 
+-- Queue names: the rule of rq_keys_queue_valid (include/relayq/keys.h),
+-- which the CLI, the config and the daemon apply: 1 to QUEUE_MAX bytes of
+-- A-Z a-z 0-9 _ . : - (tests/component/test_functions.c checks that both
+-- agree on one table of names). A name nothing else can serve is refused
+-- here too, by every function, before anything is read or written.
+local QUEUE_MAX = 64
+local QUEUE_RULE = '1-64 of A-Z a-z 0-9 _ . : -'
+
 local function prefix(keys)
 	if #keys ~= 1 then
 		fail('expected exactly one key, the queue prefix relayq:{<queue>}')
 	end
 	local p = keys[1]
-	if not p:find('^relayq:{[^{}]+}$') then
+	local q = p:match('^relayq:{(.*)}$')
+	if not q then
 		fail('invalid queue key ' .. clean(p) .. ': expected relayq:{<queue>}')
+	end
+	if #q == 0 or #q > QUEUE_MAX or q:find('[^A-Za-z0-9_.:%-]') then
+		fail("invalid queue name '" .. clean(q) .. "': expected " .. QUEUE_RULE)
 	end
 	return p
 end
@@ -134,6 +147,16 @@ end
 
 local function is_int(v)
 	return type(v) == 'number' and v == math.floor(v) and v > -1e15 and v < 1e15
+end
+
+-- True when table t, itself level 1, holds tables nested deeper than max
+-- levels in all. Stops at the first branch past max.
+local function deeper_than(t, max)
+	if max < 1 then return true end
+	for _, v in pairs(t) do
+		if type(v) == 'table' and deeper_than(v, max - 1) then return true end
+	end
+	return false
 end
 
 -- JSON array of strings (cjson would encode an empty one as {}).
@@ -361,6 +384,9 @@ local function enqueue(keys, args)
 	local metatext
 	if env.meta ~= nil then
 		if not is_object(env.meta) then fail('meta must be a JSON object') end
+		if deeper_than(env.meta, MAX_META_DEPTH) then
+			fail('meta is nested deeper than ' .. MAX_META_DEPTH .. ' levels')
+		end
 		local eok, enc = pcall(cjson.encode, env.meta)
 		if not eok then
 			-- e.g. 1e400 decodes to inf, which JSON cannot hold.

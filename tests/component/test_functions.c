@@ -16,6 +16,8 @@
 
 #include "harness.h"
 #include "relayq/fnlib.h"
+#include "relayq/json.h"
+#include "relayq/keys.h"
 #include "relayq/message.h"
 
 #define BODY "Subject: t\r\n\r\nhello\r\n"
@@ -732,6 +734,194 @@ static void addr_rules_match_c(void **state)
 	}
 }
 
+/* ---- queue names: the Lua rule agrees with rq_keys_queue_valid ---- */
+
+/* FCALL fn 1 relayq:{name} args... with name of len bytes. */
+static redisReply *fcall_name(struct q *q, const char *fn, const char *name, size_t len,
+			      int argc, const char *const *argv)
+{
+	const char *a[16];
+	size_t l[16];
+	assert_true(argc + 4 <= 16);
+	char *key = malloc(len + 10);
+	assert_non_null(key);
+	memcpy(key, "relayq:{", 8);
+	memcpy(key + 8, name, len);
+	key[8 + len] = '}';
+	a[0] = "FCALL";
+	a[1] = fn;
+	a[2] = "1";
+	a[3] = key;
+	l[0] = 5;
+	l[1] = strlen(fn);
+	l[2] = 1;
+	l[3] = len + 9;
+	for (int i = 0; i < argc; i++) {
+		a[4 + i] = argv[i];
+		l[4 + i] = strlen(argv[i]);
+	}
+	redisReply *r = redisCommandArgv(q->c, argc + 4, a, l);
+	free(key);
+	if (!r)
+		fail_msg("FCALL %s: %s", fn, q->c->errstr);
+	return r;
+}
+
+/* Number of keys that start with relayq:{name} (len bytes). */
+static size_t keys_of(struct q *q, const char *name, size_t len)
+{
+	size_t n = 0;
+	char cursor[32] = "0";
+	do {
+		redisReply *r = cmd(q, "SCAN %s MATCH relayq:* COUNT 1000", cursor);
+		assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+		snprintf(cursor, sizeof(cursor), "%s", r->element[0]->str);
+		for (size_t i = 0; i < r->element[1]->elements; i++) {
+			const redisReply *k = r->element[1]->element[i];
+			if (k->len >= len + 9 && memcmp(k->str, "relayq:{", 8) == 0 &&
+			    memcmp(k->str + 8, name, len) == 0 && k->str[8 + len] == '}')
+				n++;
+		}
+		freeReplyObject(r);
+	} while (strcmp(cursor, "0") != 0);
+	return n;
+}
+
+/* Both rules on one name: Lua (relayq_stats, which reads only) and C. */
+static void name_agree(struct q *q, const char *name, size_t len, int expect)
+{
+	bool c_ok = rq_keys_queue_valid(name, len);
+	redisReply *r = fcall_name(q, "relayq_stats", name, len, 0, NULL);
+	bool lua_ok = r->type == REDIS_REPLY_ARRAY;
+	if (!lua_ok) {
+		char want[300];
+		char shown_name[100];
+		/* Lua's clean(): control bytes as ?, cut at 80 bytes + "..." */
+		size_t n = len > 80 ? 80 : len;
+		for (size_t i = 0; i < n; i++) {
+			unsigned char c = (unsigned char)name[i];
+			shown_name[i] = c < 0x20 || c == 0x7f ? '?' : (char)c;
+		}
+		shown_name[n] = '\0';
+		snprintf(want, sizeof(want), "ERR relayq: invalid queue name '%s%s': expected %s",
+			 shown_name, len > 80 ? "..." : "", RQ_KEYS_QUEUE_RULE);
+		if (r->type != REDIS_REPLY_ERROR || r->len != strlen(want) ||
+		    memcmp(r->str, want, r->len) != 0)
+			fail_msg("queue name %s: unexpected reply %s, want %s", shown(name, len > 200 ? 200 : len),
+				 r->type == REDIS_REPLY_ERROR ? r->str : "(not an error)", want);
+	}
+	freeReplyObject(r);
+	if (c_ok != lua_ok)
+		fail_msg("queue name %s: rq_keys_queue_valid %s, Lua %s", shown(name, len > 200 ? 200 : len),
+			 c_ok ? "accepts" : "rejects", lua_ok ? "accepts" : "rejects");
+	if (expect >= 0 && lua_ok != (expect == 1))
+		fail_msg("queue name %s: both %s it", shown(name, len > 200 ? 200 : len),
+			 lua_ok ? "accept" : "reject");
+}
+
+static void queue_names_match_c(void **state)
+{
+	struct q *q = *state;
+	static const struct {
+		const char *name;
+		int valid;
+	} cases[] = {
+		/* the names */
+		{"with space", 0}, {"*", 0}, {"\n", 0}, {"\x1b", 0}, {"a\x1b[31mred", 0},
+		/* more invalid ones */
+		{"", 0}, {"a/b", 0}, {"a{b", 0}, {"a}b", 0}, {"{a}", 0}, {"a b", 0},
+		{"\xc3\xa4", 0}, {"a\tb", 0}, {"a\r", 0}, {"q?", 0}, {"q[1]", 0},
+		/* valid ones */
+		{"default", 1}, {"a", 1}, {"q:1", 1}, {"my-queue_2.x", 1}, {"A.Z-0_9:", 1},
+		{"-", 1}, {".", 1}, {":", 1}, {"_", 1},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+		name_agree(q, cases[i].name, strlen(cases[i].name), cases[i].valid);
+	name_agree(q, "a\0b", 3, 0);
+	/* lengths at and over the limit, and the 5,000 */
+	static char big[5001];
+	memset(big, 'q', sizeof(big) - 1);
+	name_agree(q, big, RQ_KEYS_QUEUE_MAX, 1);
+	name_agree(q, big, RQ_KEYS_QUEUE_MAX + 1, 0);
+	name_agree(q, big, 5000, 0);
+	/* every byte, alone, between others and last */
+	char buf[8];
+	for (int c = 0; c < 256; c++) {
+		buf[0] = (char)c;
+		name_agree(q, buf, 1, -1);
+		buf[0] = 'a';
+		buf[1] = (char)c;
+		buf[2] = 'b';
+		name_agree(q, buf, 3, -1);
+		name_agree(q, buf, 2, -1);
+	}
+}
+
+/* Every function of the library refuses a name nothing can serve, before
+ * it writes anything. */
+static void every_function_checks_the_name(void **state)
+{
+	struct q *q = *state;
+	static const struct {
+		const char *fn;
+		int argc;
+		const char *argv[3];
+	} calls[] = {
+		{"relayq_enqueue", 2, {"{\"from\":\"\",\"to\":[\"a@b.c\"]}", BODY}},
+		{"relayq_claim", 2, {"10", "1000"}},
+		{"relayq_settle", 1, {"[]"}},
+		{"relayq_renew", 3, {"1000", "x", "1"}},
+		{"relayq_recover", 0, {NULL}},
+		{"relayq_hold", 1, {"x"}},
+		{"relayq_release", 1, {"x"}},
+		{"relayq_requeue", 1, {"--dead"}},
+		{"relayq_delete", 1, {"x"}},
+		{"relayq_flush", 0, {NULL}},
+		{"relayq_stats", 0, {NULL}},
+		{"relayq_show", 1, {"x"}},
+		{"relayq_list", 3, {"all", "0", "10"}},
+		{"relayq_config", 2, {"max_recipients", "5"}},
+	};
+	static const char *const bad[] = {"with space", "*", "\n", "\x1b", "a}b"};
+	char want[200];
+	for (size_t b = 0; b < sizeof(bad) / sizeof(bad[0]); b++) {
+		for (size_t i = 0; i < sizeof(calls) / sizeof(calls[0]); i++) {
+			redisReply *r = fcall_name(q, calls[i].fn, bad[b], strlen(bad[b]),
+						   calls[i].argc, calls[i].argv);
+			if (r->type != REDIS_REPLY_ERROR ||
+			    strncmp(r->str, "ERR relayq: invalid queue name '", 32) != 0)
+				fail_msg("%s on %s: %s", calls[i].fn, shown(bad[b], strlen(bad[b])),
+					 r->type == REDIS_REPLY_ERROR ? r->str : "accepted");
+			freeReplyObject(r);
+		}
+		assert_int_equal(keys_of(q, bad[b], strlen(bad[b])), 0);
+	}
+	static char big[5001];
+	memset(big, 'x', sizeof(big) - 1);
+	for (size_t i = 0; i < sizeof(calls) / sizeof(calls[0]); i++) {
+		redisReply *r = fcall_name(q, calls[i].fn, big, 5000, calls[i].argc, calls[i].argv);
+		snprintf(want, sizeof(want), "ERR relayq: invalid queue name '%.80s...': expected %s",
+			 big, RQ_KEYS_QUEUE_RULE);
+		assert_int_equal(r->type, REDIS_REPLY_ERROR);
+		assert_string_equal(r->str, want);
+		freeReplyObject(r);
+	}
+	assert_int_equal(keys_of(q, big, 5000), 0);
+	/* the longest valid name works end to end */
+	redisReply *r = fcall_name(q, "relayq_enqueue", big, RQ_KEYS_QUEUE_MAX, 2, calls[0].argv);
+	assert_int_equal(r->type, REDIS_REPLY_STRING);
+	freeReplyObject(r);
+	r = fcall_name(q, "relayq_delete", big, RQ_KEYS_QUEUE_MAX, 1, (const char *[]){"x"});
+	assert_int_equal(r->type, REDIS_REPLY_INTEGER);
+	freeReplyObject(r);
+	char pat[100];
+	snprintf(pat, sizeof(pat), "relayq:{%.*s}*", RQ_KEYS_QUEUE_MAX, big);
+	redisReply *ks = cmd(q, "KEYS %s", pat);
+	for (size_t i = 0; i < ks->elements; i++)
+		freeReplyObject(cmd(q, "DEL %b", ks->element[i]->str, ks->element[i]->len));
+	freeReplyObject(ks);
+}
+
 /* Recipients that differ only in the case of the domain are one recipient;
  * the local part stays case-sensitive. */
 static void duplicate_recipient_domain_case(void **state)
@@ -885,6 +1075,45 @@ static void meta_round_trip(void **state)
 	assert_string_equal(ev_field(r->element[0], "attempt"), "1");
 	assert_string_equal(ev_field(r->element[0], "meta"), "{\"tenant\":\"t1\"}");
 	freeReplyObject(r);
+}
+
+/* meta: at most RQ_JSON_META_MAX_DEPTH levels (the C constant and Lua's
+ * MAX_META_DEPTH are one limit: the last level accepted, the next refused),
+ * and the issue's 900. */
+static void meta_depth_limit(void **state)
+{
+	struct q *q = *state;
+	static const int depths[] = {1, RQ_JSON_META_MAX_DEPTH, RQ_JSON_META_MAX_DEPTH + 1, 900};
+	char want[100];
+	snprintf(want, sizeof(want), "meta is nested deeper than %d levels", RQ_JSON_META_MAX_DEPTH);
+	for (size_t k = 0; k < sizeof(depths) / sizeof(depths[0]); k++) {
+		int d = depths[k];
+		size_t n = (size_t)d * 12 + 100;
+		char *env = malloc(n);
+		size_t o = (size_t)sprintf(env, "{\"from\":\"\",\"to\":[\"a@b.c\"],\"meta\":");
+		/* mixed objects and arrays: both count */
+		for (int i = 0; i < d; i++)
+			o += (size_t)sprintf(env + o, i % 3 == 2 ? "[" : "{\"k\":");
+		env[o++] = '1';
+		for (int i = d - 1; i >= 0; i--)
+			env[o++] = i % 3 == 2 ? ']' : '}';
+		/* the outermost level is an object (i = 0) */
+		strcpy(env + o, "}");
+		if (d <= RQ_JSON_META_MAX_DEPTH) {
+			char id[40];
+			enq(q, env, BODY, id);
+			char *s = show(q, id);
+			/* what was accepted, a C reader reads back */
+			struct rq_json *v = rq_json_parse(s, strlen(s), RQ_JSON_LAX_UTF8, NULL, 0);
+			assert_non_null(v);
+			assert_int_equal(rq_json_depth(rq_json_get(v, "meta")), (size_t)d);
+			rq_json_free(v);
+			free(s);
+		} else {
+			REFUSED(q, enqueue_raw(q, env, BODY, strlen(BODY)), want);
+		}
+		free(env);
+	}
 }
 
 static void claim_settle_delivered(void **state)
@@ -1747,11 +1976,14 @@ int main(void)
 		cmocka_unit_test_setup_teardown(enqueue_rejections, setup, teardown),
 		cmocka_unit_test_setup_teardown(enqueue_accepts, setup, teardown),
 		cmocka_unit_test_setup_teardown(addr_rules_match_c, setup, teardown),
+		cmocka_unit_test_setup_teardown(queue_names_match_c, setup, teardown),
+		cmocka_unit_test_setup_teardown(every_function_checks_the_name, setup, teardown),
 		cmocka_unit_test_setup_teardown(duplicate_recipient_domain_case, setup, teardown),
 		cmocka_unit_test_setup_teardown(meta_not_encodable, setup, teardown),
 		cmocka_unit_test_setup_teardown(idempotency_key, setup, teardown),
 		cmocka_unit_test_setup_teardown(delay_schedules, setup, teardown),
 		cmocka_unit_test_setup_teardown(meta_round_trip, setup, teardown),
+		cmocka_unit_test_setup_teardown(meta_depth_limit, setup, teardown),
 		cmocka_unit_test_setup_teardown(claim_settle_delivered, setup, teardown),
 		cmocka_unit_test_setup_teardown(partial_delivery, setup, teardown),
 		cmocka_unit_test_setup_teardown(settle_after_lost_lease, setup, teardown),

@@ -496,6 +496,50 @@ run --queue "$QC" show "$IDC" --json
 json_check "d['meta'] == {'k': 'a\u009b31mb\u0085c'}" "show --json keeps C1 in meta as data"
 rcli --scan --pattern "relayq:{$QC}:*" | while read -r k; do rcli DEL "$k" >/dev/null; done
 
+# Deeply nested meta (issue 15, item 10). Enqueue refuses more than 32
+# levels (RQ_JSON_META_MAX_DEPTH); a message that has deeper meta anyway (an
+# older library, a stray HSET) is still listed and shown, its meta marked
+# unreadable, never left out.
+QD=deep-$$-$RANDOM
+deep() { python3 -c 'import sys; n=int(sys.argv[1]); print("{\"a\":" * n + "1" + "}" * n)' "$1"; }
+run --queue "$QD" enqueue --from a@example.com --to b@example.net --meta "$(deep 32)" "$MSG"
+expect_rc 0 "enqueue --meta 32 levels deep"
+run --queue "$QD" enqueue --from a@example.com --to b@example.net --meta "$(deep 33)" "$MSG"
+expect_rc 2 "enqueue --meta 33 levels deep"
+expect_err "enqueue: --meta is nested deeper than 32 levels" "enqueue --meta 33 levels deep"
+ENV33=$(python3 -c 'import sys; n=33; print("{\"from\":\"\",\"to\":[\"b@example.net\"],\"meta\":" + "{\"a\":" * n + "1" + "}" * n + "}")')
+[ "$(rcli FCALL relayq_enqueue 1 "relayq:{$QD}" "$ENV33" 'x' 2>&1)" = "ERR relayq: meta is nested deeper than 32 levels" ] \
+	&& ok || bad "FCALL enqueue with meta 33 deep: $(rcli FCALL relayq_enqueue 1 "relayq:{$QD}" "$ENV33" x 2>&1)"
+run --queue "$QD" enqueue --from a@example.com --to c@example.net "$MSG"
+IDD=$(OUT)
+deep 900 | rcli -x HSET "relayq:{$QD}:msg:$IDD" meta >/dev/null
+run --queue "$QD" list
+expect_rc 0 "list with a 900-deep meta"
+expect_no_err "list with a 900-deep meta"
+expect_out "^$IDD +ready .*c@example\.net" "list shows the message with a 900-deep meta"
+[ "$(grep -c '@example' "$TMP/out")" -eq 2 ] && ok || bad "list omits a message: $(OUT)"
+run --queue "$QD" list --json
+expect_rc 0 "list --json with a 900-deep meta"
+json_lines_check "len(d) == 2 and [m for m in d if m['id'] == '$IDD' and m['meta'] is None and m['unreadable'] == ['meta'] and m['to'] == ['c@example.net']]" \
+	"list --json marks the meta unreadable"
+run --queue "$QD" show "$IDD"
+expect_rc 0 "show with a 900-deep meta"
+expect_out '^meta: +\(unreadable: nested deeper than 64 levels\)$' "show marks the meta unreadable"
+expect_out '^recipients: +1$' "show still shows the recipients"
+run --queue "$QD" show "$IDD" --json
+json_check "d['id'] == '$IDD' and d['meta'] is None and d['unreadable'] == ['meta'] and d['rcpts'][0]['to'] == 'c@example.net'" \
+	"show --json marks the meta unreadable"
+# a record the CLI cannot read at all (a number JSON does not allow, which
+# Redis' cjson passes) is still a row, with the reason on stderr
+run --queue "$QD" enqueue --from a@example.com --to d@example.net "$MSG"
+IDX=$(OUT)
+rcli HSET "relayq:{$QD}:msg:$IDX" meta '{"n":0x10}' >/dev/null
+run --queue "$QD" list
+expect_rc 1 "list with an unreadable record"
+expect_out "^$IDX .*unreadable record" "list shows the unreadable record as a row"
+[ "$(grep -c '@example' "$TMP/out")" -eq 2 ] && ok || bad "list omits a message: $(OUT)"
+rcli --scan --pattern "relayq:{$QD}:*" | while read -r k; do rcli DEL "$k" >/dev/null; done
+
 # Leave the shared server clean.
 rcli --scan --pattern "relayq:{$Q}:*" | while read -r k; do rcli DEL "$k" >/dev/null; done
 

@@ -96,6 +96,14 @@ static const struct dcase builtin_cases[] = {
 	{"suspended past max_age", RQ_STAGE_CONNECT, RQ_FAIL_REFUSED, 0, "4.4.1", "suspended", 1,
 	 6 * 86400.0, 0, 90, "a@x.test", RQ_DECISION_EXPIRED, MSG, true, RQ_DECISION_DEST_NONE,
 	 0, "builtin:expired"},
+	/* issue 15, item 5: out of descriptors here is nobody else's fault */
+	{"local: EMFILE at connect", RQ_STAGE_CONNECT, RQ_FAIL_LOCAL, 0, "",
+	 "local: cannot connect to 127.0.0.1:25: Too many open files", 1, 0, 0, 0, "a@x.test",
+	 RQ_DECISION_DEFERRED, MSG, false, RQ_DECISION_DEST_NONE, RQ_POLICY_LOCAL_RETRY,
+	 "builtin:local"},
+	{"local: at attempt 7, still soon", RQ_STAGE_CONNECT, RQ_FAIL_LOCAL, 0, "", "ENOBUFS", 7,
+	 0, 0, 0, "a@x.test", RQ_DECISION_DEFERRED, MSG, false, RQ_DECISION_DEST_NONE,
+	 RQ_POLICY_LOCAL_RETRY, "builtin:local"},
 };
 
 static const struct dcase lua_cases[] = {
@@ -187,6 +195,42 @@ static void lua_table(void **state)
 	rq_config_destroy(cfg);
 }
 
+/* A local fault never reaches a rule: a catch-all that suspends (or fails)
+ * does not turn "this host is out of descriptors" into a suspended
+ * destination or a bounce; "local" is not a selector. */
+static void local_fault_skips_lua(void **state)
+{
+	(void)state;
+	struct rq_config *cfg = load("relayq.config { queue = \"t\" }\n"
+				     "relayq.on(\"*\", function(r) return relayq.suspend { after = \"1h\" } end)\n"
+				     "relayq.on(\"refused\", function(r) return relayq.fail() end)\n");
+	static const struct dcase c = {
+		"local under a suspending catch-all", RQ_STAGE_CONNECT, RQ_FAIL_LOCAL, 0, "",
+		"local: cannot connect to 127.0.0.1:25: Too many open files", 1, 0, 0, 0,
+		"a@x.test", RQ_DECISION_DEFERRED, MSG, false, RQ_DECISION_DEST_NONE,
+		RQ_POLICY_LOCAL_RETRY, "builtin:local"};
+	check(cfg, &c);
+	/* the same connect failing remotely goes to the rules */
+	static const struct dcase r = {
+		"refused under the same rules", RQ_STAGE_CONNECT, RQ_FAIL_REFUSED, 0, "",
+		"Connection refused", 1, 0, 0, 0, "a@x.test", RQ_DECISION_FAILED, MSG, true,
+		RQ_DECISION_DEST_NONE, 0, "lua:refused"};
+	check(cfg, &r);
+	rq_config_destroy(cfg);
+	char path[] = "/tmp/relayq-decision-XXXXXX";
+	int fd = mkstemp(path);
+	assert_true(fd >= 0);
+	const char *src = "relayq.on(\"local\", function(r) return relayq.retry() end)\n";
+	assert_int_equal(write(fd, src, strlen(src)), (ssize_t)strlen(src));
+	close(fd);
+	struct rq_config_diag diag;
+	rq_config_diag_init(&diag, path);
+	cfg = rq_config_lua_load(path, 0, &diag);
+	unlink(path);
+	assert_null(cfg);
+
+}
+
 /* A job's destination action: the strongest of its recipients', the
  * longest suspension. */
 static void dest_merge(void **state)
@@ -225,6 +269,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(builtin_table),
 		cmocka_unit_test(lua_table),
+		cmocka_unit_test(local_fault_skips_lua),
 		cmocka_unit_test(dest_merge),
 		cmocka_unit_test(names),
 	};

@@ -199,6 +199,78 @@ static void depth_limit(void **state)
 	free(s);
 }
 
+/* RQ_JSON_SKIP_DEEP: a too-deep branch is a too_deep null, the rest of the
+ * document stays readable; what does not balance is still an error. */
+static void skip_deep(void **state)
+{
+	(void)state;
+	char err[120];
+	char *deep = nested(900, true);
+	size_t n = strlen(deep) + 200;
+	char *doc = malloc(n);
+	snprintf(doc, n, "{\"id\":\"x1\",\"meta\":%s,\"s\":\"a]}\\\"[{\",\"to\":[\"a@b\"]}", deep);
+	assert_null(rq_json_parse(doc, strlen(doc), 0, err, sizeof(err)));
+	struct rq_json *v = rq_json_parse(doc, strlen(doc), RQ_JSON_SKIP_DEEP, err, sizeof(err));
+	if (!v)
+		fail_msg("%s", err);
+	assert_string_equal(rq_json_get_str(v, "id"), "x1");
+	assert_string_equal(rq_json_get_str(v, "s"), "a]}\"[{");
+	assert_int_equal(rq_json_get(v, "to")->count, 1);
+	const struct rq_json *m = rq_json_get(v, "meta");
+	assert_true(rq_json_has_deep(m));
+	assert_true(rq_json_has_deep(v));
+	assert_false(rq_json_has_deep(rq_json_get(v, "to")));
+	assert_true(rq_json_depth(v) > RQ_JSON_MAX_DEPTH);
+	/* written back: the skipped branch is null */
+	struct rq_json_buf b;
+	rq_json_buf_init(&b);
+	rq_json_buf_value(&b, rq_json_get(v, "to"));
+	assert_string_equal(b.data, "[\"a@b\"]");
+	rq_json_buf_finish(&b);
+	rq_json_free(v);
+	free(doc);
+	/* unbalanced or unterminated inside the skipped part: errors */
+	char *bad = nested(100, false);
+	bad[strlen(bad) - 1] = '}';
+	assert_null(rq_json_parse(bad, strlen(bad), RQ_JSON_SKIP_DEEP, err, sizeof(err)));
+	bad[strlen(bad) - 1] = '\0';
+	assert_null(rq_json_parse(bad, strlen(bad), RQ_JSON_SKIP_DEEP, err, sizeof(err)));
+	free(bad);
+	free(deep);
+	/* a million levels: no recursion, no crash */
+	deep = nested(1000000, false);
+	v = rq_json_parse(deep, strlen(deep), RQ_JSON_SKIP_DEEP, err, sizeof(err));
+	assert_non_null(v);
+	assert_true(rq_json_has_deep(v));
+	rq_json_free(v);
+	free(deep);
+}
+
+static void depth_counts_levels(void **state)
+{
+	(void)state;
+	static const struct {
+		const char *doc;
+		size_t depth;
+	} cases[] = {
+		{"1", 0}, {"\"x\"", 0}, {"{}", 1}, {"[]", 1}, {"{\"a\":1}", 1},
+		{"{\"a\":{\"b\":1}}", 2}, {"[[],[[1]],{}]", 3},
+	};
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct rq_json *v = rq_json_parse(cases[i].doc, strlen(cases[i].doc), 0, NULL, 0);
+		assert_non_null(v);
+		assert_int_equal(rq_json_depth(v), cases[i].depth);
+		assert_false(rq_json_has_deep(v));
+		rq_json_free(v);
+	}
+	assert_int_equal(rq_json_depth(NULL), 0);
+	char *s = nested(RQ_JSON_META_MAX_DEPTH, true);
+	struct rq_json *v = rq_json_parse(s, strlen(s), 0, NULL, 0);
+	assert_int_equal(rq_json_depth(v), RQ_JSON_META_MAX_DEPTH);
+	rq_json_free(v);
+	free(s);
+}
+
 static void writer_builds_compact_json(void **state)
 {
 	(void)state;
@@ -361,6 +433,8 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(valid_documents),
+		cmocka_unit_test(skip_deep),
+		cmocka_unit_test(depth_counts_levels),
 		cmocka_unit_test(invalid_documents),
 		cmocka_unit_test(escapes_decode_to_utf8),
 		cmocka_unit_test(depth_limit),

@@ -4,6 +4,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +24,28 @@ static enum rq_reply_status feed(struct rq_reply_parser *p, const char *const *l
 	return st;
 }
 
+/* socket() / connect() errors: this host's resources are a local fault,
+ * everything else is the peer's (issue 15, item 5). */
+static void connect_errno_classes(void **state)
+{
+	(void)state;
+	static const int local[] = {EMFILE, ENFILE, ENOBUFS, ENOMEM};
+	static const int remote[] = {ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, ETIMEDOUT,
+				     ECONNRESET, EADDRNOTAVAIL, EACCES, EINVAL, 0};
+	for (size_t i = 0; i < sizeof(local) / sizeof(local[0]); i++) {
+		assert_true(rq_errno_local(local[i]));
+		assert_int_equal(rq_fail_connect_errno(local[i]), RQ_FAIL_LOCAL);
+	}
+	for (size_t i = 0; i < sizeof(remote) / sizeof(remote[0]); i++) {
+		assert_false(rq_errno_local(remote[i]));
+		assert_int_equal(rq_fail_connect_errno(remote[i]), RQ_FAIL_REFUSED);
+	}
+	/* the hint says whose fault it is */
+	struct rq_outcome o;
+	rq_outcome_set(&o, RQ_STAGE_CONNECT, RQ_FAIL_LOCAL, 0, NULL, "x");
+	assert_non_null(strstr(rq_outcome_hint(&o)->meaning, "this host"));
+}
+
 static void names(void **state)
 {
 	(void)state;
@@ -32,6 +55,7 @@ static void names(void **state)
 	assert_string_equal(rq_stage_name((enum rq_stage)99), "unknown");
 	assert_string_equal(rq_fail_name(RQ_FAIL_TIMEOUT), "timeout");
 	assert_string_equal(rq_fail_name(RQ_FAIL_PROTOCOL), "protocol");
+	assert_string_equal(rq_fail_name(RQ_FAIL_LOCAL), "local");
 	assert_string_equal(rq_fail_name((enum rq_fail)-1), "unknown");
 	for (int i = 0; i < RQ_STAGE_COUNT_; i++)
 		assert_int_equal(rq_stage_parse(rq_stage_name((enum rq_stage)i)), i);
@@ -435,6 +459,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(names),
+		cmocka_unit_test(connect_errno_classes),
 		cmocka_unit_test(outcome_set_formats_and_truncates),
 		cmocka_unit_test(single_line),
 		cmocka_unit_test(multiline),
