@@ -47,6 +47,7 @@
 #define HELO_MAX 255
 #define AUTH_THREADS_MAX 16
 #define REFUSING_MAX 32                    /* implicit TLS: handshakes only to say 421 */
+#define LISTEN_BACKLOG 1024                /* a burst of connects waits here (somaxconn caps it) */
 
 /* ------------------------------------------------------------------------
  * CIDRs and addresses
@@ -2405,7 +2406,7 @@ struct rq_listen *rq_listen_create(struct event_base *base, const struct rq_list
 	l->lev = evconnlistener_new_bind(base, accept_cb, l,
 					 LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
 					 LEV_OPT_CLOSE_ON_EXEC,
-					 128, (struct sockaddr *)&ss, (int)sslen);
+					 LISTEN_BACKLOG, (struct sockaddr *)&ss, (int)sslen);
 	if (!l->lev) {
 		snprintf(err, errlen, "cannot listen on %s: %s", opts->address, strerror(errno));
 		goto fail;

@@ -24,6 +24,7 @@ done
 [ "$(id -u)" -eq 0 ] || { echo "SKIP: a private Postfix instance needs root"; exit 77; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+count_ge() { [ "$(grep -c -- "$1" "$2")" -ge "$3" ]; }  # pattern, file, n
 sanitizer_report() { grep -qE 'ERROR: (Address|Leak|Undefined)Sanitizer|runtime error:' "$1"; }
 
 start_redis
@@ -48,7 +49,7 @@ DPID=$!
 PIDS+=($DPID)
 wait_for 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$SPORT" ||
 	{ cat "$TMP/relayqd.log" >&2; echo "relayqd does not listen" >&2; exit 1; }
-wait_for 10 test "$(grep -c listen_redis_ready "$TMP/relayqd.log")" -ge 2
+wait_for 10 count_ge listen_redis_ready "$TMP/relayqd.log" 2
 
 # ---- the private Postfix, relaying to the listener ----
 P=$TMP/postfix
