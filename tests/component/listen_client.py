@@ -289,10 +289,6 @@ elif case == "manyrcpt":
     s.sendall(b"Subject: many\r\n\r\nhello\r\n.\r\nQUIT\r\n")
     t.join()
     lines = bytes(buf).decode("latin-1").split("\r\n")
-    rc = {}
-    for l in lines[2:]:
-        pass
-    codes = [l[:3] for l in lines if l]
     # greeting, EHLO (multi-line), MAIL, N RCPT, DATA, final, QUIT
     ehlo_end = next(i for i, l in enumerate(lines) if l.startswith("250 "))
     r = [l for l in lines[ehlo_end + 2:ehlo_end + 2 + n]]
