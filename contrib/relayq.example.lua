@@ -152,6 +152,8 @@ relayq.on_domain("yahoo.com", {
 --   max_per_ip = 50,                       -- per client address
 --   max_commands = 10000,                  -- per session
 --   max_bad_commands = 20,                 -- errors before 421 and close
+--   auth_threads = 2,                      -- threads checking AUTH passwords (off the loop)
+--   auth_queue = 64,                       -- checks waiting or running; past it: 454 4.7.0
 --   hostname = "relay.example.com",        -- default: helo
 --   add_message_id = true,                 -- when the message has none
 --   add_date = true,

@@ -453,6 +453,8 @@ int rq_config_section_begin(struct rq_config *cfg, enum rq_config_section sec,
 		l->max_per_ip = 50;
 		l->max_commands = 10000;
 		l->max_bad_commands = 20;
+		l->auth_threads = 2;
+		l->auth_queue = 64;
 		l->add_message_id = true;
 		l->add_date = true;
 		l->timeout = 300;
@@ -670,6 +672,8 @@ static const struct key listen_keys[] = {
 	{"max_per_ip", K_INT, L(max_per_ip), 1, 100000, NULL, 0, false, 0},
 	{"max_commands", K_INT, L(max_commands), 10, 10000000, NULL, 0, false, 0},
 	{"max_bad_commands", K_INT, L(max_bad_commands), 1, 1000, NULL, 0, false, 0},
+	{"auth_threads", K_INT, L(auth_threads), 1, 16, NULL, 0, false, 0},
+	{"auth_queue", K_INT, L(auth_queue), 1, 10000, NULL, 0, false, 0},
 	{"hostname", K_FN, L(hostname), 0, 255, key_helo, 0, false, 0},
 	{"add_message_id", K_BOOL, L(add_message_id), 0, 0, NULL, 0, false, 0},
 	{"add_date", K_BOOL, L(add_date), 0, 0, NULL, 0, false, 0},

@@ -24,11 +24,14 @@
 #include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
 #include <event2/listener.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +45,9 @@
 #define IN_MAX (256 * 1024)                /* read high watermark */
 #define AUTH_FREE_FAILURES 3               /* failures before the delays */
 #define HELO_MAX 255
+#define AUTH_THREADS_MAX 16
+#define REFUSING_MAX 32                    /* implicit TLS: handshakes only to say 421 */
+#define LISTEN_BACKLOG 1024                /* a burst of connects waits here (somaxconn caps it) */
 
 /* ------------------------------------------------------------------------
  * CIDRs and addresses
@@ -460,7 +466,7 @@ int rq_listen_data_line(struct rq_listen_data *d, const char *line, size_t len, 
 
 static const char *const state_names[RQ_LISTEN_ST_COUNT_] = {
 	"tls", "greet", "ready", "auth-plain", "auth-user", "auth-pass", "auth-wait",
-	"mail", "rcpt", "data", "enqueue", "starttls", "quit", "closed",
+	"auth-check", "mail", "rcpt", "data", "enqueue", "starttls", "quit", "closed",
 };
 
 const char *rq_listen_state_name(enum rq_listen_state st)
@@ -488,6 +494,38 @@ const char *rq_listen_reject_name(enum rq_listen_reject r)
 
 struct sess;
 
+/* The credentials as loaded; the listener holds one reference, each
+ * password check in flight one more. Counted on the loop thread only. */
+struct creds_ref {
+	struct rq_credentials *c;
+	unsigned refs;
+};
+
+/* One password check, handed to a worker and back. */
+struct auth_job {
+	struct auth_job *next;
+	struct sess *s;                /* its auth_pending keeps it alive */
+	struct creds_ref *cr;
+	char user[RQ_CREDENTIALS_USER_MAX + 1];
+	char *pw;                      /* heap, wiped by the worker */
+	size_t pwlen;
+	bool ok;                       /* written by the worker */
+};
+
+/* The password-check threads. mu guards todo, done, quit and hold. */
+struct auth_pool {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	struct auth_job *todo, *todo_tail, *done;
+	bool quit, hold;
+	pthread_t threads[AUTH_THREADS_MAX];
+	int nthreads;
+	int pipe[2];                   /* a worker writes a byte when done grows */
+	struct event *ev;              /* the read end, on the loop */
+	unsigned outstanding;          /* loop thread: submitted, not handled */
+	bool mu_ok, cv_ok;
+};
+
 struct rq_listen {
 	struct event_base *base;
 	struct rq_listen_opts o;       /* strings below are our copies */
@@ -498,7 +536,9 @@ struct rq_listen {
 	struct evconnlistener *lev;
 	int port;
 	struct rq_tls_ctx *tls;
-	struct rq_credentials *creds;
+	struct creds_ref *creds;
+	struct auth_pool *pool;
+	size_t nrefusing;              /* implicit TLS sessions that only get 421 */
 	struct rq_queue *q;
 	struct event *requeue;         /* builds a new queue client after a reset */
 	struct sess *sessions;         /* list of open sessions */
@@ -534,6 +574,9 @@ struct sess {
 	int depth;
 	bool dead;                     /* free at the next safe point */
 	bool enqueue_pending;          /* the queue still holds our callback */
+	bool auth_pending;             /* a worker holds a check of ours */
+	int refusing;                  /* implicit TLS: 421 after the handshake
+					* (enum rq_listen_reject + 1), or 0 */
 	bool stop_after;               /* 421 once the pending answer is out */
 	bool skip_long;                /* inside an over-long command line */
 	bool out_full;                 /* reading paused: replies not read */
@@ -572,6 +615,8 @@ static void really_free(struct sess *s)
 		s->next->prev = s->prev;
 	if (l->nsessions)
 		l->nsessions--;
+	if (s->refusing && l->nrefusing)
+		l->nrefusing--;
 	if (s->timer)
 		event_free(s->timer);
 	if (s->deadline)
@@ -594,7 +639,7 @@ static void really_free(struct sess *s)
 
 static void maybe_free(struct sess *s)
 {
-	if (s->depth == 0 && s->dead && !s->enqueue_pending)
+	if (s->depth == 0 && s->dead && !s->enqueue_pending && !s->auth_pending)
 		really_free(s);
 }
 
@@ -743,6 +788,7 @@ static void state_timeouts(struct sess *s, enum rq_listen_state st, int *t)
 	case RQ_LISTEN_ST_DATA: *t = s->l->o.data_timeout_ms; break;
 	case RQ_LISTEN_ST_ENQUEUE:
 	case RQ_LISTEN_ST_AUTH_WAIT: *t = 0; break;  /* the wait timer runs */
+	case RQ_LISTEN_ST_AUTH_CHECK: *t = 0; break; /* the worker answers */
 	case RQ_LISTEN_ST_QUIT:
 	case RQ_LISTEN_ST_STARTTLS: *t = s->l->o.close_timeout_ms; break;
 	case RQ_LISTEN_ST_CLOSED: *t = 0; break;
@@ -818,6 +864,7 @@ static void to_state(struct sess *s, enum rq_listen_state st)
 
 /* ---- TLS ---- */
 
+static const char *refuse_text(enum rq_listen_reject why);
 static void bev_read_cb(struct bufferevent *bev, void *arg);
 static void bev_write_cb(struct bufferevent *bev, void *arg);
 static void bev_event_cb(struct bufferevent *bev, short what, void *arg);
@@ -857,6 +904,8 @@ static int tls_start(struct sess *s)
 	bufferevent_openssl_set_allow_dirty_shutdown(s->bev, 1);
 	setup_bev(s);
 	to_state(s, RQ_LISTEN_ST_TLS);
+	if (s->refusing)  /* only a 421 to say: a short handshake */
+		arm(s->timer, s->l->o.close_timeout_ms);
 	return 0;
 }
 
@@ -881,6 +930,12 @@ static void enqueue_done(struct sess *s, bool ok, const char *id, const char *er
 		l->st.bytes += size;
 		reply(s, "250 2.0.0 Ok: queued as %s", id);
 		log_msg(s, true, NULL, "250", id, size);
+	} else if (err && strncmp(err, "OOM ", 4) == 0) {
+		/* Redis is at maxmemory (noeviction): nothing was written */
+		reply(s, "452 4.3.1 Error: queue storage full, try again later");
+		rq_log(RQ_LOG_WARN, "listen_redis_error", "listener", l->name, "session",
+		       s->log_id, "error", err, NULL);
+		reject(s, RQ_LISTEN_REJ_REDIS, "452", size);
 	} else if (err && strncmp(err, "ERR relayq: ", 12) == 0) {
 		/* the queue refuses the message itself: asking again will not help */
 		reply(s, "554 5.6.0 Error: message refused by the queue: %.200s", err + 12);
@@ -1150,11 +1205,233 @@ static void auth_result(struct sess *s, bool ok, const char *user)
 		sess_quit(s, "421 4.7.0", "Error: too many errors");
 }
 
+/* ---- password checks on worker threads ---- */
+
+static void creds_release(struct creds_ref *cr)
+{
+	if (cr && --cr->refs == 0) {
+		rq_credentials_destroy(cr->c);
+		free(cr);
+	}
+}
+
+static void job_free(struct auth_job *j)
+{
+	if (!j)
+		return;
+	if (j->pw) {
+		OPENSSL_cleanse(j->pw, j->pwlen);
+		free(j->pw);
+	}
+	OPENSSL_cleanse(j->user, sizeof(j->user));
+	free(j);
+}
+
+/* A worker: takes a job, runs crypt without the lock, puts it on done and
+ * wakes the loop. Touches nothing of the listener but the pool. */
+static void *auth_worker(void *arg)
+{
+	struct auth_pool *p = arg;
+	pthread_mutex_lock(&p->mu);
+	for (;;) {
+		while (!p->quit && (p->hold || !p->todo))
+			pthread_cond_wait(&p->cv, &p->mu);
+		if (p->quit)
+			break;
+		struct auth_job *j = p->todo;
+		p->todo = j->next;
+		if (!p->todo)
+			p->todo_tail = NULL;
+		pthread_mutex_unlock(&p->mu);
+		j->ok = rq_credentials_user_valid(j->user, strlen(j->user)) &&
+			rq_credentials_check(j->cr->c, j->user, j->pw, j->pwlen);
+		OPENSSL_cleanse(j->pw, j->pwlen);
+		pthread_mutex_lock(&p->mu);
+		j->next = p->done;
+		p->done = j;
+		/* a full pipe already says "look": nothing to add */
+		ssize_t w = write(p->pipe[1], "x", 1);
+		(void)w;
+	}
+	pthread_mutex_unlock(&p->mu);
+	return NULL;
+}
+
+static void auth_finished(struct sess *s, struct auth_job *j);
+
+/* The loop side: every finished check, in the order they finished. */
+static void pool_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct rq_listen *l = arg;
+	struct auth_pool *p = l->pool;
+	char buf[64];
+	while (read(p->pipe[0], buf, sizeof(buf)) > 0) {
+	}
+	pthread_mutex_lock(&p->mu);
+	struct auth_job *done = p->done, *rev = NULL;
+	p->done = NULL;
+	pthread_mutex_unlock(&p->mu);
+	while (done) {  /* the list is newest first */
+		struct auth_job *n = done->next;
+		done->next = rev;
+		rev = done;
+		done = n;
+	}
+	while (rev) {
+		struct auth_job *j = rev;
+		rev = j->next;
+		struct sess *s = j->s;
+		p->outstanding--;
+		creds_release(j->cr);
+		j->cr = NULL;
+		s->auth_pending = false;
+		enter(s);
+		if (!s->dead)
+			auth_finished(s, j);
+		job_free(j);
+		leave(s);  /* frees a session that went away meanwhile */
+	}
+}
+
+static void pool_destroy(struct auth_pool *p)
+{
+	if (!p)
+		return;
+	if (p->mu_ok && p->cv_ok) {
+		pthread_mutex_lock(&p->mu);
+		p->quit = true;
+		pthread_cond_broadcast(&p->cv);
+		pthread_mutex_unlock(&p->mu);
+	}
+	for (int i = 0; i < p->nthreads; i++)
+		pthread_join(p->threads[i], NULL);
+	/* the threads are gone: the lists are ours */
+	struct auth_job *lists[2] = {p->todo, p->done};
+	for (int k = 0; k < 2; k++) {
+		for (struct auth_job *j = lists[k], *n; j; j = n) {
+			n = j->next;
+			j->s->auth_pending = false;
+			creds_release(j->cr);
+			job_free(j);
+		}
+	}
+	if (p->ev)
+		event_free(p->ev);
+	for (int i = 0; i < 2; i++)
+		if (p->pipe[i] >= 0)
+			close(p->pipe[i]);
+	if (p->cv_ok)
+		pthread_cond_destroy(&p->cv);
+	if (p->mu_ok)
+		pthread_mutex_destroy(&p->mu);
+	free(p);
+}
+
+static struct auth_pool *pool_create(struct rq_listen *l, char *err, size_t errlen)
+{
+	struct auth_pool *p = calloc(1, sizeof(*p));
+	if (!p) {
+		snprintf(err, errlen, "out of memory");
+		return NULL;
+	}
+	p->pipe[0] = p->pipe[1] = -1;
+	p->mu_ok = pthread_mutex_init(&p->mu, NULL) == 0;
+	p->cv_ok = pthread_cond_init(&p->cv, NULL) == 0;
+	if (!p->mu_ok || !p->cv_ok || pipe2(p->pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
+		snprintf(err, errlen, "cannot set up the password-check threads: %s",
+			 strerror(errno));
+		goto fail;
+	}
+	p->ev = event_new(l->base, p->pipe[0], EV_READ | EV_PERSIST, pool_cb, l);
+	if (!p->ev || event_add(p->ev, NULL) != 0) {
+		snprintf(err, errlen, "out of memory");
+		goto fail;
+	}
+	/* the workers take no signal: the loop's handlers stay on its thread */
+	sigset_t all, old;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	for (int i = 0; i < l->o.auth_threads; i++) {
+		int rc = pthread_create(&p->threads[i], NULL, auth_worker, p);
+		if (rc != 0) {
+			pthread_sigmask(SIG_SETMASK, &old, NULL);
+			snprintf(err, errlen, "cannot start a password-check thread: %s",
+				 strerror(rc));
+			goto fail;
+		}
+		p->nthreads++;
+	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return p;
+fail:
+	pool_destroy(p);
+	return NULL;
+}
+
+void rq_listen_auth_hold(struct rq_listen *l, bool hold)
+{
+	if (!l || !l->pool)
+		return;
+	pthread_mutex_lock(&l->pool->mu);
+	l->pool->hold = hold;
+	pthread_cond_broadcast(&l->pool->cv);
+	pthread_mutex_unlock(&l->pool->mu);
+}
+
+/* Hands the check to a worker: the session waits in AUTH_CHECK. A full
+ * queue is 454 at once. */
 static void auth_check(struct sess *s, const char *user, const char *pw, size_t pwlen)
 {
-	bool ok = rq_credentials_user_valid(user, strlen(user)) &&
-		  rq_credentials_check(s->l->creds, user, pw, pwlen);
-	auth_result(s, ok, user);
+	struct rq_listen *l = s->l;
+	struct auth_pool *p = l->pool;
+	struct auth_job *j = NULL;
+	if (!p || !l->creds || p->outstanding >= (unsigned)l->o.auth_queue_max)
+		goto busy;
+	j = calloc(1, sizeof(*j));
+	if (!j)
+		goto busy;
+	snprintf(j->user, sizeof(j->user), "%s", user);
+	j->pw = malloc(pwlen + 1);
+	if (!j->pw)
+		goto busy;
+	memcpy(j->pw, pw, pwlen);
+	j->pw[pwlen] = '\0';
+	j->pwlen = pwlen;
+	j->s = s;
+	j->cr = l->creds;
+	j->cr->refs++;
+	p->outstanding++;
+	s->auth_pending = true;
+	to_state(s, RQ_LISTEN_ST_AUTH_CHECK);
+	pthread_mutex_lock(&p->mu);
+	if (p->todo_tail)
+		p->todo_tail->next = j;
+	else
+		p->todo = j;
+	p->todo_tail = j;
+	pthread_cond_signal(&p->cv);
+	pthread_mutex_unlock(&p->mu);
+	return;
+busy:
+	job_free(j);
+	l->st.auth_busy++;
+	rq_log(RQ_LOG_WARN, "listen_auth_busy", "listener", l->name, "session", s->log_id,
+	       "client", s->ip, NULL);
+	reply(s, "454 4.7.0 Temporary authentication failure");
+	to_state(s, RQ_LISTEN_ST_READY);
+}
+
+/* A check came back to a session still open. */
+static void auth_finished(struct sess *s, struct auth_job *j)
+{
+	auth_result(s, j->ok, j->user);
+	if (s->dead || s->st == RQ_LISTEN_ST_QUIT || s->st == RQ_LISTEN_ST_AUTH_WAIT)
+		return;  /* AUTH_WAIT: wait_cb says 421 when stopping */
+	if (s->stop_after || s->l->stopping) {
+		sess_quit(s, "421 4.3.2", "Service shutting down");
+		return;
+	}
+	process(s);  /* the commands pipelined behind the AUTH */
 }
 
 /* PLAIN: authzid NUL authcid NUL password (RFC 4616); authzid empty or
@@ -1751,6 +2028,9 @@ static void bev_event_cb(struct bufferevent *bev, short what, void *arg)
 			}
 			if (s->l->stopping) {
 				sess_quit(s, "421 4.3.2", "Service shutting down");
+			} else if (s->refusing) {
+				sess_quit(s, "421 4.7.0",
+					  refuse_text((enum rq_listen_reject)(s->refusing - 1)));
 			} else {
 				to_state(s, RQ_LISTEN_ST_GREET);
 			}
@@ -1825,21 +2105,35 @@ static size_t count_ip(const struct rq_listen *l, const char *ip)
 {
 	size_t n = 0;
 	for (const struct sess *s = l->sessions; s; s = s->next)
-		if (!s->dead && strcmp(s->ip, ip) == 0)
+		if (!s->dead && !s->refusing && strcmp(s->ip, ip) == 0)
 			n++;
 	return n;
 }
 
-static void refuse(struct rq_listen *l, evutil_socket_t fd, const char *ip,
-		   enum rq_listen_reject why)
+static void refuse_count(struct rq_listen *l, const char *ip, enum rq_listen_reject why)
 {
 	l->st.rejected[why]++;
 	rq_log(RQ_LOG_WARN, "listen_refused", "listener", l->name, "client", ip, "reason",
 	       rq_listen_reject_name(why), NULL);
+}
+
+static const char *refuse_text(enum rq_listen_reject why)
+{
+	return why == RQ_LISTEN_REJ_PER_IP ? "Error: too many connections from your address"
+					   : "Error: too many connections";
+}
+
+/* A plain listener says 421 at once. An implicit-TLS one can only say it
+ * inside TLS: past REFUSING_MAX such handshakes at a time (each costs the
+ * server a private-key operation) it closes without a word. */
+static void refuse(struct rq_listen *l, evutil_socket_t fd, const char *ip,
+		   enum rq_listen_reject why)
+{
+	refuse_count(l, ip, why);
 	if (!l->o.implicit_tls) {
 		char buf[200];
-		int n = snprintf(buf, sizeof(buf), "421 4.7.0 %s Error: too many connections%s\r\n",
-				 l->hostname, why == RQ_LISTEN_REJ_PER_IP ? " from your address" : "");
+		int n = snprintf(buf, sizeof(buf), "421 4.7.0 %s %s\r\n", l->hostname,
+				 refuse_text(why));
 		if (n > 0 && write(fd, buf, (size_t)n) < 0) {
 			/* best effort: the socket is non-blocking and new */
 		}
@@ -1860,13 +2154,17 @@ static void accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct soc
 		close(fd);
 		return;
 	}
-	if (l->nsessions >= (size_t)l->o.max_connections) {
-		refuse(l, fd, ip, RQ_LISTEN_REJ_CONNECTIONS);
-		return;
-	}
-	if (count_ip(l, ip) >= (size_t)l->o.max_per_ip) {
-		refuse(l, fd, ip, RQ_LISTEN_REJ_PER_IP);
-		return;
+	int refusing = 0;
+	if (l->nsessions - l->nrefusing >= (size_t)l->o.max_connections)
+		refusing = RQ_LISTEN_REJ_CONNECTIONS + 1;
+	else if (count_ip(l, ip) >= (size_t)l->o.max_per_ip)
+		refusing = RQ_LISTEN_REJ_PER_IP + 1;
+	if (refusing) {
+		if (!l->o.implicit_tls || l->nrefusing >= REFUSING_MAX) {
+			refuse(l, fd, ip, (enum rq_listen_reject)(refusing - 1));
+			return;
+		}
+		refuse_count(l, ip, (enum rq_listen_reject)(refusing - 1));
 	}
 	struct sess *s = calloc(1, sizeof(*s));
 	if (!s) {
@@ -1875,6 +2173,9 @@ static void accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct soc
 	}
 	s->l = l;
 	s->fd = fd;
+	s->refusing = refusing;
+	if (refusing)
+		l->nrefusing++;
 	s->id = ++l->next_id;
 	snprintf(s->log_id, sizeof(s->log_id), "%llu", (unsigned long long)s->id);
 	memcpy(&s->peer, sa, (size_t)salen < sizeof(s->peer) ? (size_t)salen : sizeof(s->peer));
@@ -1886,7 +2187,8 @@ static void accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct soc
 		l->sessions->prev = s;
 	l->sessions = s;
 	l->nsessions++;
-	l->st.connections++;
+	if (!refusing)
+		l->st.connections++;
 	s->st = RQ_LISTEN_ST_CLOSED;
 	s->timer = evtimer_new(l->base, timer_cb, s);
 	s->deadline = evtimer_new(l->base, timer_cb, s);
@@ -2026,7 +2328,11 @@ struct rq_listen *rq_listen_create(struct event_base *base, const struct rq_list
 	DEF(enqueue_timeout_ms, 30000);
 	DEF(auth_delay_ms, 1000);
 	DEF(close_timeout_ms, 10000);
+	DEF(auth_threads, 2);
+	DEF(auth_queue_max, 64);
 #undef DEF
+	if (l->o.auth_threads > AUTH_THREADS_MAX)
+		l->o.auth_threads = AUTH_THREADS_MAX;
 	l->name = dup_opt(opts->address, &oom);
 	l->queue_name = dup_opt(opts->queue ? opts->queue : RQ_KEYS_QUEUE_DEFAULT, &oom);
 	l->redis_url = dup_opt(opts->redis_url, &oom);
@@ -2084,6 +2390,8 @@ struct rq_listen *rq_listen_create(struct event_base *base, const struct rq_list
 		goto fail;
 	if (l->auth_file && rq_listen_reload_auth(l, err, errlen) < 0)
 		goto fail;
+	if (l->auth_file && !(l->pool = pool_create(l, err, errlen)))
+		goto fail;
 	l->requeue = evtimer_new(base, requeue_cb, l);
 	l->stop_ev = evtimer_new(base, stop_cb, l);
 	if (!l->requeue || !l->stop_ev) {
@@ -2098,7 +2406,7 @@ struct rq_listen *rq_listen_create(struct event_base *base, const struct rq_list
 	l->lev = evconnlistener_new_bind(base, accept_cb, l,
 					 LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
 					 LEV_OPT_CLOSE_ON_EXEC,
-					 128, (struct sockaddr *)&ss, (int)sslen);
+					 LISTEN_BACKLOG, (struct sockaddr *)&ss, (int)sslen);
 	if (!l->lev) {
 		snprintf(err, errlen, "cannot listen on %s: %s", opts->address, strerror(errno));
 		goto fail;
@@ -2149,8 +2457,17 @@ int rq_listen_reload_auth(struct rq_listen *l, char *err, size_t errlen)
 	struct rq_credentials *c = rq_credentials_load(l->auth_file, err, errlen);
 	if (!c)
 		return -1;
-	rq_credentials_destroy(l->creds);
-	l->creds = c;
+	struct creds_ref *cr = calloc(1, sizeof(*cr));
+	if (!cr) {
+		rq_credentials_destroy(c);
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	cr->c = c;
+	cr->refs = 1;
+	/* checks in flight keep the old file until they come back */
+	creds_release(l->creds);
+	l->creds = cr;
 	return 0;
 }
 
@@ -2175,6 +2492,7 @@ void rq_listen_stop(struct rq_listen *l, void (*done)(void *arg), void *arg)
 			enter(s);
 			switch (s->st) {
 			case RQ_LISTEN_ST_ENQUEUE:
+			case RQ_LISTEN_ST_AUTH_CHECK:
 				s->stop_after = true;
 				break;
 			case RQ_LISTEN_ST_QUIT:
@@ -2201,6 +2519,9 @@ void rq_listen_destroy(struct rq_listen *l)
 		return;
 	if (l->lev)
 		evconnlistener_free(l->lev);
+	/* the workers first: then no check of a session is in flight */
+	pool_destroy(l->pool);
+	l->pool = NULL;
 	/* every pending enqueue gets ECANCEL: its session is freed there */
 	struct rq_queue *q = l->q;
 	l->q = NULL;
@@ -2218,7 +2539,7 @@ void rq_listen_destroy(struct rq_listen *l)
 	if (l->stop_ev)
 		event_free(l->stop_ev);
 	rq_tls_ctx_destroy(l->tls);
-	rq_credentials_destroy(l->creds);
+	creds_release(l->creds);
 	free(l->trusted);
 	free(l->name);
 	free(l->queue_name);
@@ -2238,6 +2559,7 @@ void rq_listen_get_stats(const struct rq_listen *l, struct rq_listen_stats *st)
 {
 	*st = l->st;
 	st->sessions = l->nsessions;
+	st->auth_pending = l->pool ? l->pool->outstanding : 0;
 	struct rq_queue_stats qs;
 	st->redis_ready = false;
 	if (l->q) {

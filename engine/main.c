@@ -265,6 +265,10 @@ static void fill_listen_metrics(struct evbuffer *out, struct daemon *dm)
 	PER_LISTENER("relayq_listen_bytes_total", "counter", "bytes of accepted messages", bytes);
 	PER_LISTENER("relayq_listen_auth_ok_total", "counter", "successful AUTH", auth_ok);
 	PER_LISTENER("relayq_listen_auth_failed_total", "counter", "failed AUTH", auth_failed);
+	PER_LISTENER("relayq_listen_auth_pending", "gauge",
+		     "AUTH password checks queued or running on the worker threads", auth_pending);
+	PER_LISTENER("relayq_listen_auth_busy_total", "counter",
+		     "AUTH answered 454: the password-check queue was full", auth_busy);
 	PER_LISTENER("relayq_listen_tls_total", "counter", "TLS handshakes completed", tls);
 	PER_LISTENER("relayq_listen_tls_failed_total", "counter", "TLS handshakes failed",
 		     tls_failed);
@@ -453,6 +457,8 @@ static int start(struct daemon *dm)
 			.max_per_ip = lc->max_per_ip,
 			.max_commands = lc->max_commands,
 			.max_bad_commands = lc->max_bad_commands,
+			.auth_threads = lc->auth_threads,
+			.auth_queue_max = lc->auth_queue,
 			.hostname = lc->hostname ? lc->hostname : cfg->helo,
 			.add_message_id = lc->add_message_id,
 			.add_date = lc->add_date,

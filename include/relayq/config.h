@@ -85,6 +85,9 @@
  *   timeout       "5m" per command (1s-1h), data_timeout "3m" per DATA
  *                 block (1s-1h), redis_timeout "30s" from the final dot to
  *                 Redis' answer (1s-10m)
+ *   auth_threads  2 (1-16) threads that check AUTH passwords off the event
+ *                 loop; auth_queue 64 (1-10000) checks queued or running,
+ *                 past that AUTH gets 454 4.7.0
  *
  * Besides relayq.*, a config file can read the environment with
  * relayq.getenv(name [, default]).
@@ -151,6 +154,8 @@ struct rq_config_listen {
 	int max_per_ip;
 	int max_commands;
 	int max_bad_commands;
+	int auth_threads;
+	int auth_queue;
 	char *hostname;            /* NULL: the config's helo */
 	bool add_message_id;
 	bool add_date;

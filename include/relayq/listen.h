@@ -52,6 +52,17 @@
  *
  * Secrets: AUTH lines are never logged, decoded credentials are wiped
  * after use; only the user name of a successful AUTH is logged.
+ *
+ * Password checks (crypt(3), yescrypt: tens of milliseconds of CPU) never
+ * run on the event loop: a small pool of worker threads (auth_threads)
+ * runs them and hands each result back to the loop through a pipe. The
+ * session waits in RQ_LISTEN_ST_AUTH_CHECK (reading nothing; pipelined
+ * commands wait); a session that goes away meanwhile is freed only when
+ * its check has come back. At most auth_queue_max checks are queued or
+ * running per listener; an AUTH past that gets "454 4.7.0 Temporary
+ * authentication failure". The worker threads touch nothing but the job
+ * (user, password copy, a reference to the credentials it was made with)
+ * and the pool's queue; everything else stays on the loop thread.
  */
 
 #include <stdbool.h>
@@ -167,6 +178,7 @@ enum rq_listen_state {
 	RQ_LISTEN_ST_AUTH_USER,    /* 334 sent: the LOGIN user name */
 	RQ_LISTEN_ST_AUTH_PASS,    /* 334 sent: the LOGIN password */
 	RQ_LISTEN_ST_AUTH_WAIT,    /* an AUTH failure's reply waits (brute force) */
+	RQ_LISTEN_ST_AUTH_CHECK,   /* the password is being checked by a worker */
 	RQ_LISTEN_ST_MAIL,         /* MAIL accepted: RCPT */
 	RQ_LISTEN_ST_RCPT,         /* a recipient accepted: RCPT, DATA */
 	RQ_LISTEN_ST_DATA,         /* 354 sent: the message */
@@ -190,8 +202,10 @@ enum rq_listen_reject {
 	RQ_LISTEN_REJ_CONTENT,           /* 554: NUL bytes, or refused by the queue */
 	RQ_LISTEN_REJ_REDIS,             /* 451: Redis down, error or too slow */
 	RQ_LISTEN_REJ_LOST,              /* connection lost or closed during DATA */
-	RQ_LISTEN_REJ_CONNECTIONS,       /* 421 at connect: max_connections */
-	RQ_LISTEN_REJ_PER_IP,            /* 421 at connect: max_per_ip */
+	RQ_LISTEN_REJ_CONNECTIONS,       /* 421 at connect: max_connections (after
+					  * the handshake on an implicit_tls listener) */
+	RQ_LISTEN_REJ_PER_IP,            /* 421 at connect: max_per_ip (after the
+					  * handshake on an implicit_tls listener) */
 	RQ_LISTEN_REJ_COUNT_
 };
 
@@ -235,6 +249,8 @@ struct rq_listen_opts {
 	int enqueue_timeout_ms;      /* final dot to Redis' answer; 0: 30000 */
 	int auth_delay_ms;           /* added per AUTH failure past 3; 0: 1000 */
 	int close_timeout_ms;        /* a closing session's last reply; 0: 10000 */
+	int auth_threads;            /* password-check threads; 0: 2 (max 16) */
+	int auth_queue_max;          /* checks queued or running; 0: 64 */
 };
 
 /*
@@ -255,8 +271,13 @@ const char *rq_listen_name(const struct rq_listen *l);
  * certificates); sessions already in TLS keep the old ones. On failure
  * (err) the old context stays. 0 or -1. */
 int rq_listen_reload_tls(struct rq_listen *l, char *err, size_t errlen);
-/* Loads the credentials file again; on failure the old one stays. 0 / -1. */
+/* Loads the credentials file again; on failure the old one stays. 0 / -1.
+ * Checks already running finish against the file they started with. */
 int rq_listen_reload_auth(struct rq_listen *l, char *err, size_t errlen);
+
+/* For tests: while held, the worker threads start no new password check
+ * (queued ones wait; the bound still applies). Releasing wakes them. */
+void rq_listen_auth_hold(struct rq_listen *l, bool hold);
 
 /*
  * Stops accepting; every open session gets "421 4.3.2 Service shutting
@@ -279,6 +300,8 @@ struct rq_listen_stats {
 	uint64_t rejected[RQ_LISTEN_REJ_COUNT_];
 	uint64_t auth_ok;
 	uint64_t auth_failed;
+	uint64_t auth_pending;       /* password checks queued or running now */
+	uint64_t auth_busy;          /* 454: the check queue was full */
 	uint64_t tls;                /* handshakes completed */
 	uint64_t tls_failed;
 	uint64_t timeouts;           /* sessions closed for inactivity or a deadline */

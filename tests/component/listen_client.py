@@ -191,5 +191,148 @@ elif case == "hold":
     s.sendall(unesc(args[1]))
     show(read_all(s, float(args[0])))
 
+elif case == "authmany":
+    # authmany PORT N USER PASSWORD: N connections (AUTH in clear allowed),
+    # each sends AUTH PLAIN at once; then every reply is read, in order
+    n, user, pw = int(args[0]), args[1], args[2]
+    tok = base64.b64encode(b"\0" + user.encode() + b"\0" + pw.encode())
+    conns = []
+    for i in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        f = s.makefile("rb")
+        reply(f)
+        s.sendall(b"EHLO client.test\r\n")
+        reply(f)
+        conns.append((s, f))
+    for s, f in conns:
+        s.sendall(b"AUTH PLAIN " + tok + b"\r\nNOOP\r\n")
+    for i, (s, f) in enumerate(conns):
+        s.settimeout(60)
+        code, _ = reply(f)
+        out("R: ", "auth%d %d" % (i, code))
+        code, _ = reply(f)
+        out("R: ", "noop%d %d" % (i, code))
+        s.sendall(b"QUIT\r\n")
+        reply(f)
+        s.close()
+
+elif case == "fire":
+    # fire PORT PAYLOAD: sends PAYLOAD and closes without reading
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(unesc(args[0]))
+    time.sleep(0.2)
+    s.close()
+
+elif case == "ssl":
+    # ssl PORT CAFILE FROM TO MESSAGE: SMTP_SSL (implicit TLS) verifying the
+    # certificate against CAFILE for "localhost"
+    ctx = ssl.create_default_context(cafile=args[0])
+    c = smtplib.SMTP_SSL("localhost", port, local_hostname="client.test", timeout=20,
+                         context=ctx)
+    out("R: ", "tls " + c.sock.version())
+    c.ehlo()
+    out("R: ", "esmtp=" + " ".join(sorted(c.esmtp_features.keys())))
+    code, _ = c.mail(args[1])
+    out("R: ", "mail %d" % code)
+    code, _ = c.rcpt(args[2])
+    out("R: ", "rcpt %d" % code)
+    code, text = c.data(unesc(args[3]))
+    out("R: ", "data %d %s" % (code, text.decode()))
+    c.quit()
+
+elif case == "sslconns":
+    # sslconns PORT CAFILE N: N implicit-TLS connections at once (verified);
+    # the first line each got, or how it ended
+    ctx = ssl.create_default_context(cafile=args[0])
+    socks = []
+    for i in range(int(args[1])):
+        raw = socket.create_connection(("127.0.0.1", port))
+        raw.settimeout(20)
+        socks.append(ctx.wrap_socket(raw, server_hostname="localhost"))
+    for i, s in enumerate(socks):
+        try:
+            line = s.makefile("rb").readline().decode("latin-1").rstrip("\r\n")
+        except (OSError, ssl.SSLError) as e:
+            line = "error " + type(e).__name__
+        out("R: ", "conn%d %s" % (i, line or "closed"))
+    for s in socks:
+        s.close()
+
+elif case == "manyrcpt":
+    # manyrcpt PORT N: one transaction with N recipients, pipelined in one
+    # write while a thread reads; counts the replies to the RCPTs
+    import threading
+    n = int(args[0])
+    s = socket.create_connection(("127.0.0.1", port))
+    buf = bytearray()
+    def rd():
+        s.settimeout(60)
+        while True:
+            try:
+                b = s.recv(65536)
+            except OSError:
+                return
+            if not b:
+                return
+            buf.extend(b)
+    t = threading.Thread(target=rd)
+    t.start()
+    cmds = [b"EHLO client.test", b"MAIL FROM:<a@example.com>"]
+    cmds += [b"RCPT TO:<r%d@example.net>" % i for i in range(n)]
+    cmds += [b"DATA"]
+    s.sendall(b"\r\n".join(cmds) + b"\r\n")
+    # the body after the 354 (PIPELINING stops at DATA)
+    while b"\r\n354 " not in buf:
+        time.sleep(0.05)
+        if not t.is_alive():
+            break
+    s.sendall(b"Subject: many\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    t.join()
+    lines = bytes(buf).decode("latin-1").split("\r\n")
+    # greeting, EHLO (multi-line), MAIL, N RCPT, DATA, final, QUIT
+    ehlo_end = next(i for i, l in enumerate(lines) if l.startswith("250 "))
+    r = [l for l in lines[ehlo_end + 2:ehlo_end + 2 + n]]
+    out("R: ", "rcpt-250 %d" % sum(1 for l in r if l.startswith("250 2.1.5")))
+    out("R: ", "rcpt-452 %d" % sum(1 for l in r if l.startswith("452 4.5.3")))
+    for l in lines[ehlo_end + 2 + n:]:
+        if l:
+            out("S: ", l)
+
+elif case == "slow":
+    # slow PORT LINE: after the greeting, LINE one byte a second until the
+    # server closes; prints what it said and how many bytes went out
+    s = socket.create_connection(("127.0.0.1", port))
+    f = s.makefile("rb")
+    reply(f)
+    data = unesc(args[0])
+    sent = 0
+    s.setblocking(False)
+    got = b""
+    closed = False
+    for i in range(len(data)):
+        try:
+            s.send(data[i:i + 1])
+            sent += 1
+        except OSError:
+            closed = True
+            break
+        end = time.time() + 1.0
+        while time.time() < end:
+            try:
+                b = s.recv(4096)
+                if not b:
+                    closed = True
+                    break
+                got += b
+            except BlockingIOError:
+                time.sleep(0.05)
+            except OSError:
+                closed = True
+                break
+        if closed:
+            break
+    show(got)
+    out("R: ", "sent %d of %d closed %s" % (sent, len(data), "yes" if closed else "no"))
+
 else:
     sys.exit("unknown case " + case)

@@ -9,7 +9,14 @@
  * recipients and per-address connection limits, too many errors; AUTH
  * PLAIN / LOGIN over TLS, refused in clear, wrong passwords and their
  * delays; Redis killed mid-DATA and stopped (SIGSTOP) at the final dot:
- * 451 and nothing written; stop with open sessions: 421.
+ * 451 and nothing written; stop with open sessions: 421. Password checks
+ * on the worker threads (held by the test hook): other connections are
+ * served meanwhile, the bound answers 454, a session that left mid-check
+ * is freed when its check comes back, stop and destroy with checks in
+ * flight. Implicit TLS (SMTP_SSL verifying the test CA) and its 421 when
+ * full; max_connections in total; max_commands; 10,000 RCPTs in one
+ * transaction; slowloris against the command timeout; Redis at maxmemory
+ * (452 4.3.1, nothing written).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -520,7 +527,7 @@ static void test_auth(void **st)
 		     "PLAIN", "alice@example.com", "nope", "PLAIN", "alice@example.com", "nope",
 		     "PLAIN", "alice@example.com", "nope", "PLAIN", "alice@example.com", "nope", NULL);
 	in_order(out, "R: auth PLAIN 535", "R: auth LOGIN 535", "R: auth PLAIN 535",
-		 "R: auth PLAIN 535 0.", "R: auth PLAIN 535 0.", "R: auth PLAIN 535 0.", NULL);
+		 "R: auth PLAIN 535 ", "R: auth PLAIN 535 ", "R: auth PLAIN 535 ", NULL);
 	/* fourth failure: >= 0.3 s, fifth >= 0.6 s */
 	const char *p = out;
 	for (int i = 0; i < 3; i++)
@@ -648,6 +655,314 @@ static void test_stop(void **st)
 	rq_listen_destroy(l);
 }
 
+
+/* ---- password checks off the loop ---- */
+
+struct stat_at_least {
+	struct rq_listen *l;
+	uint64_t pending;
+};
+
+static bool auth_pending_reached(void *arg)
+{
+	struct stat_at_least *w = arg;
+	struct rq_listen_stats st;
+	rq_listen_get_stats(w->l, &st);
+	return st.auth_pending == w->pending;
+}
+
+static bool no_sessions(void *arg)
+{
+	struct rq_listen_stats st;
+	rq_listen_get_stats(arg, &st);
+	return st.sessions == 0 && st.auth_pending == 0;
+}
+
+static char *spawn_client(struct th_proc *p, const char *name, char **argv)
+{
+	static char log[600];
+	snprintf(log, sizeof(log), "%s/%s.log", tmpdir, name);
+	if (th_spawn(p, argv, log) != 0)
+		fail_msg("cannot run the client");
+	return log;
+}
+
+static void test_auth_threads(void **st)
+{
+	const char *q = th_unique_queue("authpool");
+	static const char *far[] = {"10.0.0.0/8"};
+	struct rq_listen_opts o;
+	opts_default(&o, q);
+	o.trusted = far;
+	o.ntrusted = 1;
+	o.auth_file = credfile;
+	o.auth_allow_plaintext = true;
+	o.auth_threads = 2;
+	o.auth_queue_max = 5;
+	struct rq_listen *l = start(&o);
+	int port = rq_listen_port(l);
+	char script[600], portstr[16];
+	snprintf(script, sizeof(script), "%s/tests/component/listen_client.py", th_source_root());
+	snprintf(portstr, sizeof(portstr), "%d", port);
+
+	/* The workers start nothing while held: four sessions send AUTH, a
+	 * fifth sends AUTH and goes away. Five checks wait: the queue is full. */
+	rq_listen_auth_hold(l, true);
+	char *many[] = {"/usr/bin/python3", script, "authmany", portstr, "4",
+			"alice@example.com", "s3cret pass", NULL};
+	struct th_proc pm;
+	char *mlog = strdup(spawn_client(&pm, "authmany", many));
+	char *fire[] = {"/usr/bin/python3", script, "fire", portstr,
+			"EHLO c.test\\r\\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUuY29tAHMzY3JldCBwYXNz\\r\\n",
+			NULL};
+	struct th_proc pf;
+	spawn_client(&pf, "fire", fire);
+	struct stat_at_least w = {l, 5};
+	assert_true(run_until(auth_pending_reached, &w, 30000));
+	assert_true(run_until(proc_done, &pf, 30000));  /* that client left */
+
+	/* The loop is free meanwhile: another connection is served, and an
+	 * AUTH past the bound gets 454 at once, its session goes on. */
+	char *out = client("raw", port,
+			   "EHLO c.test\\r\\nNOOP\\r\\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUuY29tAHMzY3JldCBwYXNz\\r\\n"
+			   "NOOP\\r\\nQUIT\\r\\n", NULL);
+	in_order(out, "S: 250 ENHANCEDSTATUSCODES", "S: 250 2.0.0 Ok",
+		 "S: 454 4.7.0 Temporary authentication failure", "S: 250 2.0.0 Ok", "S: 221", NULL);
+	free(out);
+	struct rq_listen_stats s;
+	rq_listen_get_stats(l, &s);
+	assert_int_equal(s.auth_ok, 0);      /* no check has come back yet */
+	assert_int_equal(s.auth_failed, 0);
+	assert_int_equal(s.auth_busy, 1);
+	assert_int_equal(s.auth_pending, 5);
+	assert_true(th_alive(&pm));          /* the four still wait for their 235 */
+
+	/* Released: every check comes back; the session that left is freed
+	 * only then (ASan would see a use after free). */
+	rq_listen_auth_hold(l, false);
+	assert_true(run_until(proc_done, &pm, 60000));
+	out = th_read_file(mlog, NULL);
+	in_order(out, "R: auth0 235", "R: noop0 250", "R: auth1 235", "R: noop1 250",
+		 "R: auth2 235", "R: noop2 250", "R: auth3 235", "R: noop3 250", NULL);
+	free(out);
+	free(mlog);
+	assert_true(run_until(no_sessions, l, 30000));
+	rq_listen_get_stats(l, &s);
+	assert_int_equal(s.auth_ok, 4);     /* the fifth session was gone */
+
+	/* Stop while a check is in flight: the answer first, then 421. */
+	rq_listen_auth_hold(l, true);
+	char *hold[] = {"/usr/bin/python3", script, "hold", portstr, "20",
+			"EHLO c.test\\r\\nAUTH PLAIN AGFsaWNlQGV4YW1wbGUuY29tAHMzY3JldCBwYXNz\\r\\n",
+			NULL};
+	struct th_proc ph;
+	char *hlog = strdup(spawn_client(&ph, "authstop", hold));
+	w.pending = 1;
+	assert_true(run_until(auth_pending_reached, &w, 30000));
+	stopped_flag = false;
+	rq_listen_stop(l, on_stopped, NULL);
+	run_until(never, NULL, 100);
+	assert_false(stopped_flag);          /* the session waits for its check */
+	rq_listen_auth_hold(l, false);
+	assert_true(run_until(is_stopped, NULL, 30000));
+	assert_true(run_until(proc_done, &ph, 30000));
+	out = th_read_file(hlog, NULL);
+	in_order(out, "S: 235 2.7.0", "S: 421 4.3.2 listen.test Service shutting down", NULL);
+	free(out);
+	free(hlog);
+	rq_listen_destroy(l);
+}
+
+/* Destroyed with checks queued and running: nothing leaks, nothing hangs. */
+static void test_auth_destroy_in_flight(void **st)
+{
+	const char *q = th_unique_queue("authdestroy");
+	static const char *far[] = {"10.0.0.0/8"};
+	struct rq_listen_opts o;
+	opts_default(&o, q);
+	o.trusted = far;
+	o.ntrusted = 1;
+	o.auth_file = credfile;
+	o.auth_allow_plaintext = true;
+	o.auth_threads = 1;
+	struct rq_listen *l = start(&o);
+	char script[600], portstr[16];
+	snprintf(script, sizeof(script), "%s/tests/component/listen_client.py", th_source_root());
+	snprintf(portstr, sizeof(portstr), "%d", rq_listen_port(l));
+	char *many[] = {"/usr/bin/python3", script, "authmany", portstr, "3",
+			"alice@example.com", "wrong", NULL};
+	struct th_proc pm;
+	spawn_client(&pm, "authdestroy", many);
+	struct stat_at_least w = {l, 3};
+	rq_listen_auth_hold(l, true);
+	assert_true(run_until(auth_pending_reached, &w, 30000));
+	rq_listen_auth_hold(l, false);       /* one may be running now */
+	rq_listen_destroy(l);
+	assert_true(run_until(proc_done, &pm, 30000));
+}
+
+static void test_implicit_tls(void **st)
+{
+	const char *q = th_unique_queue("implicit");
+	char cert[512], key[512], ca[512];
+	snprintf(cert, sizeof(cert), "%s/tests/fixtures/tls/server.pem", th_source_root());
+	snprintf(key, sizeof(key), "%s/tests/fixtures/tls/server.key", th_source_root());
+	snprintf(ca, sizeof(ca), "%s/tests/fixtures/tls/ca.pem", th_source_root());
+	struct rq_listen_opts o;
+	opts_default(&o, q);
+	o.tls_cert = cert;
+	o.tls_key = key;
+	o.implicit_tls = true;
+	o.max_connections = 2;
+	o.max_per_ip = 100;
+	struct rq_listen *l = start(&o);
+	int port = rq_listen_port(l);
+	char *out = client("ssl", port, ca, "app@example.com", "rcpt@example.net",
+			   "Subject: implicit\\r\\n\\r\\nover TLS\\r\\n", NULL);
+	in_order(out, "R: tls TLSv1.", "R: esmtp=", "R: mail 250", "R: rcpt 250",
+		 "R: data 250 2.0.0 Ok: queued as ", NULL);
+	/* no STARTTLS inside TLS */
+	assert_null(strstr(out, "starttls"));
+	char id[64];
+	queued_id(out, 0, id, sizeof(id));
+	char *body = hget(q, id, "body", NULL);
+	assert_non_null(strstr(body, "(relayq) with ESMTPS for <rcpt@example.net>"));
+	free(body);
+	free(out);
+	/* max_connections on an implicit-TLS listener: the third connection
+	 * completes its handshake and reads 421, not a bare close */
+	out = client("sslconns", port, ca, "3", NULL);
+	in_order(out, "R: conn0 220 ", "R: conn1 220 ",
+		 "R: conn2 421 4.7.0 listen.test Error: too many connections", NULL);
+	free(out);
+	struct rq_listen_stats s;
+	rq_listen_get_stats(l, &s);
+	assert_int_equal(s.rejected[RQ_LISTEN_REJ_CONNECTIONS], 1);
+	assert_true(s.tls >= 4);
+	assert_true(run_until(no_sessions, l, 30000));
+	rq_listen_destroy(l);
+}
+
+static void test_max_connections_and_commands(void **st)
+{
+	const char *q = th_unique_queue("maxconn");
+	struct rq_listen_opts o;
+	opts_default(&o, q);
+	o.max_connections = 2;
+	o.max_per_ip = 100;
+	o.max_commands = 10;
+	struct rq_listen *l = start(&o);
+	int port = rq_listen_port(l);
+	/* in total (not per address): the third gets 421 */
+	char *out = client("conns", port, "3", NULL);
+	in_order(out, "R: conn0 220 ", "R: conn1 220 ",
+		 "R: conn2 421 4.7.0 listen.test Error: too many connections", NULL);
+	assert_null(strstr(out, "from your address"));
+	free(out);
+	assert_true(run_until(no_sessions, l, 30000));
+	/* max_commands: EHLO and nine NOOPs are answered, the eleventh
+	 * command closes the session */
+	char payload[400] = "EHLO c.test\\r\\n";
+	for (int i = 0; i < 11; i++)
+		strcat(payload, "NOOP\\r\\n");
+	out = client("raw", port, payload, NULL);
+	const char *p = out;
+	int oks = 0;
+	while ((p = strstr(p, "S: 250 2.0.0 Ok")))
+		oks++, p++;
+	assert_int_equal(oks, 9);
+	in_order(out, "S: 250 ENHANCEDSTATUSCODES", "S: 421 4.7.0 listen.test Error: too many commands",
+		 NULL);
+	free(out);
+	struct rq_listen_stats s;
+	rq_listen_get_stats(l, &s);
+	assert_int_equal(s.rejected[RQ_LISTEN_REJ_CONNECTIONS], 1);
+	rq_listen_destroy(l);
+}
+
+static void test_ten_thousand_rcpts(void **st)
+{
+	const char *q = th_unique_queue("manyrcpt");
+	struct rq_listen_opts o;
+	opts_default(&o, q);   /* max_recipients: the default, 1000 */
+	o.max_commands = 20000; /* the default (10000) would end the session first */
+	struct rq_listen *l = start(&o);
+	char *out = client("manyrcpt", rq_listen_port(l), "10000", NULL);
+	in_order(out, "R: rcpt-250 1000", "R: rcpt-452 9000", "S: 354 ",
+		 "S: 250 2.0.0 Ok: queued as ", "S: 221", NULL);
+	char id[64];
+	queued_id(out, 0, id, sizeof(id));
+	redisReply *r;
+	char key[200];
+	snprintf(key, sizeof(key), "relayq:{%s}:msg:%s", q, id);
+	r = cmd("EVAL %s 1 %s", "return #cjson.decode(redis.call('HGET', KEYS[1], 'to'))", key);
+	assert_int_equal(r->type, REDIS_REPLY_INTEGER);
+	assert_int_equal(r->integer, 1000);
+	freeReplyObject(r);
+	char *to = hget(q, id, "to", NULL);
+	assert_non_null(strstr(to, "\"r0@example.net\""));
+	assert_non_null(strstr(to, "\"r999@example.net\""));
+	assert_null(strstr(to, "\"r1000@example.net\""));
+	free(to);
+	struct rq_listen_stats s;
+	rq_listen_get_stats(l, &s);
+	assert_int_equal(s.rejected[RQ_LISTEN_REJ_RECIPIENTS], 9000);
+	assert_int_equal(s.messages, 1);
+	free(out);
+	rq_listen_destroy(l);
+}
+
+static void test_slowloris(void **st)
+{
+	const char *q = th_unique_queue("slow");
+	struct rq_listen_opts o;
+	opts_default(&o, q);
+	o.timeout_ms = 2000;
+	struct rq_listen *l = start(&o);
+	/* one byte a second: the bytes do not restart the command timeout */
+	char *out = client("slow", rq_listen_port(l), "EHLO a-rather-slow-client.example\\r\\n", NULL);
+	in_order(out, "S: 421 4.4.2 listen.test Error: timeout exceeded", "closed yes", NULL);
+	assert_null(strstr(out, "sent 35 of 35"));
+	assert_null(strstr(out, "S: 250"));
+	free(out);
+	struct rq_listen_stats s;
+	rq_listen_get_stats(l, &s);
+	assert_int_equal(s.timeouts, 1);
+	assert_true(run_until(no_sessions, l, 30000));
+	rq_listen_destroy(l);
+}
+
+static void test_redis_oom(void **st)
+{
+	const char *q = th_unique_queue("oom");
+	struct rq_listen_opts o;
+	opts_default(&o, q);
+	struct rq_listen *l = start(&o);
+	int port = rq_listen_port(l);
+	/* Redis over its maxmemory, nothing to evict */
+	freeReplyObject(cmd("SET oom-ballast %b", "", (size_t)0));
+	freeReplyObject(cmd("SETRANGE oom-ballast %d x", 4 * 1024 * 1024));
+	freeReplyObject(cmd("CONFIG SET maxmemory-policy noeviction"));
+	freeReplyObject(cmd("CONFIG SET maxmemory 1mb"));
+	long long before = nmsgs(q);
+	char *out = client("smtplib", port, "a@example.com", "b@example.net",
+			   "Subject: oom\\r\\n\\r\\nno room\\r\\n", NULL);
+	freeReplyObject(cmd("CONFIG SET maxmemory 0"));
+	freeReplyObject(cmd("DEL oom-ballast"));
+	in_order(out, "R: data 452 4.3.1", NULL);
+	assert_int_equal(nmsgs(q), before);
+	free(out);
+	struct rq_listen_stats s;
+	rq_listen_get_stats(l, &s);
+	assert_int_equal(s.rejected[RQ_LISTEN_REJ_REDIS], 1);
+	/* room again: accepted */
+	out = client("smtplib", port, "a@example.com", "b@example.net",
+		     "Subject: room\\r\\n\\r\\nx\\r\\n", NULL);
+	in_order(out, "R: data 250 2.0.0 Ok: queued as", NULL);
+	free(out);
+	rq_listen_destroy(l);
+}
+
 static int setup(void **st)
 {
 	signal(SIGPIPE, SIG_IGN);
@@ -681,6 +996,13 @@ int main(void)
 		cmocka_unit_test(test_auth),
 		cmocka_unit_test(test_stop),
 		cmocka_unit_test(test_redis_stopped_at_dot),
+		cmocka_unit_test(test_auth_threads),
+		cmocka_unit_test(test_auth_destroy_in_flight),
+		cmocka_unit_test(test_implicit_tls),
+		cmocka_unit_test(test_max_connections_and_commands),
+		cmocka_unit_test(test_ten_thousand_rcpts),
+		cmocka_unit_test(test_slowloris),
+		cmocka_unit_test(test_redis_oom),
 		cmocka_unit_test(test_redis_killed_mid_data),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
