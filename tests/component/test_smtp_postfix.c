@@ -329,7 +329,7 @@ static void test_sink_block_timeout(void **state)
 	/* commands may be slow on a loaded machine; only the body's is short */
 	short_timeouts(&r.opts, 4000);
 	r.opts.timeout.block = 500;
-	r.opts.deadline.block = 3000;
+	r.opts.data_total = 3000;
 	run_connect(&r, k.port, NULL);
 	char *big = big_body(32u << 20);
 	txn_set(&r, "s@example.com", one, big);
