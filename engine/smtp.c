@@ -549,8 +549,12 @@ static void flush_socket(struct rq_smtp *s)
 		u = s->bev;
 	struct evbuffer *uo = bufferevent_get_output(u);
 	evutil_socket_t fd = bufferevent_getfd(u);
-	if (fd >= 0 && evbuffer_get_length(uo) > 0)
-		(void)evbuffer_write(uo, fd);
+	if (fd < 0 || evbuffer_get_length(uo) == 0)
+		return;
+	/* a socket bufferevent keeps its output's front frozen for itself;
+	 * it is about to be freed */
+	evbuffer_unfreeze(uo, 1);
+	(void)evbuffer_write(uo, fd);
 }
 
 /* Closes the connection (no QUIT: see conn_end); references into the body
