@@ -491,7 +491,7 @@ static void send_cmd(struct rq_smtp *s, const char *secret_trace, const char *fm
 	}
 }
 
-/* Something was just written: input already waiting is unsolicited. */
+/* A command was just written: input already waiting is unsolicited. */
 static void note_unread(struct rq_smtp *s)
 {
 	if (!s->bev || s->unsolicited)
@@ -1073,7 +1073,9 @@ static void to_state(struct rq_smtp *s, enum rq_smtp_state st)
 			fail_here(s, RQ_FAIL_PROTOCOL, "out of memory while queueing the body");
 			return;
 		}
-		note_unread(s);
+		/* no unsolicited check here: a reply already waiting is a
+		 * server giving up on the data (354 then 5xx at once, e.g.
+		 * smtp-sink -A), the message's outcome (on_reply, BODY) */
 		break;
 	case RQ_SMTP_ST_ABORT_DOT:
 		send_cmd(s, NULL, ".");
