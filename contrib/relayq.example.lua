@@ -66,8 +66,10 @@ relayq.config {
   batch = 100,                     -- messages claimed per Redis round trip (default 100)
   lease = "5m",                    -- a claimed message returns after this if we die (default 5m)
 
-  -- SMTP timeouts (defaults shown; RFC 5321 4.5.3.2). idle: how long an
-  -- unused connection is kept for reuse (0 = close at once).
+  -- SMTP timeouts (defaults shown; RFC 5321 4.5.3.2). Each is the total
+  -- time for the reply of its stage, however slowly its bytes come;
+  -- data_block: each block of the message must leave within it. idle: how
+  -- long an unused connection is kept for reuse (0 = close at once).
   timeouts = {
     connect = "30s", greeting = "5m", helo = "5m", mail = "5m", rcpt = "5m",
     data = "2m", data_block = "3m", dot = "10m", quit = "20s", idle = "10s",

@@ -328,7 +328,9 @@ static struct sess *sess_open(struct rq_dest *d)
 	so.auth_password = ds->auth_password;
 	so.auth_plaintext_ok = ds->o.auth_plaintext_ok;
 	const struct rq_dests_timeouts *t = &ds->o.timeouts;
-#define SETT(f, v) do { if ((v) > 0) { so.timeout.f = (v); if (so.deadline.f && so.deadline.f < 2 * (v)) so.deadline.f = 2 * (v); } } while (0)
+	/* each the total deadline of its stage's reply (smtp.h); block the
+	 * write progress of the body */
+#define SETT(f, v) do { if ((v) > 0) so.timeout.f = (v); } while (0)
 	SETT(connect, t->connect);
 	SETT(greeting, t->greeting);
 	SETT(ehlo, t->ehlo);

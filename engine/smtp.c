@@ -17,6 +17,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <stdarg.h>
@@ -192,12 +193,7 @@ void rq_smtp_opts_init(struct rq_smtp_opts *o)
 		.data = 120000, .block = 180000, .dot = 600000, .rset = 120000,
 		.quit = 60000,
 	};
-	o->deadline = (struct rq_smtp_timeouts){
-		.connect = 30000, .greeting = 600000, .ehlo = 600000,
-		.tls = 240000, .auth = 240000, .mail = 600000, .rcpt = 600000,
-		.data = 240000, .block = 1800000, .dot = 1200000, .rset = 240000,
-		.quit = 120000,
-	};
+	o->data_total = 1800000;
 	o->max_txns = 100;
 	o->idle_ms = 5000;
 }
@@ -297,10 +293,23 @@ struct rq_smtp {
 	struct rq_smtp_caps caps;
 	struct rq_reply_parser rp;
 
-	struct event *timer;     /* inactivity / idle */
-	struct event *deadline;  /* whole stage */
+	struct event *timer;     /* the reply's deadline / body progress / idle */
+	struct event *deadline;  /* the whole body (data_total) */
 	struct event *kick;      /* deferred work from API calls */
-	int timer_ms;            /* inactivity timeout of the current stage */
+	int timer_ms;            /* timeout of the current state */
+
+	/* commands of one state, written to the connection in one piece */
+	char *wbuf;
+	size_t wlen, wcap;
+	bool wsecret;            /* wbuf held a secret: wiped after use */
+	bool unsolicited;        /* input was waiting when a command went out */
+	size_t unsolicited_len;
+
+	/* a deliberate end in progress (conn_end): QUIT, then this outcome as
+	 * if it had happened in end_st */
+	bool ending;
+	enum rq_smtp_state end_st;
+	struct rq_outcome end;
 
 	int depth;               /* >0 while inside one of our event callbacks */
 	bool dead;               /* destroy requested */
@@ -311,8 +320,7 @@ struct rq_smtp {
 	struct rq_smtp_txn *txn;
 	bool txn_running;
 	unsigned ntxn;           /* started on this connection */
-	bool need_rset;          /* RSET before the next transaction */
-	bool probe_rset;         /* the RSET in flight probes before a txn */
+	unsigned txn_replies;    /* replies received in the running txn */
 	bool pipelined;
 	unsigned char *rst;      /* enum rcpt_st per recipient */
 	size_t *order;           /* indices of recipients sent, in order */
@@ -371,31 +379,38 @@ static bool before_ready(enum rq_smtp_state st)
 	return st <= RQ_SMTP_ST_AUTH_PASS;
 }
 
-/* Inactivity timeout and deadline of a state (ms; 0 = none). */
+/*
+ * The timer of a state (ms; 0 = none), armed once when the state is entered
+ * (its command written) and never restarted by bytes read: a reply has to
+ * be complete within it however its bytes trickle in. In BODY it is the
+ * write progress of the data (restarted whenever bytes leave) and d bounds
+ * the whole body; in READY it is the idle time.
+ */
 static void state_timeouts(const struct rq_smtp *s, enum rq_smtp_state st, int *t, int *d)
 {
-	const struct rq_smtp_timeouts *T = &s->o.timeout, *D = &s->o.deadline;
+	const struct rq_smtp_timeouts *T = &s->o.timeout;
+	*d = 0;
 	switch (st) {
-	case RQ_SMTP_ST_CONNECTING: *t = T->connect; *d = D->connect; break;
+	case RQ_SMTP_ST_CONNECTING: *t = T->connect; break;
 	case RQ_SMTP_ST_TLS_IMPLICIT:
 	case RQ_SMTP_ST_TLS:
-	case RQ_SMTP_ST_STARTTLS: *t = T->tls; *d = D->tls; break;
-	case RQ_SMTP_ST_GREETING: *t = T->greeting; *d = D->greeting; break;
+	case RQ_SMTP_ST_STARTTLS: *t = T->tls; break;
+	case RQ_SMTP_ST_GREETING: *t = T->greeting; break;
 	case RQ_SMTP_ST_EHLO:
-	case RQ_SMTP_ST_HELO: *t = T->ehlo; *d = D->ehlo; break;
+	case RQ_SMTP_ST_HELO: *t = T->ehlo; break;
 	case RQ_SMTP_ST_AUTH:
 	case RQ_SMTP_ST_AUTH_USER:
-	case RQ_SMTP_ST_AUTH_PASS: *t = T->auth; *d = D->auth; break;
-	case RQ_SMTP_ST_RSET: *t = T->rset; *d = D->rset; break;
-	case RQ_SMTP_ST_MAIL: *t = T->mail; *d = D->mail; break;
-	case RQ_SMTP_ST_RCPT: *t = T->rcpt; *d = D->rcpt; break;
-	case RQ_SMTP_ST_DATA: *t = T->data; *d = D->data; break;
-	case RQ_SMTP_ST_BODY: *t = T->block; *d = D->block; break;
+	case RQ_SMTP_ST_AUTH_PASS: *t = T->auth; break;
+	case RQ_SMTP_ST_RSET: *t = T->rset; break;
+	case RQ_SMTP_ST_MAIL: *t = T->mail; break;
+	case RQ_SMTP_ST_RCPT: *t = T->rcpt; break;
+	case RQ_SMTP_ST_DATA: *t = T->data; break;
+	case RQ_SMTP_ST_BODY: *t = T->block; *d = s->o.data_total; break;
 	case RQ_SMTP_ST_DOT:
-	case RQ_SMTP_ST_ABORT_DOT: *t = T->dot; *d = D->dot; break;
-	case RQ_SMTP_ST_QUIT: *t = T->quit; *d = D->quit; break;
-	case RQ_SMTP_ST_READY: *t = s->o.idle_ms; *d = 0; break;
-	default: *t = 0; *d = 0; break;
+	case RQ_SMTP_ST_ABORT_DOT: *t = T->dot; break;
+	case RQ_SMTP_ST_QUIT: *t = T->quit; break;
+	case RQ_SMTP_ST_READY: *t = s->o.idle_ms; break;
+	default: *t = 0; break;
 	}
 }
 
@@ -450,9 +465,63 @@ static void send_cmd(struct rq_smtp *s, const char *secret_trace, const char *fm
 		trace(s, '>', buf, (size_t)n);
 	buf[n++] = '\r';
 	buf[n++] = '\n';
-	evbuffer_add(bufferevent_get_output(s->bev), buf, (size_t)n);
-	if (secret_trace)
+	if (s->wlen + (size_t)n > s->wcap) {
+		size_t cap = s->wcap ? s->wcap : 1024;
+		while (cap < s->wlen + (size_t)n)
+			cap *= 2;
+		char *nb = malloc(cap);
+		if (!nb) {
+			fprintf(stderr, "relayq smtp: out of memory for a command\n");
+			abort();
+		}
+		if (s->wlen)
+			memcpy(nb, s->wbuf, s->wlen);
+		if (s->wbuf) {
+			OPENSSL_cleanse(s->wbuf, s->wcap);
+			free(s->wbuf);
+		}
+		s->wbuf = nb;
+		s->wcap = cap;
+	}
+	memcpy(s->wbuf + s->wlen, buf, (size_t)n);
+	s->wlen += (size_t)n;
+	if (secret_trace) {
+		s->wsecret = true;
 		OPENSSL_cleanse(buf, sizeof(buf));
+	}
+}
+
+/* A command was just written: input already waiting is unsolicited. */
+static void note_unread(struct rq_smtp *s)
+{
+	if (!s->bev || s->unsolicited)
+		return;
+	size_t left = evbuffer_get_length(bufferevent_get_input(s->bev));
+	if (left) {
+		s->unsolicited = true;
+		s->unsolicited_len = left;
+	}
+}
+
+/*
+ * Writes the commands of the state just entered in one piece: one
+ * evbuffer_add, so a pipelined group (MAIL, every RCPT, DATA) is one write
+ * and, over TLS, one record (up to the record size). Bytes already waiting
+ * in the input at that moment were sent by the server before it could
+ * have seen these commands: they answer nothing we sent, and the session
+ * is failed (unsolicited) at the next safe point.
+ */
+static void flush_cmds(struct rq_smtp *s)
+{
+	if (s->bev && s->wlen)
+		evbuffer_add(bufferevent_get_output(s->bev), s->wbuf, s->wlen);
+	if (s->wsecret)
+		OPENSSL_cleanse(s->wbuf, s->wlen);
+	bool wrote = s->wlen > 0;
+	s->wlen = 0;
+	s->wsecret = false;
+	if (wrote)
+		note_unread(s);
 }
 
 static void outcome_synth(struct rq_outcome *o, enum rq_stage stage, int code,
@@ -462,26 +531,68 @@ static void outcome_synth(struct rq_outcome *o, enum rq_stage stage, int code,
 	o->synthetic = true;
 }
 
-/* Closes the connection (no QUIT); references into the body are dropped. */
-static void close_bev(struct rq_smtp *s)
+/* How a connection is closed (never waiting: the close is immediate). */
+enum close_how {
+	CLOSE_ABORT,  /* drop it: the connection failed, or we are being freed */
+	CLOSE_FLUSH,  /* first write what is queued for the socket (a TLS alert
+			 after a failed handshake) */
+	CLOSE_CLEAN,  /* the connection works and we end it: a TLS close_notify
+			 (SSL_shutdown) first, then as FLUSH */
+};
+
+/* One non-blocking attempt to write what waits for the socket; what does
+ * not fit in the socket buffer at once is dropped with the connection. */
+static void flush_socket(struct rq_smtp *s)
+{
+	struct bufferevent *u = bufferevent_get_underlying(s->bev);
+	if (!u)
+		u = s->bev;
+	struct evbuffer *uo = bufferevent_get_output(u);
+	evutil_socket_t fd = bufferevent_getfd(u);
+	if (fd < 0 || evbuffer_get_length(uo) == 0)
+		return;
+	/* a socket bufferevent keeps its output's front frozen for itself;
+	 * it is about to be freed */
+	evbuffer_unfreeze(uo, 1);
+	(void)evbuffer_write(uo, fd);
+}
+
+/* Closes the connection (no QUIT: see conn_end); references into the body
+ * are dropped. */
+static void close_bev(struct rq_smtp *s, enum close_how how)
 {
 	if (!s->bev)
 		return;
 	struct evbuffer *out = bufferevent_get_output(s->bev);
 	evbuffer_remove_cb(out, out_drain_cb, s);
+	if (evbuffer_get_length(out) > 0)
+		how = CLOSE_ABORT; /* mid-body: nothing more is written */
+	if (how == CLOSE_CLEAN && s->ssl && s->tls_active) {
+		/* the TLS close_notify, written through the filter's BIO into
+		 * the socket's output (we do not wait for the server's) */
+		(void)SSL_shutdown(s->ssl);
+		ERR_clear_error();
+	}
+	if (how != CLOSE_ABORT)
+		flush_socket(s);
 	evbuffer_drain(out, evbuffer_get_length(out));
 	bufferevent_disable(s->bev, EV_READ | EV_WRITE);
 	bufferevent_setcb(s->bev, NULL, NULL, NULL, NULL);
 	bufferevent_free(s->bev);
 	s->bev = NULL;
 	s->ssl = NULL;
+	s->unsolicited = false;
+	if (s->wlen)
+		OPENSSL_cleanse(s->wbuf, s->wlen);
+	s->wlen = 0;
+	s->wsecret = false;
 	event_del(s->timer);
 	event_del(s->deadline);
 }
 
 static void report_closed(struct rq_smtp *s, const struct rq_outcome *why)
 {
-	close_bev(s);
+	close_bev(s, CLOSE_ABORT);
 	to_state(s, RQ_SMTP_ST_CLOSED);
 	if (s->closed_done)
 		return;
@@ -529,25 +640,13 @@ static void as_protocol(struct rq_outcome *o)
 	rq_outcome_set(o, o->stage, RQ_FAIL_PROTOCOL, 0, NULL, "%s", text);
 }
 
-/* The connection failed or broke: how says how. */
-static void conn_fail(struct rq_smtp *s, const struct rq_outcome *how)
+/*
+ * What follows the end of a connection that was in state st, closed
+ * already: the next host (before ready), the running or waiting
+ * transaction's results, then closed.
+ */
+static void conn_after(struct rq_smtp *s, enum rq_smtp_state st, const struct rq_outcome *o)
 {
-	enum rq_smtp_state st = s->st;
-	struct rq_outcome out = *how;
-	const struct rq_outcome *o = &out;
-	as_protocol(&out);
-	if (rq_log_enabled(RQ_LOG_DEBUG))
-		rq_log(RQ_LOG_DEBUG, "smtp_fail", "id", s->log_id, "peer", s->peer_addr,
-		       "state", state_names[st], "fail", rq_fail_name(o->fail),
-		       "text", o->text, NULL);
-	close_bev(s);
-	if (st == RQ_SMTP_ST_QUIT) {
-		struct rq_outcome clean;
-		rq_outcome_set(&clean, RQ_STAGE_QUIT, RQ_FAIL_NONE, 0, NULL,
-			       "connection closed after QUIT");
-		report_closed(s, &clean);
-		return;
-	}
 	if (before_ready(st) && !s->ready_once) {
 		if (!s->have_best || !is_reply(&s->best) || is_reply(o) ||
 		    o->fail == RQ_FAIL_LOCAL) {
@@ -568,13 +667,17 @@ static void conn_fail(struct rq_smtp *s, const struct rq_outcome *how)
 	}
 	if (s->txn && s->txn_running) {
 		struct rq_smtp_txn *t = s->txn;
-		bool probe = st == RQ_SMTP_ST_RSET && s->probe_rset;
+		/* A reused connection lost before the server answered anything of
+		 * this transaction: the server went away while idle (the race of
+		 * every connection cache). Nothing was done; the recipients can
+		 * go at once on a new connection. */
+		bool stale = s->ntxn > 1 && s->txn_replies == 0 && o->fail == RQ_FAIL_LOST;
 		for (size_t i = 0; i < t->nrcpt; i++) {
 			switch (s->rst[i]) {
 			case R_SEND:
 			case R_WAIT:
 			case R_OK:
-				if (probe) {
+				if (stale) {
 					s->rst[i] = R_NOT;
 					t->rcpts[i].result = RQ_SMTP_RCPT_NOT_TRIED;
 					memset(&t->rcpts[i].outcome, 0, sizeof(t->rcpts[i].outcome));
@@ -606,6 +709,77 @@ static void conn_fail(struct rq_smtp *s, const struct rq_outcome *how)
 	report_closed(s, o);
 }
 
+/* The QUIT exchange is over (221, another reply, its timeout, or the
+ * connection gone): close as said, then either the outcome of a deliberate
+ * end (conn_end) or a clean end. */
+static void quit_over(struct rq_smtp *s, enum close_how how, const struct rq_outcome *clean)
+{
+	close_bev(s, how);
+	if (s->ending) {
+		struct rq_outcome o = s->end;
+		enum rq_smtp_state st = s->end_st;
+		s->ending = false;
+		conn_after(s, st, &o);
+		return;
+	}
+	report_closed(s, clean);
+}
+
+/* The connection failed or broke: how says how. Closed as said (the
+ * callers below: dropped, CLOSE_ABORT). */
+static void conn_fail_how(struct rq_smtp *s, const struct rq_outcome *how, enum close_how ch)
+{
+	enum rq_smtp_state st = s->st;
+	struct rq_outcome out = *how;
+	as_protocol(&out);
+	if (rq_log_enabled(RQ_LOG_DEBUG))
+		rq_log(RQ_LOG_DEBUG, "smtp_fail", "id", s->log_id, "peer", s->peer_addr,
+		       "state", state_names[st], "fail", rq_fail_name(out.fail),
+		       "text", out.text, NULL);
+	if (st == RQ_SMTP_ST_QUIT) {
+		struct rq_outcome clean;
+		rq_outcome_set(&clean, RQ_STAGE_QUIT, RQ_FAIL_NONE, 0, NULL,
+			       "connection closed after QUIT");
+		quit_over(s, ch, &clean);
+		return;
+	}
+	close_bev(s, ch);
+	conn_after(s, st, &out);
+}
+
+static void conn_fail(struct rq_smtp *s, const struct rq_outcome *how)
+{
+	conn_fail_how(s, how, CLOSE_ABORT);
+}
+
+/*
+ * A deliberate end of a connection that still works: the server refused
+ * something (not with 421) or cannot give what we require (STARTTLS, an
+ * AUTH mechanism). QUIT is sent and its reply awaited within the quit
+ * timeout, TLS is closed with a close_notify, then how is the outcome as
+ * conn_fail would have reported it from this state (next host, results,
+ * closed). A 421 means the server is closing: no QUIT, a clean close.
+ */
+static void conn_end(struct rq_smtp *s, const struct rq_outcome *how)
+{
+	if (how->fail == RQ_FAIL_NONE && how->code == 421) {
+		conn_fail_how(s, how, CLOSE_CLEAN);
+		return;
+	}
+	if (s->ending || !s->bev || s->st == RQ_SMTP_ST_QUIT) {
+		conn_fail(s, how);
+		return;
+	}
+	s->ending = true;
+	s->end = *how;
+	as_protocol(&s->end);
+	s->end_st = s->st;
+	if (rq_log_enabled(RQ_LOG_DEBUG))
+		rq_log(RQ_LOG_DEBUG, "smtp_end", "id", s->log_id, "peer", s->peer_addr,
+		       "state", state_names[s->st], "text", s->end.text, NULL);
+	to_state(s, RQ_SMTP_ST_QUIT);
+}
+
 static void fail_here(struct rq_smtp *s, enum rq_fail fail, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 static void fail_here(struct rq_smtp *s, enum rq_fail fail, const char *fmt, ...)
@@ -626,7 +800,7 @@ static void fail_here(struct rq_smtp *s, enum rq_fail fail, const char *fmt, ...
 
 static void really_free(struct rq_smtp *s)
 {
-	close_bev(s);
+	close_bev(s, CLOSE_ABORT);
 	if (s->timer)
 		event_free(s->timer);
 	if (s->deadline)
@@ -641,6 +815,10 @@ static void really_free(struct rq_smtp *s)
 	free(s->hosts);
 	free(s->rst);
 	free(s->order);
+	if (s->wbuf) {
+		OPENSSL_cleanse(s->wbuf, s->wcap);
+		free(s->wbuf);
+	}
 	free(s);
 }
 
@@ -649,8 +827,13 @@ static void enter(struct rq_smtp *s)
 	s->depth++;
 }
 
+static void fail_unsolicited(struct rq_smtp *s);
+
 static void leave(struct rq_smtp *s)
 {
+	/* a command went out while input was waiting (kick, timers) */
+	if (s->depth == 1 && s->unsolicited && !s->dead)
+		fail_unsolicited(s);
 	if (--s->depth == 0 && s->dead)
 		really_free(s);
 }
@@ -736,12 +919,16 @@ static void tls_failed(struct rq_smtp *s, unsigned long ossl_err, const char *fa
 		if (rq_log_enabled(RQ_LOG_DEBUG))
 			rq_log(RQ_LOG_DEBUG, "smtp_tls_fallback", "id", s->log_id,
 			       "peer", s->peer_addr, "error", text, NULL);
-		close_bev(s);
+		close_bev(s, CLOSE_FLUSH);
 		s->plain_retry = true;
 		to_state(s, RQ_SMTP_ST_INIT);
 		event_active(s->kick, EV_TIMEOUT, 1);
 		return;
 	}
+	/* The handshake failed (a certificate that does not verify, or the
+	 * server's alert): OpenSSL has queued its alert; it goes out before
+	 * the close. No QUIT over a channel we do not trust. */
+	close_bev(s, CLOSE_FLUSH);
 	struct rq_outcome o;
 	rq_outcome_set(&o, RQ_STAGE_TLS, RQ_FAIL_TLS, 0, NULL, "%s", text);
 	conn_fail(s, &o);
@@ -836,9 +1023,10 @@ static void put_batch(struct rq_smtp *s)
 
 /*
  * Enters a state and writes its command: the only place commands are
- * written. With PIPELINING a transaction's commands all go out when it
- * starts (in RSET or MAIL), so MAIL, RCPT and DATA then add nothing; in
- * lock-step each RCPT state entered sends the next recipient.
+ * written, in one piece per state (flush_cmds). With PIPELINING a
+ * transaction's commands all go out when it starts (in MAIL), so RCPT and
+ * DATA then add nothing; in lock-step each RCPT state entered sends the
+ * next recipient.
  */
 static void to_state(struct rq_smtp *s, enum rq_smtp_state st)
 {
@@ -865,8 +1053,6 @@ static void to_state(struct rq_smtp *s, enum rq_smtp_state st)
 		break;
 	case RQ_SMTP_ST_RSET:
 		send_cmd(s, NULL, "RSET");
-		if (s->txn_running && s->pipelined)
-			put_batch(s);
 		break;
 	case RQ_SMTP_ST_MAIL:
 		if (s->batch_sent)
@@ -886,8 +1072,13 @@ static void to_state(struct rq_smtp *s, enum rq_smtp_state st)
 		break;
 	case RQ_SMTP_ST_BODY:
 		if (rq_data_append(bufferevent_get_output(s->bev), s->txn->body,
-				   s->txn->body_len) != 0)
+				   s->txn->body_len) != 0) {
 			fail_here(s, RQ_FAIL_PROTOCOL, "out of memory while queueing the body");
+			return;
+		}
+		/* no unsolicited check here: a reply already waiting is a
+		 * server giving up on the data (354 then 5xx at once, e.g.
+		 * smtp-sink -A), the message's outcome (on_reply, BODY) */
 		break;
 	case RQ_SMTP_ST_ABORT_DOT:
 		send_cmd(s, NULL, ".");
@@ -899,6 +1090,7 @@ static void to_state(struct rq_smtp *s, enum rq_smtp_state st)
 		/* nothing to send: connecting, greeting, TLS, ready, dot, closed */
 		break;
 	}
+	flush_cmds(s);
 }
 
 /* AUTH: only over TLS (unless allowed), with a mechanism both sides know. */
@@ -909,14 +1101,14 @@ static void start_auth(struct rq_smtp *s)
 	if (!s->tls_active && !s->o.auth_plaintext_ok) {
 		outcome_synth(&o, RQ_STAGE_AUTH, 454, "4.7.0",
 			      "relayq: refusing to send credentials over an unencrypted connection");
-		conn_fail(s, &o);
+		conn_end(s, &o);
 		return;
 	}
 	if (!(s->caps.flags & RQ_SMTP_CAP_AUTH) ||
 	    !(allowed & (RQ_SMTP_AUTH_PLAIN | RQ_SMTP_AUTH_LOGIN))) {
 		outcome_synth(&o, RQ_STAGE_AUTH, 454, "4.7.0",
 			      "relayq: the server offers no AUTH mechanism we may use");
-		conn_fail(s, &o);
+		conn_end(s, &o);
 		return;
 	}
 	s->auth_mech = (allowed & RQ_SMTP_AUTH_PLAIN) ? RQ_SMTP_AUTH_PLAIN : RQ_SMTP_AUTH_LOGIN;
@@ -936,7 +1128,7 @@ static void after_hello(struct rq_smtp *s)
 			struct rq_outcome o;
 			rq_outcome_set(&o, RQ_STAGE_STARTTLS, RQ_FAIL_TLS, 0, NULL,
 				       "TLS required but the server does not offer STARTTLS");
-			conn_fail(s, &o);
+			conn_end(s, &o);
 			return;
 		}
 	}
@@ -1050,13 +1242,10 @@ static void txn_start(struct rq_smtp *s)
 
 	s->ntxn++;
 	s->sent_any = true;
-	s->probe_rset = s->need_rset;
-	if (s->need_rset) {
-		s->need_rset = false;
-		to_state(s, RQ_SMTP_ST_RSET);
-	} else {
-		to_state(s, RQ_SMTP_ST_MAIL);
-	}
+	s->txn_replies = 0;
+	/* straight to MAIL: the previous transaction on this connection
+	 * completed (the reply to "."), or was ended by its own RSET */
+	to_state(s, RQ_SMTP_ST_MAIL);
 }
 
 /* READY: start a waiting transaction, quit, or idle. */
@@ -1088,17 +1277,13 @@ static void txn_finish(struct rq_smtp *s, const struct rq_outcome *o, bool abort
 	}
 	s->txn = NULL;
 	s->txn_running = false;
-	if (s->sent_any)
-		s->need_rset = true;
 	s->sent_any = false;
 	if (t->done && !s->dead)
 		t->done(t, t->arg);
 	if (s->dead || !s->bev)
 		return;
 	if (aborted) {
-		/* end the half-open transaction now */
-		s->need_rset = false;
-		s->probe_rset = false;
+		/* end the half-open transaction now: the only RSET we send */
 		to_state(s, RQ_SMTP_ST_RSET);
 		return;
 	}
@@ -1174,6 +1359,9 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 {
 	struct rq_smtp_txn *t = s->txn;
 
+	if (t && s->txn_running)
+		s->txn_replies++;
+
 	/* a positive reply the state does not expect: protocol error */
 	if (o->code < 400 && !positive_ok(s->st, o->code)) {
 		fail_here(s, RQ_FAIL_PROTOCOL, "unexpected reply %d in state %s: %.200s", o->code,
@@ -1184,14 +1372,14 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 	/* 421 anywhere in a transaction: the server is closing the connection;
 	 * it is the outcome of every recipient still open */
 	if (o->code == 421 && s->st >= RQ_SMTP_ST_RSET && s->st <= RQ_SMTP_ST_ABORT_DOT) {
-		conn_fail(s, o);
+		conn_end(s, o);
 		return;
 	}
 
 	switch (s->st) {
 	case RQ_SMTP_ST_GREETING:
 		if (o->code != 220) {
-			conn_fail(s, o);
+			conn_end(s, o);
 			return;
 		}
 		to_state(s, RQ_SMTP_ST_EHLO);
@@ -1210,7 +1398,7 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 				return;
 			}
 		}
-		conn_fail(s, o);
+		conn_end(s, o);
 		return;
 
 	case RQ_SMTP_ST_STARTTLS:
@@ -1227,7 +1415,7 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 		}
 		if (s->o.tls == RQ_TLS_REQUIRED) {
 			o->fail = RQ_FAIL_TLS;
-			conn_fail(s, o);
+			conn_end(s, o);
 			return;
 		}
 		/* opportunistic: go on in plain text, no second STARTTLS */
@@ -1247,7 +1435,7 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			to_state(s, RQ_SMTP_ST_AUTH_USER);
 			return;
 		}
-		conn_fail(s, o);
+		conn_end(s, o);
 		return;
 
 	case RQ_SMTP_ST_AUTH_USER:
@@ -1255,21 +1443,16 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			to_state(s, RQ_SMTP_ST_AUTH_PASS);
 			return;
 		}
-		conn_fail(s, o);
+		conn_end(s, o);
 		return;
 
 	case RQ_SMTP_ST_RSET:
 		if (!r2(o)) {
 			/* a server that cannot RSET is not fit for reuse */
-			conn_fail(s, o);
+			conn_end(s, o);
 			return;
 		}
-		if (!t || !s->txn_running) {
-			go_ready(s);
-			return;
-		}
-		s->probe_rset = false;
-		to_state(s, RQ_SMTP_ST_MAIL);
+		go_ready(s);
 		return;
 
 	case RQ_SMTP_ST_MAIL:
@@ -1373,14 +1556,14 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 
 	case RQ_SMTP_ST_QUIT: {
 		struct rq_outcome clean = *o;
-		report_closed(s, &clean);
+		quit_over(s, CLOSE_CLEAN, &clean);
 		return;
 	}
 
 	case RQ_SMTP_ST_READY:
 		/* unsolicited: 421 on idle timeout / shutdown */
 		if (o->code == 421) {
-			conn_fail(s, o);
+			conn_end(s, o);
 			return;
 		}
 		fail_here(s, RQ_FAIL_PROTOCOL, "unexpected reply while idle: %d", o->code);
@@ -1406,11 +1589,34 @@ static bool expects_reply(enum rq_smtp_state st)
 	}
 }
 
+/*
+ * Bytes that were waiting in the input when a command went out: the server
+ * sent them before it could have seen that command, so they answer nothing
+ * we asked (outside a pipelined group, which goes out in one write before
+ * any of its replies can come). Taking them for the next replies would
+ * record words the server never said about this message: the connection is
+ * dropped as a protocol error instead.
+ */
+static void fail_unsolicited(struct rq_smtp *s)
+{
+	size_t n = s->unsolicited_len;
+	s->unsolicited = false;
+	if (!s->bev || s->st == RQ_SMTP_ST_CLOSED)
+		return;
+	fail_here(s, RQ_FAIL_PROTOCOL,
+		  "%zu bytes arrived before the command they would answer was sent "
+		  "(unsolicited reply): connection dropped", n);
+}
+
 /* Reads complete reply lines, bounded, and dispatches complete replies. */
 static void process_input(struct rq_smtp *s)
 {
 	char line[RQ_REPLY_LINE_MAX + 1];
 	while (!s->dead && s->bev && expects_reply(s->st)) {
+		if (s->unsolicited) {
+			fail_unsolicited(s);
+			return;
+		}
 		struct evbuffer *in = bufferevent_get_input(s->bev);
 		size_t avail = evbuffer_get_length(in);
 		if (avail == 0)
@@ -1463,10 +1669,7 @@ static void bev_read_cb(struct bufferevent *bev, void *arg)
 {
 	struct rq_smtp *s = arg;
 	enter(s);
-	/* bytes read restart the inactivity timer, except while sending the
-	 * body: there only write progress counts */
-	if ((expects_reply(s->st) && s->st != RQ_SMTP_ST_BODY) || s->st == RQ_SMTP_ST_READY)
-		arm(s->timer, s->timer_ms);
+	/* bytes read never restart the timer: it bounds the whole reply */
 	process_input(s);
 	leave(s);
 }
@@ -1548,8 +1751,17 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg)
 		if (!s->txn) {
 			to_state(s, RQ_SMTP_ST_QUIT);
 		}
+	} else if (s->st == RQ_SMTP_ST_QUIT) {
+		/* no reply to QUIT in time: close all the same, cleanly */
+		struct rq_outcome clean;
+		rq_outcome_set(&clean, RQ_STAGE_QUIT, RQ_FAIL_NONE, 0, NULL,
+			       "no reply to QUIT within %d ms", s->timer_ms);
+		quit_over(s, CLOSE_CLEAN, &clean);
+	} else if (s->st == RQ_SMTP_ST_BODY) {
+		fail_here(s, RQ_FAIL_TIMEOUT, "timeout: the message data made no progress for %d ms",
+			  s->timer_ms);
 	} else if (s->st != RQ_SMTP_ST_CLOSED && s->st != RQ_SMTP_ST_INIT) {
-		fail_here(s, RQ_FAIL_TIMEOUT, "timeout after %d ms in state %s",
+		fail_here(s, RQ_FAIL_TIMEOUT, "timeout: no complete reply within %d ms in state %s",
 			  s->timer_ms, state_names[s->st]);
 	}
 	leave(s);
@@ -1559,9 +1771,9 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct rq_smtp *s = arg;
 	enter(s);
-	if (s->st != RQ_SMTP_ST_CLOSED && s->st != RQ_SMTP_ST_INIT &&
-	    s->st != RQ_SMTP_ST_READY)
-		fail_here(s, RQ_FAIL_TIMEOUT, "deadline exceeded in state %s", state_names[s->st]);
+	if (s->st == RQ_SMTP_ST_BODY)
+		fail_here(s, RQ_FAIL_TIMEOUT, "timeout: the message data took longer than %d ms",
+			  s->o.data_total);
 	leave(s);
 }
 
@@ -1573,7 +1785,7 @@ static void host_start(struct rq_smtp *s)
 	s->tls_active = s->tls_verified = s->authed = false;
 	s->tls_info[0] = '\0';
 	s->ntxn = 0;
-	s->need_rset = false;
+	s->ending = false;
 	rq_smtp_caps_reset(&s->caps);
 	rq_reply_parser_init(&s->rp);
 	s->bev = bufferevent_socket_new(s->base, -1, BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
@@ -1636,7 +1848,7 @@ void rq_smtp_destroy(struct rq_smtp *s)
 		return;
 	if (s->depth > 0) {
 		s->dead = true;
-		close_bev(s);
+		close_bev(s, CLOSE_ABORT);
 		return;
 	}
 	really_free(s);

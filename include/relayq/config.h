@@ -52,7 +52,11 @@
  *                   mail = "5m", rcpt = "5m", data = "2m",
  *                   data_block = "3m", dot = "10m", quit = "20s",
  *                   idle = "10s" }  (each 1s-1h; idle 0-1h: 0 = close
- *                 connections when idle)
+ *                 connections when idle). Each is the total deadline of
+ *                 its stage's reply, from the command's write to the end
+ *                 of the reply, not restarted by bytes that trickle in;
+ *                 data_block bounds each block of the body written
+ *                 (write progress); quit: QUIT's reply, then the close
  *   log_format    "logfmt" | "json"
  *   log_level     "info" (debug | info | warn | error | off)
  *   events_cap    100000 (0-100000000)

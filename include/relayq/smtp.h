@@ -27,17 +27,35 @@
  *   rq_smtp_destroy(s);                     // allowed inside any callback
  *
  * Transactions: with PIPELINING (RFC 2920) MAIL, every RCPT and DATA go in
- * one write and the replies are matched in order; without it, lock-step.
- * Exactly one RSET separates two transactions on a connection: right after
- * a transaction that ended before its data (MAIL refused, no recipient
- * accepted, DATA refused), else in front of the next one (pipelined with
- * it). If that leading RSET finds the connection dead, the waiting
- * transaction's recipients come back NOT_TRIED. When no recipient was
+ * one write (one evbuffer_add: over TLS one record, up to its size) and the
+ * replies are matched in order; without it, lock-step. RSET is sent only
+ * to end a transaction that ended before its data (MAIL refused, no
+ * recipient accepted, DATA refused), right then; after a completed
+ * transaction (any reply to ".") the next one starts with MAIL. When a
+ * reused connection is lost before the server answered anything of a
+ * transaction (it went away while idle), the recipients come back
+ * NOT_TRIED. When no recipient was
  * accepted DATA is not sent (lock-step) or its 354 is answered with a lone
  * "." (pipelined). A 421 at any point of a transaction is the outcome of
  * every recipient still open and ends the connection. A reply that arrives
  * while the body is still being sent (a server giving up mid-data) is the
  * message's outcome and ends the connection.
+ *
+ * Unsolicited replies: bytes already in the input when a command (or the
+ * body) is written were sent before the server could have seen it; they
+ * are never taken as its reply. The connection is dropped as a protocol
+ * error (fail PROTOCOL at the stage of that command).
+ *
+ * Ending a connection: when the server refuses something that ends the
+ * connection (greeting, EHLO/HELO, STARTTLS when required, AUTH, RSET) with
+ * anything but 421, or cannot give what we require (STARTTLS, an AUTH
+ * mechanism we may use), QUIT is sent and its reply awaited within the quit
+ * timeout before closing; the outcome stays the refusal. Every close of a
+ * working TLS connection (after QUIT, after a 421) sends a close_notify
+ * first. A certificate that fails verification ends the handshake with
+ * OpenSSL's alert, written out before the close, and no QUIT (nothing more
+ * is said over a channel we do not trust). Broken connections (timeouts,
+ * protocol errors, lost) are dropped without either.
  *
  * TLS (tls.h for the modes): STARTTLS is refused when bytes follow its 220
  * reply (response injection; protocol error, connection dropped); after
@@ -61,8 +79,9 @@
  * Reading: reply lines are taken from the input with a bound; a line longer
  * than RQ_REPLY_LINE_MAX is a protocol error as soon as the buffer passes
  * that bound, and so is a reply of more than RQ_REPLY_LINES_MAX lines.
- * Every stage has an inactivity timeout and an overall deadline (struct
- * rq_smtp_timeouts), so a server trickling bytes cannot hold a connection.
+ * Every reply has a total deadline (struct rq_smtp_timeouts), counted from
+ * the write of its command and never extended by bytes that trickle in, so
+ * a server dripping bytes cannot hold a connection.
  *
  * The process must ignore SIGPIPE (signal(SIGPIPE, SIG_IGN), as relayqd and
  * relayq do): libevent writes with writev(), and a write to a connection
@@ -143,22 +162,26 @@ void rq_smtp_caps_describe(const struct rq_smtp_caps *caps, char *buf, size_t le
  * Session options.
  */
 
-/* Timeouts in milliseconds; 0 = none. "timeout" is inactivity (restarted by
- * every byte read, or written for the body); "deadline" bounds the whole
- * stage however the bytes trickle in. */
+/* Timeouts in milliseconds; 0 = none. Each is the total deadline of its
+ * stage's reply: from the write of the command (or the state's start) to
+ * the end of the reply's last line, however the bytes trickle in (RFC 5321
+ * 4.5.3.2 values as defaults). With PIPELINING each reply of the group has
+ * its own, from the previous reply. */
 struct rq_smtp_timeouts {
 	int connect;   /* TCP connect (30 s) */
 	int greeting;  /* the 220 (RFC 5321: 5 min) */
 	int ehlo;      /* EHLO / HELO (5 min) */
-	int tls;       /* STARTTLS reply and the handshake (2 min) */
+	int tls;       /* STARTTLS reply; the handshake (2 min) */
 	int auth;      /* each AUTH step (2 min) */
 	int mail;      /* MAIL FROM (5 min) */
 	int rcpt;      /* each RCPT TO (5 min) */
 	int data;      /* DATA initiation, the 354 (2 min) */
-	int block;     /* body sending: write progress (3 min) */
+	int block;     /* body: each data block written must leave within this
+			  (write progress, RFC "data block", 3 min); the whole
+			  body is bounded by data_total */
 	int dot;       /* the reply to the final "." (10 min) */
 	int rset;      /* RSET (2 min) */
-	int quit;      /* QUIT (1 min) */
+	int quit;      /* QUIT's reply; then the connection is closed anyway (1 min) */
 };
 
 struct rq_smtp_opts {
@@ -180,7 +203,8 @@ struct rq_smtp_opts {
 					is preferred */
 	bool auth_plaintext_ok;      /* allow AUTH without TLS (default false) */
 	struct rq_smtp_timeouts timeout;
-	struct rq_smtp_timeouts deadline;
+	int data_total;              /* the whole body, however it progresses
+					(default 30 min) */
 	unsigned max_txns;           /* transactions per connection (default
 					100; 0 = no limit) */
 	int idle_ms;                 /* QUIT after this long without a
@@ -188,8 +212,8 @@ struct rq_smtp_opts {
 	const char *log_id;          /* added to debug logs (copied); may be NULL */
 };
 
-/* Fills opts with the defaults above (RFC 5321 4.5.3.2 timeouts; deadlines
- * twice the timeout, the body's 30 min). */
+/* Fills opts with the defaults above (RFC 5321 4.5.3.2 timeouts, the
+ * body's 30 min in all). */
 void rq_smtp_opts_init(struct rq_smtp_opts *opts);
 
 /* ---------------------------------------------------------------------------

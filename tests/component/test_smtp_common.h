@@ -93,10 +93,8 @@ static inline void on_done(struct rq_smtp_txn *t, void *arg)
 static inline void short_timeouts(struct rq_smtp_opts *o, int ms)
 {
 	struct rq_smtp_timeouts t = {ms, ms, ms, ms, ms, ms, ms, ms, ms, ms, ms, ms};
-	struct rq_smtp_timeouts d = {ms, 2 * ms, 2 * ms, 2 * ms, 2 * ms, 2 * ms, 2 * ms,
-				     2 * ms, 2 * ms, 2 * ms, 2 * ms, 2 * ms};
 	o->timeout = t;
-	o->deadline = d;
+	o->data_total = 2 * ms;
 }
 
 static inline void run_init(struct run *r)

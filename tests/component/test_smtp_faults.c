@@ -84,13 +84,19 @@ static void test_stall_every_stage(void **state)
 	fault_case("dot stall", 600, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT, NULL);
 }
 
-/* A server that answers one byte at a time, each within the inactivity
- * timeout, but too slowly overall: the stage's deadline. */
+/* A server that answers one byte at a time, each byte well within the
+ * timeout, but too slowly overall: the timeout bounds the whole reply. */
 static void test_trickle_deadline(void **state)
 {
-	fault_case("greeting trickle=100", 400, body1, RQ_STAGE_GREETING, RQ_FAIL_TIMEOUT, "deadline");
-	fault_case("mail trickle=100", 400, body1, RQ_STAGE_MAIL, RQ_FAIL_TIMEOUT, "deadline");
-	fault_case("dot trickle=100", 400, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT, "deadline");
+	fault_case("greeting trickle=100", 400, body1, RQ_STAGE_GREETING, RQ_FAIL_TIMEOUT,
+		   "no complete reply");
+	fault_case("ehlo trickle=100", 400, body1, RQ_STAGE_EHLO, RQ_FAIL_TIMEOUT, "no complete reply");
+	fault_case("mail trickle=100", 400, body1, RQ_STAGE_MAIL, RQ_FAIL_TIMEOUT, "no complete reply");
+	fault_case("rcpt rcpt=2 trickle=100", 400, body1, RQ_STAGE_RCPT, RQ_FAIL_TIMEOUT,
+		   "no complete reply");
+	fault_case("pipelining off\ndata trickle=100", 400, body1, RQ_STAGE_DATA, RQ_FAIL_TIMEOUT,
+		   "no complete reply");
+	fault_case("dot trickle=100", 400, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT, "no complete reply");
 
 	/* a trickle that ends in time is fine */
 	struct fx x;
@@ -166,12 +172,14 @@ static void test_overlong(void **state)
 	fx_end(&x);
 }
 
-/* The connection is found dead by the RSET before a reused transaction:
- * nothing was tried, the recipients can go at once elsewhere. */
-static void test_dead_on_reuse(void **state)
+/* A reused connection found dead before the server answered anything of
+ * the next transaction (no RSET probe any more: MAIL goes straight out):
+ * nothing was tried, the recipients can go at once elsewhere. On a fresh
+ * connection the same loss is a failure (test_disconnect_every_stage). */
+static void dead_on_reuse(const char *scenario)
 {
 	struct fx x;
-	fx_start(&x, "rset drop", 2000);
+	fx_start(&x, scenario, 2000);
 	txn_set(&x.r, "s@example.com", two, body1);
 	send_wait(&x.r);
 	assert_int_equal(x.r.txn.delivered, 2);
@@ -179,9 +187,108 @@ static void test_dead_on_reuse(void **state)
 	assert_int_equal(x.r.txn.not_tried, 2);
 	assert_int_equal(x.r.rcpts[0].result, RQ_SMTP_RCPT_NOT_TRIED);
 	assert_int_equal(x.r.rcpts[1].result, RQ_SMTP_RCPT_NOT_TRIED);
-	assert_outcome(&x.r.txn.outcome, RQ_STAGE_RSET, RQ_FAIL_LOST, 0);
+	assert_outcome(&x.r.txn.outcome, RQ_STAGE_MAIL, RQ_FAIL_LOST, 0);
 	wait_closed(&x.r);
+	assert_null(strstr(fsmtp_conn_at(x.f, 0)->in, "RSET"));
 	fx_end(&x);
+}
+
+static void test_dead_on_reuse(void **state)
+{
+	dead_on_reuse("mail txn=2 drop");
+	dead_on_reuse("pipelining off\nmail txn=2 drop");
+}
+
+/*
+ * Issue 15 item 7: replies the server sent before the command they would
+ * answer. The EHLO reply comes with "250 2.1.0 extra1" and "554 5.0.0
+ * extra2" in the same write; the transaction waiting for the session must
+ * not take them for its MAIL and RCPT replies: a protocol error, the
+ * connection dropped before MAIL leaves, nothing of the server's words
+ * recorded for any recipient.
+ */
+static void unsolicited_case(const char *scenario, enum rq_stage stage)
+{
+	struct fx x;
+	const char *const r[] = {"a@example.net", "b@example.net", "c@example.net", NULL};
+	fx_start(&x, scenario, 2000);
+	txn_set(&x.r, "s@example.com", r, body1);
+	assert_int_equal(rq_smtp_send(x.r.s, &x.r.txn), 0); /* waits for ready */
+	wait_done(&x.r, 1);
+	wait_closed(&x.r);
+	assert_int_equal(x.r.txn.delivered, 0);
+	assert_int_equal(x.r.txn.failed, 3);
+	assert_outcome(&x.r.txn.outcome, stage, RQ_FAIL_PROTOCOL, 0);
+	assert_non_null(strstr(x.r.txn.outcome.text, "unsolicited"));
+	for (int i = 0; i < 3; i++) {
+		assert_rcpt(&x.r.rcpts[i], RQ_SMTP_RCPT_FAILED, stage, RQ_FAIL_PROTOCOL, 0);
+		assert_null(strstr(x.r.rcpts[i].outcome.text, "extra"));
+	}
+	assert_outcome(&x.r.why, stage, RQ_FAIL_PROTOCOL, 0);
+	assert_null(fsmtp_last_message(x.f));
+	fx_end(&x);
+}
+
+static void test_unsolicited_replies(void **state)
+{
+	/* pipelined: MAIL+RCPTs+DATA would have been matched with them */
+	unsolicited_case("ehlo inject=\"250 2.1.0 extra1\\r\\n554 5.0.0 extra2\\r\\n\"",
+			 RQ_STAGE_MAIL);
+	unsolicited_case("pipelining off\nehlo inject=\"250 2.1.0 extra1\\r\\n554 5.0.0 extra2\\r\\n\"",
+			 RQ_STAGE_MAIL);
+	/* lock-step: a second reply to MAIL would be taken for the RCPT's */
+	unsolicited_case("pipelining off\nmail inject=\"554 5.0.0 extra2\\r\\n\"", RQ_STAGE_RCPT);
+	/* even a partial line that was waiting */
+	unsolicited_case("pipelining off\nmail inject=\"554 5.0\"", RQ_STAGE_RCPT);
+
+	/* nothing went out after the unsolicited bytes were seen */
+	struct fx x;
+	fx_start(&x, "ehlo inject=\"250 2.1.0 extra1\\r\\n554 5.0.0 extra2\\r\\n\"", 2000);
+	txn_set(&x.r, "s@example.com", two, body1);
+	assert_int_equal(rq_smtp_send(x.r.s, &x.r.txn), 0);
+	wait_done(&x.r, 1);
+	wait_closed(&x.r);
+	assert_true(fsmtp_wait_closed(x.f, 1, 10000));
+	assert_null(strstr(fsmtp_conn_at(x.f, 0)->in, "MAIL FROM"));
+	fx_end(&x);
+
+	/* when idle (no transaction waiting) they are just as unexpected */
+	fx_start(&x, "ehlo inject=\"250 2.1.0 extra1\\r\\n\"", 2000);
+	wait_closed(&x.r);
+	assert_outcome(&x.r.why, RQ_STAGE_NONE, RQ_FAIL_PROTOCOL, 0);
+	fx_end(&x);
+}
+
+/*
+ * Issue 15 item 8: the configured timeout of a stage is the total deadline
+ * of its reply. Options as relayqd builds them (defaults, then only the
+ * configured greeting timeout); a server dripping a long greeting one byte
+ * every 50 ms, each byte far within the timeout: the session ends with
+ * "timeout" before the whole greeting arrived.
+ */
+static void test_trickle_configured_timeout(void **state)
+{
+	struct run r;
+	run_init(&r);
+	rq_smtp_opts_init(&r.opts);
+	r.opts.helo_name = "client.test";
+	r.opts.timeout.greeting = 1000;
+	/* a 400-byte greeting line: 20 s at this pace */
+	struct fsmtp *f = fsmtp_must_start(r.base, "greeting trickle=50 long=400");
+	run_connect(&r, fsmtp_port(f), "mx.test");
+	wait_closed(&r);
+	assert_outcome(&r.why, RQ_STAGE_GREETING, RQ_FAIL_TIMEOUT, 0);
+	assert_non_null(strstr(r.why.text, "timeout"));
+	/* the client never saw a complete line; the server had not sent it all */
+	assert_true(r.trace == NULL || strstr(r.trace, "< ") == NULL);
+	assert_true(fsmtp_wait_closed(f, 1, 10000));
+	const struct fsmtp_conn *c = fsmtp_conn_at(f, 0);
+	assert_non_null(c);
+	assert_true(c->out_len < 400);
+	assert_false(c->closed_by_server);
+	run_finish(&r);
+	fsmtp_destroy(f);
+	run_free_base(&r);
 }
 
 /* A server 421 mid-transaction (closing after it), lock-step and pipelined. */
@@ -327,6 +434,8 @@ int main(void)
 		cmocka_unit_test(test_garbage),
 		cmocka_unit_test(test_overlong),
 		cmocka_unit_test(test_dead_on_reuse),
+		cmocka_unit_test(test_unsolicited_replies),
+		cmocka_unit_test(test_trickle_configured_timeout),
 		cmocka_unit_test(test_421_mid_session),
 		cmocka_unit_test(test_421_mail_pipelined),
 		cmocka_unit_test(test_connect_timeout),

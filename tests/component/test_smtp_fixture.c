@@ -426,7 +426,8 @@ static void test_lockstep_wire(void **state)
 	const char *const r[] = {"r1@example.net", "r2@example.net", "r3@example.net", NULL};
 	txn_set(&x.r, "s@example.com", r, body1);
 	send_wait(&x.r);
-	/* a second transaction: RSET first, also lock-step */
+	/* a second transaction: straight to MAIL (the first completed), also
+	 * lock-step */
 	send_wait(&x.r);
 	assert_false(x.r.txn.pipelined);
 	assert_int_equal(x.r.txn.delivered, 3);
@@ -442,10 +443,44 @@ static void test_lockstep_wire(void **state)
 			       "RCPT TO:<r2@example.net>\r\nRCPT TO:<r3@example.net>\r\nDATA\r\n",
 			    strlen("MAIL FROM:<s@example.com>\r\nRCPT TO:<r1@example.net>\r\n"
 				   "RCPT TO:<r2@example.net>\r\nRCPT TO:<r3@example.net>\r\nDATA\r\n")) == 0);
-	const char *second = strstr(m, "RSET\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r1@example.net>\r\n");
+	const char *second = strstr(m, ".\r\nMAIL FROM:<s@example.com>\r\nRCPT TO:<r1@example.net>\r\n");
 	assert_non_null(second);
+	assert_null(strstr(c->in, "RSET"));
 	assert_non_null(strstr(second, ".\r\nQUIT\r\n"));
 	fx_end(&x);
+}
+
+/* Issue 15 item 11c: no RSET after a completed transaction (two messages
+ * go MAIL after "."); exactly one after an aborted one, right then. */
+static void rset_case(const char *pipelining)
+{
+	struct fx x;
+	char sc[128];
+	snprintf(sc, sizeof(sc), "pipelining %s\nrcpt txn=3 reply 550 5.1.1 no", pipelining);
+	fx_start(&x, sc);
+	fx_connect(&x);
+	for (int i = 1; i <= 4; i++) {
+		txn_set(&x.r, "s@example.com", one, body1);
+		send_wait(&x.r);
+		assert_int_equal(x.r.txn.delivered, i == 3 ? 0 : 1);
+	}
+	rq_smtp_quit(x.r.s);
+	wait_closed(&x.r);
+	const char *in = conn0(&x)->in;
+	assert_int_equal(count_str(in, "RSET\r\n"), 1);
+	assert_int_equal(count_str(in, "MAIL FROM"), 4);
+	/* messages 1 and 2: "." then MAIL */
+	assert_int_equal(count_str(in, ".\r\nMAIL FROM:<s@example.com>"), 2);
+	/* message 3 refused: RSET, then message 4's MAIL */
+	assert_non_null(strstr(in, "RSET\r\nMAIL FROM:<s@example.com>"));
+	assert_int_equal(fsmtp_nconns(x.f), 1);
+	fx_end(&x);
+}
+
+static void test_rset_only_after_abort(void **state)
+{
+	rset_case("on");
+	rset_case("off");
 }
 
 /* DATA bytes exactly: CRLF normalisation, dot-stuffing, final CRLF.CRLF. */
@@ -955,6 +990,7 @@ int main(void)
 		cmocka_unit_test(test_too_many_first),
 		cmocka_unit_test(test_pipelined_wire),
 		cmocka_unit_test(test_lockstep_wire),
+		cmocka_unit_test(test_rset_only_after_abort),
 		cmocka_unit_test(test_data_bytes),
 		cmocka_unit_test(test_large_body),
 		cmocka_unit_test(test_size_refused_early),

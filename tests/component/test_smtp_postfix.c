@@ -329,7 +329,7 @@ static void test_sink_block_timeout(void **state)
 	/* commands may be slow on a loaded machine; only the body's is short */
 	short_timeouts(&r.opts, 4000);
 	r.opts.timeout.block = 500;
-	r.opts.deadline.block = 3000;
+	r.opts.data_total = 3000;
 	run_connect(&r, k.port, NULL);
 	char *big = big_body(32u << 20);
 	txn_set(&r, "s@example.com", one, big);
@@ -350,6 +350,7 @@ static void test_sink_block_timeout(void **state)
 struct pfx {
 	char dir[300];
 	int port;
+	int port_plain;    /* a second smtpd without STARTTLS */
 	struct sink sink;
 };
 
@@ -369,14 +370,19 @@ static void pfx_start(void)
 	snprintf(P.dir, sizeof(P.dir), "%s/postfix", tmpdir);
 	sink_start(&P.sink, tmpdir, "relayed", NULL, NULL);
 	P.port = th_free_port();
+	do
+		P.port_plain = th_free_port();
+	while (P.port_plain == P.port);
 	snprintf(cmd, sizeof(cmd),
 		 "set -e; D='%s'; mkdir -p \"$D/conf\" \"$D/queue\" \"$D/data\"; chmod 755 \"$D\"; "
 		 "chown postfix \"$D/data\"; cp /etc/postfix/master.cf \"$D/conf/\"; "
 		 "cp '%s/tests/fixtures/tls/server.pem' '%s/tests/fixtures/tls/server.key' \"$D/\"; "
 		 "chmod 644 \"$D/server.pem\"; chmod 600 \"$D/server.key\"; "
 		 "sed -i 's/^smtp      inet  n       -       y/%d      inet  n       -       n/' \"$D/conf/master.cf\"; "
-		 "grep -q '^%d ' \"$D/conf/master.cf\"",
-		 P.dir, th_source_root(), th_source_root(), P.port, P.port);
+		 "grep -q '^%d ' \"$D/conf/master.cf\"; "
+		 "printf '%d      inet  n       -       n       -       -       smtpd\\n"
+		 "  -o smtpd_tls_security_level=none\\n' >> \"$D/conf/master.cf\"",
+		 P.dir, th_source_root(), th_source_root(), P.port, P.port, P.port_plain);
 	if (th_run(cmd, &out) != 0)
 		fail_msg("cannot prepare the Postfix folder: %s", out ? out : "");
 	free(out);
@@ -419,7 +425,7 @@ static void pfx_start(void)
 		}
 	}
 	free(out);
-	if (th_wait_port(P.port, 15000) != 0)
+	if (th_wait_port(P.port, 15000) != 0 || th_wait_port(P.port_plain, 15000) != 0)
 		pfx_fail("does not listen");
 }
 
@@ -533,6 +539,94 @@ static void test_postfix_reuse_plain(void **state)
 		pfx_fail("did not relay the 10 messages within 30 s");
 }
 
+static char *pfx_log(size_t *len)
+{
+	char p[400];
+	snprintf(p, sizeof(p), "%s/postfix.log", P.dir);
+	char *log = th_read_file(p, len);
+	if (!log) {
+		log = calloc(1, 1);
+		*len = 0;
+	}
+	return log;
+}
+
+struct log_wait {
+	size_t from;
+	int disconnects;
+};
+
+static bool cond_log(void *arg)
+{
+	struct log_wait *w = arg;
+	size_t n;
+	char *log = pfx_log(&n);
+	bool ok = n >= w->from && count_str(log + w->from, " disconnect from ") >= w->disconnects;
+	free(log);
+	return ok;
+}
+
+/*
+ * Issue 15 item 11a against Postfix's smtpd: relayq ends a connection it
+ * gives up on (no AUTH mechanism offered while credentials are configured;
+ * TLS required but no STARTTLS) with QUIT, and a TLS one with a
+ * close_notify: Postfix logs no "lost connection after" for it. A
+ * certificate that does not verify ends in the handshake with an alert.
+ */
+static void pfx_end_case(const char *what, int port, const char *name, bool with_auth,
+			 enum rq_stage stage, enum rq_fail fail, int code, bool want_quit)
+{
+	size_t from;
+	free(pfx_log(&from));
+	struct run r;
+	run_init(&r);
+	short_timeouts(&r.opts, 10000);
+	char ca[512];
+	snprintf(ca, sizeof(ca), "%s/tests/fixtures/tls/ca.pem", th_source_root());
+	r.tls = test_tls_ctx(ca);
+	r.opts.tls_ctx = r.tls;
+	r.opts.tls = RQ_TLS_REQUIRED;
+	if (with_auth) {
+		r.opts.auth_user = "user";
+		r.opts.auth_password = "password";
+	}
+	run_connect(&r, port, name);
+	txn_set(&r, "sender@example.com", one, "x\r\n");
+	assert_int_equal(rq_smtp_send(r.s, &r.txn), 0);
+	wait_done(&r, 1);
+	wait_closed(&r);
+	assert_outcome(&r.why, stage, fail, code);
+	bool quit = r.trace && strstr(r.trace, "> QUIT\n< 221") != NULL;
+	if (quit != want_quit)
+		fail_msg("%s: QUIT %s expected; trace:\n%s", what, want_quit ? "" : "not",
+			 r.trace ? r.trace : "");
+	run_finish(&r);
+	run_free_base(&r);
+	struct log_wait w = {from, 1};
+	if (!th_wait_for(cond_log, &w, 30000))
+		pfx_fail("logged no disconnect within 30 s");
+	size_t n;
+	char *log = pfx_log(&n);
+	const char *mine = log + from;
+	fprintf(stderr, "postfix log for %s:\n%s", what, mine);
+	if (want_quit && strstr(mine, "lost connection after"))
+		fail_msg("%s: Postfix saw a lost connection:\n%s", what, mine);
+	if (want_quit && !strstr(mine, "quit=1"))
+		fail_msg("%s: Postfix counted no QUIT:\n%s", what, mine);
+	free(log);
+}
+
+static void test_postfix_clean_ends(void **state)
+{
+	/* Postfix without SASL offers no AUTH: we have credentials */
+	pfx_end_case("no AUTH mechanism", P.port, "mx.test", true, RQ_STAGE_AUTH, RQ_FAIL_NONE,
+		     454, true);
+	pfx_end_case("TLS required, no STARTTLS", P.port_plain, "mx.test", false,
+		     RQ_STAGE_STARTTLS, RQ_FAIL_TLS, 0, true);
+	pfx_end_case("certificate for another name", P.port, "other.test", false, RQ_STAGE_TLS,
+		     RQ_FAIL_TLS, 0, false);
+}
+
 static int group_setup(void **state)
 {
 	tmpdir = th_mkdtemp("smtp-postfix");
@@ -562,6 +656,7 @@ int main(void)
 		cmocka_unit_test(test_postfix_tls_and_access_map),
 		cmocka_unit_test(test_postfix_size_limit),
 		cmocka_unit_test(test_postfix_reuse_plain),
+		cmocka_unit_test(test_postfix_clean_ends),
 	};
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -498,6 +498,123 @@ static void test_tls_fault_matrix(void **state)
 	}
 }
 
+/* Issue 15 item 11a: the server refused us (or cannot give what we
+ * require) on a connection that still works: QUIT is said and answered
+ * before the close, the outcome stays the refusal. */
+static void quit_case(const char *scenario, const char *cert, enum rq_tls_mode mode,
+		      const char *password, enum rq_stage stage, enum rq_fail fail, int code)
+{
+	struct fx x;
+	fx_init(&x, scenario, cert);
+	x.r.opts.tls = mode;
+	if (password) {
+		x.r.opts.auth_user = FSMTP_TEST_USER;
+		x.r.opts.auth_password = password;
+	}
+	fx_connect(&x, "mx.test");
+	expect_fail(&x, stage, fail, code);
+	assert_true(fsmtp_wait_closed(x.f, 1, 10000));
+	const struct fsmtp_conn *c = conn_at(&x, 0);
+	if (!strstr(c->in, "QUIT\r\n"))
+		fail_msg("%s: no QUIT; the server received:\n%s", scenario, c->in);
+	/* QUIT was the last command, answered 221, and the server closed */
+	assert_non_null(strstr(c->out, "221 "));
+	assert_true(c->closed_by_server);
+	assert_non_null(strstr(x.r.trace, "> QUIT\n< 221"));
+	fx_end(&x);
+}
+
+static void test_quit_on_refusal(void **state)
+{
+	/* 535 */
+	quit_case("starttls on\nauth PLAIN LOGIN", NULL, RQ_TLS_REQUIRED, "wrong", RQ_STAGE_AUTH,
+		  RQ_FAIL_NONE, 535);
+	/* no AUTH mechanism offered */
+	quit_case("starttls on", NULL, RQ_TLS_REQUIRED, FSMTP_TEST_PASS, RQ_STAGE_AUTH, RQ_FAIL_NONE,
+		  454);
+	/* TLS required, no STARTTLS */
+	quit_case("starttls off", NULL, RQ_TLS_REQUIRED, NULL, RQ_STAGE_STARTTLS, RQ_FAIL_TLS, 0);
+	/* STARTTLS refused while required */
+	quit_case("starttls on\nstarttls reply 454 4.7.0 not now", NULL, RQ_TLS_REQUIRED, NULL,
+		  RQ_STAGE_STARTTLS, RQ_FAIL_TLS, 454);
+	/* a refusing greeting and EHLO/HELO */
+	quit_case("greeting reply 554 5.7.1 go away", NULL, RQ_TLS_NONE, NULL, RQ_STAGE_GREETING,
+		  RQ_FAIL_NONE, 554);
+	quit_case("ehlo reply 500 5.5.1 no\nhelo reply 550 5.7.1 not you", NULL, RQ_TLS_NONE, NULL,
+		  RQ_STAGE_HELO, RQ_FAIL_NONE, 550);
+}
+
+/* A certificate that does not verify: no QUIT over the untrusted channel,
+ * but OpenSSL's alert reaches the server before the close. */
+static void test_cert_failure_alert(void **state)
+{
+	const char *certs[] = {"wrongname.pem", "selfsigned.pem"};
+	for (int i = 0; i < 2; i++) {
+		struct fx x;
+		fx_init(&x, "starttls on", certs[i]);
+		x.r.opts.tls = RQ_TLS_REQUIRED;
+		fx_connect(&x, "mx.test");
+		expect_fail(&x, RQ_STAGE_TLS, RQ_FAIL_TLS, 0);
+		assert_true(fsmtp_wait_closed(x.f, 1, 10000));
+		const struct fsmtp_conn *c = conn_at(&x, 0);
+		assert_false(c->tls);
+		assert_null(strstr(c->in, "QUIT"));
+		assert_false(c->closed_by_server);
+		if (!c->tls_alert_seen)
+			fail_msg("%s: the server got no TLS alert", certs[i]);
+		fx_end(&x);
+	}
+}
+
+/* A clean end of a TLS connection sends a close_notify (the server here
+ * does not answer QUIT, so it is still reading when we close). */
+static void test_close_notify(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls on\nquit stall", NULL);
+	short_timeouts(&x.r.opts, 2000);
+	x.r.opts.timeout.quit = 300;
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "mx.test");
+	deliver_ok(&x);
+	rq_smtp_quit(x.r.s);
+	wait_closed(&x.r);
+	assert_outcome(&x.r.why, RQ_STAGE_QUIT, RQ_FAIL_NONE, 0);
+	assert_true(fsmtp_wait_closed(x.f, 1, 10000));
+	const struct fsmtp_conn *c = conn_at(&x, 0);
+	assert_true(c->tls);
+	assert_non_null(strstr(c->in, "QUIT\r\n"));
+	assert_true(c->tls_close_notify_in);
+	assert_false(c->closed_by_server);
+	fx_end(&x);
+}
+
+/* Issue 15 item 11b: a pipelined group over TLS is one write, so one TLS
+ * record: MAIL, the RCPTs and DATA arrive together. DATA is refused so no
+ * body follows: the client's records are EHLO, the group, RSET, QUIT. */
+static void test_pipelined_group_one_record(void **state)
+{
+	struct fx x;
+	fx_init(&x, "starttls on\ndata reply 554 5.5.1 no thanks", NULL);
+	x.r.opts.tls = RQ_TLS_REQUIRED;
+	fx_connect(&x, "mx.test");
+	const char *const r[] = {"a@example.net", "b@example.net", "c@example.net", NULL};
+	txn_set(&x.r, "s@example.com", r, body1);
+	send_wait(&x.r);
+	assert_true(x.r.txn.pipelined);
+	assert_int_equal(x.r.txn.failed, 3);
+	rq_smtp_quit(x.r.s);
+	wait_closed(&x.r);
+	assert_true(fsmtp_wait_closed(x.f, 1, 10000));
+	const struct fsmtp_conn *c = conn_at(&x, 0);
+	assert_true(c->tls);
+	assert_int_equal(fsmtp_txn_at(x.f, 0)->burst_at_mail, 5);
+	if (c->tls_records_in != 4)
+		fail_msg("%d application-data records from the client (want 4: EHLO, "
+			 "MAIL+RCPT*3+DATA, RSET, QUIT)", c->tls_records_in);
+	fx_end(&x);
+}
+
 int main(void)
 {
 	signal(SIGPIPE, SIG_IGN); /* as relayqd does (see smtp.h) */
@@ -517,6 +634,10 @@ int main(void)
 		cmocka_unit_test(test_auth_refused_in_plaintext),
 		cmocka_unit_test(test_auth_required_by_server),
 		cmocka_unit_test(test_tls_fault_matrix),
+		cmocka_unit_test(test_quit_on_refusal),
+		cmocka_unit_test(test_cert_failure_alert),
+		cmocka_unit_test(test_close_notify),
+		cmocka_unit_test(test_pipelined_group_one_record),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
