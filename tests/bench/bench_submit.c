@@ -4,7 +4,7 @@
  *
  * Latency probe:
  *   bench_submit --port N --messages COUNT [--size OCTETS] [--warmup COUNT]
- *                [--load RATE --load-sessions K]
+ *                [--interval MS] [--load RATE --load-sessions K]
  * One connection, EHLO, then COUNT messages one after the other (MAIL, RCPT
  * and DATA pipelined, the message text, then the final ".\r\n" in a write
  * of its own). For each message it takes CLOCK_MONOTONIC just before the
@@ -12,7 +12,10 @@
  * read, and prints
  *   submit_ms_p50=X submit_ms_p90=X submit_ms_p99=X submit_ms_max=X ...
  * one per line. The socket has TCP_NODELAY, so the dot is sent at once.
- * --warmup messages (default 10) are sent first and not counted.
+ * --warmup messages (default 10) are sent first and not counted; with
+ * --interval, each message starts MS milliseconds after the previous one
+ * started (or at once when that one took longer), so the probe samples a
+ * stretch of time rather than one burst.
  * With --load, K child processes send a background load of RATE messages/s
  * in all (each RATE/K on its own connection, open loop on a fixed
  * schedule) for the whole probe; it prints load_msgs_per_s, the rate they
@@ -51,6 +54,7 @@ struct opts {
 	long messages;
 	long size;
 	long warmup;
+	long interval_ms;
 	double load;
 	long load_sessions;
 	long idle;
@@ -333,12 +337,21 @@ static int probe(void)
 			rc = 1;
 			goto out;
 		}
-	for (long i = 0; i < O.messages; i++)
+	int64_t next = now_ns();
+	for (long i = 0; i < O.messages; i++) {
+		int64_t t = now_ns();
+		if (t < next) {
+			struct timespec ts = {(time_t)((next - t) / 1000000000), (long)((next - t) % 1000000000)};
+			while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+				;
+		}
+		next = now_ns() + O.interval_ms * 1000000;
 		if (send_message(&c, &lat[i]) < 0) {
 			fprintf(stderr, "bench_submit: message %ld of %ld failed\n", i + 1, O.messages);
 			rc = 1;
 			goto out;
 		}
+	}
 	send_all(&c, "QUIT\r\n", 6);
 	close(c.fd);
 
@@ -411,7 +424,7 @@ static long parse_long(const char *s, const char *name)
 static void usage(void)
 {
 	fputs("usage: bench_submit --port N --messages COUNT [--size OCTETS] [--warmup COUNT]\n"
-	      "                    [--load RATE --load-sessions K]\n"
+	      "                    [--interval MS] [--load RATE --load-sessions K]\n"
 	      "       bench_submit --port N --idle COUNT [--ready FILE]\n", stderr);
 	exit(2);
 }
@@ -432,6 +445,8 @@ int main(int argc, char **argv)
 			O.size = parse_long(v, a);
 		else if (strcmp(a, "--warmup") == 0)
 			O.warmup = parse_long(v, a);
+		else if (strcmp(a, "--interval") == 0)
+			O.interval_ms = parse_long(v, a);
 		else if (strcmp(a, "--load") == 0)
 			O.load = (double)parse_long(v, a);
 		else if (strcmp(a, "--load-sessions") == 0)
