@@ -329,25 +329,40 @@ cleanup:
 
 /* ---- date and Received ---- */
 
-int rq_submit_date(char *buf, size_t len, int64_t now_ms)
+/* RFC 5322 date-time of tm, off seconds east of UTC. */
+static int fmt_date(char *buf, size_t len, const struct tm *tm, long off)
 {
 	static const char *const days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
 	static const char *const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
 					     "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-	time_t t = (time_t)(now_ms / 1000 - (now_ms % 1000 < 0 ? 1 : 0));
-	struct tm tm;
-	if (!localtime_r(&t, &tm) || tm.tm_wday < 0 || tm.tm_wday > 6 || tm.tm_mon < 0 ||
-	    tm.tm_mon > 11 || tm.tm_year + 1900 < 0 || tm.tm_year + 1900 > 9999)
-		return -1;
-	long off = tm.tm_gmtoff;
 	char sign = off < 0 ? '-' : '+';
 	if (off < 0)
 		off = -off;
 	off = (off + 30) / 60;      /* minutes, rounded */
 	int n = snprintf(buf, len, "%s, %02d %s %04d %02d:%02d:%02d %c%02ld%02ld",
-			 days[tm.tm_wday], tm.tm_mday, months[tm.tm_mon], tm.tm_year + 1900,
-			 tm.tm_hour, tm.tm_min, tm.tm_sec, sign, (off / 60) % 100, off % 60);
+			 days[tm->tm_wday % 7], tm->tm_mday, months[tm->tm_mon % 12],
+			 tm->tm_year + 1900, tm->tm_hour, tm->tm_min, tm->tm_sec, sign,
+			 (off / 60) % 100, off % 60);
 	return n < 0 || (size_t)n >= len ? -1 : n;
+}
+
+int rq_submit_date(char *buf, size_t len, int64_t now_ms)
+{
+	time_t t = (time_t)(now_ms / 1000 - (now_ms % 1000 < 0 ? 1 : 0));
+	struct tm tm;
+	if (!localtime_r(&t, &tm) || tm.tm_wday < 0 || tm.tm_wday > 6 || tm.tm_mon < 0 ||
+	    tm.tm_mon > 11 || tm.tm_year + 1900 < 0 || tm.tm_year + 1900 > 9999)
+		return -1;
+	return fmt_date(buf, len, &tm, tm.tm_gmtoff);
+}
+
+int rq_submit_date_utc(char *buf, size_t len, int64_t t_s)
+{
+	time_t t = (time_t)t_s;
+	struct tm tm;
+	if (!gmtime_r(&t, &tm))
+		return -1;
+	return fmt_date(buf, len, &tm, 0);
 }
 
 /* Copies s into out (room for max + 1), '_' for bytes outside printable
