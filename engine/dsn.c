@@ -280,16 +280,6 @@ static void put_orig_headers(struct sbuf *b, const char *body, size_t len)
 	}
 }
 
-static uint64_t fnv1a(uint64_t h, const void *p, size_t n)
-{
-	const unsigned char *s = p;
-	for (size_t i = 0; i < n; i++) {
-		h ^= s[i];
-		h *= 1099511628211ULL;
-	}
-	return h;
-}
-
 static bool has_8bit(const char *s, size_t n)
 {
 	return rq_body_is_8bit(s, n);
@@ -429,10 +419,10 @@ char *rq_dsn_build(const struct rq_dsn_input *in, size_t *len, char *err, size_t
 
 	/* A boundary that occurs in none of the parts ("=_" never appears in
 	 * quoted-printable text, and we check anyway). */
-	uint64_t hsh = 14695981039346656037ULL;
-	hsh = fnv1a(hsh, in->from, strlen(in->from));
-	hsh = fnv1a(hsh, &in->now, sizeof(in->now));
-	hsh = fnv1a(hsh, status.p ? status.p : "", status.len);
+	uint64_t hsh = RQ_STR_FNV_BASIS;
+	hsh = rq_str_fnv1a(hsh, in->from, strlen(in->from));
+	hsh = rq_str_fnv1a(hsh, &in->now, sizeof(in->now));
+	hsh = rq_str_fnv1a(hsh, status.p ? status.p : "", status.len);
 	char boundary[64];
 	for (unsigned k = 0;; k++) {
 		snprintf(boundary, sizeof(boundary), "=_relayq_%016llx_%u",

@@ -5,6 +5,7 @@
 
 #include "relayq/err.h"
 #include "relayq/message.h"
+#include "relayq/str.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -174,17 +175,7 @@ static bool hostname_ok(const char *h)
 	return true;
 }
 
-/* FNV-1a 64 with a final mix (splitmix64's). */
-static uint64_t hash_bytes(uint64_t h, const void *p, size_t n)
-{
-	const unsigned char *s = p;
-	for (size_t i = 0; i < n; i++) {
-		h ^= s[i];
-		h *= 0x100000001b3ULL;
-	}
-	return h;
-}
-
+/* splitmix64's final mix, over an FNV-1a 64 (rq_str_fnv1a). */
 static uint64_t mix(uint64_t z)
 {
 	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -276,11 +267,11 @@ int rq_submit_fix(const char *msg, size_t len, const struct rq_submit_fix *f,
 			put_line(&b, &l);
 	}
 	if (f->add_message_id && !have_id) {
-		uint64_t h = 0xcbf29ce484222325ULL;
-		h = hash_bytes(h, msg, len);
+		uint64_t h = RQ_STR_FNV_BASIS;
+		h = rq_str_fnv1a(h, msg, len);
 		if (f->from)
-			h = hash_bytes(h, f->from, strlen(f->from) + 1);
-		h = hash_bytes(h, &f->now_ms, sizeof(f->now_ms));
+			h = rq_str_fnv1a(h, f->from, strlen(f->from) + 1);
+		h = rq_str_fnv1a(h, &f->now_ms, sizeof(f->now_ms));
 		char t[16], hs[16];
 		base36(t, f->now_ms < 0 ? 0 : (uint64_t)f->now_ms);
 		base36(hs, mix(h));
