@@ -764,13 +764,10 @@ static int key_apply(struct rq_config *cfg, const struct key *k, void *base,
 
 /* ---- keys that need more than a type ---- */
 
-static int key_queue(const struct key_arg *a)
+/* A string that is a queue name (relayq.config's and a listener's queue). */
+static int get_queue_name(const struct key_arg *a)
 {
-	if (strcmp(a->k->name, "queue") == 0 && a->v->type == RQ_CONFIG_TABLE)
-		return 0;  /* items follow as queue[] */
-	struct key_arg item = *a;
-	item.shown = "queue";  /* not "queue[]" */
-	if (want(&item, RQ_CONFIG_STRING) < 0)
+	if (want(a, RQ_CONFIG_STRING) < 0)
 		return -1;
 	if (!rq_keys_queue_valid(a->v->str, a->v->len)) {
 		rq_config_diag_add(a->diag, a->line, false,
@@ -778,6 +775,17 @@ static int key_queue(const struct key_arg *a)
 				   RQ_KEYS_QUEUE_RULE);
 		return -1;
 	}
+	return 0;
+}
+
+static int key_queue(const struct key_arg *a)
+{
+	if (strcmp(a->k->name, "queue") == 0 && a->v->type == RQ_CONFIG_TABLE)
+		return 0;  /* items follow as queue[] */
+	struct key_arg item = *a;
+	item.shown = "queue";  /* not "queue[]" */
+	if (get_queue_name(&item) < 0)
+		return -1;
 	for (size_t i = 0; i < a->cfg->nqueues; i++) {
 		if (strcmp(a->cfg->queues[i], a->v->str) == 0) {
 			rq_config_diag_add(a->diag, a->line, false,
@@ -1051,14 +1059,8 @@ static int key_listen_trusted(const struct key_arg *a)
 
 static int key_listen_queue(const struct key_arg *a)
 {
-	if (want(a, RQ_CONFIG_STRING) < 0)
+	if (get_queue_name(a) < 0)
 		return -1;
-	if (!rq_keys_queue_valid(a->v->str, a->v->len)) {
-		rq_config_diag_add(a->diag, a->line, false,
-				   "queue: \"%.70s\" is not a queue name (%s)", a->v->str,
-				   RQ_KEYS_QUEUE_RULE);
-		return -1;
-	}
 	char **dst = a->field;
 	free(*dst);
 	*dst = strdup(a->v->str);

@@ -12,6 +12,7 @@
 
 #include "relayq/message.h"
 #include "relayq/str.h"
+#include "relayq/submit.h"
 
 /*
  * RFC 3464 delivery status notifications inside an RFC 6522
@@ -77,21 +78,12 @@ static void sb_fmt(struct sbuf *b, const char *fmt, ...)
 	sb_add(b, tmp, (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
 }
 
-/* RFC 5322 date-time in UTC, without depending on the locale. */
+/* RFC 5322 date-time in UTC (rq_submit_date_utc), the epoch if t cannot
+ * be converted. */
 static void fmt_date(int64_t t, char out[64])
 {
-	static const char *const days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
-	static const char *const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
-					     "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-	time_t tt = (time_t)t;
-	struct tm tm;
-	if (!gmtime_r(&tt, &tm)) {
+	if (rq_submit_date_utc(out, 64, t) < 0)
 		snprintf(out, 64, "Thu, 01 Jan 1970 00:00:00 +0000");
-		return;
-	}
-	snprintf(out, 64, "%s, %02d %s %04d %02d:%02d:%02d +0000", days[tm.tm_wday % 7],
-		 tm.tm_mday, months[tm.tm_mon % 12], tm.tm_year + 1900, tm.tm_hour,
-		 tm.tm_min, tm.tm_sec);
 }
 
 /* A host name we put in From:, Message-ID: and Reporting-MTA:. */
@@ -288,16 +280,6 @@ static void put_orig_headers(struct sbuf *b, const char *body, size_t len)
 	}
 }
 
-static uint64_t fnv1a(uint64_t h, const void *p, size_t n)
-{
-	const unsigned char *s = p;
-	for (size_t i = 0; i < n; i++) {
-		h ^= s[i];
-		h *= 1099511628211ULL;
-	}
-	return h;
-}
-
 static bool has_8bit(const char *s, size_t n)
 {
 	return rq_body_is_8bit(s, n);
@@ -437,10 +419,10 @@ char *rq_dsn_build(const struct rq_dsn_input *in, size_t *len, char *err, size_t
 
 	/* A boundary that occurs in none of the parts ("=_" never appears in
 	 * quoted-printable text, and we check anyway). */
-	uint64_t hsh = 14695981039346656037ULL;
-	hsh = fnv1a(hsh, in->from, strlen(in->from));
-	hsh = fnv1a(hsh, &in->now, sizeof(in->now));
-	hsh = fnv1a(hsh, status.p ? status.p : "", status.len);
+	uint64_t hsh = RQ_STR_FNV_BASIS;
+	hsh = rq_str_fnv1a(hsh, in->from, strlen(in->from));
+	hsh = rq_str_fnv1a(hsh, &in->now, sizeof(in->now));
+	hsh = rq_str_fnv1a(hsh, status.p ? status.p : "", status.len);
 	char boundary[64];
 	for (unsigned k = 0;; k++) {
 		snprintf(boundary, sizeof(boundary), "=_relayq_%016llx_%u",

@@ -1434,31 +1434,46 @@ static void auth_finished(struct sess *s, struct auth_job *j)
 	process(s);  /* the commands pipelined behind the AUTH */
 }
 
+/* A refused AUTH exchange: the reply, back to READY, one bad command. */
+static void auth_bad(struct sess *s, const char *text)
+{
+	reply(s, "%s", text);
+	to_state(s, RQ_LISTEN_ST_READY);
+	bad_command(s);
+}
+
+/* The client's answer to an AUTH challenge, base64-decoded into raw. "*"
+ * cancels; what does not decode is refused with bad_b64. -1 when it was
+ * answered here (raw NULL), 0 with raw to wipe_free. */
+static int auth_response(struct sess *s, const char *resp, size_t n, const char *bad_b64,
+			 unsigned char **raw, size_t *rl)
+{
+	if (n == 1 && resp[0] == '*') {
+		reply(s, "501 5.7.0 Authentication cancelled");
+		to_state(s, RQ_LISTEN_ST_READY);
+		return -1;
+	}
+	if (b64_decode(resp, n, raw, rl) < 0) {
+		auth_bad(s, bad_b64);
+		return -1;
+	}
+	return 0;
+}
+
 /* PLAIN: authzid NUL authcid NUL password (RFC 4616); authzid empty or
  * the same user. */
 static void auth_plain(struct sess *s, const char *resp, size_t n)
 {
 	unsigned char *raw = NULL;
 	size_t rl = 0;
-	if (n == 1 && resp[0] == '*') {
-		reply(s, "501 5.7.0 Authentication cancelled");
-		to_state(s, RQ_LISTEN_ST_READY);
+	if (auth_response(s, resp, n, "501 5.5.2 Error: invalid base64", &raw, &rl) < 0)
 		return;
-	}
-	if (b64_decode(resp, n, &raw, &rl) < 0) {
-		reply(s, "501 5.5.2 Error: invalid base64");
-		to_state(s, RQ_LISTEN_ST_READY);
-		bad_command(s);
-		return;
-	}
 	const char *a = (const char *)raw, *end = (const char *)raw + rl;
 	const char *n1 = memchr(a, '\0', rl);
 	const char *n2 = n1 ? memchr(n1 + 1, '\0', (size_t)(end - n1 - 1)) : NULL;
 	if (!n1 || !n2) {
 		wipe_free(raw, rl);
-		reply(s, "501 5.5.2 Error: malformed PLAIN response");
-		to_state(s, RQ_LISTEN_ST_READY);
-		bad_command(s);
+		auth_bad(s, "501 5.5.2 Error: malformed PLAIN response");
 		return;
 	}
 	const char *user = n1 + 1, *pw = n2 + 1;
@@ -1473,19 +1488,14 @@ static void auth_plain(struct sess *s, const char *resp, size_t n)
 
 static void auth_login_user(struct sess *s, const char *resp, size_t n)
 {
+	static const char bad[] = "501 5.5.2 Error: invalid user name";
 	unsigned char *raw = NULL;
 	size_t rl = 0;
-	if (n == 1 && resp[0] == '*') {
-		reply(s, "501 5.7.0 Authentication cancelled");
-		to_state(s, RQ_LISTEN_ST_READY);
+	if (auth_response(s, resp, n, bad, &raw, &rl) < 0)
 		return;
-	}
-	if (b64_decode(resp, n, &raw, &rl) < 0 || rl >= sizeof(s->login_user) ||
-	    memchr(raw, '\0', rl)) {
+	if (rl >= sizeof(s->login_user) || memchr(raw, '\0', rl)) {
 		wipe_free(raw, rl);
-		reply(s, "501 5.5.2 Error: invalid user name");
-		to_state(s, RQ_LISTEN_ST_READY);
-		bad_command(s);
+		auth_bad(s, bad);
 		return;
 	}
 	memcpy(s->login_user, raw, rl + 1);
@@ -1497,24 +1507,14 @@ static void auth_login_pass(struct sess *s, const char *resp, size_t n)
 {
 	unsigned char *raw = NULL;
 	size_t rl = 0;
-	if (n == 1 && resp[0] == '*') {
-		OPENSSL_cleanse(s->login_user, sizeof(s->login_user));
-		reply(s, "501 5.7.0 Authentication cancelled");
-		to_state(s, RQ_LISTEN_ST_READY);
-		return;
-	}
-	if (b64_decode(resp, n, &raw, &rl) < 0) {
-		OPENSSL_cleanse(s->login_user, sizeof(s->login_user));
-		reply(s, "501 5.5.2 Error: invalid base64");
-		to_state(s, RQ_LISTEN_ST_READY);
-		bad_command(s);
-		return;
-	}
+	/* the user name is wiped from the session before any reply */
 	char user[sizeof(s->login_user)];
 	memcpy(user, s->login_user, sizeof(user));
 	OPENSSL_cleanse(s->login_user, sizeof(s->login_user));
-	auth_check(s, user, (const char *)raw, rl);
-	wipe_free(raw, rl);
+	if (auth_response(s, resp, n, "501 5.5.2 Error: invalid base64", &raw, &rl) == 0) {
+		auth_check(s, user, (const char *)raw, rl);
+		wipe_free(raw, rl);
+	}
 	OPENSSL_cleanse(user, sizeof(user));
 }
 

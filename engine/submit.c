@@ -5,6 +5,7 @@
 
 #include "relayq/err.h"
 #include "relayq/message.h"
+#include "relayq/str.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -174,17 +175,7 @@ static bool hostname_ok(const char *h)
 	return true;
 }
 
-/* FNV-1a 64 with a final mix (splitmix64's). */
-static uint64_t hash_bytes(uint64_t h, const void *p, size_t n)
-{
-	const unsigned char *s = p;
-	for (size_t i = 0; i < n; i++) {
-		h ^= s[i];
-		h *= 0x100000001b3ULL;
-	}
-	return h;
-}
-
+/* splitmix64's final mix, over an FNV-1a 64 (rq_str_fnv1a). */
 static uint64_t mix(uint64_t z)
 {
 	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -276,11 +267,11 @@ int rq_submit_fix(const char *msg, size_t len, const struct rq_submit_fix *f,
 			put_line(&b, &l);
 	}
 	if (f->add_message_id && !have_id) {
-		uint64_t h = 0xcbf29ce484222325ULL;
-		h = hash_bytes(h, msg, len);
+		uint64_t h = RQ_STR_FNV_BASIS;
+		h = rq_str_fnv1a(h, msg, len);
 		if (f->from)
-			h = hash_bytes(h, f->from, strlen(f->from) + 1);
-		h = hash_bytes(h, &f->now_ms, sizeof(f->now_ms));
+			h = rq_str_fnv1a(h, f->from, strlen(f->from) + 1);
+		h = rq_str_fnv1a(h, &f->now_ms, sizeof(f->now_ms));
 		char t[16], hs[16];
 		base36(t, f->now_ms < 0 ? 0 : (uint64_t)f->now_ms);
 		base36(hs, mix(h));
@@ -329,25 +320,40 @@ cleanup:
 
 /* ---- date and Received ---- */
 
-int rq_submit_date(char *buf, size_t len, int64_t now_ms)
+/* RFC 5322 date-time of tm, off seconds east of UTC. */
+static int fmt_date(char *buf, size_t len, const struct tm *tm, long off)
 {
 	static const char *const days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
 	static const char *const months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
 					     "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-	time_t t = (time_t)(now_ms / 1000 - (now_ms % 1000 < 0 ? 1 : 0));
-	struct tm tm;
-	if (!localtime_r(&t, &tm) || tm.tm_wday < 0 || tm.tm_wday > 6 || tm.tm_mon < 0 ||
-	    tm.tm_mon > 11 || tm.tm_year + 1900 < 0 || tm.tm_year + 1900 > 9999)
-		return -1;
-	long off = tm.tm_gmtoff;
 	char sign = off < 0 ? '-' : '+';
 	if (off < 0)
 		off = -off;
 	off = (off + 30) / 60;      /* minutes, rounded */
 	int n = snprintf(buf, len, "%s, %02d %s %04d %02d:%02d:%02d %c%02ld%02ld",
-			 days[tm.tm_wday], tm.tm_mday, months[tm.tm_mon], tm.tm_year + 1900,
-			 tm.tm_hour, tm.tm_min, tm.tm_sec, sign, (off / 60) % 100, off % 60);
+			 days[tm->tm_wday % 7], tm->tm_mday, months[tm->tm_mon % 12],
+			 tm->tm_year + 1900, tm->tm_hour, tm->tm_min, tm->tm_sec, sign,
+			 (off / 60) % 100, off % 60);
 	return n < 0 || (size_t)n >= len ? -1 : n;
+}
+
+int rq_submit_date(char *buf, size_t len, int64_t now_ms)
+{
+	time_t t = (time_t)(now_ms / 1000 - (now_ms % 1000 < 0 ? 1 : 0));
+	struct tm tm;
+	if (!localtime_r(&t, &tm) || tm.tm_wday < 0 || tm.tm_wday > 6 || tm.tm_mon < 0 ||
+	    tm.tm_mon > 11 || tm.tm_year + 1900 < 0 || tm.tm_year + 1900 > 9999)
+		return -1;
+	return fmt_date(buf, len, &tm, tm.tm_gmtoff);
+}
+
+int rq_submit_date_utc(char *buf, size_t len, int64_t t_s)
+{
+	time_t t = (time_t)t_s;
+	struct tm tm;
+	if (!gmtime_r(&t, &tm))
+		return -1;
+	return fmt_date(buf, len, &tm, 0);
 }
 
 /* Copies s into out (room for max + 1), '_' for bytes outside printable

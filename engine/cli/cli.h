@@ -208,6 +208,10 @@ int64_t cli_redis_now(struct cli *cli);
 /* ---- commands: argv[0] is the command's name; return the exit status ---- */
 
 int cmd_enqueue(struct cli *cli, int argc, char **argv);
+/* FCALL relayq_enqueue of env + body: 0 (the id in *id if id), 1 when
+ * relayq refused it, -1 on any other failure; errors are printed. */
+int cli_enqueue_send(struct cli *cli, const char *env, size_t envlen, const char *body,
+		     size_t bodylen, char **id);
 int cmd_list(struct cli *cli, int argc, char **argv);
 int cmd_show(struct cli *cli, int argc, char **argv);
 int cmd_stats(struct cli *cli, int argc, char **argv);

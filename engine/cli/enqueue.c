@@ -84,6 +84,36 @@ static char *read_all(FILE *f, size_t *len)
 	return buf;
 }
 
+/* FCALL relayq_enqueue of an envelope and its body, as relayq enqueue and
+ * relayq sendmail send them. 0 with the new id (cleaned, malloc'd) in *id
+ * when id is not NULL; 1 when relayq refused it ("ERR relayq: ..."); -1
+ * for a lost connection, any other error or an unexpected reply. The
+ * error is printed. */
+int cli_enqueue_send(struct cli *cli, const char *env, size_t envlen, const char *body,
+		     size_t bodylen, char **id)
+{
+	const char *argv[] = {"FCALL", "relayq_enqueue", "1", cli->prefix, env, body};
+	size_t lens[] = {5, 14, 1, strlen(cli->prefix), envlen, bodylen};
+	redisReply *r = redisCommandArgv(cli->rc, 6, argv, lens);
+	if (!r) {
+		cli_errorf("lost the connection to Redis at %s: %s", cli->t.shown,
+			   cli->rc->errstr[0] ? cli->rc->errstr : "unknown error");
+		return -1;
+	}
+	int rc = 0;
+	if (r->type == REDIS_REPLY_ERROR) {
+		cli_print_redis_error(cli, r);
+		rc = r->len > 12 && strncmp(r->str, "ERR relayq: ", 12) == 0 ? 1 : -1;
+	} else if (r->type != REDIS_REPLY_STRING) {
+		cli_errorf("unexpected reply from relayq_enqueue");
+		rc = -1;
+	} else if (id) {
+		*id = cli_clean(r->str, r->len, 64);
+	}
+	freeReplyObject(r);
+	return rc;
+}
+
 int cmd_enqueue(struct cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -104,7 +134,6 @@ int cmd_enqueue(struct cli *cli, int argc, char **argv)
 	char *body = NULL;
 	size_t body_len = 0;
 	struct rq_json_buf env;
-	redisReply *r = NULL;
 	rq_json_buf_init(&env);
 	if (!to) {
 		cli_errorf("out of memory");
@@ -218,23 +247,14 @@ int cmd_enqueue(struct cli *cli, int argc, char **argv)
 	}
 	if ((rc = cli_open(cli)) != 0)
 		goto cleanup;
-	const char *args[] = {env.data, body};
-	size_t lens[] = {env.len, body_len};
-	r = cli_fcall(cli, "relayq_enqueue", 2, args, lens);
-	if (!r) {
+	char *id = NULL;
+	if (cli_enqueue_send(cli, env.data, env.len, body, body_len, &id) != 0) {
 		rc = EXIT_OPERATION;
 		goto cleanup;
 	}
-	if (r->type != REDIS_REPLY_STRING) {
-		cli_errorf("unexpected reply from relayq_enqueue");
-		rc = EXIT_OPERATION;
-		goto cleanup;
-	}
-	char *id = cli_clean(r->str, r->len, 64);
 	printf("%s\n", id);
 	free(id);
 cleanup:
-	freeReplyObject(r);
 	rq_json_buf_finish(&env);
 	rq_json_free(meta);
 	free(body);

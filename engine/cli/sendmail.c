@@ -307,30 +307,6 @@ static int sender_address(const struct sm *s, char *out, size_t len)
 
 /* FCALL relayq_enqueue; classifies the outcome. Returns 0, EX_DATAERR (the
  * queue's rules refuse the message: "ERR relayq: ...") or EX_TEMPFAIL. */
-static int enqueue(struct cli *cli, const char *env, size_t envlen, const char *msg,
-		   size_t msglen)
-{
-	const char *argv[] = {"FCALL", "relayq_enqueue", "1", cli->prefix, env, msg};
-	size_t lens[] = {5, 14, 1, strlen(cli->prefix), envlen, msglen};
-	redisReply *r = redisCommandArgv(cli->rc, 6, argv, lens);
-	if (!r) {
-		cli_errorf("lost the connection to Redis at %s: %s", cli->t.shown,
-			   cli->rc->errstr[0] ? cli->rc->errstr : "unknown error");
-		return EX_TEMPFAIL;
-	}
-	int rc = 0;
-	if (r->type == REDIS_REPLY_ERROR) {
-		cli_print_redis_error(cli, r);
-		rc = r->len > 12 && strncmp(r->str, "ERR relayq: ", 12) == 0 ? EX_DATAERR
-			: EX_TEMPFAIL;
-	} else if (r->type != REDIS_REPLY_STRING) {
-		cli_errorf("unexpected reply from relayq_enqueue");
-		rc = EX_TEMPFAIL;
-	}
-	freeReplyObject(r);
-	return rc;
-}
-
 int cmd_sendmail(struct cli *cli, int argc, char **argv)
 {
 	struct sm s = {0};
@@ -445,7 +421,11 @@ int cmd_sendmail(struct cli *cli, int argc, char **argv)
 		rc = EX_TEMPFAIL;
 		goto cleanup;
 	}
-	rc = enqueue(cli, env.data, env.len, fixed, fixedlen);
+	switch (cli_enqueue_send(cli, env.data, env.len, fixed, fixedlen, NULL)) {
+	case 0: rc = 0; break;
+	case 1: rc = EX_DATAERR; break;
+	default: rc = EX_TEMPFAIL; break;
+	}
 cleanup:
 	rq_json_buf_finish(&mb);
 	rq_json_buf_finish(&env);

@@ -123,6 +123,10 @@ int rq_submit_received(char *buf, size_t len, const char *helo, const char *reve
  * length or -1 when it does not fit or the time cannot be converted. */
 int rq_submit_date(char *buf, size_t len, int64_t now_ms);
 
+/* The same in UTC ("+0000") of t_s, seconds since the epoch (the bounce's
+ * Date and Arrival-Date); no range check beyond gmtime's. */
+int rq_submit_date_utc(char *buf, size_t len, int64_t t_s);
+
 /*
  * A mailbox for rq_submit_fix's from: "\"NAME\" <ADDR>", or "<ADDR>" when
  * name is NULL or empty. The name is a quoted-string (\ and " escaped),
