@@ -28,3 +28,11 @@ int64_t rq_clock_mono_coarse_ms(void)
 	return read_ms(CLOCK_MONOTONIC);
 #endif
 }
+
+struct timeval rq_clock_tv(int64_t ms)
+{
+	if (ms < 0)
+		ms = 0;
+	struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+	return tv;
+}

@@ -860,7 +860,7 @@ void rq_dests_drain(struct rq_dests *ds, int grace_ms,
 	}
 	ds->grace_ev = evtimer_new(ds->base, on_grace, ds);
 	if (ds->grace_ev) {
-		struct timeval tv = {grace_ms / 1000, (grace_ms % 1000) * 1000};
+		struct timeval tv = rq_clock_tv(grace_ms);
 		evtimer_add(ds->grace_ev, &tv);
 	}
 	check_drained(ds);
@@ -900,7 +900,7 @@ void rq_dests_close(struct rq_dests *ds, void (*closed)(void *arg), void *arg)
 		for (struct sess *x = d->sessions; x; x = x->next)
 			rq_smtp_quit(x->s);
 	int ms = (ds->o.timeouts.quit > 0 ? ds->o.timeouts.quit : 60000) + CLOSE_EXTRA_MS;
-	struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+	struct timeval tv = rq_clock_tv(ms);
 	evtimer_add(ds->close_ev, &tv);
 	check_drained(ds);
 }

@@ -655,7 +655,7 @@ static void arm(struct event *ev, int ms)
 		event_del(ev);
 		return;
 	}
-	struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+	struct timeval tv = rq_clock_tv(ms);
 	event_add(ev, &tv);
 }
 

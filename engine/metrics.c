@@ -1,5 +1,6 @@
 /* The /metrics endpoint over evhttp (see metrics.h). */
 #include "relayq/metrics.h"
+#include "relayq/clock.h"
 
 #include "relayq/log.h"
 
@@ -307,7 +308,7 @@ static void on_accept_error(struct evconnlistener *lev, void *arg)
 	m->last_error = now;
 	m->paused = true;
 	listener_update(m);
-	struct timeval tv = {m->pause_ms / 1000, (m->pause_ms % 1000) * 1000};
+	struct timeval tv = rq_clock_tv(m->pause_ms);
 	evtimer_add(m->resume, &tv);
 	/* at most one line per RQ_METRICS_PAUSE_MAX_MS, with the errors since
 	 * the last one */

@@ -167,14 +167,6 @@ static void wd_arm(struct rq_queue *q);
 
 /* ---- small helpers ---- */
 
-static struct timeval ms_tv(int64_t ms)
-{
-	if (ms < 0)
-		ms = 0;
-	struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
-	return tv;
-}
-
 /* Copies s into dst, replacing every occurrence of the password by ***. */
 static void set_text(const struct rq_queue *q, char *dst, size_t dstlen, const char *s)
 {
@@ -291,7 +283,7 @@ static void arm_retry(struct link *l)
 	int b = l->backoff_ms;
 	/* jitter: 80 % .. 120 % */
 	int64_t delay = (int64_t)b * (80 + random() % 41) / 100;
-	struct timeval tv = ms_tv(delay);
+	struct timeval tv = rq_clock_tv(delay);
 	evtimer_add(l->retry_ev, &tv);
 	l->backoff_ms = b * 2 > q->backoff_max ? q->backoff_max : b * 2;
 }
@@ -493,7 +485,7 @@ static void wd_arm(struct rq_queue *q)
 	int64_t d = a < 0 ? b : (b < 0 || a < b ? a : b);
 	if (d < 0)
 		return;
-	struct timeval tv = ms_tv(d - rq_clock_mono_ms());
+	struct timeval tv = rq_clock_tv(d - rq_clock_mono_ms());
 	evtimer_add(q->wd_ev, &tv);
 }
 
@@ -710,7 +702,7 @@ static void ping_arm(struct rq_queue *q)
 {
 	if (q->sub_ping_ms <= 0 || !q->subl.ping_ev)
 		return;
-	struct timeval tv = ms_tv(q->sub_ping_ms);
+	struct timeval tv = rq_clock_tv(q->sub_ping_ms);
 	evtimer_add(q->subl.ping_ev, &tv);
 }
 
@@ -787,7 +779,7 @@ void rq_queue_wake_at(struct rq_queue *q, int64_t delay_ms)
 	if (q->wake_deadline >= 0 && q->wake_deadline <= d)
 		return;
 	q->wake_deadline = d;
-	struct timeval tv = ms_tv(delay_ms);
+	struct timeval tv = rq_clock_tv(delay_ms);
 	evtimer_add(q->wake_ev, &tv);
 }
 

@@ -876,7 +876,7 @@ static void claim_cb(struct rq_queue *q, enum rq_queue_status st, const char *er
 		if (st != RQ_QUEUE_ECANCEL) {
 			rq_log(RQ_LOG_ERROR, "claim_failed", "queue", r->queue_name, "error",
 			       err ? err : "", NULL);
-			struct timeval tv = {CLAIM_RETRY_MS / 1000, (CLAIM_RETRY_MS % 1000) * 1000};
+			struct timeval tv = rq_clock_tv(CLAIM_RETRY_MS);
 			evtimer_add(r->claim_retry_ev, &tv);
 		}
 		check_stopped(r);
@@ -905,7 +905,7 @@ static void claim_cb(struct rq_queue *q, enum rq_queue_status st, const char *er
 		rq_log(RQ_LOG_ERROR, "claim_failed", "queue", r->queue_name, "error",
 		       "out of memory; the leases will expire", NULL);
 		rq_queue_claim_free(claim);
-		struct timeval tv = {CLAIM_RETRY_MS / 1000, (CLAIM_RETRY_MS % 1000) * 1000};
+		struct timeval tv = rq_clock_tv(CLAIM_RETRY_MS);
 		evtimer_add(r->claim_retry_ev, &tv);
 		check_stopped(r);
 		return;
@@ -940,7 +940,7 @@ static void maybe_claim(struct rq_runner *r)
 		return;
 	int count = free_slots < (size_t)batch ? (int)free_slots : batch;
 	if (r->be->claim(r->bctx, count, lease_ms(r), claim_cb, r) < 0) {
-		struct timeval tv = {CLAIM_RETRY_MS / 1000, (CLAIM_RETRY_MS % 1000) * 1000};
+		struct timeval tv = rq_clock_tv(CLAIM_RETRY_MS);
 		evtimer_add(r->claim_retry_ev, &tv);
 		return;
 	}
@@ -1007,7 +1007,7 @@ static void arm_renew(struct rq_runner *r)
 	int64_t ms = lease_ms(r) / 3;
 	if (ms < 1000)
 		ms = 1000;
-	struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+	struct timeval tv = rq_clock_tv(ms);
 	evtimer_add(r->renew_ev, &tv);
 }
 
@@ -1072,7 +1072,7 @@ static void arm_recover(struct rq_runner *r)
 		ms = RECOVER_MIN_MS;
 	if (ms > RECOVER_MAX_MS)
 		ms = RECOVER_MAX_MS;
-	struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+	struct timeval tv = rq_clock_tv(ms);
 	event_add(r->recover_ev, &tv);
 }
 

@@ -1,6 +1,7 @@
 /* The SMTP client session: an explicit state machine over one connection
  * (see smtp.h). */
 #include "relayq/smtp.h"
+#include "relayq/clock.h"
 
 #include "relayq/secret.h"
 #include "relayq/str.h"
@@ -420,7 +421,7 @@ static void arm(struct event *ev, int ms)
 		event_del(ev);
 		return;
 	}
-	struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+	struct timeval tv = rq_clock_tv(ms);
 	event_add(ev, &tv);
 }
 

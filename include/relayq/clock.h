@@ -15,6 +15,7 @@
  */
 
 #include <stdint.h>
+#include <sys/time.h>
 
 /* Milliseconds since the epoch (CLOCK_REALTIME). */
 int64_t rq_clock_wall_ms(void);
@@ -25,5 +26,8 @@ int64_t rq_clock_mono_ms(void);
 /* Milliseconds of CLOCK_MONOTONIC_COARSE where the system has it (cheap,
  * a few ms of resolution: for budgets and watchdogs), else monotonic. */
 int64_t rq_clock_mono_coarse_ms(void);
+
+/* ms as a struct timeval for libevent timers (negative: zero). */
+struct timeval rq_clock_tv(int64_t ms);
 
 #endif
