@@ -5,6 +5,8 @@
 #include "relayq/err.h"
 
 #include <event2/buffer.h>
+#include <idn2.h>
+#include <stdlib.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -221,6 +223,98 @@ bool rq_addr_needs_utf8(const char *addr, size_t len)
 	return false;
 }
 
+/* ---- IDNA ----------------------------------------------------------------- */
+
+int rq_domain_to_ascii(const char *domain, size_t len, char *out, size_t cap,
+		       char *err, size_t errlen)
+{
+	char in[RQ_ADDR_DOMAIN_MAX + 1];
+	char *a = NULL;
+	int rc = -1;
+	if (!domain || !out || cap == 0) {
+		rq_err_set(err, errlen, "no domain");
+		goto cleanup;
+	}
+	if (len > RQ_ADDR_DOMAIN_MAX) {
+		rq_err_set(err, errlen, "domain longer than %d octets", RQ_ADDR_DOMAIN_MAX);
+		goto cleanup;
+	}
+	if (memchr(domain, '\0', len)) {
+		rq_err_set(err, errlen, "domain contains NUL");
+		goto cleanup;
+	}
+	memcpy(in, domain, len);
+	in[len] = '\0';
+	const char *res = in;
+	if (rq_addr_needs_utf8(in, len)) {
+		int r = idn2_to_ascii_8z(in, &a, IDN2_NFC_INPUT | IDN2_NONTRANSITIONAL);
+		if (r != IDN2_OK) {
+			rq_err_set(err, errlen, "not a valid internationalized domain name "
+				   "(IDNA2008: %s)", idn2_strerror(r));
+			goto cleanup;
+		}
+		res = a;
+	}
+	size_t n = strlen(res);
+	if (n > RQ_ADDR_DOMAIN_MAX) {
+		rq_err_set(err, errlen, "domain longer than %d octets in A-labels",
+			   RQ_ADDR_DOMAIN_MAX);
+		goto cleanup;
+	}
+	if (n >= cap) {
+		rq_err_set(err, errlen, "domain too long (%zu octets) for the buffer", n);
+		goto cleanup;
+	}
+	memcpy(out, res, n + 1);
+	rc = 0;
+cleanup:
+	idn2_free(a);
+	return rc;
+}
+
+enum rq_addr_ascii rq_addr_to_ascii(const char *addr, size_t len,
+				    char out[RQ_ADDR_PATH_MAX + 1],
+				    char *err, size_t errlen)
+{
+	char dom[RQ_ADDR_DOMAIN_MAX + 1], why[200];
+	rq_err_set(err, errlen, "ok");
+	if (!rq_addr_needs_utf8(addr, len))
+		return RQ_ADDR_ASCII_SAME;
+	const char *at = NULL;
+	for (size_t i = len; i > 0; i--)
+		if (addr[i - 1] == '@') {
+			at = addr + i - 1;
+			break;
+		}
+	size_t llen = at ? (size_t)(at - addr) : len;
+	if (!at || rq_addr_needs_utf8(addr, llen))
+		return RQ_ADDR_ASCII_LOCAL_UTF8;
+	size_t dlen = len - llen - 1;
+	if (dlen > 0 && at[1] == '[') {
+		rq_err_set(err, errlen, "non-ASCII address literal");
+		return RQ_ADDR_ASCII_INVALID;
+	}
+	if (rq_domain_to_ascii(at + 1, dlen, dom, sizeof(dom), why, sizeof(why)) < 0) {
+		rq_err_set(err, errlen, "%s", why);
+		return RQ_ADDR_ASCII_INVALID;
+	}
+	size_t n = strlen(dom);
+	/* the A-labels go through the same checks as any domain */
+	if (n == 0 || !domain_valid(dom, n, why, sizeof(why))) {
+		rq_err_set(err, errlen, "domain in A-labels \"%s\": %s", dom,
+			   n ? why : "empty");
+		return RQ_ADDR_ASCII_INVALID;
+	}
+	if (llen + 1 + n + 2 > RQ_ADDR_PATH_MAX) {
+		rq_err_set(err, errlen, "path longer than %d octets with the domain in "
+			   "A-labels", RQ_ADDR_PATH_MAX);
+		return RQ_ADDR_ASCII_INVALID;
+	}
+	memcpy(out, addr, llen + 1);
+	memcpy(out + llen + 1, dom, n + 1);
+	return RQ_ADDR_ASCII_ALABEL;
+}
+
 const char *rq_addr_domain(const char *addr)
 {
 	if (!addr)
@@ -252,7 +346,8 @@ struct sink {
 	int (*put)(struct sink *s, const char *p, size_t n);
 };
 
-static int scan(struct sink *s, const char *body, size_t len)
+/* stuff: DATA (dot-stuffing and the final ".\r\n"); false: BDAT content. */
+static int scan(struct sink *s, const char *body, size_t len, bool stuff)
 {
 	size_t start = 0;   /* first body byte not yet handed to the sink */
 	size_t col = 0;     /* octets on the current wire line (a continuation's
@@ -301,7 +396,7 @@ static int scan(struct sink *s, const char *body, size_t len)
 			FLUSH(i);
 			PUT(" ");
 			start = i + 1;
-		} else if (col == 0 && c == '.') {
+		} else if (stuff && col == 0 && c == '.') {
 			FLUSH(i);
 			PUT(".");
 		}
@@ -310,7 +405,8 @@ static int scan(struct sink *s, const char *body, size_t len)
 	FLUSH(len);
 	if (col > 0)
 		PUT("\r\n");
-	PUT(".\r\n");
+	if (stuff)
+		PUT(".\r\n");
 	return 0;
 #undef FLUSH
 #undef PUT
@@ -339,7 +435,16 @@ size_t rq_data_encode(const char *body, size_t len, char *dst, size_t cap)
 	struct buf_sink b = {{buf_write, buf_write}, dst, cap, 0};
 	if (!body)
 		len = 0;
-	scan(&b.base, body, len);
+	scan(&b.base, body, len, true);
+	return b.len;
+}
+
+size_t rq_bdat_encode(const char *body, size_t len, char *dst, size_t cap)
+{
+	struct buf_sink b = {{buf_write, buf_write}, dst, cap, 0};
+	if (!body)
+		len = 0;
+	scan(&b.base, body, len, false);
 	return b.len;
 }
 
@@ -386,7 +491,7 @@ int rq_data_append(struct evbuffer *out, const char *body, size_t len)
 	e.stage = evbuffer_new();
 	if (!e.stage)
 		goto cleanup;
-	if (scan(&e.base, body, len) < 0)
+	if (scan(&e.base, body, len, true) < 0)
 		goto cleanup;
 	if (evbuffer_add_buffer(out, e.stage) < 0)
 		goto cleanup;
@@ -395,4 +500,106 @@ cleanup:
 	if (e.stage)
 		evbuffer_free(e.stage);
 	return rc;
+}
+
+/*
+ * The BDAT sink: the evbuffer sink writing into the current chunk (cur),
+ * with every piece split at the chunk boundary. A full chunk goes out (its
+ * "BDAT <n>" line, then its bytes) only when a further byte comes, so the
+ * last chunk, whatever its size, is the one that says LAST, without a
+ * first pass to learn the length.
+ */
+struct bdat_sink {
+	struct sink base;
+	struct ev_sink ev;      /* out = cur */
+	struct evbuffer *out;   /* the stream */
+	size_t chunk;
+	size_t in_cur;          /* content bytes in the current chunk */
+	size_t total;
+};
+
+static int bdat_emit(struct bdat_sink *b, bool last)
+{
+	if (evbuffer_get_length(b->ev.stage) > 0 &&
+	    evbuffer_add_buffer(b->ev.out, b->ev.stage) < 0)
+		return -1;
+	if (evbuffer_add_printf(b->out, "BDAT %zu%s\r\n", b->in_cur, last ? " LAST" : "") < 0)
+		return -1;
+	if (evbuffer_add_buffer(b->out, b->ev.out) < 0)
+		return -1;
+	b->in_cur = 0;
+	return 0;
+}
+
+static int bdat_add(struct sink *s, const char *p, size_t n, bool run)
+{
+	struct bdat_sink *b = (struct bdat_sink *)s;
+	while (n > 0) {
+		if (b->in_cur == b->chunk && bdat_emit(b, false) < 0)
+			return -1;
+		size_t k = b->chunk - b->in_cur;
+		if (k > n)
+			k = n;
+		if ((run ? ev_run(&b->ev.base, p, k) : ev_put(&b->ev.base, p, k)) < 0)
+			return -1;
+		b->in_cur += k;
+		b->total += k;
+		p += k;
+		n -= k;
+	}
+	return 0;
+}
+
+static int bdat_run(struct sink *s, const char *p, size_t n)
+{
+	return bdat_add(s, p, n, true);
+}
+
+static int bdat_put(struct sink *s, const char *p, size_t n)
+{
+	return bdat_add(s, p, n, false);
+}
+
+int rq_bdat_append(struct evbuffer *out, const char *body, size_t len, size_t chunk,
+		   size_t *content_len)
+{
+	int rc = -1;
+	struct bdat_sink b = {{bdat_run, bdat_put}, {{ev_run, ev_put}, NULL, NULL},
+			      out, chunk, 0, 0};
+	if (!out || chunk == 0)
+		goto cleanup;
+	if (!body)
+		len = 0;
+	b.ev.out = evbuffer_new();
+	b.ev.stage = evbuffer_new();
+	if (!b.ev.out || !b.ev.stage)
+		goto cleanup;
+	if (scan(&b.base, body, len, false) < 0 || bdat_emit(&b, true) < 0)
+		goto cleanup;
+	if (content_len)
+		*content_len = b.total;
+	rc = 0;
+cleanup:
+	if (b.ev.out)
+		evbuffer_free(b.ev.out);
+	if (b.ev.stage)
+		evbuffer_free(b.ev.stage);
+	return rc;
+}
+
+size_t rq_bdat_chunks(size_t content_len, size_t chunk)
+{
+	if (chunk == 0 || content_len == 0)
+		return 1;
+	return (content_len - 1) / chunk + 1;
+}
+
+size_t rq_bdat_chunk_len(size_t content_len, size_t chunk, size_t i)
+{
+	size_t n = rq_bdat_chunks(content_len, chunk);
+	if (i + 1 < n)
+		return chunk;
+	if (i + 1 > n)
+		return 0;
+	return content_len - (n - 1) * chunk;
 }

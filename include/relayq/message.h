@@ -2,9 +2,11 @@
 #define RELAYQ_MESSAGE_H
 
 /*
- * Message helpers: envelope address validation and the DATA writer
- * (CRLF normalisation, header-safe bare CR and long-line handling,
- * dot-stuffing, final CRLF.CRLF).
+ * Message helpers: envelope address validation, the ASCII (A-label) form
+ * of internationalized domains (IDNA2008, libidn2), and the writers of the
+ * message content: DATA (CRLF normalisation, header-safe bare CR and
+ * long-line handling, dot-stuffing, final CRLF.CRLF) and BDAT chunks
+ * (RFC 3030: the same content, no dot-stuffing, no terminator).
  */
 
 #include <stdbool.h>
@@ -36,6 +38,55 @@ bool rq_addr_valid(const char *addr, size_t len, bool allow_null,
 
 /* True when the address needs SMTPUTF8 (any byte >= 0x80). */
 bool rq_addr_needs_utf8(const char *addr, size_t len);
+
+/*
+ * IDNA: the A-label form of a domain (RFC 5890-5891, IDNA2008) for a
+ * server that does not offer SMTPUTF8 and for DNS. libidn2's
+ * idn2_to_ascii_8z with IDN2_NFC_INPUT | IDN2_NONTRANSITIONAL:
+ * - NFC: an application may hand in decomposed text ("u" + U+0308); IDNA2008
+ *   labels are defined on NFC, so the same domain gives the same A-label.
+ * - Non-transitional UTS #46 processing: the mapping step lower-cases what a
+ *   user typed ("Bücher.example" is "bücher.example": mail domains are
+ *   case-insensitive, and pure IDNA2008 would refuse the capital), but ß, ς
+ *   and the joiners stay themselves as IDNA2008 says: "faß.de" is
+ *   "xn--fa-hia.de", a domain of its own. Transitional processing would
+ *   turn it into "fass.de", someone else's domain: mail sent there would
+ *   be misdelivered.
+ * - Not IDN2_USE_STD3_ASCII_RULES: libidn2 then deletes "_" silently
+ *   ("ex_ample" becomes "example"), a mangled domain; the result is checked
+ *   with the rules of rq_addr_valid instead.
+ * An ASCII domain is copied unchanged (no conversion, no check of its
+ * "xn--" labels). domain: len bytes, no NUL needed. Writes the NUL-ended
+ * result to out (cap bytes). Returns 0, or -1 with a one-line reason in err
+ * (libidn2's refusal: invalid UTF-8, a disallowed code point, a label
+ * starting with a hyphen, ...; or a result longer than
+ * RQ_ADDR_DOMAIN_MAX, or than cap). Pure; never aborts on any input.
+ */
+int rq_domain_to_ascii(const char *domain, size_t len, char *out, size_t cap,
+		       char *err, size_t errlen);
+
+enum rq_addr_ascii {
+	RQ_ADDR_ASCII_SAME = 0,    /* all ASCII: send it as it is */
+	RQ_ADDR_ASCII_ALABEL,      /* ASCII local part, the domain converted
+				      to A-labels: out holds local@a-label */
+	RQ_ADDR_ASCII_LOCAL_UTF8,  /* a non-ASCII local part: only SMTPUTF8
+				      can carry it (RFC 6531), nothing to
+				      convert */
+	RQ_ADDR_ASCII_INVALID,     /* the domain is not a valid
+				      internationalized name, or the address
+				      in A-labels is longer than
+				      RQ_ADDR_PATH_MAX: err says why */
+};
+
+/*
+ * The form of an envelope address (one rq_addr_valid accepts) for a server
+ * without SMTPUTF8: see enum rq_addr_ascii. out gets the converted address
+ * (NUL-ended) for RQ_ADDR_ASCII_ALABEL only. An address literal is never
+ * converted.
+ */
+enum rq_addr_ascii rq_addr_to_ascii(const char *addr, size_t len,
+				    char out[RQ_ADDR_PATH_MAX + 1],
+				    char *err, size_t errlen);
 
 /* The domain part of an address (after the last '@'), or NULL. */
 const char *rq_addr_domain(const char *addr);
@@ -89,5 +140,37 @@ int rq_data_append(struct evbuffer *out, const char *body, size_t len);
  * cap bytes to dst when dst is not NULL.
  */
 size_t rq_data_encode(const char *body, size_t len, char *dst, size_t cap);
+
+/*
+ * BDAT (RFC 3030 CHUNKING). The content is the DATA content of
+ * rq_data_append without its transparency: the same line endings, bare
+ * CR and long-line rules, but no dot-stuffing and no final ".\r\n" (a
+ * message that does not end with a line ending still gets CRLF), so the
+ * stored message is the same whichever way it went.
+ *
+ * rq_bdat_encode: that content into a plain buffer (as rq_data_encode:
+ * returns its length, writes at most cap bytes when dst is not NULL).
+ *
+ * rq_bdat_append: appends the whole BDAT stream to out: for each chunk
+ * "BDAT <n>\r\n" and its n content bytes, the last one "BDAT <n>
+ * LAST\r\n". Every chunk but the last holds exactly chunk bytes (chunk >=
+ * 1); the last holds the rest, 1 to chunk bytes, or 0 for an empty
+ * content ("BDAT 0 LAST"). So with L content bytes there are
+ * max(1, ceil(L / chunk)) chunks (rq_bdat_chunks) and chunk i has
+ * rq_bdat_chunk_len bytes: a caller can move the stream out of the buffer
+ * one chunk at a time. Unchanged runs go in by reference as with
+ * rq_data_append, split at chunk boundaries: no reference crosses one, so
+ * moving one chunk (evbuffer_remove_buffer) moves the referenced runs and
+ * copies at most the small copied pieces around a boundary. body must stay alive and unchanged until out is drained or
+ * freed. *content_len (may be NULL) gets L. Returns 0, or -1 on
+ * allocation failure or chunk 0 (out may hold part of the stream).
+ */
+size_t rq_bdat_encode(const char *body, size_t len, char *dst, size_t cap);
+int rq_bdat_append(struct evbuffer *out, const char *body, size_t len, size_t chunk,
+		   size_t *content_len);
+/* Chunks of a content of content_len bytes cut in chunk bytes (>= 1). */
+size_t rq_bdat_chunks(size_t content_len, size_t chunk);
+/* Content bytes of chunk i (0-based) of rq_bdat_chunks(content_len, chunk). */
+size_t rq_bdat_chunk_len(size_t content_len, size_t chunk, size_t i);
 
 #endif

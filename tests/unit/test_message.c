@@ -479,6 +479,71 @@ static size_t field_starts(const char *d, size_t n)
 }
 
 /*
+ * BDAT (RFC 3030) of body in chunks of chunk bytes, against the DATA
+ * content d (n bytes): the content is d with the stuffed dots and the final
+ * ".\r\n" taken out (so both ways store the same message), rq_bdat_encode
+ * agrees, and the stream rq_bdat_append writes is "BDAT <n>\r\n" chunks of
+ * exactly chunk bytes and one "BDAT <n> LAST" at the end, as
+ * rq_bdat_chunks / rq_bdat_chunk_len say.
+ */
+static void check_bdat(const char *body, size_t len, const char *d, size_t n, size_t chunk)
+{
+	/* unstuff the DATA content */
+	char *want = malloc(n + 1);
+	size_t wl = 0;
+	for (size_t i = 0; i < n - 3;) {
+		const char *eol = memmem(d + i, n - 3 - i, "\r\n", 2);
+		size_t end = eol ? (size_t)(eol - d) + 2 : n - 3;
+		size_t from = d[i] == '.' ? i + 1 : i;
+		memcpy(want + wl, d + from, end - from);
+		wl += end - from;
+		i = end;
+	}
+	size_t cl = rq_bdat_encode(body, len, NULL, 0);
+	if (cl != wl)
+		fail_msg("BDAT content %zu octets, DATA unstuffed %zu", cl, wl);
+	char *c = malloc(cl + 1);
+	assert_int_equal(rq_bdat_encode(body, len, c, cl), cl);
+	assert_memory_equal(c, want, cl);
+
+	struct evbuffer *b = evbuffer_new();
+	size_t got_len = 12345;
+	assert_int_equal(rq_bdat_append(b, body, len, chunk, &got_len), 0);
+	assert_int_equal(got_len, cl);
+	size_t sl = evbuffer_get_length(b);
+	char *st = malloc(sl + 1);
+	assert_int_equal(evbuffer_remove(b, st, sl), (int)sl);
+	evbuffer_free(b);
+	size_t nch = rq_bdat_chunks(cl, chunk), k = 0, pos = 0, off = 0;
+	while (pos < sl) {
+		char cmd[64];
+		const char *eol = memmem(st + pos, sl - pos, "\r\n", 2);
+		assert_non_null(eol);
+		size_t cmdl = (size_t)(eol - (st + pos));
+		assert_true(cmdl < sizeof(cmd));
+		memcpy(cmd, st + pos, cmdl);
+		cmd[cmdl] = '\0';
+		size_t csz = rq_bdat_chunk_len(cl, chunk, k);
+		char exp[64];
+		snprintf(exp, sizeof(exp), "BDAT %zu%s", csz, k + 1 == nch ? " LAST" : "");
+		if (strcmp(cmd, exp) != 0)
+			fail_msg("chunk %zu of %zu: \"%s\", expected \"%s\"", k, nch, cmd, exp);
+		assert_true(csz <= chunk);
+		pos += cmdl + 2;
+		assert_true(pos + csz <= sl);
+		assert_memory_equal(st + pos, c + off, csz);
+		pos += csz;
+		off += csz;
+		k++;
+	}
+	assert_int_equal(k, nch);
+	assert_int_equal(off, cl);
+	free(st);
+	free(c);
+	free(want);
+}
+
+/*
  * Checks the DATA content d of body: rq_data_append gives the same bytes,
  * the size query and a short buffer agree; the wire rules (lines end with
  * CRLF, no other CR or LF, at most 1000 octets a line with CRLF not counting
@@ -561,6 +626,8 @@ static void check_data(const char *body, size_t len)
 	/* no header field created: as many field starts in the header section
 	 * on the wire as in the normalized message */
 	assert_int_equal(field_starts(d, end), field_starts(m, ml));
+	check_bdat(body, len, d, n, 1 + len % 61);
+	check_bdat(body, len, d, n, 512);
 	free(m);
 	free(d);
 	free(a);
@@ -705,6 +772,210 @@ static void big_body_by_reference(void **state)
 	free(body);
 }
 
+/* IDNA2008 A-labels (libidn2, NFC input, non-transitional UTS #46). */
+static void idna_domains(void **state)
+{
+	(void)state;
+	char out[RQ_ADDR_DOMAIN_MAX + 1], err[200];
+	struct { const char *in, *want; } ok[] = {
+		{"b\xc3\xbc" "cher.example", "xn--bcher-kva.example"},
+		/* capitals are mapped (mail domains are case-insensitive) */
+		{"B\xc3\x9c" "CHER.Example", "xn--bcher-kva.example"},
+		/* decomposed input (u + U+0308) gives the same A-label (NFC) */
+		{"bu\xcc\x88" "cher.example", "xn--bcher-kva.example"},
+		/* non-transitional: sharp s stays itself, not "fass.de" */
+		{"fa\xc3\x9f.de", "xn--fa-hia.de"},
+		{"\xe4\xbe\x8b\xe3\x81\x88.\xe3\x83\x86\xe3\x82\xb9\xe3\x83\x88",
+		 "xn--r8jz45g.xn--zckzah"},
+		/* ASCII is copied as it is, even with "_" or "xn--" */
+		{"Example.COM", "Example.COM"},
+		{"host_name.test", "host_name.test"},
+		{"xn--bcher-kva.example", "xn--bcher-kva.example"},
+		{NULL, NULL},
+	};
+	for (size_t i = 0; ok[i].in; i++) {
+		if (rq_domain_to_ascii(ok[i].in, strlen(ok[i].in), out, sizeof(out), err,
+				       sizeof(err)) != 0)
+			fail_msg("%s refused: %s", ok[i].in, err);
+		assert_string_equal(out, ok[i].want);
+	}
+	/* len is honoured: no NUL needed */
+	assert_int_equal(rq_domain_to_ascii("b\xc3\xbc" "cher.example.XYZ", 15, out, sizeof(out),
+					    err, sizeof(err)), 0);
+	assert_string_equal(out, "xn--bcher-kva.example");
+
+	struct { const char *in; const char *why; } bad[] = {
+		{"\xff.example", "encoding"},             /* not UTF-8 */
+		{"b\xc3\xbc" "ch\xc3\x28r.example", "encoding"},
+		{"\xe2\x98\x83.net", "disallowed"},         /* a snowman: DISALLOWED */
+		{"-b\xc3\xbc" "cher.example", "hyphen"},
+		{"b\xc3\xbc--cher.example", "hyphen"},
+		{NULL, NULL},
+	};
+	for (size_t i = 0; bad[i].in; i++) {
+		if (rq_domain_to_ascii(bad[i].in, strlen(bad[i].in), out, sizeof(out), err,
+				       sizeof(err)) == 0)
+			fail_msg("%s accepted as %s", bad[i].in, out);
+		if (!strstr(err, "internationalized") || !strstr(err, bad[i].why))
+			fail_msg("%s: reason \"%s\" lacks \"%s\"", bad[i].in, err, bad[i].why);
+	}
+	/* a result that does not fit */
+	char small[8];
+	assert_int_equal(rq_domain_to_ascii("b\xc3\xbc" "cher.example", 14, small, sizeof(small),
+					    err, sizeof(err)), -1);
+	/* labels that grow past 255 octets as A-labels */
+	const char *label = "a\xc3\xbc" "a\xd0\xb6" "a\xce\xb1" "a\xc3\xbc" "a\xd0\xb6" "a\xce\xb1";
+	char big[300];
+	size_t bl = 0;
+	for (int l = 0; l < 11; l++) {
+		memcpy(big + bl, label, strlen(label));
+		bl += strlen(label);
+		big[bl++] = '.';
+	}
+	memcpy(big + bl, "example", 7);
+	bl += 7;
+	assert_true(bl <= RQ_ADDR_DOMAIN_MAX);
+	assert_int_equal(rq_domain_to_ascii(big, bl, out, sizeof(out), err, sizeof(err)), -1);
+	if (!strstr(err, "255") && !strstr(err, "A-labels"))
+		fail_msg("reason: %s", err);
+	assert_int_equal(rq_domain_to_ascii("a\0b", 3, out, sizeof(out), err, sizeof(err)), -1);
+}
+
+static enum rq_addr_ascii to_ascii(const char *a, char *out, char *err)
+{
+	return rq_addr_to_ascii(a, strlen(a), out, err, 200);
+}
+
+/* The address a server without SMTPUTF8 gets. */
+static void idna_addresses(void **state)
+{
+	(void)state;
+	char out[RQ_ADDR_PATH_MAX + 1], err[200];
+	memset(out, 0, sizeof(out));
+	assert_int_equal(to_ascii("user@example.com", out, err), RQ_ADDR_ASCII_SAME);
+	assert_int_equal(to_ascii("user@b\xc3\xbc" "cher.example", out, err), RQ_ADDR_ASCII_ALABEL);
+	assert_string_equal(out, "user@xn--bcher-kva.example");
+	assert_int_equal(to_ascii("\"a@b c\"@B\xc3\x9c" "cher.example", out, err),
+			 RQ_ADDR_ASCII_ALABEL);
+	assert_string_equal(out, "\"a@b c\"@xn--bcher-kva.example");
+	/* a UTF-8 local part: only SMTPUTF8 can carry it */
+	assert_int_equal(to_ascii("j\xc3\xb6rg@example.com", out, err), RQ_ADDR_ASCII_LOCAL_UTF8);
+	assert_int_equal(to_ascii("j\xc3\xb6rg@b\xc3\xbc" "cher.example", out, err),
+			 RQ_ADDR_ASCII_LOCAL_UTF8);
+	/* an invalid U-label is refused with a reason, nothing written */
+	memset(out, 0, sizeof(out));
+	assert_int_equal(to_ascii("user@\xff.example", out, err), RQ_ADDR_ASCII_INVALID);
+	assert_non_null(strstr(err, "internationalized"));
+	assert_string_equal(out, "");
+	assert_int_equal(to_ascii("user@\xe2\x98\x83.net", out, err), RQ_ADDR_ASCII_INVALID);
+	/* libidn2 maps some symbols to ASCII that our domain rules refuse */
+	assert_int_equal(to_ascii("user@a\xef\xbc\x8f" "b.example", out, err),
+			 RQ_ADDR_ASCII_INVALID);
+	assert_string_equal(out, "");
+	/* the path grows past 256 octets in A-labels (a label of 17 octets in
+	 * UTF-8 is "xn--" and 22 more) */
+	const char *label = "a\xc3\xbc" "a\xd0\xb6" "a\xce\xb1" "a\xc3\xbc" "a\xd0\xb6" "a\xce\xb1";
+	char a[300];
+	size_t n = 0;
+	memset(a, 'l', 60);
+	n = 60;
+	a[n++] = '@';
+	for (int l = 0; l < 8; l++) {
+		memcpy(a + n, label, strlen(label));
+		n += strlen(label);
+		a[n++] = '.';
+	}
+	memcpy(a + n, "de", 3);
+	n += 2;
+	char verr[128];
+	assert_true(rq_addr_valid(a, n, false, verr, sizeof(verr)));
+	assert_int_equal(to_ascii(a, out, err), RQ_ADDR_ASCII_INVALID);
+	assert_non_null(strstr(err, "A-labels"));
+}
+
+/* Chunk counts and sizes at the edges; a 5 MB body goes by reference in
+ * chunks, and moving one chunk copies next to nothing. */
+static void bdat_chunks(void **state)
+{
+	(void)state;
+	assert_int_equal(rq_bdat_chunks(0, 100), 1);
+	assert_int_equal(rq_bdat_chunk_len(0, 100, 0), 0);
+	assert_int_equal(rq_bdat_chunks(100, 100), 1);
+	assert_int_equal(rq_bdat_chunk_len(100, 100, 0), 100);
+	assert_int_equal(rq_bdat_chunks(101, 100), 2);
+	assert_int_equal(rq_bdat_chunk_len(101, 100, 0), 100);
+	assert_int_equal(rq_bdat_chunk_len(101, 100, 1), 1);
+	assert_int_equal(rq_bdat_chunk_len(101, 100, 2), 0);
+	assert_int_equal(rq_bdat_chunks(300, 100), 3);
+
+	struct evbuffer *b = evbuffer_new();
+	size_t cl;
+	assert_int_equal(rq_bdat_append(b, "", 0, 100, &cl), 0);
+	assert_int_equal(cl, 0);
+	char s[64];
+	int k = evbuffer_remove(b, s, sizeof(s) - 1);
+	s[k] = '\0';
+	assert_string_equal(s, "BDAT 0 LAST\r\n");
+	assert_int_equal(rq_bdat_append(b, "x", 1, 0, &cl), -1);
+	evbuffer_free(b);
+
+	/* exactly two full chunks: the second says LAST */
+	char body[201];
+	memset(body, 'a', 200);
+	memcpy(body + 98, "\r\n", 2);
+	memcpy(body + 198, "\r\n", 2);
+	body[200] = '\0';
+	b = evbuffer_new();
+	assert_int_equal(rq_bdat_append(b, body, 200, 100, &cl), 0);
+	assert_int_equal(cl, 200);
+	char *all = malloc(300);
+	k = evbuffer_remove(b, all, 300);
+	assert_int_equal(k, 200 + 10 + 15);
+	assert_memory_equal(all, "BDAT 100\r\n", 10);
+	assert_memory_equal(all + 110, "BDAT 100 LAST\r\n", 15);
+	free(all);
+	evbuffer_free(b);
+
+	/* 5 MB of CRLF lines in 128 KiB chunks */
+	size_t len = 5u << 20, chunk = 128u << 10;
+	char *big = malloc(len);
+	for (size_t i = 0; i < len; i += 80) {
+		memset(big + i, i % 8000 == 0 ? '.' : 'm', 78);
+		memcpy(big + i + 78, "\r\n", 2);
+	}
+	b = evbuffer_new();
+	assert_int_equal(rq_bdat_append(b, big, len, chunk, &cl), 0);
+	assert_int_equal(cl, len); /* no stuffing */
+	size_t nch = rq_bdat_chunks(cl, chunk);
+	assert_int_equal(nch, 40);
+	struct evbuffer *one = evbuffer_new();
+	for (size_t i = 0; i < nch; i++) {
+		char cmd[64];
+		int cn = snprintf(cmd, sizeof(cmd), "BDAT %zu%s\r\n", rq_bdat_chunk_len(cl, chunk, i),
+				  i + 1 == nch ? " LAST" : "");
+		size_t want = (size_t)cn + rq_bdat_chunk_len(cl, chunk, i);
+		assert_int_equal(evbuffer_remove_buffer(b, one, want), (int)want);
+		/* the chunk's bytes sit in the body's memory, but its command */
+		int nvec = evbuffer_peek(one, -1, NULL, NULL, 0);
+		struct evbuffer_iovec *v = calloc((size_t)nvec, sizeof(*v));
+		evbuffer_peek(one, -1, NULL, v, nvec);
+		size_t in_body = 0;
+		for (int j = 0; j < nvec; j++)
+			if ((char *)v[j].iov_base >= big && (char *)v[j].iov_base < big + len)
+				in_body += v[j].iov_len;
+		free(v);
+		assert_true(in_body >= rq_bdat_chunk_len(cl, chunk, i) - 2 * RQ_DATA_REF_MIN);
+		char head[64];
+		assert_int_equal(evbuffer_remove(one, head, (size_t)cn), cn);
+		assert_memory_equal(head, cmd, (size_t)cn);
+		evbuffer_drain(one, evbuffer_get_length(one));
+	}
+	assert_int_equal(evbuffer_get_length(b), 0);
+	evbuffer_free(one);
+	evbuffer_free(b);
+	free(big);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -720,6 +991,9 @@ int main(void)
 		cmocka_unit_test(random_bodies),
 		cmocka_unit_test(data_property),
 		cmocka_unit_test(big_body_by_reference),
+		cmocka_unit_test(idna_domains),
+		cmocka_unit_test(idna_addresses),
+		cmocka_unit_test(bdat_chunks),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
