@@ -195,6 +195,8 @@ void rq_smtp_opts_init(struct rq_smtp_opts *o)
 		.quit = 60000,
 	};
 	o->data_total = 1800000;
+	o->chunking = true;
+	o->chunk_size = RQ_SMTP_CHUNK_SIZE;
 	o->max_txns = 100;
 	o->idle_ms = 5000;
 }
@@ -251,7 +253,7 @@ static void host_numeric(const struct rq_smtp_host *h, char *buf, size_t len, bo
 static const char *const state_names[RQ_SMTP_ST_COUNT_] = {
 	"init", "connecting", "tls-implicit", "greeting", "ehlo", "helo",
 	"starttls", "tls", "auth", "auth-user", "auth-pass", "ready", "rset",
-	"mail", "rcpt", "data", "body", "dot", "abort-dot", "quit", "closed",
+	"mail", "rcpt", "data", "body", "bdat", "dot", "abort-dot", "quit", "closed",
 };
 
 const char *rq_smtp_state_name(enum rq_smtp_state st)
@@ -336,6 +338,19 @@ struct rq_smtp {
 	struct rq_outcome last_rcpt_fail;
 	uint64_t body_size;
 	bool body_8bit, need_utf8;
+	/* IDNA: the A-label forms sent instead (NULL: the address as given) */
+	char *from_ascii;
+	char **rcpt_ascii;       /* one per recipient */
+	size_t nascii;
+	/* CHUNKING: this transaction's BDAT stream, chunks in all, written,
+	 * answered; chunk bytes still in the output; a refused chunk */
+	bool bdat;
+	struct evbuffer *bdat_buf;
+	size_t bdat_len;
+	size_t bdat_n, bdat_sent, bdat_acked;
+	bool bdat_writing;
+	bool bdat_failed;
+	struct rq_outcome bdat_fail;
 };
 
 static void run_state(struct rq_smtp *s);
@@ -346,6 +361,23 @@ static void txn_finish(struct rq_smtp *s, const struct rq_outcome *o, bool abort
 static void go_ready(struct rq_smtp *s);
 static void host_start(struct rq_smtp *s);
 static void process_input(struct rq_smtp *s);
+
+/* Drops what a transaction holds beyond its results: the A-label forms and
+ * the BDAT stream (references into the caller's body: released before its
+ * done callback, after which the body may be gone). */
+static void txn_release(struct rq_smtp *s)
+{
+	free(s->from_ascii);
+	s->from_ascii = NULL;
+	for (size_t i = 0; s->rcpt_ascii && i < s->nascii; i++)
+		free(s->rcpt_ascii[i]);
+	free(s->rcpt_ascii);
+	s->rcpt_ascii = NULL;
+	s->nascii = 0;
+	if (s->bdat_buf)
+		evbuffer_free(s->bdat_buf);
+	s->bdat_buf = NULL;
+}
 
 static enum rq_stage stage_of(enum rq_smtp_state st)
 {
@@ -366,7 +398,8 @@ static enum rq_stage stage_of(enum rq_smtp_state st)
 	case RQ_SMTP_ST_MAIL: return RQ_STAGE_MAIL;
 	case RQ_SMTP_ST_RCPT: return RQ_STAGE_RCPT;
 	case RQ_SMTP_ST_DATA:
-	case RQ_SMTP_ST_BODY: return RQ_STAGE_DATA;
+	case RQ_SMTP_ST_BODY:
+	case RQ_SMTP_ST_BDAT: return RQ_STAGE_DATA;
 	case RQ_SMTP_ST_DOT:
 	case RQ_SMTP_ST_ABORT_DOT: return RQ_STAGE_DOT;
 	case RQ_SMTP_ST_QUIT:
@@ -406,7 +439,8 @@ static void state_timeouts(const struct rq_smtp *s, enum rq_smtp_state st, int *
 	case RQ_SMTP_ST_MAIL: *t = T->mail; break;
 	case RQ_SMTP_ST_RCPT: *t = T->rcpt; break;
 	case RQ_SMTP_ST_DATA: *t = T->data; break;
-	case RQ_SMTP_ST_BODY: *t = T->block; *d = s->o.data_total; break;
+	case RQ_SMTP_ST_BODY:
+	case RQ_SMTP_ST_BDAT: *t = T->block; *d = s->o.data_total; break;
 	case RQ_SMTP_ST_DOT:
 	case RQ_SMTP_ST_ABORT_DOT: *t = T->dot; break;
 	case RQ_SMTP_ST_QUIT: *t = T->quit; break;
@@ -428,6 +462,8 @@ static void arm(struct event *ev, int ms)
 static void set_state(struct rq_smtp *s, enum rq_smtp_state st)
 {
 	int t, d;
+	/* the next BDAT chunk (lock-step): data_total keeps running */
+	bool keep_deadline = st == RQ_SMTP_ST_BDAT && s->st == RQ_SMTP_ST_BDAT;
 	if (rq_log_enabled(RQ_LOG_DEBUG) && st != s->st)
 		rq_log(RQ_LOG_DEBUG, "smtp_state", "id", s->log_id, "peer", s->peer_addr,
 		       "from", state_names[s->st], "to", state_names[st], NULL);
@@ -435,7 +471,8 @@ static void set_state(struct rq_smtp *s, enum rq_smtp_state st)
 	state_timeouts(s, st, &t, &d);
 	s->timer_ms = t;
 	arm(s->timer, t);
-	arm(s->deadline, d);
+	if (!keep_deadline)
+		arm(s->deadline, d);
 }
 
 static void trace(struct rq_smtp *s, char dir, const char *line, size_t len)
@@ -816,6 +853,7 @@ static void really_free(struct rq_smtp *s)
 	free(s->hosts);
 	free(s->rst);
 	free(s->order);
+	txn_release(s);
 	if (s->wbuf) {
 		OPENSSL_cleanse(s->wbuf, s->wcap);
 		free(s->wbuf);
@@ -862,7 +900,8 @@ static void bev_event_cb(struct bufferevent *bev, short what, void *arg);
 static void out_drain_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
 {
 	struct rq_smtp *s = arg;
-	if (info->n_deleted > 0 && s->st == RQ_SMTP_ST_BODY)
+	if (info->n_deleted > 0 && (s->st == RQ_SMTP_ST_BODY ||
+				    (s->st == RQ_SMTP_ST_BDAT && s->bdat_writing)))
 		arm(s->timer, s->timer_ms);
 }
 
@@ -1001,25 +1040,62 @@ static void put_mail(struct rq_smtp *s)
 		off += (size_t)snprintf(params + off, sizeof(params) - off, " BODY=8BITMIME");
 	if (s->need_utf8)
 		snprintf(params + off, sizeof(params) - off, " SMTPUTF8");
-	send_cmd(s, NULL, "MAIL FROM:<%.*s>%s", (int)t->from_len, t->from, params);
+	if (s->from_ascii)
+		send_cmd(s, NULL, "MAIL FROM:<%s>%s", s->from_ascii, params);
+	else
+		send_cmd(s, NULL, "MAIL FROM:<%.*s>%s", (int)t->from_len, t->from, params);
 }
 
 static void put_rcpt(struct rq_smtp *s, size_t idx)
 {
 	struct rq_smtp_rcpt *r = &s->txn->rcpts[idx];
 	s->rst[idx] = R_WAIT;
-	send_cmd(s, NULL, "RCPT TO:<%.*s>", (int)r->len, r->addr);
+	if (s->rcpt_ascii && s->rcpt_ascii[idx])
+		send_cmd(s, NULL, "RCPT TO:<%s>", s->rcpt_ascii[idx]);
+	else
+		send_cmd(s, NULL, "RCPT TO:<%.*s>", (int)r->len, r->addr);
 }
 
-/* PIPELINING: MAIL, every RCPT and DATA in one write. */
+/* PIPELINING: MAIL, every RCPT and DATA in one write (BDAT: the chunks
+ * follow the RCPT replies, see bdat_write). */
 static void put_batch(struct rq_smtp *s)
 {
 	put_mail(s);
 	for (size_t k = 0; k < s->nsend; k++)
 		put_rcpt(s, s->order[k]);
 	s->si = s->nsend;
-	send_cmd(s, NULL, "DATA");
+	if (!s->bdat)
+		send_cmd(s, NULL, "DATA");
 	s->batch_sent = true;
+}
+
+/*
+ * Writes BDAT chunks from the stream built at the start of the transaction:
+ * with PIPELINING all that are left, else the next one. Each chunk is its
+ * command line and its bytes, moved (not copied: message.h) from bdat_buf
+ * into the output; the command is traced, the bytes are not.
+ */
+static void bdat_write(struct rq_smtp *s)
+{
+	struct evbuffer *out = bufferevent_get_output(s->bev);
+	size_t upto = s->pipelined ? s->bdat_n : s->bdat_sent + 1;
+	size_t chunk = s->o.chunk_size ? s->o.chunk_size : RQ_SMTP_CHUNK_SIZE;
+	for (; s->bdat_sent < upto; s->bdat_sent++) {
+		size_t n = rq_bdat_chunk_len(s->bdat_len, chunk, s->bdat_sent);
+		bool last = s->bdat_sent + 1 == s->bdat_n;
+		char cmd[64];
+		int k = snprintf(cmd, sizeof(cmd), "BDAT %zu%s", n, last ? " LAST" : "");
+		trace(s, '>', cmd, (size_t)k);
+		size_t want = (size_t)k + 2 + n;
+		if (evbuffer_remove_buffer(s->bdat_buf, out, want) != (int)want) {
+			fail_here(s, RQ_FAIL_PROTOCOL, "out of memory while queueing BDAT chunk %zu",
+				  s->bdat_sent + 1);
+			return;
+		}
+		s->txn->chunks++;
+	}
+	s->bdat_writing = true;
+	note_unread(s);
 }
 
 /*
@@ -1080,6 +1156,9 @@ static void to_state(struct rq_smtp *s, enum rq_smtp_state st)
 		/* no unsolicited check here: a reply already waiting is a
 		 * server giving up on the data (354 then 5xx at once, e.g.
 		 * smtp-sink -A), the message's outcome (on_reply, BODY) */
+		break;
+	case RQ_SMTP_ST_BDAT:
+		bdat_write(s);
 		break;
 	case RQ_SMTP_ST_ABORT_DOT:
 		send_cmd(s, NULL, ".");
@@ -1152,7 +1231,7 @@ static void txn_start(struct rq_smtp *s)
 {
 	struct rq_smtp_txn *t = s->txn;
 	struct rq_outcome o;
-	char err[128];
+	char err[256];
 
 	s->txn_running = true;
 	s->sent_any = false;
@@ -1160,13 +1239,19 @@ static void txn_start(struct rq_smtp *s)
 	s->nsend = s->si = s->ri = s->accepted = 0;
 	s->too_many = false;
 	s->mail_ok = false;
+	txn_release(s);
+	s->bdat = false;
+	s->bdat_len = s->bdat_n = s->bdat_sent = s->bdat_acked = 0;
+	s->bdat_writing = s->bdat_failed = false;
 	memset(&s->mail_out, 0, sizeof(s->mail_out));
 	memset(&s->last_rcpt_fail, 0, sizeof(s->last_rcpt_fail));
 	free(s->rst);
 	free(s->order);
 	s->rst = calloc(t->nrcpt ? t->nrcpt : 1, 1);
 	s->order = calloc(t->nrcpt ? t->nrcpt : 1, sizeof(size_t));
-	if (!s->rst || !s->order) {
+	s->rcpt_ascii = calloc(t->nrcpt ? t->nrcpt : 1, sizeof(char *));
+	s->nascii = t->nrcpt;
+	if (!s->rst || !s->order || !s->rcpt_ascii) {
 		rq_outcome_set(&o, RQ_STAGE_MAIL, RQ_FAIL_PROTOCOL, 0, NULL, "out of memory");
 		txn_fail_all(s, &o);
 		return;
@@ -1183,10 +1268,30 @@ static void txn_start(struct rq_smtp *s)
 		txn_fail_all(s, &o);
 		return;
 	}
+	/* CHUNKING: the whole BDAT stream now (by reference), which also
+	 * gives the exact size */
+	s->bdat = s->o.chunking && (s->caps.flags & RQ_SMTP_CAP_CHUNKING);
+	t->chunked = s->bdat;
+	t->chunks = 0;
+	if (s->bdat) {
+		size_t chunk = s->o.chunk_size ? s->o.chunk_size : RQ_SMTP_CHUNK_SIZE;
+		s->bdat_buf = evbuffer_new();
+		if (!s->bdat_buf || rq_bdat_append(s->bdat_buf, t->body, t->body_len, chunk,
+						   &s->bdat_len) != 0) {
+			rq_outcome_set(&o, RQ_STAGE_MAIL, RQ_FAIL_PROTOCOL, 0, NULL,
+				       "out of memory while preparing BDAT chunks");
+			txn_fail_all(s, &o);
+			return;
+		}
+		s->bdat_n = rq_bdat_chunks(s->bdat_len, chunk);
+	}
 	/* SIZE= (RFC 1870): the message as it will be sent, line endings
-	 * normalised (dot-stuffing counted too: a slight overestimate) */
+	 * normalised (with DATA dot-stuffing counted too: a slight
+	 * overestimate; with BDAT exact) */
 	s->body_size = t->body_len;
-	if (s->caps.flags & RQ_SMTP_CAP_SIZE) {
+	if (s->bdat) {
+		s->body_size = s->bdat_len;
+	} else if (s->caps.flags & RQ_SMTP_CAP_SIZE) {
 		s->body_size = rq_data_encode(t->body, t->body_len, NULL, 0);
 		if (s->body_size >= 3)
 			s->body_size -= 3; /* the final ".\r\n" */
@@ -1200,12 +1305,33 @@ static void txn_start(struct rq_smtp *s)
 		return;
 	}
 	bool has_utf8 = s->caps.flags & RQ_SMTP_CAP_SMTPUTF8;
-	s->need_utf8 = rq_addr_needs_utf8(t->from, t->from_len);
-	if (s->need_utf8 && !has_utf8) {
-		outcome_synth(&o, RQ_STAGE_MAIL, 553, "5.6.7",
-			      "relayq: the sender address needs SMTPUTF8, which the server does not offer");
-		txn_fail_all(s, &o);
-		return;
+	char ascii[RQ_ADDR_PATH_MAX + 1];
+	s->need_utf8 = false;
+	if (rq_addr_needs_utf8(t->from, t->from_len)) {
+		enum rq_addr_ascii a = has_utf8 ? RQ_ADDR_ASCII_SAME :
+			rq_addr_to_ascii(t->from, t->from_len, ascii, err, sizeof(err));
+		if (has_utf8) {
+			s->need_utf8 = true;
+		} else if (a == RQ_ADDR_ASCII_ALABEL) {
+			s->from_ascii = strdup(ascii);
+			if (!s->from_ascii) {
+				rq_outcome_set(&o, RQ_STAGE_MAIL, RQ_FAIL_PROTOCOL, 0, NULL,
+					       "out of memory");
+				txn_fail_all(s, &o);
+				return;
+			}
+		} else if (a == RQ_ADDR_ASCII_INVALID) {
+			outcome_synth(&o, RQ_STAGE_MAIL, 553, "5.1.7", "");
+			snprintf(o.text, sizeof(o.text),
+				 "relayq: the sender's domain cannot be sent without SMTPUTF8: %s", err);
+			txn_fail_all(s, &o);
+			return;
+		} else {
+			outcome_synth(&o, RQ_STAGE_MAIL, 553, "5.6.7",
+				      "relayq: the sender address needs SMTPUTF8, which the server does not offer");
+			txn_fail_all(s, &o);
+			return;
+		}
 	}
 	for (size_t i = 0; i < t->nrcpt; i++) {
 		struct rq_smtp_rcpt *r = &t->rcpts[i];
@@ -1218,14 +1344,33 @@ static void txn_start(struct rq_smtp *s)
 			continue;
 		}
 		if (rq_addr_needs_utf8(r->addr, r->len)) {
-			if (!has_utf8) {
+			enum rq_addr_ascii a = has_utf8 ? RQ_ADDR_ASCII_SAME :
+				rq_addr_to_ascii(r->addr, r->len, ascii, err, sizeof(err));
+			if (has_utf8) {
+				s->need_utf8 = true;
+			} else if (a == RQ_ADDR_ASCII_ALABEL) {
+				s->rcpt_ascii[i] = strdup(ascii);
+				if (!s->rcpt_ascii[i]) {
+					rq_outcome_set(&o, RQ_STAGE_RCPT, RQ_FAIL_PROTOCOL, 0, NULL,
+						       "out of memory");
+					txn_fail_all(s, &o);
+					return;
+				}
+			} else if (a == RQ_ADDR_ASCII_INVALID) {
+				outcome_synth(&r->outcome, RQ_STAGE_RCPT, 553, "5.1.3", "");
+				snprintf(r->outcome.text, sizeof(r->outcome.text),
+					 "relayq: the recipient's domain cannot be sent without SMTPUTF8: %s",
+					 err);
+				r->result = RQ_SMTP_RCPT_FAILED;
+				s->rst[i] = R_SKIP;
+				continue;
+			} else {
 				outcome_synth(&r->outcome, RQ_STAGE_RCPT, 553, "5.6.7",
 					      "relayq: the recipient address needs SMTPUTF8, which the server does not offer");
 				r->result = RQ_SMTP_RCPT_FAILED;
 				s->rst[i] = R_SKIP;
 				continue;
 			}
-			s->need_utf8 = true;
 		}
 		s->rst[i] = R_SEND;
 		s->order[s->nsend++] = i;
@@ -1279,6 +1424,8 @@ static void txn_finish(struct rq_smtp *s, const struct rq_outcome *o, bool abort
 	s->txn = NULL;
 	s->txn_running = false;
 	s->sent_any = false;
+	txn_release(s);
+	s->bdat_writing = false;
 	if (t->done && !s->dead)
 		t->done(t, t->arg);
 	if (s->dead || !s->bev)
@@ -1319,13 +1466,35 @@ static void mark_rest_not_tried(struct rq_smtp *s, size_t from_k)
 	}
 }
 
+/* Every RCPT has its reply: DATA (lock-step), or the BDAT chunks. */
 static void after_rcpts(struct rq_smtp *s)
 {
+	if (s->bdat && !s->mail_ok) {
+		txn_no_delivery(s, &s->mail_out);
+		return;
+	}
 	if (s->accepted == 0) {
 		txn_no_delivery(s, &s->last_rcpt_fail);
 		return;
 	}
-	to_state(s, RQ_SMTP_ST_DATA);
+	to_state(s, s->bdat ? RQ_SMTP_ST_BDAT : RQ_SMTP_ST_DATA);
+}
+
+/* The chunk bytes left the output: wait for the next reply, within data's
+ * timeout, or dot's when only the reply to LAST is left. data_total ends
+ * once the last chunk is written. */
+static void bdat_drained(struct rq_smtp *s)
+{
+	s->bdat_writing = false;
+	if (s->bdat_sent == s->bdat_n) {
+		if (!s->bdat_failed && s->bdat_acked + 1 == s->bdat_n) {
+			to_state(s, RQ_SMTP_ST_DOT);
+			return;
+		}
+		event_del(s->deadline);
+	}
+	s->timer_ms = s->o.timeout.data;
+	arm(s->timer, s->timer_ms);
 }
 
 /* ------------------------------------------------------------------------
@@ -1349,11 +1518,85 @@ static bool positive_ok(enum rq_smtp_state st, int code)
 	case RQ_SMTP_ST_RSET:
 	case RQ_SMTP_ST_MAIL:
 	case RQ_SMTP_ST_RCPT:
+	case RQ_SMTP_ST_BDAT:
 	case RQ_SMTP_ST_DOT: return code >= 200 && code < 300;
 	case RQ_SMTP_ST_ABORT_DOT:
 	case RQ_SMTP_ST_QUIT: return true;
 	default: return false;
 	}
+}
+
+/* The reply to "." or to BDAT LAST: the message's outcome. */
+static void final_reply(struct rq_smtp *s, struct rq_outcome *o)
+{
+	struct rq_smtp_txn *t = s->txn;
+	if (s->st != RQ_SMTP_ST_DOT)
+		set_state(s, RQ_SMTP_ST_DOT);
+	o->stage = RQ_STAGE_DOT;
+	for (size_t i = 0; i < t->nrcpt; i++) {
+		if (s->rst[i] != R_OK)
+			continue;
+		t->rcpts[i].result = r2(o) ? RQ_SMTP_RCPT_DELIVERED : RQ_SMTP_RCPT_FAILED;
+		t->rcpts[i].outcome = *o;
+	}
+	to_state(s, RQ_SMTP_ST_READY);
+	txn_finish(s, o, false);
+}
+
+/*
+ * The reply to a BDAT chunk. Replies come in the order of the chunks. A
+ * refusal is the outcome of every accepted recipient: at once when
+ * nothing more is due (RSET follows), after the replies to the chunks
+ * already sent otherwise; while chunk bytes are still being written the
+ * connection is closed instead (as a refusal during DATA).
+ */
+static void on_bdat_reply(struct rq_smtp *s, struct rq_outcome *o)
+{
+	struct evbuffer *out = bufferevent_get_output(s->bev);
+	if (s->bdat_writing && evbuffer_get_length(out) == 0)
+		s->bdat_writing = false; /* the write callback has not run yet */
+	bool last = s->bdat_acked + 1 == s->bdat_n;
+	s->bdat_acked++;
+	if (s->bdat_failed) {
+		/* a chunk was refused: the rest are read and forgotten */
+		if (s->bdat_acked < s->bdat_sent || s->bdat_writing) {
+			arm(s->timer, s->timer_ms);
+			return;
+		}
+		struct rq_outcome f = s->bdat_fail;
+		txn_no_delivery(s, &f);
+		return;
+	}
+	if (last) {
+		final_reply(s, o);
+		return;
+	}
+	if (!r2(o)) {
+		if (s->bdat_writing) {
+			conn_fail(s, o);
+			return;
+		}
+		if (s->bdat_acked < s->bdat_sent) {
+			s->bdat_failed = true;
+			s->bdat_fail = *o;
+			s->timer_ms = s->o.timeout.data;
+			arm(s->timer, s->timer_ms);
+			return;
+		}
+		txn_no_delivery(s, o);
+		return;
+	}
+	if (s->bdat_writing)
+		return; /* the write progress timer runs */
+	if (s->bdat_sent < s->bdat_n) {
+		to_state(s, RQ_SMTP_ST_BDAT); /* lock-step: the next chunk */
+		return;
+	}
+	if (s->bdat_acked + 1 == s->bdat_n) {
+		to_state(s, RQ_SMTP_ST_DOT);
+		return;
+	}
+	arm(s->timer, s->timer_ms); /* the next reply, from this one */
 }
 
 static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
@@ -1487,7 +1730,12 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 			s->last_rcpt_fail = *o;
 		}
 		if (s->pipelined) {
-			/* the next RCPT reply (timers restarted), or DATA's */
+			/* the next RCPT reply (timers restarted), or DATA's; with
+			 * BDAT the chunks go now */
+			if (s->bdat && s->ri >= s->nsend) {
+				after_rcpts(s);
+				return;
+			}
 			to_state(s, s->ri >= s->nsend ? RQ_SMTP_ST_DATA : RQ_SMTP_ST_RCPT);
 			return;
 		}
@@ -1544,15 +1792,12 @@ static void on_reply(struct rq_smtp *s, struct rq_outcome *o)
 		txn_no_delivery(s, s->mail_ok ? &s->last_rcpt_fail : &s->mail_out);
 		return;
 
+	case RQ_SMTP_ST_BDAT:
+		on_bdat_reply(s, o);
+		return;
+
 	case RQ_SMTP_ST_DOT:
-		for (size_t i = 0; i < t->nrcpt; i++) {
-			if (s->rst[i] != R_OK)
-				continue;
-			t->rcpts[i].result = r2(o) ? RQ_SMTP_RCPT_DELIVERED : RQ_SMTP_RCPT_FAILED;
-			t->rcpts[i].outcome = *o;
-		}
-		to_state(s, RQ_SMTP_ST_READY);
-		txn_finish(s, o, false);
+		final_reply(s, o);
 		return;
 
 	case RQ_SMTP_ST_QUIT: {
@@ -1682,6 +1927,10 @@ static void bev_write_cb(struct bufferevent *bev, void *arg)
 	if (s->st == RQ_SMTP_ST_BODY) {
 		to_state(s, RQ_SMTP_ST_DOT);
 		process_input(s); /* a reply may have arrived already */
+	} else if (s->st == RQ_SMTP_ST_BDAT && s->bdat_writing) {
+		bdat_drained(s);
+		if (!s->dead)
+			process_input(s);
 	}
 	leave(s);
 }
@@ -1758,7 +2007,7 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg)
 		rq_outcome_set(&clean, RQ_STAGE_QUIT, RQ_FAIL_NONE, 0, NULL,
 			       "no reply to QUIT within %d ms", s->timer_ms);
 		quit_over(s, CLOSE_CLEAN, &clean);
-	} else if (s->st == RQ_SMTP_ST_BODY) {
+	} else if (s->st == RQ_SMTP_ST_BODY || (s->st == RQ_SMTP_ST_BDAT && s->bdat_writing)) {
 		fail_here(s, RQ_FAIL_TIMEOUT, "timeout: the message data made no progress for %d ms",
 			  s->timer_ms);
 	} else if (s->st != RQ_SMTP_ST_CLOSED && s->st != RQ_SMTP_ST_INIT) {
@@ -1772,7 +2021,7 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct rq_smtp *s = arg;
 	enter(s);
-	if (s->st == RQ_SMTP_ST_BODY)
+	if (s->st == RQ_SMTP_ST_BODY || s->st == RQ_SMTP_ST_BDAT)
 		fail_here(s, RQ_FAIL_TIMEOUT, "timeout: the message data took longer than %d ms",
 			  s->o.data_total);
 	leave(s);
@@ -1850,6 +2099,7 @@ void rq_smtp_destroy(struct rq_smtp *s)
 	if (s->depth > 0) {
 		s->dead = true;
 		close_bev(s, CLOSE_ABORT);
+		txn_release(s);
 		return;
 	}
 	really_free(s);

@@ -3,7 +3,8 @@
 
 /*
  * The SMTP client session (RFC 5321, 3207 STARTTLS, 4954 AUTH, 2920
- * PIPELINING, 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8) over libevent.
+ * PIPELINING, 1870 SIZE, 6152 8BITMIME, 6531 SMTPUTF8, 3030 CHUNKING,
+ * 5890 IDNA A-labels) over libevent.
  *
  * One session = one connection at a time to one of a list of addresses
  * (MX hosts in preference order, or the relay's addresses). The session
@@ -41,6 +42,30 @@
  * while the body is still being sent (a server giving up mid-data) is the
  * message's outcome and ends the connection.
  *
+ * CHUNKING (RFC 3030), when the server offers it and opts.chunking is on
+ * (the default): the message goes as BDAT chunks of opts.chunk_size bytes
+ * (default RQ_SMTP_CHUNK_SIZE, 128 KiB), the last one "BDAT <n> LAST", no
+ * dot-stuffing (message.h, rq_bdat_append: the same bytes are stored as
+ * with DATA). The BDATs start once every RCPT has its reply and at least
+ * one recipient was accepted (so no chunk is sent for nothing: as many
+ * round trips as MAIL..DATA pipelined, then the body). With PIPELINING
+ * every chunk goes out at once and the replies are matched in order;
+ * without it each chunk waits for the reply to the one before. Every BDAT
+ * gets a reply: a refused chunk (4xx, 5xx) ends the transaction with that
+ * reply for every accepted recipient (stage "data"; the replies to the
+ * chunks already sent are read, then RSET), and so does the reply to the
+ * last one (stage "dot", as the reply to "."). A refusal that arrives while
+ * chunk bytes are still being written ends the connection, as one during
+ * DATA does. A 421 is as anywhere else.
+ *
+ * IDNA: to a server without SMTPUTF8, an address whose local part is
+ * ASCII and whose domain is not goes with the domain in A-labels
+ * (rq_addr_to_ascii: IDNA2008, "user@xn--bcher-kva.example"); a non-ASCII
+ * local part fails as before (553 5.6.7), and a domain libidn2 refuses
+ * fails that recipient (553 5.1.3; the sender: 553 5.1.7, the whole
+ * transaction) with the reason, before anything is sent. With SMTPUTF8
+ * the UTF-8 form goes as it is.
+ *
  * Unsolicited replies: bytes already in the input when a command (or the
  * body) is written were sent before the server could have seen it; they
  * are never taken as its reply. The connection is dropped as a protocol
@@ -68,12 +93,15 @@
  * Stages in outcomes: "connect" (TCP), "greeting", "ehlo"/"helo",
  * "starttls" (the command, and TLS required but not offered), "tls" (the
  * handshake and verification), "auth", "rset", "mail", "rcpt", "data" (the
- * DATA command and sending the body), "dot" (waiting for the reply to the
- * final "." -- a failure here means the server may have the message).
+ * DATA command and sending the body; with CHUNKING every BDAT but the
+ * last: writing it and its reply), "dot" (waiting for the reply to the
+ * final ".", or to BDAT LAST -- a failure here means the server may have
+ * the message).
  * Classes: a reply (fail NONE, code set), or timeout / refused (connect
  * failed, also unreachable) / lost / tls / protocol. Synthetic replies made
  * by relayq (synthetic = true): 552 5.3.4 larger than SIZE, 553 5.1.7 and
- * 5.1.3 invalid addresses, 553 5.6.7 SMTPUTF8 missing, 454 4.7.0 AUTH
+ * 5.1.3 invalid addresses (also a domain that is no valid IDN), 553 5.6.7
+ * SMTPUTF8 missing, 454 4.7.0 AUTH
  * impossible or refused in plain text, 554 5.5.1 no recipients.
  *
  * Reading: reply lines are taken from the input with a bound; a line longer
@@ -179,7 +207,8 @@ struct rq_smtp_timeouts {
 	int block;     /* body: each data block written must leave within this
 			  (write progress, RFC "data block", 3 min); the whole
 			  body is bounded by data_total */
-	int dot;       /* the reply to the final "." (10 min) */
+	int dot;       /* the reply to the final "." or to BDAT LAST (10 min);
+			  the reply to any other BDAT has data's */
 	int rset;      /* RSET (2 min) */
 	int quit;      /* QUIT's reply; then the connection is closed anyway (1 min) */
 };
@@ -204,13 +233,24 @@ struct rq_smtp_opts {
 	bool auth_plaintext_ok;      /* allow AUTH without TLS (default false) */
 	struct rq_smtp_timeouts timeout;
 	int data_total;              /* the whole body, however it progresses
-					(default 30 min) */
+					(default 30 min); with BDAT from the
+					first chunk's write to the last one's,
+					chunk replies between them included */
+	bool chunking;               /* BDAT when the server offers CHUNKING
+					(default true) */
+	size_t chunk_size;           /* content bytes per BDAT chunk (default
+					RQ_SMTP_CHUNK_SIZE; 0: the default) */
 	unsigned max_txns;           /* transactions per connection (default
 					100; 0 = no limit) */
 	int idle_ms;                 /* QUIT after this long without a
 					transaction (default 5 s; 0 = never) */
 	const char *log_id;          /* added to debug logs (copied); may be NULL */
 };
+
+/* 128 KiB: a small message (most are) is one "BDAT n LAST"; a big one
+ * does not wait a round trip per few kilobytes without PIPELINING, and a
+ * server never has to take a huge chunk in one piece. */
+#define RQ_SMTP_CHUNK_SIZE (128u * 1024u)
 
 /* Fills opts with the defaults above (RFC 5321 4.5.3.2 timeouts, the
  * body's 30 min in all). */
@@ -263,6 +303,8 @@ struct rq_smtp_txn {
 	size_t failed;               /* recipients FAILED */
 	size_t not_tried;            /* recipients NOT_TRIED */
 	bool pipelined;              /* MAIL/RCPT/DATA went in one write */
+	bool chunked;                /* the message went as BDAT chunks */
+	size_t chunks;               /* BDAT chunks written */
 };
 
 /* ---------------------------------------------------------------------------
@@ -287,7 +329,9 @@ enum rq_smtp_state {
 	RQ_SMTP_ST_RCPT,
 	RQ_SMTP_ST_DATA,        /* waiting for the 354 */
 	RQ_SMTP_ST_BODY,        /* sending the body */
-	RQ_SMTP_ST_DOT,         /* waiting for the reply to "." */
+	RQ_SMTP_ST_BDAT,        /* BDAT chunks: writing them, or waiting for
+				   the reply to one that is not the last */
+	RQ_SMTP_ST_DOT,         /* waiting for the reply to "." or BDAT LAST */
 	RQ_SMTP_ST_ABORT_DOT,   /* an unexpected 354: a lone "." sent */
 	RQ_SMTP_ST_QUIT,
 	RQ_SMTP_ST_CLOSED,      /* connection over; only destroy remains */
@@ -354,7 +398,9 @@ int rq_smtp_connect(struct rq_smtp *s, const struct rq_smtp_host *hosts, size_t 
  * not called). Checks before anything is sent: invalid addresses fail
  * (synthetic 553 5.1.7 sender / 5.1.3 recipient), a body larger than the
  * server's SIZE fails every recipient (synthetic 552 5.3.4), an address that
- * needs SMTPUTF8 fails (synthetic 553 5.6.7) when the server lacks it.
+ * needs SMTPUTF8 fails (synthetic 553 5.6.7) when the server lacks it
+ * unless its domain alone is non-ASCII (sent in A-labels; 553 5.1.3 / 5.1.7
+ * when libidn2 refuses the domain).
  */
 int rq_smtp_send(struct rq_smtp *s, struct rq_smtp_txn *txn);
 
