@@ -556,6 +556,107 @@ static void disconnect_mid_data(void **state)
 	conv_free(&cv);
 }
 
+/* CHUNKING: BDAT chunks recorded exactly (no transparency: a "." line is
+ * content), a reply per chunk, rules on stage bdat (chunk=, 4xx, drop,
+ * drop-after), BDAT outside a transaction, a syntax error, and BDAT to a
+ * server without CHUNKING. */
+static void chunking_bdat(void **state)
+{
+	struct fx *f = *state;
+	f->s = fsmtp_must_start(f->base, "chunking on\n");
+	/* two chunks pipelined: 5 octets (a dot-line and half a line), then
+	 * LAST with a lone "." line, which is content here */
+	struct conv cv = {.steps = {EHLO_STEPS, ">MAIL FROM:<a@example.org>\r\n", "<",
+		">RCPT TO:<b@example.net>\r\n", "<",
+		">BDAT 5\r\n.a\r\nbBDAT 6 LAST\r\nc\r\n.\r\n", "<", "<",
+		">NOOP\r\n", "<"}};
+	converse(f->base, f->s, &cv);
+	assert_int_equal(cv.nres, 7);
+	assert_true(has_line(cv.res[1], "250-CHUNKING"));
+	assert_string_equal(cv.res[4], "250 2.0.0 Ok: 5 octets\r\n");
+	assert_string_equal(cv.res[5], "250 2.0.0 Ok: queued as 1\r\n");
+	assert_string_equal(cv.res[6], "250 2.0.0 Ok\r\n");
+	const struct fsmtp_txn *t = fsmtp_txn_at(f->s, 0);
+	assert_non_null(t);
+	assert_true(t->bdat);
+	assert_int_equal(t->chunks, 2);
+	assert_true(t->data_complete);
+	assert_true(t->accepted);
+	assert_int_equal(t->final_code, 250);
+	assert_false(t->data_started);
+	assert_string_equal(t->raw, ".a\r\nbc\r\n.\r\n");
+	assert_string_equal(t->content, ".a\r\nbc\r\n.\r\n");
+	assert_ptr_equal(fsmtp_last_message(f->s), t);
+	conv_free(&cv);
+
+	/* a refused second chunk: the third is refused too (503), the message
+	 * is not accepted; DATA after BDAT is a bad sequence */
+	fsmtp_must(f->s, "bdat chunk=2 reply 452 4.3.1 Insufficient system storage\n");
+	struct conv c2 = {.steps = {EHLO_STEPS, ">MAIL FROM:<a@example.org>\r\n", "<",
+		">RCPT TO:<b@example.net>\r\n", "<",
+		">BDAT 3\r\nabcBDAT 3\r\ndefBDAT 0 LAST\r\n", "<", "<", "<",
+		">MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nBDAT 1\r\nxDATA\r\n",
+		"<", "<", "<", "<", ">RSET\r\n", "<"}};
+	converse(f->base, f->s, &c2);
+	assert_int_equal(c2.nres, 12);
+	assert_string_equal(c2.res[4], "250 2.0.0 Ok: 3 octets\r\n");
+	assert_string_equal(c2.res[5], "452 4.3.1 Insufficient system storage\r\n");
+	assert_string_equal(c2.res[6], "503 5.5.1 Error: a chunk of this transaction was refused\r\n");
+	assert_string_equal(c2.res[9], "250 2.0.0 Ok: 1 octets\r\n");
+	assert_string_equal(c2.res[10], "503 5.5.1 Error: DATA after BDAT\r\n");
+	t = fsmtp_txn_at(f->s, 1);
+	assert_non_null(t);
+	assert_int_equal(t->chunks, 3);
+	assert_false(t->accepted);
+	assert_int_equal(t->final_code, 452);
+	assert_string_equal(t->raw, "abcdef");
+	struct fsmtp_stats st;
+	fsmtp_get_stats(f->s, &st);
+	assert_int_equal(st.messages, 1);
+	assert_int_equal(st.rejected, 1);
+	conv_free(&c2);
+
+	/* BDAT outside a transaction: its bytes are read, 503; a bad size is a
+	 * syntax error */
+	fsmtp_clear_rules(f->s);
+	struct conv c3 = {.steps = {EHLO_STEPS, ">BDAT 4 LAST\r\nQUIT", "<", ">BDAT 12x\r\n", "<",
+		">NOOP\r\n", "<"}};
+	converse(f->base, f->s, &c3);
+	assert_int_equal(c3.nres, 5);
+	assert_string_equal(c3.res[2], "503 5.5.1 Error: need MAIL command\r\n");
+	assert_string_equal(c3.res[3], "501 5.5.4 Syntax: BDAT count [LAST]\r\n");
+	assert_string_equal(c3.res[4], "250 2.0.0 Ok\r\n");
+	conv_free(&c3);
+
+	/* disconnects: after 3 bytes of the first chunk, or instead of the
+	 * reply to the second */
+	fsmtp_must(f->s, "bdat txn=4 chunk=1 drop-after=3\nbdat txn=5 chunk=2 drop\n");
+	struct conv c4 = {.steps = {EHLO_STEPS, ">MAIL FROM:<a@example.org>\r\n", "<",
+		">RCPT TO:<b@example.net>\r\n", "<", ">BDAT 10 LAST\r\n0123456789", "E"}};
+	converse(f->base, f->s, &c4);
+	assert_string_equal(c4.res[4], "EOF");
+	t = fsmtp_txn_at(f->s, 3);
+	assert_non_null(t);
+	assert_int_equal(t->raw_len, 3);
+	assert_false(t->data_complete);
+	conv_free(&c4);
+	struct conv c5 = {.steps = {EHLO_STEPS, ">MAIL FROM:<a@example.org>\r\n", "<",
+		">RCPT TO:<b@example.net>\r\n", "<", ">BDAT 1\r\na", "<", ">BDAT 1 LAST\r\nb", "E"}};
+	converse(f->base, f->s, &c5);
+	assert_string_equal(c5.res[4], "250 2.0.0 Ok: 1 octets\r\n");
+	assert_string_equal(c5.res[5], "EOF");
+	conv_free(&c5);
+	assert_true(fsmtp_wait_closed(f->s, 5, 5000));
+
+	/* without CHUNKING, BDAT is an unknown command */
+	fsmtp_must(f->s, "chunking off\n");
+	struct conv c6 = {.steps = {EHLO_STEPS, ">BDAT 0 LAST\r\n", "<"}};
+	converse(f->base, f->s, &c6);
+	assert_null(strstr(c6.res[1], "CHUNKING"));
+	assert_string_equal(c6.res[2], "502 5.5.2 Error: command not recognized\r\n");
+	conv_free(&c6);
+}
+
 static void trickle_and_delay(void **state)
 {
 	struct fx *f = *state;
@@ -870,6 +971,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(stall_close_drop, setup, teardown),
 		cmocka_unit_test_setup_teardown(size_limit, setup, teardown),
 		cmocka_unit_test_setup_teardown(disconnect_mid_data, setup, teardown),
+		cmocka_unit_test_setup_teardown(chunking_bdat, setup, teardown),
 		cmocka_unit_test_setup_teardown(trickle_and_delay, setup, teardown),
 		cmocka_unit_test_setup_teardown(wire_recording, setup, teardown),
 		cmocka_unit_test_setup_teardown(starttls_with_test_ca, setup, teardown),
