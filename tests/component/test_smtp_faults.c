@@ -40,11 +40,17 @@ static void fx_end(struct fx *x)
  * One transaction against a faulty server: the transaction and the session
  * end with (stage, fail); every recipient gets that outcome.
  */
+static size_t fault_chunk; /* opts.chunk_size for the next fault_case (0: default) */
+
 static void fault_case(const char *scenario, int timeout_ms, const char *body,
 		       enum rq_stage stage, enum rq_fail fail, const char *text_has)
 {
 	struct fx x;
-	fx_start(&x, scenario, timeout_ms);
+	run_init(&x.r);
+	short_timeouts(&x.r.opts, timeout_ms);
+	x.r.opts.chunk_size = fault_chunk;
+	x.f = fsmtp_must_start(x.r.base, scenario);
+	run_connect(&x.r, fsmtp_port(x.f), "mx.test");
 	txn_set(&x.r, "s@example.com", two, body);
 	assert_int_equal(rq_smtp_send(x.r.s, &x.r.txn), 0);
 	wait_done(&x.r, 1);
@@ -82,6 +88,24 @@ static void test_stall_every_stage(void **state)
 	fault_case("rcpt rcpt=2 stall", 600, body1, RQ_STAGE_RCPT, RQ_FAIL_TIMEOUT, NULL);
 	fault_case("data stall", 600, body1, RQ_STAGE_DATA, RQ_FAIL_TIMEOUT, NULL);
 	fault_case("dot stall", 600, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT, NULL);
+	/* BDAT: the reply to a chunk that is not the last is stage data, to
+	 * LAST stage dot, pipelined or not */
+	fault_case("chunking on\nbdat stall", 600, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT,
+		   "no complete reply");
+	fault_chunk = 8; /* body1 is 3 chunks */
+	fault_case("chunking on\nbdat chunk=2 stall", 600, body1, RQ_STAGE_DATA, RQ_FAIL_TIMEOUT,
+		   "no complete reply");
+	fault_case("chunking on\npipelining off\nbdat chunk=1 stall", 600, body1, RQ_STAGE_DATA,
+		   RQ_FAIL_TIMEOUT, NULL);
+	fault_case("chunking on\nbdat chunk=3 stall", 600, body1, RQ_STAGE_DOT, RQ_FAIL_TIMEOUT,
+		   NULL);
+	fault_case("chunking on\nbdat chunk=1 drop", 600, body1, RQ_STAGE_DATA, RQ_FAIL_LOST,
+		   NULL);
+	fault_case("chunking on\nbdat chunk=2 drop-after=3", 600, body1, RQ_STAGE_DATA,
+		   RQ_FAIL_LOST, NULL);
+	fault_case("chunking on\npipelining off\nbdat chunk=3 drop", 600, body1, RQ_STAGE_DOT,
+		   RQ_FAIL_LOST, NULL);
+	fault_chunk = 0;
 }
 
 /* A server that answers one byte at a time, each byte well within the
@@ -423,11 +447,78 @@ static void test_fault_matrix(void **state)
 	assert_int_equal(runs, 160);
 }
 
+/* The same with CHUNKING: every fault at the BDAT replies (three chunks of
+ * 8 bytes, pipelined and lock-step) and at the stages around them. */
+static void test_bdat_fault_matrix(void **state)
+{
+	static const char *const rules[] = {"bdat", "bdat chunk=1", "bdat chunk=2",
+					    "bdat chunk=3", "rcpt", "rset"};
+	static const char *const actions[] = {
+		"stall", "drop", "close", "raw garbage\\r\\n", "long=5000", "lines=200",
+		"reply 421 4.3.2 bye", "reply 500 5.5.1 no", "reply 452 4.3.1 full",
+		"reply 354 odd", "trickle=30", "drop-after=2",
+	};
+	int runs = 0;
+	for (int p = 0; p < 2; p++)
+	for (size_t si = 0; si < sizeof(rules) / sizeof(rules[0]); si++)
+	for (size_t ai = 0; ai < sizeof(actions) / sizeof(actions[0]); ai++) {
+		char sc[256];
+		snprintf(sc, sizeof(sc), "chunking on\npipelining %s\n%s txn=2- %s",
+			 p ? "on" : "off", rules[si], actions[ai]);
+		struct fx x;
+		run_init(&x.r);
+		short_timeouts(&x.r.opts, 150);
+		x.r.opts.chunk_size = 8;
+		x.f = fsmtp_must_start(x.r.base, sc);
+		run_connect(&x.r, fsmtp_port(x.f), "mx.test");
+		const char *const r3[] = {"a@example.net", "b@example.net", "c@example.net", NULL};
+		for (int t = 0; t < 3; t++) {
+			txn_set(&x.r, "s@example.com", r3, body1);
+			int before = x.r.ndone;
+			if (rq_smtp_send(x.r.s, &x.r.txn) != 0)
+				break;
+			wait_done(&x.r, before + 1);
+			assert_int_equal(x.r.ndone, before + 1);
+			assert_true(x.r.txn.chunked);
+			assert_int_equal(x.r.txn.delivered + x.r.txn.failed + x.r.txn.not_tried, 3);
+			for (int i = 0; i < 3; i++) {
+				const struct rq_smtp_rcpt *rc = &x.r.rcpts[i];
+				if (rc->result == RQ_SMTP_RCPT_NOT_TRIED)
+					continue;
+				if (rc->outcome.stage == RQ_STAGE_NONE)
+					fail_msg("%s: recipient %d without a stage", sc, i);
+				if (rc->result == RQ_SMTP_RCPT_DELIVERED &&
+				    (rc->outcome.code < 200 || rc->outcome.code > 299 ||
+				     rc->outcome.stage != RQ_STAGE_DOT))
+					fail_msg("%s: delivered with %d at %s", sc, rc->outcome.code,
+						 rq_stage_name(rc->outcome.stage));
+				if (rc->result == RQ_SMTP_RCPT_FAILED && rc->outcome.fail == RQ_FAIL_NONE &&
+				    rc->outcome.code < 400)
+					fail_msg("%s: failed with %d (%s)", sc, rc->outcome.code,
+						 rc->outcome.text);
+			}
+			/* the first transaction is untouched by the rules */
+			if (t == 0 && x.r.txn.delivered != 3)
+				fail_msg("%s: first transaction not delivered", sc);
+		}
+		if (x.r.nclosed == 0) {
+			rq_smtp_quit(x.r.s);
+			wait_closed(&x.r);
+		}
+		event_base_loop(x.r.base, EVLOOP_NONBLOCK);
+		assert_int_equal(x.r.nclosed, 1);
+		fx_end(&x);
+		runs++;
+	}
+	assert_int_equal(runs, 144);
+}
+
 int main(void)
 {
 	signal(SIGPIPE, SIG_IGN); /* as relayqd does (see smtp.h) */
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_stall_every_stage),
+		cmocka_unit_test(test_bdat_fault_matrix),
 		cmocka_unit_test(test_trickle_deadline),
 		cmocka_unit_test(test_disconnect_every_stage),
 		cmocka_unit_test(test_disconnect_mid_data),

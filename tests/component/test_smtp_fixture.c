@@ -9,6 +9,7 @@
 #include "test_smtp_common.h"
 
 #include "fakesmtp.h"
+#include "relayq/message.h"
 
 struct fx {
 	struct run r;
@@ -611,6 +612,281 @@ static void test_smtputf8(void **state)
 	fx_end(&x);
 }
 
+/*
+ * IDNA: a server without SMTPUTF8 gets the domains in A-labels when only
+ * the domain is non-ASCII; a UTF-8 local part still fails (5.6.7), an
+ * invalid U-label fails its recipient with the reason (5.1.3) and never
+ * reaches the wire. With SMTPUTF8 the UTF-8 forms go as they are.
+ */
+static void test_idna_alabels(void **state)
+{
+	struct fx x;
+	const char *const r[] = {"user@B\xc3\xbc" "cher.example", "j\xc3\xb6rg@b\xc3\xbc" "cher.example",
+				 "bad@\xff.example", "snow@\xe2\x98\x83.net", "plain@example.net", NULL};
+	fx_start(&x, "smtputf8 off");
+	fx_connect(&x);
+	txn_set(&x.r, "sender@fa\xc3\x9f.de", r, body1);
+	send_wait(&x.r);
+	assert_rcpt(&x.r.rcpts[0], RQ_SMTP_RCPT_DELIVERED, RQ_STAGE_DOT, RQ_FAIL_NONE, 250);
+	assert_rcpt(&x.r.rcpts[1], RQ_SMTP_RCPT_FAILED, RQ_STAGE_RCPT, RQ_FAIL_NONE, 553);
+	assert_string_equal(x.r.rcpts[1].outcome.enhanced, "5.6.7");
+	for (int i = 2; i <= 3; i++) {
+		assert_rcpt(&x.r.rcpts[i], RQ_SMTP_RCPT_FAILED, RQ_STAGE_RCPT, RQ_FAIL_NONE, 553);
+		assert_true(x.r.rcpts[i].outcome.synthetic);
+		assert_string_equal(x.r.rcpts[i].outcome.enhanced, "5.1.3");
+		assert_non_null(strstr(x.r.rcpts[i].outcome.text, "internationalized domain name"));
+	}
+	assert_non_null(strstr(x.r.rcpts[2].outcome.text, "encoding"));
+	assert_non_null(strstr(x.r.rcpts[3].outcome.text, "disallowed"));
+	assert_rcpt(&x.r.rcpts[4], RQ_SMTP_RCPT_DELIVERED, RQ_STAGE_DOT, RQ_FAIL_NONE, 250);
+	const struct fsmtp_txn *t = fsmtp_last_message(x.f);
+	assert_non_null(t);
+	/* non-transitional: fass.de would be another domain */
+	assert_string_equal(t->mail_from, "sender@xn--fa-hia.de");
+	assert_string_equal(t->mail_params, "");
+	assert_int_equal(t->nrcpts, 2);
+	assert_string_equal(t->rcpts[0], "user@xn--bcher-kva.example");
+	assert_string_equal(t->rcpts[1], "plain@example.net");
+	/* nothing but ASCII went out, and no SMTPUTF8 */
+	const char *in = conn0(&x)->in;
+	for (const char *p = in; *p; p++)
+		if ((unsigned char)*p >= 0x80)
+			fail_msg("a non-ASCII byte on the wire: %s", in);
+	assert_null(strstr(in, "SMTPUTF8"));
+	assert_int_equal(count_str(in, "RCPT TO:"), 2);
+
+	/* a sender whose domain libidn2 refuses: the whole transaction, 5.1.7 */
+	txn_set(&x.r, "s@-b\xc3\xbc" "cher.example", r + 4, body1);
+	send_wait(&x.r);
+	assert_rcpt(&x.r.rcpts[0], RQ_SMTP_RCPT_FAILED, RQ_STAGE_MAIL, RQ_FAIL_NONE, 553);
+	assert_string_equal(x.r.rcpts[0].outcome.enhanced, "5.1.7");
+	assert_non_null(strstr(x.r.rcpts[0].outcome.text, "hyphen"));
+	assert_int_equal(count_str(conn0(&x)->in, "MAIL FROM"), 1);
+	fx_end(&x);
+
+	/* SMTPUTF8 offered: the UTF-8 form, with SMTPUTF8 on MAIL */
+	fx_start(&x, "smtputf8 on");
+	fx_connect(&x);
+	txn_set(&x.r, "s@example.com", r, body1);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 5);
+	t = fsmtp_last_message(x.f);
+	assert_string_equal(t->rcpts[0], "user@B\xc3\xbc" "cher.example");
+	assert_string_equal(t->rcpts[1], "j\xc3\xb6rg@b\xc3\xbc" "cher.example");
+	assert_non_null(strstr(t->mail_params, "SMTPUTF8"));
+	assert_null(strstr(conn0(&x)->in, "xn--"));
+	fx_end(&x);
+}
+
+/* The BDAT content the server recorded is exactly rq_bdat_encode's, and so
+ * the same message as DATA stores. */
+static void assert_bdat_content(const struct fsmtp_txn *t, const char *body)
+{
+	size_t n = rq_bdat_encode(body, strlen(body), NULL, 0);
+	char *want = malloc(n + 1);
+	rq_bdat_encode(body, strlen(body), want, n);
+	assert_true(t->bdat);
+	if (t->content_len != n || memcmp(t->content, want, n) != 0)
+		fail_msg("BDAT content differs (%zu / %zu octets)", t->content_len, n);
+	free(want);
+}
+
+static const char *dotted_body =
+	"Subject: chunks\r\n\r\n.a dot line\r\n..two dots\r\n.\r\nbare LF\nbare CR\rend";
+
+/*
+ * CHUNKING (RFC 3030): with PIPELINING every chunk goes in one write right
+ * after the RCPT replies, without waiting for the chunk replies; no
+ * dot-stuffing, no terminator; the content is what DATA would store.
+ */
+static void test_bdat_pipelined(void **state)
+{
+	struct fx x;
+	fx_start(&x, "chunking on\nsize 100000");
+	x.r.opts.chunk_size = 10;
+	fx_connect(&x);
+	txn_set(&x.r, "s@example.com", two, dotted_body);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 2);
+	assert_true(x.r.txn.pipelined);
+	assert_true(x.r.txn.chunked);
+	assert_rcpt(&x.r.rcpts[0], RQ_SMTP_RCPT_DELIVERED, RQ_STAGE_DOT, RQ_FAIL_NONE, 250);
+	size_t cl = rq_bdat_encode(dotted_body, strlen(dotted_body), NULL, 0);
+	size_t nch = rq_bdat_chunks(cl, 10);
+	assert_int_equal(x.r.txn.chunks, nch);
+	const struct fsmtp_txn *t = fsmtp_last_message(x.f);
+	assert_non_null(t);
+	assert_int_equal(t->chunks, (int)nch);
+	assert_bdat_content(t, dotted_body);
+	assert_string_equal(t->content, "Subject: chunks\r\n\r\n.a dot line\r\n..two dots\r\n.\r\n"
+					"bare LF\r\nbare CR\r\nend\r\n");
+	/* SIZE is the exact content size */
+	char sz[32];
+	snprintf(sz, sizeof(sz), "SIZE=%zu", cl);
+	assert_string_equal(t->mail_params, sz);
+	/* MAIL and the RCPTs in one write, no DATA; then every BDAT before
+	 * the first chunk reply */
+	assert_int_equal(t->burst_at_mail, 3);
+	assert_null(strstr(conn0(&x)->in, "DATA"));
+	const char *first = strstr(x.r.trace, "> BDAT 10\n");
+	assert_non_null(first);
+	char last[64];
+	snprintf(last, sizeof(last), "> BDAT %zu LAST\n< 250", rq_bdat_chunk_len(cl, 10, nch - 1));
+	const char *l = strstr(first, last);
+	assert_non_null(l);
+	assert_null(memmem(first, (size_t)(l - first), "< ", 2));
+	assert_int_equal(count_str(x.r.trace, "> BDAT"), (int)nch);
+	assert_int_equal(count_str(x.r.trace, "< 250 2.0.0 Ok: 10 octets"), (int)nch - 1);
+	/* the connection goes on: a second message */
+	txn_set(&x.r, "s@example.com", one, body1);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 1);
+	assert_int_equal(x.r.txn.chunks, 3);
+	assert_non_null(strstr(x.r.trace, "> BDAT 10\n> BDAT 10\n> BDAT 2 LAST\n< 250 2.0.0 Ok: 10"));
+	assert_bdat_content(fsmtp_last_message(x.f), body1);
+	fx_end(&x);
+}
+
+/* Without PIPELINING each chunk waits for the reply to the one before. */
+static void test_bdat_lockstep(void **state)
+{
+	struct fx x;
+	fx_start(&x, "chunking on\npipelining off");
+	x.r.opts.chunk_size = 16;
+	fx_connect(&x);
+	txn_set(&x.r, "s@example.com", two, dotted_body);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 2);
+	assert_false(x.r.txn.pipelined);
+	size_t cl = rq_bdat_encode(dotted_body, strlen(dotted_body), NULL, 0);
+	size_t nch = rq_bdat_chunks(cl, 16);
+	assert_true(nch >= 4);
+	/* every BDAT is followed by its reply in the trace */
+	int n = 0;
+	for (const char *p = strstr(x.r.trace, "> BDAT"); p; p = strstr(p + 1, "> BDAT")) {
+		const char *nl = strchr(p, '\n');
+		assert_non_null(nl);
+		assert_true(strncmp(nl + 1, "< 250", 5) == 0);
+		n++;
+	}
+	assert_int_equal(n, (int)nch);
+	assert_bdat_content(fsmtp_last_message(x.f), dotted_body);
+	fx_end(&x);
+}
+
+/* A message of more than one default chunk (128 KiB); an empty one is
+ * "BDAT 0 LAST". */
+static void test_bdat_default_chunks(void **state)
+{
+	struct fx x;
+	fx_start(&x, "chunking on");
+	fx_connect(&x);
+	size_t len = 300000;
+	char *big = malloc(len + 1);
+	for (size_t i = 0; i < len; i++)
+		big[i] = i % 100 == 98 ? '\r' : i % 100 == 99 ? '\n' : i % 100 == 0 ? '.' : 'q';
+	big[len] = '\0';
+	txn_set(&x.r, "s@example.com", one, big);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 1);
+	assert_int_equal(x.r.txn.chunks, 3);
+	assert_non_null(strstr(x.r.trace, "> BDAT 131072\n> BDAT 131072\n> BDAT 37856 LAST\n"));
+	assert_bdat_content(fsmtp_last_message(x.f), big);
+	txn_set(&x.r, "s@example.com", one, "");
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 1);
+	assert_non_null(strstr(x.r.trace, "> BDAT 0 LAST\n< 250"));
+	fx_end(&x);
+	free(big);
+}
+
+/*
+ * A refused chunk is the outcome of every accepted recipient: stage data
+ * for a chunk before the last (the replies to the chunks already sent are
+ * read, then RSET), stage dot for LAST; the connection is reused. Not
+ * offered, or turned off: DATA.
+ */
+static void bdat_refused_case(const char *sc, size_t chunk, enum rq_stage stage, int code,
+			      int bdat_lines)
+{
+	struct fx x;
+	fx_start(&x, sc);
+	x.r.opts.chunk_size = chunk;
+	fx_connect(&x);
+	txn_set(&x.r, "s@example.com", two, dotted_body);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.failed, 2);
+	assert_rcpt(&x.r.rcpts[0], RQ_SMTP_RCPT_FAILED, stage, RQ_FAIL_NONE, code);
+	assert_rcpt(&x.r.rcpts[1], RQ_SMTP_RCPT_FAILED, stage, RQ_FAIL_NONE, code);
+	assert_outcome(&x.r.txn.outcome, stage, RQ_FAIL_NONE, code);
+	assert_null(fsmtp_last_message(x.f));
+	assert_int_equal(count_str(x.r.trace, "> BDAT"), bdat_lines);
+	txn_set(&x.r, "s@example.com", one, body1);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 1);
+	assert_int_equal(fsmtp_nconns(x.f), 1);
+	const char *in = conn0(&x)->in;
+	assert_int_equal(count_str(in, "RSET\r\n"), stage == RQ_STAGE_DOT ? 0 : 1);
+	fx_end(&x);
+}
+
+static void test_bdat_refused(void **state)
+{
+	size_t cl = rq_bdat_encode(dotted_body, strlen(dotted_body), NULL, 0);
+	int n = (int)rq_bdat_chunks(cl, 10);
+	/* pipelined: every chunk was sent; lock-step: none after the refusal */
+	bdat_refused_case("chunking on\nbdat txn=1 chunk=2 reply 452 4.3.1 full", 10,
+			  RQ_STAGE_DATA, 452, n);
+	bdat_refused_case("chunking on\npipelining off\nbdat txn=1 chunk=2 reply 452 4.3.1 full", 10,
+			  RQ_STAGE_DATA, 452, 2);
+	bdat_refused_case("chunking on\nbdat txn=1 chunk=1 reply 554 5.6.0 bad content", 10,
+			  RQ_STAGE_DATA, 554, n);
+	char sc[128];
+	snprintf(sc, sizeof(sc), "chunking on\nbdat txn=1 chunk=%d reply 554 5.7.1 spam", n);
+	bdat_refused_case(sc, 10, RQ_STAGE_DOT, 554, n);
+	snprintf(sc, sizeof(sc), "chunking on\npipelining off\nbdat txn=1 chunk=%d reply 451 4.3.0 later", n);
+	bdat_refused_case(sc, 10, RQ_STAGE_DOT, 451, n);
+}
+
+static void test_bdat_no_recipient_and_off(void **state)
+{
+	/* every recipient refused: no BDAT at all, RSET */
+	struct fx x;
+	fx_start(&x, "chunking on\nrcpt reply 550 5.1.1 no");
+	fx_connect(&x);
+	txn_set(&x.r, "s@example.com", two, body1);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.failed, 2);
+	assert_rcpt(&x.r.rcpts[0], RQ_SMTP_RCPT_FAILED, RQ_STAGE_RCPT, RQ_FAIL_NONE, 550);
+	rq_smtp_quit(x.r.s);
+	wait_closed(&x.r);
+	const char *m = strstr(conn0(&x)->in, "MAIL FROM");
+	assert_string_equal(m + strcspn(m, "\n") + 1,
+			    "RCPT TO:<a@example.net>\r\nRCPT TO:<b@example.net>\r\nRSET\r\nQUIT\r\n");
+	fx_end(&x);
+	/* MAIL refused (pipelined): nothing after the RCPTs either */
+	fx_start(&x, "chunking on\nmail reply 451 4.3.0 later");
+	fx_connect(&x);
+	txn_set(&x.r, "s@example.com", two, body1);
+	send_wait(&x.r);
+	assert_rcpt(&x.r.rcpts[0], RQ_SMTP_RCPT_FAILED, RQ_STAGE_MAIL, RQ_FAIL_NONE, 451);
+	assert_null(strstr(conn0(&x)->in, "BDAT"));
+	fx_end(&x);
+	/* chunking = false: DATA although CHUNKING is offered */
+	fx_start(&x, "chunking on");
+	x.r.opts.chunking = false;
+	fx_connect(&x);
+	txn_set(&x.r, "s@example.com", one, dotted_body);
+	send_wait(&x.r);
+	assert_int_equal(x.r.txn.delivered, 1);
+	assert_false(x.r.txn.chunked);
+	assert_true(rq_smtp_caps(x.r.s)->flags & RQ_SMTP_CAP_CHUNKING);
+	assert_null(strstr(conn0(&x)->in, "BDAT"));
+	assert_true(fsmtp_last_message(x.f)->data_started);
+	assert_false(fsmtp_last_message(x.f)->bdat);
+	fx_end(&x);
+}
+
 /* CR, LF or NUL in an address never reach the wire. */
 static void test_address_injection(void **state)
 {
@@ -996,6 +1272,12 @@ int main(void)
 		cmocka_unit_test(test_size_refused_early),
 		cmocka_unit_test(test_8bitmime),
 		cmocka_unit_test(test_smtputf8),
+		cmocka_unit_test(test_idna_alabels),
+		cmocka_unit_test(test_bdat_pipelined),
+		cmocka_unit_test(test_bdat_lockstep),
+		cmocka_unit_test(test_bdat_default_chunks),
+		cmocka_unit_test(test_bdat_refused),
+		cmocka_unit_test(test_bdat_no_recipient_and_off),
 		cmocka_unit_test(test_address_injection),
 		cmocka_unit_test(test_reuse_100),
 		cmocka_unit_test(test_send_from_done),
