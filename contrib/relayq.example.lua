@@ -79,6 +79,7 @@ relayq.config {
   log_level = "info",              -- debug | info | warn | error | off
   events_cap = 100000,             -- entries kept in the events stream (default 100000)
   bounce = false,                  -- send DSNs to the sender on failure (default false)
+  chunking = true,                 -- BDAT (RFC 3030) to servers offering CHUNKING; false: DATA (default true)
   -- metrics = "127.0.0.1:9465",   -- Prometheus /metrics (default: off)
 }
 

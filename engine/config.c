@@ -187,6 +187,7 @@ struct rq_config *rq_config_create(void)
 	cfg->log_level = RQ_LOG_INFO;
 	cfg->events_cap = 100000;
 	cfg->bounce = false;
+	cfg->chunking = true;
 	rq_policy_params_default(&cfg->params);
 	return cfg;
 fail:
@@ -627,6 +628,7 @@ static const struct key config_keys[] = {
 	{"log_level", K_FN, C(log_level), 0, 0, key_log_level, 0, false, 0},
 	{"events_cap", K_LONG, C(events_cap), 0, 100000000, NULL, 0, false, 0},
 	{"bounce", K_BOOL, C(bounce), 0, 0, NULL, 0, false, 0},
+	{"chunking", K_BOOL, C(chunking), 0, 0, NULL, 0, false, 0},
 	{"metrics", K_FN, C(metrics), 0, 300, key_metrics, 0, false, 0},
 };
 

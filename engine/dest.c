@@ -327,6 +327,7 @@ static struct sess *sess_open(struct rq_dest *d)
 	so.auth_user = ds->auth_user;
 	so.auth_password = ds->auth_password;
 	so.auth_plaintext_ok = ds->o.auth_plaintext_ok;
+	so.chunking = !ds->o.no_chunking;
 	const struct rq_dests_timeouts *t = &ds->o.timeouts;
 	/* each the total deadline of its stage's reply (smtp.h); block the
 	 * write progress of the body */
@@ -620,11 +621,30 @@ static void start_lookup(struct rq_dest *d)
 	struct rq_dests *ds = d->ds;
 	if (d->req)
 		return;
-	if (ds->relay_host && !ds->o.relay_mx)
+	if (ds->relay_host && !ds->o.relay_mx) {
 		d->req = rq_dns_lookup_host(ds->dns, ds->relay_host, lookup_done, d);
-	else
-		d->req = rq_dns_lookup_mx(ds->dns, ds->relay_host ? ds->relay_host : d->key,
-					  lookup_done, d);
+	} else {
+		/* a recipient domain in UTF-8 is looked up by its A-labels (DNS
+		 * knows no other form); one libidn2 refuses fails for good */
+		const char *name = ds->relay_host ? ds->relay_host : d->key;
+		char alabel[RQ_ADDR_DOMAIN_MAX + 1], why[200];
+		if (!ds->relay_host && rq_addr_needs_utf8(name, strlen(name))) {
+			if (rq_domain_to_ascii(name, strlen(name), alabel, sizeof(alabel), why,
+					       sizeof(why)) < 0) {
+				struct rq_outcome o;
+				rq_outcome_set(&o, RQ_STAGE_DNS, RQ_FAIL_NONE, 553, "5.1.3",
+					       "invalid domain name: %s", why);
+				o.synthetic = true;
+				if (rq_log_enabled(RQ_LOG_WARN))
+					rq_log(RQ_LOG_WARN, "dns_failed", "dest", d->key, "reason",
+					       o.text, NULL);
+				flush_waiting(d, RQ_DEST_RCPT_FAILED, &o, 0);
+				return;
+			}
+			name = alabel;
+		}
+		d->req = rq_dns_lookup_mx(ds->dns, name, lookup_done, d);
+	}
 	if (!d->req) {
 		struct rq_outcome o;
 		rq_outcome_set(&o, RQ_STAGE_DNS, RQ_FAIL_DNS, 0, "4.4.3", "out of memory");

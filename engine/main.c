@@ -381,6 +381,7 @@ static int start(struct daemon *dm)
 		.auth_user = cfg->auth ? cfg->auth_user : NULL,
 		.auth_password = cfg->auth ? cfg->auth_password : NULL,
 		.auth_plaintext_ok = cfg->auth_allow_plaintext,
+		.no_chunking = !cfg->chunking,
 		.timeouts = {
 			.connect = to_ms(cfg->timeouts.connect),
 			.greeting = to_ms(cfg->timeouts.greeting),

@@ -61,6 +61,8 @@
  *   log_level     "info" (debug | info | warn | error | off)
  *   events_cap    100000 (0-100000000)
  *   bounce        false (send DSNs to the sender on failure)
+ *   chunking      true (send messages with BDAT, RFC 3030, to servers that
+ *                 offer CHUNKING; false: always DATA)
  *   metrics       absent = off; "host:port" or "[v6]:port" to listen on
  * relayq.backoff: first "5m", factor 2 (1-100), max "4h", jitter 0.15 (0-1)
  * relayq.expire: max_age "5d" (60s-365d), max_attempts absent (1-100000)
@@ -201,6 +203,7 @@ struct rq_config {
 	int log_level;             /* enum rq_log_level */
 	long events_cap;
 	bool bounce;
+	bool chunking;             /* BDAT when a server offers CHUNKING */
 	char *metrics;             /* NULL = off */
 	struct rq_policy_params params;
 	struct rq_config_domain *domains;

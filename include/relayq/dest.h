@@ -63,6 +63,8 @@ struct rq_dests_opts {
 	const char *auth_user;         /* NULL: no AUTH (copied) */
 	const char *auth_password;     /* copied, wiped on destroy */
 	bool auth_plaintext_ok;
+	bool no_chunking;              /* DATA even where CHUNKING is offered
+					  (default false: BDAT there) */
 	struct rq_dests_timeouts timeouts;
 	int connections;               /* all destinations; >= 1 */
 	int per_destination;           /* default per destination; >= 1 */

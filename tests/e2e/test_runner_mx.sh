@@ -6,7 +6,10 @@
 # an NXDOMAIN recipient fail for good with their hints, and with
 # bounce = true one DSN goes back to the sender (once, even when the
 # failure is settled again); one connection in all is shared by two
-# domains without waiting for the idle timeout.
+# domains without waiting for the idle timeout. A recipient domain in UTF-8
+# is looked up by its A-labels (IDNA2008) and sent in them to an MX without
+# SMTPUTF8, one libidn2 refuses fails for good (553 5.1.3); an MX offering
+# CHUNKING gets BDAT, unless chunking = false.
 #
 # Env: RELAYQD_BIN, RELAYQ_BIN, RQ_BUILD_ROOT (tests/fakesmtpd),
 # RQ_SOURCE_ROOT.
@@ -23,7 +26,7 @@ start_redis
 
 start_dnsmasq --mx-host=example.test,mx1.example.test,10 --mx-host=other.test,mx1.example.test,10 \
 	--mx-host=sender.test,mx1.example.test,10 --host-record=mx1.example.test,127.0.0.1 \
-	--mx-host=nullmx.test,.,0
+	--mx-host=nullmx.test,.,0 --mx-host=xn--bcher-kva.test,mx1.example.test,10
 
 mkdir -p "$TMP/rec"
 "$FAKE" --listen 127.0.0.1:0 --record "$TMP/rec" >"$TMP/fake.log" 2>&1 &
@@ -135,6 +138,60 @@ wait "$D2"
 rc=$?
 [ $rc -eq 0 ] && ok || bad "relayqd (connections = 1) exit $rc"
 grep -qE 'ERROR: (Address|Leak|Undefined)Sanitizer|runtime error:' "$TMP/d2.log" && bad "sanitizer report (connections = 1)" || ok
+
+# ---- IDNA and CHUNKING: an MX that offers CHUNKING but not SMTPUTF8 ----
+FAKE_OPTS=--chunking start_fake chunk
+Q3=idn-$$-$RANDOM
+cat >"$TMP/c3.lua" <<EOF
+relayq.config {
+  redis = "unix:$SOCK",
+  queue = "$Q3",
+  tls = "none",
+  helo = "relayq.test",
+}
+EOF
+ID3=$("$B" --queue "$Q3" enqueue --from a@sender.test --to $'user@b\xc3\xbccher.test' \
+	--to $'bad@-b\xc3\xbccher.test' "$TMP/m.eml")
+[ -n "$ID3" ] && ok || bad "enqueue to UTF-8 domains failed"
+RELAYQ_DNS_SERVERS=127.0.0.1:$DNSPORT RELAYQ_MX_PORT=$FAKE_PORT "$D" -c "$TMP/c3.lua" >"$TMP/d3.log" 2>&1 &
+D3=$!
+PIDS+=($D3)
+stat3() { local v; v=$(rcli HGET "relayq:{$Q3}:stats" "$1"); echo "${v:-0}"; }
+stat3_ge() { [ "$(stat3 "$1")" -ge "$2" ]; }
+wait_for 30 stat3_ge delivered 1 && ok || bad "UTF-8 domain: delivered $(stat3 delivered) of 1"
+wait_for 30 stat3_ge failed 1 && ok || bad "invalid UTF-8 domain: failed $(stat3 failed) of 1"
+show=$(rcli FCALL relayq_show 1 "relayq:{$Q3}" "$ID3")
+echo "$show" | grep -q '"s":"failed","code":553,"enh":"5.1.3"' && ok || bad "invalid IDN recipient: $show"
+echo "$show" | grep -q 'internationalized' && ok || bad "invalid IDN recipient without its reason: $show"
+grep -qx 'RCPT TO:<user@xn--bcher-kva.test>' "$FAKE_DIR"/msg-*.env && ok ||
+	bad "the MX did not get the A-label: $(cat "$FAKE_DIR"/msg-*.env 2>/dev/null)"
+grep -q $'^C: BDAT [0-9]* LAST\r$' "$FAKE_DIR"/conn-*.log && ok || bad "no BDAT at the CHUNKING MX"
+grep -q $'^C: DATA\r$' "$FAKE_DIR"/conn-*.log && bad "DATA at the CHUNKING MX" || ok
+cmp -s <(tr -d '\r' <"$TMP/m.eml") <(tr -d '\r' <"$(ls "$FAKE_DIR"/msg-*.eml | head -1)") && ok ||
+	bad "the message at the MX differs from the one enqueued"
+kill -TERM "$D3"
+wait_for 30 bash -c "! kill -0 $D3"
+wait "$D3"
+[ $? -eq 0 ] && ok || bad "relayqd (IDNA) exit status"
+grep -qE 'ERROR: (Address|Leak|Undefined)Sanitizer|runtime error:' "$TMP/d3.log" && bad "sanitizer report (IDNA)" || ok
+
+# chunking = false: DATA to the same MX
+Q4=nochunk-$$-$RANDOM
+sed -e "s/$Q3/$Q4/" -e 's/^}$/  chunking = false,\n}/' "$TMP/c3.lua" >"$TMP/c4.lua"
+"$B" --queue "$Q4" enqueue --from a@sender.test --to x@example.test "$TMP/m.eml" >/dev/null
+before=$(ls "$FAKE_DIR"/conn-*.log | wc -l)
+RELAYQ_DNS_SERVERS=127.0.0.1:$DNSPORT RELAYQ_MX_PORT=$FAKE_PORT "$D" -c "$TMP/c4.lua" >"$TMP/d4.log" 2>&1 &
+D4=$!
+PIDS+=($D4)
+stat4_ge() { local v; v=$(rcli HGET "relayq:{$Q4}:stats" delivered); [ "${v:-0}" -ge "$1" ]; }
+wait_for 30 stat4_ge 1 && ok || bad "chunking = false: not delivered"
+last=$(ls -t "$FAKE_DIR"/conn-*.log | head -1)
+[ "$(ls "$FAKE_DIR"/conn-*.log | wc -l)" -gt "$before" ] && ok || bad "chunking = false: no new connection"
+grep -q $'^C: DATA\r$' "$last" && ! grep -q '^C: BDAT' "$last" && ok ||
+	bad "chunking = false: not DATA: $(cat "$last")"
+kill -TERM "$D4"
+wait_for 30 bash -c "! kill -0 $D4"
+wait "$D4"
 
 kill -TERM "$DPID"
 wait_for 30 bash -c "! kill -0 $DPID"

@@ -95,6 +95,7 @@ static void defaults(void **state)
 	assert_int_equal(c->log_level, RQ_LOG_INFO);
 	assert_int_equal(c->events_cap, 100000);
 	assert_false(c->bounce);
+	assert_true(c->chunking);
 	assert_null(c->metrics);
 	assert_true(c->params.backoff.first == 300 && c->params.backoff.factor == 2 &&
 		    c->params.backoff.max == 14400 &&
@@ -137,6 +138,7 @@ static void every_key(void **state)
 		"               quit = '8s', idle = 0 },\n"
 		"  log_format = 'json', log_level = 'debug',\n"
 		"  events_cap = 500, bounce = true, metrics = '127.0.0.1:9465',\n"
+		"  chunking = false,\n"
 		"}\n"
 		"relayq.backoff { first = '1m', factor = 3, max = '1h', jitter = 0 }\n"
 		"relayq.expire { max_age = '2d', max_attempts = 12 }\n", secret, secret) > 0);
@@ -177,6 +179,7 @@ static void every_key(void **state)
 	assert_int_equal(c->log_level, RQ_LOG_DEBUG);
 	assert_int_equal(c->events_cap, 500);
 	assert_true(c->bounce);
+	assert_false(c->chunking);
 	assert_string_equal(c->metrics, "127.0.0.1:9465");
 	assert_true(c->params.backoff.first == 60 && c->params.backoff.factor == 3 &&
 		    c->params.backoff.max == 3600 && c->params.backoff.jitter == 0);
@@ -279,6 +282,7 @@ static void wrong_types_and_ranges(void **state)
 		{"tls = 'maybe'", "tls: \"maybe\" is not none"},
 		{"tls_verify = 'yes'", "tls_verify: expected a boolean"},
 		{"bounce = 1", "bounce: expected a boolean"},
+		{"chunking = 'no'", "chunking: expected a boolean"},
 		{"queue = 'no spaces'", "is not a queue name"},
 		{"queue = { 'a', 3 }", "queue: expected a string"},
 		{"queue = { 'a', 'a' }", "listed twice"},
