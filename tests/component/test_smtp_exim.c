@@ -133,7 +133,9 @@ static void exim_start(void)
 		port_lockstep, tmpdir);
 	fclose(f);
 	char sh[4096], log[700];
-	exim_cmd(sh, sizeof(sh), "-bdf");
+	/* exec all the way down: the pid th_stop signals is Exim's */
+	memcpy(sh, "exec ", 5);
+	exim_cmd(sh + 5, sizeof(sh) - 5, "-bdf");
 	snprintf(log, sizeof(log), "%s/exim.out", tmpdir);
 	char *argv[] = {"sh", "-c", sh, NULL};
 	if (th_spawn(&exim, argv, log) != 0)
