@@ -2208,6 +2208,8 @@ int rq_smtp_send(struct rq_smtp *s, struct rq_smtp_txn *txn)
 	memset(&txn->outcome, 0, sizeof(txn->outcome));
 	txn->delivered = txn->failed = txn->not_tried = 0;
 	txn->pipelined = false;
+	txn->chunked = false;
+	txn->chunks = 0;
 	if (s->st == RQ_SMTP_ST_READY)
 		event_active(s->kick, EV_TIMEOUT, 1);
 	return 0;

@@ -302,7 +302,8 @@ struct rq_smtp_txn {
 	size_t delivered;            /* recipients DELIVERED */
 	size_t failed;               /* recipients FAILED */
 	size_t not_tried;            /* recipients NOT_TRIED */
-	bool pipelined;              /* MAIL/RCPT/DATA went in one write */
+	bool pipelined;              /* MAIL/RCPT/DATA went in one write (with
+					BDAT: MAIL/RCPT, then every chunk) */
 	bool chunked;                /* the message went as BDAT chunks */
 	size_t chunks;               /* BDAT chunks written */
 };
